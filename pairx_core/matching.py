@@ -1,0 +1,90 @@
+"""Feature-map matching and ranking (spec steps 3-4), batched over pairs, on the tensors' device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Matches:
+    """Mutual nearest-neighbour matches of one pair at one layer, sorted by relevance (descending).
+
+    All tensors have shape ``(M,)``; cells are flat indices ``row * w + col`` of the ``(h, w)`` grid.
+    """
+
+    cell_0: torch.Tensor
+    cell_1: torch.Tensor
+    distance: torch.Tensor
+    relevance: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.cell_0.shape[0])
+
+
+def reduce_channels(relevance: torch.Tensor, mode: str) -> torch.Tensor:
+    """Channel relevance ``(..., C, h, w)`` -> map ``(..., h, w)``.
+
+    ``abs_of_sum`` (published default): ``|sum_c R|``; ``sum_of_abs`` (later fork): ``sum_c |R|``.
+    """
+    if mode == "abs_of_sum":
+        return relevance.sum(dim=-3).abs()
+    if mode == "sum_of_abs":
+        return relevance.abs().sum(dim=-3)
+    raise ValueError(f"unknown channel_reduction {mode!r}")
+
+
+def mutual_nearest_neighbours(
+    descriptors_0: torch.Tensor, descriptors_1: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Cross-checked L2 nearest neighbours for a batch of pairs.
+
+    Args:
+        descriptors_0, descriptors_1: ``(P, N, C)`` cell descriptors of image 0 and image 1.
+
+    Returns:
+        per pair ``(cells_0, cells_1, distance)``, each ``(M,)``, in increasing ``cells_0`` order.
+    """
+    # Exact distances (no |a|^2 + |b|^2 - 2ab shortcut): near-ties must resolve as they would
+    # with a brute-force matcher, or top-k match sets drift between float32 runs.
+    distances = torch.cdist(descriptors_0, descriptors_1, compute_mode="donot_use_mm_for_euclid_dist")
+    nearest_01 = distances.argmin(dim=2)  # (P, N0)
+    nearest_10 = distances.argmin(dim=1)  # (P, N1)
+    cells_0 = torch.arange(descriptors_0.shape[1], device=descriptors_0.device)
+    back = torch.gather(nearest_10, 1, nearest_01)  # (P, N0)
+    mutual = back == cells_0.unsqueeze(0)
+    results = []
+    for p in range(descriptors_0.shape[0]):
+        kept_0 = cells_0[mutual[p]]
+        kept_1 = nearest_01[p][mutual[p]]
+        results.append((kept_0, kept_1, distances[p, kept_0, kept_1]))
+    return results
+
+
+def rank_matches(
+    cells_0: torch.Tensor,
+    cells_1: torch.Tensor,
+    distance: torch.Tensor,
+    relevance_map_0: torch.Tensor,
+    relevance_map_1: torch.Tensor,
+) -> Matches:
+    """Sort matches by ``R0(cell_0) * R1(cell_1)``, descending (stable: ties keep cell order).
+
+    Args:
+        relevance_map_0, relevance_map_1: ``(h, w)`` reduced relevance maps.
+    """
+    score = relevance_map_0.reshape(-1)[cells_0] * relevance_map_1.reshape(-1)[cells_1]
+    order = torch.sort(score, descending=True, stable=True).indices
+    return Matches(cells_0[order], cells_1[order], distance[order], score[order])
+
+
+def cell_centres(cells: torch.Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres ``(x, y)`` of flat cell indices on an ``(h, w)`` grid over an ``(H, W)`` input."""
+    h, w = grid
+    height, width = input_size
+    rows = torch.div(cells, w, rounding_mode="floor")
+    cols = cells - rows * w
+    x = (cols.to(torch.float64) + 0.5) * width / w
+    y = (rows.to(torch.float64) + 0.5) * height / h
+    return x, y

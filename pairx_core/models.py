@@ -1,0 +1,343 @@
+"""Model zoo: one factory ``load_model(spec) -> (model, preprocessing)`` over a registry of families.
+
+Specs (``kind:name?key=value&...``):
+
+- ``miewid``: the MiewID architecture (timm ``efficientnetv2_rw_m`` + GeM + BatchNorm1d neck,
+  440 px, ImageNet mean/std). Weights from ``weights=`` (a local path, bytes, a state dict, or a
+  URL resolved by the caller's ``opener``; ``infra.model_store`` supplies one for fsspec and
+  ``hf://`` URLs). ``miewid-arch`` is the same architecture with random weights (benchmarks).
+- ``timm:<arch>``: any timm CNN backbone with the same GeM + BatchNorm1d neck; ``?size=128``
+  sets the input size; without weights: random initialisation and a warning.
+- ``torchvision:<arch>``: a torchvision classifier with its head removed (penultimate features).
+- ``python:<module>:<factory>``: a user's own model; the factory returns ``model`` or
+  ``(model, Preprocessing)``.
+- ``demo``: the small model trained on synthetic individuals, shipped in ``pairx_core/weights``.
+
+Weights are read with safetensors or ``torch.load(weights_only=True)``; never arbitrary pickle.
+Nothing here downloads: pretrained ImageNet weights are never fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Union
+from urllib.parse import parse_qsl
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .canonizers import register_safe_module
+from .errors import ConfigError, ModelLoadError
+from .preprocess import Preprocessing
+
+WeightsSource = Union[str, Path, bytes, Mapping[str, torch.Tensor], None]
+Opener = Callable[[str], bytes]
+
+MIEWID_ARCH = "efficientnetv2_rw_m"
+MIEWID_SIZE = 440
+#: keys of training heads found in MiewID checkpoints; not part of the embedding model
+IGNORED_CHECKPOINT_PREFIXES = ("final.", "temperature", "fc.", "dropout.")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built without weights (random initialisation)."""
+
+
+@register_safe_module
+class GeM(nn.Module):
+    """Generalised-mean pooling ``(B, C, h, w) -> (B, C, 1, 1)`` with a learnable exponent ``p``."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.shape[-2], x.shape[-1]))
+        return pooled.pow(1.0 / self.p)
+
+
+@register_safe_module
+class MiewIdNet(nn.Module):
+    """MiewID-style embedding model: timm backbone -> GeM -> BatchNorm1d. ``(B,3,H,W) -> (B,D)``.
+
+    State-dict layout matches the published checkpoints: ``backbone.*`` (timm names),
+    ``pooling.p`` (GeM exponent), ``bn.*``.
+    """
+
+    def __init__(self, arch: str = MIEWID_ARCH):
+        super().__init__()
+        import timm
+
+        self.arch = arch
+        self.backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+        self.pooling = GeM()
+        self.bn = nn.BatchNorm1d(self.backbone.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        return self.bn(self.pooling(features).flatten(1))
+
+
+@register_safe_module
+class HeadlessClassifier(nn.Module):
+    """A torchvision classifier whose output is its penultimate features ``(B, D)``."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed spec: ``kind``, ``name`` and options from the query string."""
+
+    kind: str
+    name: str
+    options: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSpec":
+        if not spec or not isinstance(spec, str):
+            raise ConfigError(f"model spec must be a non-empty string, got {spec!r}")
+        base, _, query = spec.partition("?")
+        options = dict(parse_qsl(query, keep_blank_values=False))
+        if base.startswith("hf://"):
+            return cls("miewid", "", {**options, "weights": base})
+        kind, _, name = base.partition(":")
+        return cls(kind, name, options)
+
+
+_REGISTRY: dict[str, Callable[[ModelSpec, WeightsSource, Opener | None], tuple[nn.Module, Preprocessing]]] = {}
+
+
+def register_model(kind: str):
+    """Register a model family under ``kind`` (decorator, like timm's ``register_model``)."""
+
+    def decorator(factory):
+        _REGISTRY[kind] = factory
+        return factory
+
+    return decorator
+
+
+def list_model_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: WeightsSource = None,
+    opener: Opener | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[nn.Module, Preprocessing]:
+    """Build a model from ``spec`` and load its weights. Returns ``(model in eval mode, preprocessing)``.
+
+    Args:
+        spec: see the module docstring.
+        weights: overrides the spec's ``weights=`` option: a local path, raw bytes, a state dict.
+        opener: reads a URL into bytes (for ``s3://``, ``hf://``...); pure local paths need none.
+        device: where to put the model.
+    """
+    parsed = ModelSpec.parse(spec)
+    if parsed.kind not in _REGISTRY:
+        raise ModelLoadError(spec, f"unknown model kind {parsed.kind!r}; known: {', '.join(list_model_kinds())}")
+    source = weights if weights is not None else parsed.options.get("weights")
+    model, preprocessing = _REGISTRY[parsed.kind](parsed, source, opener)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, preprocessing
+
+
+def _size(parsed: ModelSpec, default: int) -> tuple[int, int]:
+    try:
+        size = int(parsed.options.get("size", default))
+    except ValueError as error:
+        raise ConfigError(f"size must be an integer, got {parsed.options.get('size')!r}") from error
+    return size, size
+
+
+@register_model("miewid")
+def _miewid(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    model = MiewIdNet(parsed.options.get("arch", MIEWID_ARCH))
+    if weights is None and parsed.name:
+        weights = parsed.name
+    _load_or_warn(model, weights, opener, f"miewid:{parsed.name}")
+    return model, Preprocessing(_size(parsed, MIEWID_SIZE))
+
+
+@register_model("miewid-arch")
+def _miewid_arch(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(parsed.options.get("seed", 0)))
+        model = MiewIdNet(MIEWID_ARCH)
+    return model, Preprocessing(_size(parsed, MIEWID_SIZE))
+
+
+@register_model("timm")
+def _timm(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    if not parsed.name:
+        raise ModelLoadError("timm:", "give an architecture, e.g. timm:efficientnet_b0")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(parsed.options.get("seed", 0)))
+            model = MiewIdNet(parsed.name)
+    except RuntimeError as error:  # timm: unknown model
+        raise ModelLoadError(f"timm:{parsed.name}", str(error)) from error
+    _load_or_warn(model, weights, opener, f"timm:{parsed.name}")
+    default = model.backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model, Preprocessing(_size(parsed, default))
+
+
+@register_model("torchvision")
+def _torchvision(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    import torchvision
+
+    try:
+        network = torchvision.models.get_model(parsed.name, weights=None)
+    except (ValueError, KeyError) as error:
+        raise ModelLoadError(f"torchvision:{parsed.name}", str(error)) from error
+    if hasattr(network, "fc"):
+        network.fc = nn.Identity()
+    elif hasattr(network, "classifier"):
+        network.classifier = nn.Identity()
+    model = HeadlessClassifier(network)
+    _load_or_warn(model, weights, opener, f"torchvision:{parsed.name}")
+    return model, Preprocessing(_size(parsed, 224))
+
+
+@register_model("python")
+def _python(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    module_name, _, factory_name = parsed.name.partition(":")
+    if not module_name or not factory_name:
+        raise ModelLoadError(f"python:{parsed.name}", "expected python:<module>:<factory>")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise ModelLoadError(f"python:{parsed.name}", str(error)) from error
+    built = factory()
+    model, preprocessing = built if isinstance(built, tuple) else (built, Preprocessing(_size(parsed, 224)))
+    if weights is not None:
+        load_state(model, read_state_dict(weights, opener), f"python:{parsed.name}")
+    return model, preprocessing
+
+
+@register_model("demo")
+def _demo(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
+    config_path = WEIGHTS_DIR / "demo.json"
+    weights_path = WEIGHTS_DIR / "demo.safetensors"
+    if not config_path.exists() or not weights_path.exists():
+        raise ModelLoadError("demo", f"demo weights are missing from {WEIGHTS_DIR}")
+    import json
+
+    config = json.loads(config_path.read_text())
+    model = MiewIdNet(config["arch"])
+    load_state(model, read_state_dict(weights if weights is not None else weights_path, opener), "demo")
+    return model, Preprocessing(tuple(config["size"]), tuple(config["mean"]), tuple(config["std"]))
+
+
+# ------------------------------------------------------------------------------------- weights
+def _load_or_warn(model: nn.Module, weights: WeightsSource, opener: Opener | None, spec: str) -> None:
+    if weights is None:
+        warnings.warn(f"{spec}: no weights given, using random initialisation", RandomWeightsWarning, stacklevel=3)
+        return
+    load_state(model, read_state_dict(weights, opener), spec)
+
+
+def read_state_dict(source: WeightsSource, opener: Opener | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from a path, URL (through ``opener``), raw bytes, or a mapping.
+
+    ``.safetensors`` (or bytes starting with a safetensors header) are read with safetensors;
+    anything else with ``torch.load(weights_only=True)``.
+    """
+    if isinstance(source, Mapping):
+        return dict(source)
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if "://" in text and not text.startswith("file://"):
+            if opener is None:
+                raise ModelLoadError(text, "a URL needs an opener (use infra.model_store.load_model)")
+            data = opener(text)
+        else:
+            path = Path(text.removeprefix("file://"))
+            if not path.is_file():
+                raise ModelLoadError(text, "weights file not found")
+            data = path.read_bytes()
+        name = text
+    elif isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "<bytes>"
+    else:
+        raise ModelLoadError(str(source), f"unsupported weights source type {type(source).__name__}")
+    if name.endswith(".safetensors") or _looks_like_safetensors(data):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as error:  # safetensors raises its own error types
+            raise ModelLoadError(name, f"not a valid safetensors file: {error}") from error
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only rejects pickled code: say so
+        raise ModelLoadError(name, f"cannot read weights safely (safetensors or weights-only torch file): {error}") from error
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ModelLoadError(name, "the file does not hold a state dict")
+    return dict(state)
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header_len = int.from_bytes(data[:8], "little")
+    return 0 < header_len < len(data) and data[8:9] == b"{"
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -> None:
+    """Load strictly, ignoring known training-head keys; report missing and unexpected keys."""
+    cleaned = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(IGNORED_CHECKPOINT_PREFIXES):
+            continue
+        cleaned[key] = value
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(spec, "checkpoint keys do not match the architecture", missing, unexpected)
+    wrong_shape = [k for k, v in cleaned.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong_shape:
+        details = ", ".join(f"{k} {tuple(cleaned[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
+        raise ModelLoadError(spec, f"shape mismatch: {details}")
+    model.load_state_dict(cleaned, strict=True)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Save ``model``'s state dict as safetensors (the published layout for MiewIdNet)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the architecture (module types and parameter names/shapes) and all weights."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

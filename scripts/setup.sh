@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root and install the project with its dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch/torchvision first, pinned to the pair that works on these machines (see README)
+# (pip's "Location ... is ignored" notices about this machine's local indexes are filtered out)
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+quiet .venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup done: .venv ready"

@@ -1,0 +1,73 @@
+"""Tiny models and inputs shared by the engine tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from pairx_core.models import MiewIdNet
+
+
+def tiny_timm_efficientnet(dtype=torch.float64, seed: int = 0) -> MiewIdNet:
+    """MiewID-shaped model (timm EfficientNet backbone, GeM, BatchNorm1d neck), random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MiewIdNet("efficientnet_b0")
+        _randomise_batch_norms(model)
+    return model.to(dtype).eval()
+
+
+def tiny_timm_resnet(dtype=torch.float64, seed: int = 0) -> MiewIdNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MiewIdNet("resnet18")
+        _randomise_batch_norms(model)
+    return model.to(dtype).eval()
+
+
+class PlainStack(nn.Module):
+    """A plain conv/BN/ReLU stack with a linear embedding head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.pool(self.features(x))))
+
+
+def plain_stack(dtype=torch.float64, seed: int = 0) -> PlainStack:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PlainStack()
+        _randomise_batch_norms(model)
+    return model.to(dtype).eval()
+
+
+def _randomise_batch_norms(model: nn.Module) -> None:
+    """Non-trivial running statistics, so batch-norm merging is really exercised."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            if module.weight is not None:
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+
+
+def random_images(n: int, size: int = 64, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=generator, dtype=dtype)
+
+
+def quiet():
+    return warnings.catch_warnings()

@@ -1,0 +1,271 @@
+"""Engine: batched equals one-pair-at-a-time, dtypes, pass counts, model left untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet
+from pairx_core import EngineStats, explain
+from pairx_core.errors import ConfigError, NumericalError, ShapeError, UnsupportedModelError
+from pairx_core.reference import explain_pair_reference
+from pairx_core.results import MATCH_COLUMNS
+
+CASES = [
+    (tiny_timm_efficientnet, "backbone.blocks.3"),
+    (tiny_timm_resnet, "backbone.layer2"),
+    (plain_stack, "features.4"),
+]
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return tiny_timm_efficientnet()
+
+
+@pytest.mark.parametrize("make_model,layer", CASES, ids=["timm-effnet", "timm-resnet", "plain"])
+def test_batched_equals_reference_float64(make_model, layer):
+    model = make_model()
+    x0, x1 = random_images(3, seed=1), random_images(3, seed=2)
+    batched = explain(model, x0, x1, layer, k_colors=3, batch_size=3)
+    for i, result in enumerate(batched):
+        reference = explain_pair_reference(model, x0[i], x1[i], layer, 3)
+        got = result.layers[layer]
+        assert result.similarity == pytest.approx(reference["similarity"], abs=1e-12)
+        for side in (0, 1):
+            want = reference[f"relevance_{side}"]
+            err = np.abs(getattr(got, f"relevance_{side}") - want).max() / np.abs(want).max()
+            assert err < 1e-6
+        w = got.feature_shape[2]
+        got_pairs = list(zip(got.matches.row_0 * w + got.matches.col_0, got.matches.row_1 * w + got.matches.col_1))
+        assert got_pairs == [(a, b) for a, b, _, _ in reference["matches"]]
+        for side in (0, 1):
+            a = getattr(got, f"pixel_relevance_{side}").ravel()
+            b = reference[f"pixel_relevance_{side}"].ravel()
+            assert np.corrcoef(a, b)[0, 1] >= 0.9999
+
+
+def test_shapes_dtypes_and_columns(effnet):
+    x0, x1 = random_images(2, seed=3), random_images(2, seed=4)
+    result = explain(effnet, x0, x1, ["backbone.blocks.2", "backbone.blocks.4"], k_lines=5, k_colors=2)
+    assert len(result) == 2
+    for pair in result:
+        assert -1.0 <= pair.similarity <= 1.0
+        assert pair.embedding_0.dtype == np.float64
+        for name, (channels, h, w) in {"backbone.blocks.2": (40, 8, 8), "backbone.blocks.4": (112, 4, 4)}.items():
+            layer = pair.layers[name]
+            assert layer.feature_shape == (channels, h, w)
+            assert layer.relevance_0.shape == (h, w) and layer.relevance_0.dtype == np.float64
+            assert layer.pixel_relevance_1.shape == (min(2, layer.n_matches), 64, 64)
+            assert list(layer.matches.columns[: len(MATCH_COLUMNS)]) == list(MATCH_COLUMNS)
+            assert (np.diff(layer.matches.relevance.to_numpy()) <= 0).all()
+            assert layer.matches["rank"].tolist() == list(range(layer.n_matches))
+            # cell centres in input pixels
+            assert set(layer.matches.x_0 % (64 / w)) <= {64 / w / 2}
+
+
+def test_float32_runs_and_keeps_dtype(effnet):
+    model = tiny_timm_efficientnet(dtype=torch.float32)
+    x0, x1 = random_images(2, dtype=torch.float32, seed=5), random_images(2, dtype=torch.float32, seed=6)
+    result = explain(model, x0, x1, "backbone.blocks.3", k_colors=2)
+    layer = result[0].layers["backbone.blocks.3"]
+    assert layer.relevance_0.dtype == np.float32 and layer.pixel_relevance_0.dtype == np.float32
+    assert np.isfinite(layer.relevance_0).all()
+
+
+def test_batch_size_does_not_change_numbers(effnet):
+    x0, x1 = random_images(4, seed=7), random_images(4, seed=8)
+    one = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=2, batch_size=1)
+    four = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=2, batch_size=4)
+    for a, b in zip(one, four):
+        la, lb = a.layers["backbone.blocks.3"], b.layers["backbone.blocks.3"]
+        np.testing.assert_allclose(la.relevance_1, lb.relevance_1, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(la.pixel_relevance_0, lb.pixel_relevance_0, rtol=1e-9, atol=1e-300)
+        assert la.matches[["row_0", "col_0", "row_1", "col_1"]].equals(lb.matches[["row_0", "col_0", "row_1", "col_1"]])
+
+
+def test_shared_images_forwarded_once_and_numbers_unchanged(effnet):
+    """A gallery image in several pairs is forwarded once; per-pair relevance still differs correctly."""
+    query = random_images(3, seed=9)
+    gallery = random_images(1, seed=10).expand(3, -1, -1, -1).clone()
+    stats = EngineStats()
+    shared = explain(effnet, query, gallery, "backbone.blocks.3", k_colors=2, batch_size=3, stats=stats)
+    assert stats.forward_passes == 1 and stats.images_forwarded == 4
+    assert stats.relevance_backwards == 3  # the gallery image needs one seed per pair
+    for i, result in enumerate(shared):
+        alone = explain(effnet, query[i:i + 1], gallery[i:i + 1], "backbone.blocks.3", k_colors=2)[0]
+        np.testing.assert_allclose(result.layers["backbone.blocks.3"].relevance_1,
+                                   alone.layers["backbone.blocks.3"].relevance_1, rtol=1e-9)
+        np.testing.assert_allclose(result.layers["backbone.blocks.3"].pixel_relevance_1,
+                                   alone.layers["backbone.blocks.3"].pixel_relevance_1, rtol=1e-9, atol=1e-300)
+
+
+def test_pass_counts_per_batch(effnet):
+    x0, x1 = random_images(4, seed=11), random_images(4, seed=12)
+    stats = EngineStats()
+    results = explain(effnet, x0, x1, ["backbone.blocks.2", "backbone.blocks.3"], k_colors=3, batch_size=4, stats=stats)
+    assert stats.forward_passes == 1
+    assert stats.relevance_backwards == 1
+    # one pixel pass per distinct cell rank, never more than k_colors per layer when images are unique
+    assert stats.pixel_backwards <= 2 * 3
+    assert all(len(r.layers) == 2 for r in results)
+
+
+def test_k_colors_zero_skips_pixel_work(effnet):
+    x0, x1 = random_images(2, seed=13), random_images(2, seed=14)
+    stats = EngineStats()
+    without = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0, stats=stats)
+    with_pixels = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=2)
+    assert stats.pixel_backwards == 0
+    assert without[0].layers["backbone.blocks.3"].pixel_relevance_0.shape == (0, 64, 64)
+    np.testing.assert_allclose(without[0].layers["backbone.blocks.3"].relevance_0,
+                               with_pixels[0].layers["backbone.blocks.3"].relevance_0, rtol=1e-9)
+
+
+def test_relevance_linear_in_seed_and_finite(effnet):
+    """Relevance is linear in its seed: scaling an image's embedding side doesn't matter, but
+    the LRP backward is linear, so pixel maps of a scaled cell scale exactly."""
+    from pairx_core.engine import _similarity_seeds
+
+    e0, e1 = torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    s, g0, g1 = _similarity_seeds(e0, e1)
+    s2, g0b, _ = _similarity_seeds(3 * e0, e1)
+    np.testing.assert_allclose(s, s2, rtol=1e-12)
+    np.testing.assert_allclose(g0, 3 * g0b, rtol=1e-9)  # d cos / d e0 scales as 1/|e0|
+    x0, x1 = random_images(1, seed=15), random_images(1, seed=16)
+    layer = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=1)[0].layers["backbone.blocks.3"]
+    assert np.isfinite(layer.relevance_0).all() and np.isfinite(layer.pixel_relevance_0).all()
+    assert layer.relevance_0.max() > 0
+
+
+def _snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for name, m in model.named_modules()},
+        [p.requires_grad for p in model.parameters()],
+        model.training,
+        {name: dict(vars(m)).keys() - {"_parameters", "_buffers", "_modules"} for name, m in model.named_modules()},
+    )
+
+
+def test_model_untouched_after_success_and_exception(effnet):
+    model = tiny_timm_efficientnet()
+    model.train()
+    for p in list(model.parameters())[:3]:
+        p.requires_grad_(False)
+    before = _snapshot(model)
+    x0, x1 = random_images(1, seed=17), random_images(1, seed=18)
+    explain(model, x0, x1, "backbone.blocks.3", k_colors=1)
+    after = _snapshot(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+
+    # an exception in the middle of the backward passes: everything restored all the same
+    import pairx_core.engine as engine
+
+    original = engine._pixel_maps
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    engine._pixel_maps = boom
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            explain(model, x0, x1, "backbone.blocks.3", k_colors=1)
+    finally:
+        engine._pixel_maps = original
+    after = _snapshot(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+
+
+def test_no_parameter_gradients(effnet):
+    x0, x1 = random_images(1, seed=19), random_images(1, seed=20)
+    explain(effnet, x0, x1, "backbone.blocks.3", k_colors=1)
+    assert all(p.grad is None for p in effnet.parameters())
+
+
+class _Attention(nn.Module):
+    def forward(self, x):
+        return x * x.mean()
+
+
+class _Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.odd = _Attention()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.odd(self.conv(x))).flatten(1)
+
+
+def test_unsupported_architecture_named():
+    model = _Unsupported().double()
+    x = random_images(1, size=16)
+    with pytest.raises(UnsupportedModelError, match="_Attention"):
+        explain(model, x, x, "conv")
+    # with the caller's own (empty) canonizer list it runs
+    result = explain(model, x, random_images(1, size=16, seed=3), "conv", k_colors=1, canonizers=[])
+    assert np.isfinite(result[0].layers["conv"].relevance_0).all()
+
+
+def test_nan_raises():
+    model = plain_stack()
+    model.features[0].weight.data[0, 0, 0, 0] = float("nan")
+    x = random_images(1)
+    with pytest.raises(NumericalError):
+        explain(model, x, random_images(1, seed=2), "features.4")
+
+
+def test_bad_inputs():
+    model = plain_stack()
+    x = random_images(2)
+    with pytest.raises(ShapeError):
+        explain(model, x[:, :2], x[:, :2], "features.4")
+    with pytest.raises(ShapeError):
+        explain(model, x, x[:1], "features.4")
+    with pytest.raises(ConfigError, match="no submodule"):
+        explain(model, x, x, "features.99")
+    with pytest.raises(ConfigError, match="float"):
+        explain(model, x.float(), x.float(), "features.4")
+    with pytest.raises(ConfigError):
+        explain(model, x, x, "features.4", k_colors=-1)
+
+
+def test_layer_inside_residual_block_rejected(effnet):
+    x = random_images(1)
+    with pytest.raises(ConfigError, match="bypassed"):
+        explain(effnet, x, random_images(1, seed=2), "backbone.blocks.3.1.conv_pwl")
+
+
+def test_memory_budget_cuts_batches(effnet):
+    x0, x1 = random_images(6, seed=21), random_images(6, seed=22)
+    stats = EngineStats()
+    tight = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0, memory_budget=1, stats=stats)
+    assert stats.batches == 6 and max(stats.images_per_batch) == 2
+    roomy = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0)
+    for a, b in zip(tight, roomy):
+        np.testing.assert_allclose(a.layers["backbone.blocks.3"].relevance_0, b.layers["backbone.blocks.3"].relevance_0, rtol=1e-9)
+
+
+def test_strict_lrp_differs_but_finite():
+    model = tiny_timm_efficientnet()
+    x0, x1 = random_images(1, seed=23), random_images(1, seed=24)
+    default = explain(model, x0, x1, "backbone.blocks.3", k_colors=0)[0].layers["backbone.blocks.3"]
+    strict = explain(model, x0, x1, "backbone.blocks.3", k_colors=0, strict_lrp=True)[0]
+    assert np.isfinite(strict.layers["backbone.blocks.3"].relevance_0).all()
+    assert not np.allclose(default.relevance_0, strict.layers["backbone.blocks.3"].relevance_0)
+    # canonizers never change what the model computes
+    plain = explain(model, x0, x1, "backbone.blocks.3", k_colors=0)[0]
+    assert strict.similarity == pytest.approx(plain.similarity, abs=1e-10)
+
+
+def test_sum_of_abs_option(effnet):
+    x0, x1 = random_images(1, seed=25), random_images(1, seed=26)
+    a = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0)[0].layers["backbone.blocks.3"]
+    b = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0, channel_reduction="sum_of_abs")[0].layers["backbone.blocks.3"]
+    assert (b.relevance_0 >= a.relevance_0 - 1e-12).all() and not np.allclose(a.relevance_0, b.relevance_0)
