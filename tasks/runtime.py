@@ -1,0 +1,64 @@
+"""Worker-side state: each process loads a model once per (spec, device) and keeps it."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pairx_core.models import RandomWeightsWarning, model_fingerprint
+from pairx_core.preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    preprocessing: Preprocessing
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def model_id(self) -> str:
+        """Identifier used in output partitions: the weights+architecture fingerprint."""
+        return self.fingerprint
+
+
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_LOCK = threading.Lock()
+LOADS = {"count": 0}  # how many times this process built a model (tests check reuse)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def get_model(spec: str, device: str | None = None, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
+    """The model for ``spec`` on ``device``, built at most once per process."""
+    from infra.model_store import load_model
+
+    target = resolve_device(device)
+    key = (spec, str(target))
+    with _LOCK:
+        if key not in _MODELS:
+            if target.type == "cpu":
+                torch.set_flush_denormal(True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RandomWeightsWarning)
+                model, prep = load_model(spec, storage_options=storage_options, device=target)
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            _MODELS[key] = LoadedModel(model, prep, model_fingerprint(model), target)
+            LOADS["count"] += 1
+        return _MODELS[key]
+
+
+def model_identity(spec: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, Preprocessing]:
+    """Fingerprint and preprocessing of ``spec`` (loads on CPU in this process)."""
+    loaded = get_model(spec, "cpu", storage_options)
+    return loaded.fingerprint, loaded.preprocessing
