@@ -38,8 +38,9 @@ class ClusterPlan:
             if n > gpus:
                 raise ConfigError(f"{n} GPU workers requested but only {gpus} GPUs are visible")
             return cls(n, 1, gpus)
+        # one thread per worker: a worker runs one engine call at a time (torch uses the cores)
         n = max(1, min(workers or 1, cores))
-        return cls(n, max(1, cores // n), 0)
+        return cls(n, 1, 0)
 
 
 def _cuda_devices() -> int:

@@ -51,7 +51,8 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     summary.cached = len(loaded) - len(missing)
     if missing:
         tensors = prep.batch([loaded[h].image for h in missing])
-        embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
+        with loaded_model.lock:
+            embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
         cache.put(missing, embeddings, features)
         summary.computed = len(missing)
         now = datetime.now(timezone.utc)

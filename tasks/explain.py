@@ -147,8 +147,9 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
         index = np.array([[position[k0], position[k1]] for _, k0, k1, _ in todo], dtype=np.int64)
         config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget)
         try:
-            results = explain_indexed(loaded_model.model, tensors, index, list(settings.layers), config,
-                                      device=loaded_model.device)
+            with loaded_model.lock:
+                results = explain_indexed(loaded_model.model, tensors, index, list(settings.layers), config,
+                                          device=loaded_model.device)
         except PairXError as error:
             for item, *_ in todo:
                 errors.append(_error_row(item.pair_id, "explain", error, settings.run_id))

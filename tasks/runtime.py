@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +20,8 @@ class LoadedModel:
     preprocessing: Preprocessing
     fingerprint: str
     device: torch.device
+    #: hooks and canonizers are per model: one engine call at a time per model in a process
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
     def model_id(self) -> str:

@@ -1,0 +1,537 @@
+"""Activation cache in Zarr v3: embeddings and feature maps keyed by image content hash.
+
+Keyed by (model fingerprint, preprocessing fingerprint, layer, image content hash). A different
+model fingerprint is a different subtree, so a changed model never reads stale entries, and
+several model versions live side by side.
+
+Layout (``<root>`` is any fsspec URL)::
+
+    <root>/
+      model=<model_fp>/                       plain folder
+        prep=<prep_fp>/                       plain folder
+          activations.zarr/                   Zarr v3 group (the hierarchy root)
+            <batch_id>/                       group; attrs: hashes, layers, created_at
+              embeddings                      array (N, D), one chunk, dims (row, dim)
+              features/                       group
+                <layer_key>                   array (N, C, h, w), chunk (1, C, h, w),
+                                              dims (row, channel, y, x); attrs: layer
+          index/                              plain folder, outside the Zarr hierarchy
+            <batch_id>.json                   the commit record, written LAST, atomically
+
+``<batch_id>`` is ``<UTC yyyymmddTHHMMSSffffff>Z-<16 hex>``: unique and sortable by time.
+``<layer_key>`` is the layer name when it only contains ``[A-Za-z0-9._-]``, else a sanitised name
+plus a short hash (``infra.storage.safe_segment``); the true name is in the array attrs and in the
+index. Row ``i`` of every array of a batch belongs to ``index["hashes"][i]``.
+
+Concurrency by construction: each :meth:`ActivationCache.put` writes NEW arrays under a fresh
+batch id, so no two writers ever write the same chunk, shard or array; the only shared object is
+``activations.zarr/zarr.json`` (the root group document, no attributes), created when missing with
+identical content. An entry becomes visible only when its index file exists; a writer that crashes
+before that leaves arrays that no lookup ever returns (:meth:`ActivationCache.collect_garbage`
+deletes them later). If two batches hold the same hash, the newest batch id wins (both hold the
+same values for a deterministic model).
+
+Index file (JSON)::
+
+    {"format": 1, "batch_id": ..., "model_fingerprint": ..., "prep_fingerprint": ...,
+     "created_at": ISO-8601, "hashes": [N strings],
+     "embeddings": {"path": "<batch_id>/embeddings", "shape": [N, D], "dtype": "float32"},
+     "layers": {"<layer>": {"path": "<batch_id>/features/<layer_key>",
+                            "shape": [N, C, h, w], "dtype": "float16"}}}
+
+Reading without this module::
+
+    import json, fsspec, zarr
+    base = "<root>/model=<fp>/prep=<pfp>"
+    fs, path = fsspec.core.url_to_fs(base)
+    for name in fs.ls(path + "/index"):
+        idx = json.loads(fs.cat_file(name))
+        path = f"{base}/activations.zarr/{idx['embeddings']['path']}"
+        emb = zarr.open_array(path, mode="r")[:]                 # (N, D), row i = idx["hashes"][i]
+
+Stores are opened inside each call, never at import time or in ``__init__`` (a store opened in a
+parent process fails in a forked child). Instances are picklable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+import uuid
+
+import numpy as np
+
+from pairx_core.errors import ConfigError, PairXError, ShapeError
+
+from .storage import StorageTarget, safe_segment
+
+__all__ = ["ActivationCache", "BatchIndex", "CacheLocation", "CacheMissError"]
+
+_FP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BATCH_RE = re.compile(r"^(\d{8}T\d{12})Z-[0-9a-f]{16}$")
+_INDEX_FORMAT = 1
+_MAX_READ_THREADS = 16
+
+
+class CacheMissError(PairXError, KeyError):
+    """Some requested hashes are not in the cache (for this model, preprocessing and layer)."""
+
+    def __init__(self, missing: Sequence[str], what: str):
+        self.missing = list(missing)
+        shown = ", ".join(self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
+        super().__init__(f"{len(self.missing)} hash(es) not cached for {what}: {shown}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class CacheLocation:
+    """Where one cached image lives: row ``row`` of every array of batch ``batch_id``."""
+
+    batch_id: str
+    row: int
+
+
+@dataclass(frozen=True)
+class BatchIndex:
+    """The parsed commit record of one batch (see the module docstring)."""
+
+    batch_id: str
+    hashes: tuple[str, ...]
+    embeddings_path: str
+    embedding_shape: tuple[int, int]
+    layers: Mapping[str, str]  # layer name -> array path relative to activations.zarr
+    created_at: str
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BatchIndex:
+        doc = json.loads(raw)
+        return cls(
+            batch_id=doc["batch_id"],
+            hashes=tuple(doc["hashes"]),
+            embeddings_path=doc["embeddings"]["path"],
+            embedding_shape=tuple(doc["embeddings"]["shape"]),  # type: ignore[arg-type]
+            layers={name: spec["path"] for name, spec in doc["layers"].items()},
+            created_at=doc["created_at"],
+        )
+
+
+def _check_fingerprint(name: str, value: str) -> str:
+    if not isinstance(value, str) or not _FP_RE.match(value):
+        raise ConfigError(
+            f"{name} must match {_FP_RE.pattern} (it becomes a path segment), got {value!r}"
+        )
+    return value
+
+
+def _as_numpy(values: Any) -> np.ndarray:
+    """numpy view of an array-like; torch tensors (any device, with grad) are detached and moved."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _new_batch_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    return f"{stamp}Z-{uuid.uuid4().hex[:16]}"
+
+
+def _batch_time(batch_id: str) -> datetime | None:
+    match = _BATCH_RE.match(batch_id)
+    if not match:
+        return None
+    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
+
+
+class ActivationCache:
+    """Embeddings ``(D,)`` and feature maps ``(C, h, w)`` of one model + preprocessing.
+
+    Args:
+        url: cache root (local path, ``memory://``, ``s3://bucket/prefix``, ...).
+        model_fingerprint: identifies the model weights/architecture (``[A-Za-z0-9._-]``).
+        prep_fingerprint: ``Preprocessing.fingerprint()``.
+        storage_options: fsspec options for non-local roots.
+        embedding_dtype: stored dtype of embeddings (float32 by default: similarity scores are
+            reported to 1e-6; float16 halves the size at ~1e-3 relative error).
+        feature_dtype: stored dtype of feature maps (float16 by default).
+
+    Getters always return float32.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model_fingerprint: str,
+        prep_fingerprint: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        embedding_dtype: str = "float32",
+        feature_dtype: str = "float16",
+    ) -> None:
+        self.target = StorageTarget.from_url(url, storage_options)
+        self.model_fingerprint = _check_fingerprint("model_fingerprint", model_fingerprint)
+        self.prep_fingerprint = _check_fingerprint("prep_fingerprint", prep_fingerprint)
+        for name, dtype in (("embedding_dtype", embedding_dtype), ("feature_dtype", feature_dtype)):
+            if np.dtype(dtype).kind != "f":
+                raise ConfigError(f"{name} must be a float dtype, got {dtype!r}")
+        self.embedding_dtype = np.dtype(embedding_dtype).name
+        self.feature_dtype = np.dtype(feature_dtype).name
+        self._known: dict[str, BatchIndex] = {}
+        self._maps: dict[tuple[tuple[str, ...], str | None], dict[str, CacheLocation]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_known"] = {}
+        state["_maps"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationCache({self.target.root!r}, model={self.model_fingerprint!r}, "
+            f"prep={self.prep_fingerprint!r})"
+        )
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def prefix(self) -> str:
+        """``model=<fp>/prep=<pfp>``, relative to the root."""
+        return f"model={self.model_fingerprint}/prep={self.prep_fingerprint}"
+
+    @property
+    def zarr_prefix(self) -> str:
+        """``model=<fp>/prep=<pfp>/activations.zarr``: the Zarr hierarchy root, relative to the root."""
+        return f"{self.prefix}/activations.zarr"
+
+    def _index_path(self, batch_id: str) -> str:
+        return f"{self.prefix}/index/{batch_id}.json"
+
+    # ------------------------------------------------------------------ index
+    def batches(self) -> list[BatchIndex]:
+        """Committed batches of this model + preprocessing, oldest first.
+
+        Lists the index folder on every call (one request) and reads only index files not seen
+        before (they are immutable once written).
+        """
+        names = self.target.list_dir(f"{self.prefix}/index")
+        ids = sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
+        new = [i for i in ids if i not in self._known]
+        if new:
+            raw = self.target.read_many([self._index_path(i) for i in new])
+            for batch_id in new:
+                self._known[batch_id] = BatchIndex.from_json(raw[self.target.url(self._index_path(batch_id))])
+        present = set(ids)
+        for stale in [i for i in self._known if i not in present]:
+            del self._known[stale]
+        return [self._known[i] for i in ids]
+
+    def _location_map(self, batches: Sequence[BatchIndex], layer: str | None) -> dict[str, CacheLocation]:
+        key = (tuple(b.batch_id for b in batches), layer)
+        cached = self._maps.get(key)
+        if cached is not None:
+            return cached
+        mapping: dict[str, CacheLocation] = {}
+        for batch in batches:  # oldest first: newer batches overwrite duplicates
+            if layer is not None and layer not in batch.layers:
+                continue
+            for row, content_hash in enumerate(batch.hashes):
+                mapping[content_hash] = CacheLocation(batch.batch_id, row)
+        self._maps = {k: v for k, v in self._maps.items() if k[0] == key[0]}
+        self._maps[key] = mapping
+        return mapping
+
+    def lookup(self, hashes: Sequence[str], layer: str | None = None) -> dict[str, CacheLocation]:
+        """Locations of the cached ``hashes`` (absent keys are not cached).
+
+        Args:
+            hashes: image content hashes.
+            layer: when given, only entries that also hold this layer's feature map.
+        """
+        mapping = self._location_map(self.batches(), layer)
+        return {h: mapping[h] for h in hashes if h in mapping}
+
+    def __contains__(self, content_hash: str) -> bool:
+        return content_hash in self.lookup([content_hash])
+
+    # ------------------------------------------------------------------ reading
+    def _read_rows(
+        self, store: Any, paths_rows: Mapping[str, np.ndarray], whole: bool
+    ) -> dict[str, np.ndarray]:
+        """Read ``rows`` of each array path (relative to activations.zarr), concurrently."""
+        import zarr
+
+        def read(item: tuple[str, np.ndarray]) -> tuple[str, np.ndarray]:
+            path, rows = item
+            array = zarr.open_array(store, path=path, mode="r")
+            if whole:
+                data = np.asarray(array[...])
+                return path, data if rows is None else data[rows]
+            return path, np.asarray(array.oindex[rows])
+
+        items = list(paths_rows.items())
+        if len(items) <= 1:
+            return dict(read(item) for item in items)
+        with ThreadPoolExecutor(max_workers=min(_MAX_READ_THREADS, len(items))) as pool:
+            return dict(pool.map(read, items))
+
+    def _gather(
+        self, hashes: Sequence[str], layer: str | None
+    ) -> tuple[dict[str, BatchIndex], dict[str, CacheLocation]]:
+        batches = self.batches()
+        mapping = self._location_map(batches, layer)
+        missing = [h for h in hashes if h not in mapping]
+        if missing:
+            what = f"{self.prefix}" + (f" layer {layer!r}" if layer is not None else "")
+            raise CacheMissError(missing, what)
+        by_id = {b.batch_id: b for b in batches}
+        return by_id, mapping
+
+    def _assemble(
+        self,
+        hashes: Sequence[str],
+        mapping: Mapping[str, CacheLocation],
+        path_of: Mapping[str, str],
+        whole: bool,
+    ) -> np.ndarray:
+        wanted: dict[str, set[int]] = {}
+        for h in hashes:
+            loc = mapping[h]
+            wanted.setdefault(loc.batch_id, set()).add(loc.row)
+        rows = {bid: np.array(sorted(r), dtype=np.int64) for bid, r in wanted.items()}
+        store = self.target.zarr_store(self.zarr_prefix, read_only=True)
+        data = self._read_rows(store, {path_of[bid]: rows[bid] for bid in rows}, whole)
+        shapes = {arr.shape[1:] for arr in data.values()}
+        if len(shapes) > 1:
+            raise ShapeError("cached arrays", next(iter(shapes)), f"one common shape, found {sorted(shapes)}")
+        first = next(iter(data.values()))
+        out = np.empty((len(hashes), *first.shape[1:]), dtype=np.float32)
+        for i, h in enumerate(hashes):
+            loc = mapping[h]
+            position = int(np.searchsorted(rows[loc.batch_id], loc.row))
+            out[i] = data[path_of[loc.batch_id]][position]
+        return out
+
+    def get_embeddings(self, hashes: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``hashes`` in the given order: ``(N, D)`` float32.
+
+        Raises:
+            CacheMissError: some hashes are not cached.
+        """
+        hashes = list(hashes)
+        if not hashes:
+            return np.zeros((0, 0), dtype=np.float32)
+        by_id, mapping = self._gather(hashes, None)
+        path_of = {bid: b.embeddings_path for bid, b in by_id.items()}
+        return self._assemble(hashes, mapping, path_of, whole=True)
+
+    def get_features(self, hashes: Sequence[str], layer: str) -> np.ndarray:
+        """Feature maps of ``layer`` for ``hashes`` in the given order: ``(N, C, h, w)`` float32.
+
+        Reads only the rows asked for (one chunk per row).
+
+        Raises:
+            CacheMissError: some hashes are not cached with this layer.
+        """
+        hashes = list(hashes)
+        if not hashes:
+            return np.zeros((0, 0, 0, 0), dtype=np.float32)
+        by_id, mapping = self._gather(hashes, layer)
+        path_of = {bid: b.layers[layer] for bid, b in by_id.items() if layer in b.layers}
+        return self._assemble(hashes, mapping, path_of, whole=False)
+
+    def embedding_matrix(self) -> tuple[list[str], np.ndarray]:
+        """Every cached embedding of this model + preprocessing.
+
+        Returns:
+            ``(hashes, matrix)``: ``N`` distinct hashes (batch order, oldest first) and their
+            ``(N, D)`` float32 embeddings. Each batch array is read whole in one request, batches
+            concurrently.
+        """
+        batches = self.batches()
+        if not batches:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        mapping = self._location_map(batches, None)
+        store = self.target.zarr_store(self.zarr_prefix, read_only=True)
+        data = self._read_rows(store, {b.embeddings_path: None for b in batches}, whole=True)  # type: ignore[misc]
+        dims = {data[b.embeddings_path].shape[1] for b in batches}
+        if len(dims) > 1:
+            raise ShapeError("cached embeddings", (0, next(iter(dims))), f"(N, D) with one D, found {sorted(dims)}")
+        hashes: list[str] = []
+        blocks: list[np.ndarray] = []
+        for batch in batches:
+            keep = [
+                row
+                for row, h in enumerate(batch.hashes)
+                if mapping[h].batch_id == batch.batch_id and mapping[h].row == row
+            ]
+            if not keep:
+                continue
+            array = data[batch.embeddings_path]
+            blocks.append(array if len(keep) == len(batch.hashes) else array[keep])
+            hashes.extend(batch.hashes[r] for r in keep)
+        matrix = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+        return hashes, matrix
+
+    # ------------------------------------------------------------------ writing
+    def put(
+        self,
+        hashes: Sequence[str],
+        embeddings: np.ndarray,
+        features: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Store one batch; visible to lookups only once complete.
+
+        Args:
+            hashes: ``N`` distinct content hashes.
+            embeddings: ``(N, D)`` (numpy, or a torch tensor on any device).
+            features: layer name -> ``(N, C, h, w)`` feature maps (may be empty).
+
+        Returns:
+            The new batch id.
+
+        Raises:
+            ShapeError: array shapes do not match ``N``.
+            ConfigError: duplicate/empty hashes, or values that overflow the stored dtype.
+        """
+        import zarr
+
+        hashes = [str(h) for h in hashes]
+        n = len(hashes)
+        if n == 0:
+            raise ConfigError("put() needs at least one hash")
+        if len(set(hashes)) != n or any(not h for h in hashes):
+            raise ConfigError("put() hashes must be distinct non-empty strings")
+        emb = _as_numpy(embeddings)
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise ShapeError("embeddings", emb.shape, f"(N={n}, D)")
+        feats = {layer: _as_numpy(array) for layer, array in (features or {}).items()}
+        for layer, array in feats.items():
+            if not isinstance(layer, str) or not layer:
+                raise ConfigError(f"layer names must be non-empty strings, got {layer!r}")
+            if np.ndim(array) != 4 or np.shape(array)[0] != n:
+                raise ShapeError(f"features[{layer!r}]", np.shape(array), f"(N={n}, C, h, w)")
+        keys = {layer: safe_segment(layer) for layer in feats}
+        if len(set(keys.values())) != len(keys):
+            raise ConfigError(f"layer names collide after sanitising: {sorted(feats)}")
+
+        emb_stored = self._cast(emb, self.embedding_dtype, "embeddings")
+        feats_stored = {
+            layer: self._cast(a, self.feature_dtype, f"features[{layer!r}]")
+            for layer, a in feats.items()
+        }
+
+        batch_id = _new_batch_id()
+        created_at = datetime.now(timezone.utc).isoformat()
+        base = batch_id
+        store = self.target.zarr_store(self.zarr_prefix)
+        group = zarr.create_group(
+            store,
+            path=base,
+            attributes={"hashes": hashes, "layers": keys, "created_at": created_at},
+        )
+        array = group.create_array(
+            "embeddings",
+            shape=emb_stored.shape,
+            dtype=emb_stored.dtype,
+            chunks=emb_stored.shape,
+            dimension_names=("row", "dim"),
+        )
+        array[...] = emb_stored
+        layer_specs: dict[str, dict[str, Any]] = {}
+        if feats_stored:
+            feature_group = group.create_group("features")
+            for layer, values in feats_stored.items():
+                fmap = feature_group.create_array(
+                    keys[layer],
+                    shape=values.shape,
+                    dtype=values.dtype,
+                    chunks=(1, *values.shape[1:]),
+                    dimension_names=("row", "channel", "y", "x"),
+                    attributes={"layer": layer},
+                )
+                fmap[...] = values
+                layer_specs[layer] = {
+                    "path": f"{base}/features/{keys[layer]}",
+                    "shape": list(values.shape),
+                    "dtype": values.dtype.name,
+                }
+        index = {
+            "format": _INDEX_FORMAT,
+            "batch_id": batch_id,
+            "model_fingerprint": self.model_fingerprint,
+            "prep_fingerprint": self.prep_fingerprint,
+            "created_at": created_at,
+            "hashes": hashes,
+            "embeddings": {
+                "path": f"{base}/embeddings",
+                "shape": list(emb_stored.shape),
+                "dtype": emb_stored.dtype.name,
+            },
+            "layers": layer_specs,
+        }
+        self._commit_index(batch_id, json.dumps(index, indent=1).encode())
+        return batch_id
+
+    def _commit_index(self, batch_id: str, payload: bytes) -> None:
+        """Write the index file: the step that makes a batch visible (tests patch it)."""
+        self.target.write_bytes_atomic(self._index_path(batch_id), payload)
+
+    @staticmethod
+    def _cast(values: np.ndarray, dtype: str, name: str) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = np.ascontiguousarray(values, dtype=dtype)
+        if values.dtype.kind == "f" and np.dtype(dtype).itemsize < values.dtype.itemsize:
+            overflow = np.isinf(stored) & np.isfinite(values)
+            if overflow.any():
+                raise ConfigError(f"{name}: {int(overflow.sum())} value(s) overflow {dtype}; use a wider dtype")
+        return stored
+
+    # ------------------------------------------------------------------ maintenance
+    def model_fingerprints(self) -> list[str]:
+        """Model fingerprints with a subtree under the root."""
+        return [n[len("model="):] for n in self.target.list_dir("") if n.startswith("model=")]
+
+    def size_bytes(self, model_fingerprint: str | None = None) -> int:
+        """Bytes under the whole cache root, or under one model's subtree."""
+        if model_fingerprint is None:
+            return self.target.size_bytes("")
+        _check_fingerprint("model_fingerprint", model_fingerprint)
+        return self.target.size_bytes(f"model={model_fingerprint}")
+
+    def prune(self, model_fingerprint: str) -> int:
+        """Delete every entry of a model (all preprocessings). Returns the bytes freed.
+
+        Index files go first, so entries disappear from lookups before their arrays do.
+        """
+        _check_fingerprint("model_fingerprint", model_fingerprint)
+        model_dir = f"model={model_fingerprint}"
+        freed = self.target.size_bytes(model_dir)
+        for prep in [n for n in self.target.list_dir(model_dir) if n.startswith("prep=")]:
+            self.target.delete(f"{model_dir}/{prep}/index", recursive=True)
+        self.target.delete(model_dir, recursive=True)
+        if model_fingerprint == self.model_fingerprint:
+            self._known.clear()
+            self._maps.clear()
+        return freed
+
+    def collect_garbage(self, min_age_s: float = 24 * 3600.0) -> list[str]:
+        """Delete batches of this model + preprocessing that never got an index file.
+
+        Only batches older than ``min_age_s`` (by the timestamp in their id) are touched, so a
+        writer still at work is safe. Returns the deleted batch ids.
+        """
+        committed = {b.batch_id for b in self.batches()}
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=min_age_s)
+        removed = []
+        for name in self.target.list_dir(self.zarr_prefix):
+            stamp = _batch_time(name)
+            if name in committed or stamp is None or stamp > cutoff:
+                continue
+            self.target.delete(f"{self.zarr_prefix}/{name}", recursive=True)
+            removed.append(name)
+        return removed

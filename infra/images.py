@@ -1,0 +1,362 @@
+"""Decode, validate, crop and rotate images; map model-input coordinates back to the original.
+
+:func:`decode_image` is a pure function of the raw bytes; :func:`load_image` adds the read from
+storage. Every failure raises :class:`pairx_core.errors.ImageError` ``(uri, reason)``.
+
+Geometry (all in pixels of the *original* image, i.e. after the EXIF orientation is applied):
+
+- ``box = (x, y, w, h)``: top-left corner and size. If every value is ``<= 1.0`` the box is read
+  as fractions of the width/height (so a pixel box ``(0, 0, 1, 1)`` cannot be expressed; use
+  ``None`` for the whole image). Corners are rounded to whole pixels. A box partly outside the
+  image is clipped to it when ``theta == 0`` (as MiewID's loader does by slicing); a box that does
+  not overlap the image at all, or has a non-positive size, is an error.
+- ``theta`` (radians): as in the published MiewID dataset loader, the annotation is the box rotated
+  by ``theta`` about its centre (``R = [[cos, -sin], [sin, cos]]`` applied to image coordinates,
+  y down). The chip is the ``w x h`` region sampled along that rotated box, so the animal comes out
+  axis-aligned: chip point ``d`` (relative to the chip centre) shows original point
+  ``centre + R d``. Samples outside the image are filled with white (MiewID's border value);
+  resampling is bilinear. Unlike MiewID we do not ignore ``|theta| < 0.1``: any non-zero theta
+  rotates. With ``theta != 0`` the box is not clipped (the rotated region may leave the image).
+
+Coordinates follow the pixel-index convention: pixel ``(i, j)`` has its centre at ``x = i``,
+``y = j``. Resizing to the model input (no aspect preservation, see
+``pairx_core.preprocess.Preprocessing``) scales about pixel edges, as Pillow does.
+
+Modes: everything becomes 8-bit RGB. Alpha is dropped (not composited), like MiewID's
+``cv2.imread``. ``I;16*`` is divided by 257. ``I`` (32-bit int) is used as is when its values fit
+0..255, divided by 257 when they fit 0..65535, otherwise min-max scaled. ``F`` (float) is
+multiplied by 255 when it fits 0..1, used as is when it fits 0..255, otherwise min-max scaled;
+NaN becomes 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pairx_core.errors import ImageError, ShapeError
+
+from .storage import StorageTarget
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "LoadedImage",
+    "content_hash",
+    "decode_image",
+    "load_image",
+    "to_rgb",
+]
+
+#: Default decompression-bomb guard: images with more pixels than this are refused.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+#: Pillow formats we try to decode; anything else is "not a recognised image format".
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "WEBP", "AVIF", "BMP", "GIF", "PPM", "JPEG2000")
+
+_WHITE = (255, 255, 255)
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 hex digest of the raw file bytes: identifies an image whatever its path."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded image, cropped and rotated, with the geometry to map points back.
+
+    Attributes:
+        uri: where the bytes came from (``"<bytes>"`` if unknown).
+        content_hash: SHA-256 hex of the raw bytes.
+        image: RGB ``PIL.Image`` after crop and rotation (the chip the model sees).
+        original_size: ``(W, H)`` of the full image after EXIF orientation.
+        box: pixel box ``(x, y, w, h)`` used (after rounding, and clipping when theta == 0), or
+            None when the whole image was used.
+        theta: rotation in radians (see the module docstring).
+    """
+
+    uri: str
+    content_hash: str
+    image: Image.Image
+    original_size: tuple[int, int]
+    box: tuple[int, int, int, int] | None
+    theta: float
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(W, H)`` of :attr:`image`."""
+        return self.image.size
+
+    def _frame(self) -> tuple[int, int, int, int]:
+        if self.box is not None:
+            return self.box
+        return (0, 0, self.original_size[0], self.original_size[1])
+
+    def chip_to_original_affine(self) -> np.ndarray:
+        """``(2, 3)`` float64 affine mapping continuous chip coordinates to original ones.
+
+        Continuous coordinates put pixel ``i`` on ``[i, i + 1)``; ``p = A[:, :2] @ q + A[:, 2]``.
+        """
+        x0, y0, w, h = self._frame()
+        cos, sin = math.cos(self.theta), math.sin(self.theta)
+        cx, cy = x0 + w / 2.0, y0 + h / 2.0
+        return np.array(
+            [
+                [cos, -sin, cx - cos * w / 2.0 + sin * h / 2.0],
+                [sin, cos, cy - sin * w / 2.0 - cos * h / 2.0],
+            ],
+            dtype=np.float64,
+        )
+
+    def _scale(self, input_size: tuple[int, int] | None) -> np.ndarray:
+        chip_w, chip_h = self.image.size
+        if input_size is None:
+            return np.ones(2)
+        if len(input_size) != 2 or min(input_size) <= 0:
+            raise ShapeError("input_size", tuple(input_size), "(H, W) with H, W > 0")
+        in_h, in_w = input_size
+        return np.array([chip_w / in_w, chip_h / in_h], dtype=np.float64)
+
+    def to_original(self, xy: np.ndarray, input_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Map model-input pixel coordinates to original-image pixel coordinates.
+
+        Args:
+            xy: ``(N, 2)`` points ``(x, y)`` in pixels of the model input (pixel-index
+                convention).
+            input_size: ``(H, W)`` the chip was resized to (no aspect preservation); None means
+                ``xy`` is already in chip pixels.
+
+        Returns:
+            ``(N, 2)`` float64 ``(x, y)`` in pixels of the original (EXIF-upright) image: undoes
+            the resize, the rotation and the crop offset.
+        """
+        points = np.asarray(xy, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ShapeError("xy", points.shape, "(N, 2)")
+        chip = (points + 0.5) * self._scale(input_size)
+        affine = self.chip_to_original_affine()
+        original = chip @ affine[:, :2].T + affine[:, 2]
+        return original - 0.5
+
+    def from_original(self, xy: np.ndarray, input_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Inverse of :meth:`to_original`: ``(N, 2)`` original pixels -> ``(N, 2)`` model input."""
+        points = np.asarray(xy, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ShapeError("xy", points.shape, "(N, 2)")
+        affine = self.chip_to_original_affine()
+        rot = affine[:, :2]
+        chip = (points + 0.5 - affine[:, 2]) @ np.linalg.inv(rot).T
+        return chip / self._scale(input_size) - 0.5
+
+
+# ---------------------------------------------------------------------- mode conversion
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    clipped = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(clipped, mode="L").convert("RGB")
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(values)
+    return (values - lo) * (255.0 / (hi - lo))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (rules in the module docstring)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(np.asarray(image).astype(np.float64) / 257.0)
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 255:
+            return _gray_to_rgb(values)
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            return _gray_to_rgb(values / 257.0)
+        return _gray_to_rgb(_minmax(values) if values.size else values)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if values.size and values.min() >= 0 and values.max() <= 1.0:
+            return _gray_to_rgb(values * 255.0)
+        if values.size and values.min() >= 0 and values.max() <= 255.0:
+            return _gray_to_rgb(values)
+        return _gray_to_rgb(_minmax(values) if values.size else values)
+    if mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------- boxes
+def _pixel_box(
+    box: Sequence[float], width: int, height: int, uri: str, clip: bool
+) -> tuple[int, int, int, int]:
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise ImageError(uri, f"box must be 4 numbers (x, y, w, h), got {box!r}") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ImageError(uri, f"box must be 4 finite numbers (x, y, w, h), got {box!r}")
+    x, y, w, h = values
+    if w <= 0 or h <= 0:
+        raise ImageError(uri, f"box {box!r} has a non-positive size")
+    if max(values) <= 1.0:
+        x, w = x * width, w * width
+        y, h = y * height, h * height
+    x1, y1, x2, y2 = round(x), round(y), round(x + w), round(y + h)
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise ImageError(uri, f"box {box!r} is smaller than one pixel")
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        raise ImageError(uri, f"box {box!r} lies outside the {width}x{height} image")
+    if clip:
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+# ---------------------------------------------------------------------- decoding
+def _allowed_formats() -> list[str]:
+    Image.init()  # registers all plugins once; cheap afterwards
+    return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
+
+
+def _open_checked(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    if len(data) == 0:
+        raise ImageError(uri, "empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except UnidentifiedImageError:
+        raise ImageError(uri, "not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(uri, f"decompression bomb refused ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+        raise ImageError(uri, f"cannot read image header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(uri, f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            uri,
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "(decompression bomb guard)",
+        )
+    try:
+        image.load()  # force a full decode: truncated files fail here, not later
+    except Image.DecompressionBombError as exc:
+        raise ImageError(uri, f"decompression bomb refused ({exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(uri, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
+    return image
+
+
+def decode_image(
+    data: bytes,
+    uri: str = "<bytes>",
+    *,
+    box: Sequence[float] | None = None,
+    theta: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> LoadedImage:
+    """Decode raw bytes into a :class:`LoadedImage` (pure: no I/O).
+
+    Steps: validate and fully decode, apply the EXIF orientation, convert to RGB, then crop
+    ``box`` and rotate by ``theta`` (module docstring). ``max_pixels`` bounds ``W * H`` before
+    the pixels are decoded (no global Pillow setting is changed).
+
+    Raises:
+        ImageError: empty, unrecognised, truncated/corrupt, too large, or a bad box/theta.
+    """
+    data = bytes(data)
+    if max_pixels <= 0:
+        raise ImageError(uri, f"max_pixels must be positive, got {max_pixels}")
+    theta = float(theta)
+    if not math.isfinite(theta):
+        raise ImageError(uri, f"theta must be finite, got {theta}")
+    digest = content_hash(data)
+    image = _open_checked(data, uri, max_pixels)
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
+        upright = image
+    if upright is None:
+        upright = image
+    rgb = to_rgb(upright)
+    width, height = rgb.size
+
+    pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
+    loaded = LoadedImage(
+        uri=uri,
+        content_hash=digest,
+        image=rgb,
+        original_size=(width, height),
+        box=pixel_box,
+        theta=theta,
+    )
+    if theta == 0.0:
+        if pixel_box is None:
+            return loaded
+        x, y, w, h = pixel_box
+        chip = rgb.crop((x, y, x + w, y + h))
+    else:
+        _, _, w, h = loaded._frame()
+        affine = loaded.chip_to_original_affine()
+        chip = rgb.transform(
+            (w, h),
+            Image.Transform.AFFINE,
+            data=tuple(float(v) for v in affine.reshape(-1)),
+            resample=Image.Resampling.BILINEAR,
+            fillcolor=_WHITE,
+        )
+    return LoadedImage(
+        uri=uri,
+        content_hash=digest,
+        image=chip,
+        original_size=(width, height),
+        box=pixel_box,
+        theta=theta,
+    )
+
+
+def load_image(
+    source: str | bytes,
+    *,
+    storage: StorageTarget | None = None,
+    box: Sequence[float] | None = None,
+    theta: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    uri: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedImage:
+    """Read (if needed) and decode one image.
+
+    Args:
+        source: raw bytes, or a URL/path (relative to ``storage``'s root when ``storage`` is
+            given, else any fsspec URL).
+        storage: where relative paths live; also supplies storage options.
+        box, theta, max_pixels: see :func:`decode_image`.
+        uri: name used in errors and in the result when ``source`` is bytes.
+        storage_options: fsspec options when ``storage`` is None and ``source`` is a URL.
+
+    Raises:
+        ImageError: the bytes are not a usable image.
+        StorageError: the file cannot be read (missing, permission); transient I/O errors
+            propagate unchanged (see ``infra.storage.is_transient``).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), uri or "<bytes>", box=box, theta=theta, max_pixels=max_pixels)
+    if storage is None:
+        storage = StorageTarget.from_url(str(source), storage_options)
+        location = storage.root
+        data = storage.read_bytes("")
+    else:
+        location = storage.url(str(source))
+        data = storage.read_bytes(str(source))
+    return decode_image(data, uri or location, box=box, theta=theta, max_pixels=max_pixels)

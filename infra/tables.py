@@ -1,0 +1,409 @@
+"""Parquet output tables: schemas (defined once, here), writer and reader.
+
+Layout::
+
+    <OUT>/tables/<name>/model=<model_id, URL-encoded>/date=<YYYY-MM-DD>/part-<run_id>-<12 hex>.parquet
+
+- One file per :func:`write_table` call, written atomically through ``infra.storage`` (readers
+  never see a partial file; temporary names start with ``.`` and do not end in ``.parquet``, so
+  pyarrow, pandas and DuckDB globs skip them).
+- Hive partitions: ``model`` and ``date``. The files store ``model_id`` (the exact string, any
+  characters) but not the partition keys, so there is never a column both in the file and in the
+  path; a hive-aware reader (pyarrow.dataset, pandas, DuckDB ``hive_partitioning=true``) adds
+  ``model`` (URL-decoded: equal to ``model_id``) and ``date`` columns. :func:`read_table` drops
+  the redundant ``model`` and keeps ``date`` (string ``YYYY-MM-DD``, the UTC write date).
+- Timestamps are ``timestamp[us, tz=UTC]``.
+
+Adding a nullable column to a schema is backwards compatible: :func:`read_table` reads old files
+with the column as null.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.parse
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import date as date_type
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pairx_core.errors import ConfigError
+
+from .storage import StorageTarget, safe_segment
+
+__all__ = [
+    "PARTITION_COLUMNS",
+    "TABLE_SCHEMAS",
+    "read_table",
+    "schema_markdown",
+    "table_url",
+    "write_table",
+]
+
+_TS = pa.timestamp("us", tz="UTC")
+_DESC = b"description"
+
+#: Hive partition keys, in path order.
+PARTITION_COLUMNS = ("model", "date")
+
+
+def _f(name: str, dtype: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, dtype, nullable=nullable, metadata={_DESC: description.encode()})
+
+
+def _ids(*, run: bool = True, created: bool = True) -> list[pa.Field]:
+    fields = [_f("model_id", pa.string(), "model identifier (also the `model=` partition)", False)]
+    if run:
+        fields.append(_f("run_id", pa.string(), "pipeline run that wrote the row", False))
+    if created:
+        fields.append(_f("created_at", _TS, "when the row was written (UTC)", False))
+    return fields
+
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "pairs": pa.schema(
+        [
+            _f("pair_id", pa.string(), "identifier of the image pair", False),
+            _f("image_0", pa.string(), "URI of the first (query) image", False),
+            _f("image_1", pa.string(), "URI of the second (candidate) image", False),
+            _f("layer", pa.string(), "layer whose features were matched and explained", False),
+            _f("similarity", pa.float64(), "cosine similarity of the two embeddings"),
+            _f("n_matches", pa.int32(), "number of feature matches kept"),
+            _f("residual_px", pa.float64(), "median reprojection residual of the matches, pixels"),
+            _f("inliers", pa.int32(), "matches consistent with the fitted geometric model"),
+            _f("irm", pa.float64(), "image relevance map agreement score"),
+            _f("match_coverage", pa.float64(), "fraction of the image area covered by matches"),
+            _f("relevance_share", pa.float64(), "share of total relevance at matched locations"),
+            _f("match_share", pa.float64(), "share of matches among candidate correspondences"),
+            _f("viz_uri", pa.string(), "URI of the PNG visualisation (null if not rendered)"),
+            *_ids(),
+            _f("output_key", pa.string(), "idempotency key (infra.keys.pair_output_key)", False),
+        ]
+    ),
+    "matches": pa.schema(
+        [
+            _f("pair_id", pa.string(), "pair the match belongs to", False),
+            _f("layer", pa.string(), "layer whose features were matched", False),
+            _f("rank", pa.int32(), "0-based rank of the match (best first)", False),
+            _f("x_0", pa.float32(), "x in ORIGINAL pixels of image_0"),
+            _f("y_0", pa.float32(), "y in ORIGINAL pixels of image_0"),
+            _f("x_1", pa.float32(), "x in ORIGINAL pixels of image_1"),
+            _f("y_1", pa.float32(), "y in ORIGINAL pixels of image_1"),
+            _f("distance", pa.float32(), "feature distance of the match"),
+            _f("relevance", pa.float32(), "relevance attributed to the match"),
+            _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
+            _f("output_key", pa.string(), "output_key of the pairs row these matches belong to"),
+        ]
+    ),
+    "errors": pa.schema(
+        [
+            _f("item", pa.string(), "what failed (image URI, pair id, ...)", False),
+            _f("stage", pa.string(), "pipeline stage (load, embed, explain, write, ...)", False),
+            _f("error_type", pa.string(), "exception class name", False),
+            _f("message", pa.string(), "error message"),
+            *_ids(),
+        ]
+    ),
+    "images": pa.schema(
+        [
+            _f("image_uri", pa.string(), "URI of the image file", False),
+            _f("content_hash", pa.string(), "SHA-256 of the file bytes", False),
+            _f("width", pa.int32(), "width of the EXIF-upright image, pixels"),
+            _f("height", pa.int32(), "height of the EXIF-upright image, pixels"),
+            _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
+            _f("embedded_at", _TS, "when the embedding was computed (UTC)"),
+        ]
+    ),
+    "runs": pa.schema(
+        [
+            _f("run_id", pa.string(), "pipeline run identifier", False),
+            _f("flow", pa.string(), "flow name", False),
+            _f("parameters", pa.string(), "flow parameters as a JSON object"),
+            _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
+            _f("n_done", pa.int64(), "items processed"),
+            _f("n_skipped", pa.int64(), "items skipped (output already present)"),
+            _f("n_failed", pa.int64(), "items that failed (see the errors table)"),
+            _f("duration_s", pa.float64(), "wall-clock duration, seconds"),
+            _f("started_at", _TS, "run start (UTC)"),
+            _f("finished_at", _TS, "run end (UTC)"),
+        ]
+    ),
+    "candidates": pa.schema(
+        [
+            _f("query", pa.string(), "URI of the query image", False),
+            _f("rank", pa.int32(), "0-based rank after re-ranking", False),
+            _f("gallery_image", pa.string(), "URI of the gallery image", False),
+            _f("individual", pa.string(), "individual id of the gallery image, if known"),
+            _f("similarity", pa.float64(), "cosine similarity of the embeddings"),
+            _f("irm", pa.float64(), "image relevance map score (null if not computed)"),
+            _f("rerank_score", pa.float64(), "score used for the final ranking"),
+            *_ids(),
+        ]
+    ),
+}
+
+_AUTO_COLUMNS = ("model_id", "run_id", "created_at")
+_JSON_COLUMNS = ("parameters",)
+
+
+def _schema(name: str) -> pa.Schema:
+    try:
+        return TABLE_SCHEMAS[name]
+    except KeyError:
+        raise ConfigError(f"unknown table {name!r}; known: {sorted(TABLE_SCHEMAS)}") from None
+
+
+def _model_segment(model_id: str) -> str:
+    if not isinstance(model_id, str) or not model_id:
+        raise ConfigError(f"model_id must be a non-empty string, got {model_id!r}")
+    return "model=" + urllib.parse.quote(model_id, safe="")
+
+
+def _date_segment(date: str | date_type | datetime | None) -> str:
+    if date is None:
+        value = datetime.now(timezone.utc).date()
+    elif isinstance(date, datetime):
+        value = date.astimezone(timezone.utc).date() if date.tzinfo else date.date()
+    elif isinstance(date, date_type):
+        value = date
+    else:
+        try:
+            value = date_type.fromisoformat(str(date))
+        except ValueError:
+            raise ConfigError(f"date must be YYYY-MM-DD, got {date!r}") from None
+    return f"date={value.isoformat()}"
+
+
+def table_url(out_url: str, name: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """URL of table ``name``'s dataset folder: ``<OUT>/tables/<name>``."""
+    _schema(name)
+    return StorageTarget.from_url(out_url, storage_options).join("tables", name)
+
+
+def _to_utc(value: Any, column: str) -> Any:
+    if value is None or isinstance(value, pd.Timestamp) and pd.isna(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"{column}: not an ISO timestamp: {value!r}") from None
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema, name: str) -> pa.Table:
+    keys: set[str] = set()
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise ConfigError(f"table {name!r}: rows must be dicts, got {type(row).__name__}")
+        keys.update(row)
+    _check_columns(keys, schema, name)
+    timestamp_cols = [f.name for f in schema if pa.types.is_timestamp(f.type)]
+    prepared = []
+    for row in rows:
+        fixed = dict(row)
+        for col in timestamp_cols:
+            if col in fixed:
+                fixed[col] = _to_utc(fixed[col], col)
+        for col in _JSON_COLUMNS:
+            if col in fixed and isinstance(fixed[col], (Mapping, list, tuple)):
+                fixed[col] = json.dumps(fixed[col], sort_keys=True, default=str)
+        prepared.append(fixed)
+    present = [f for f in schema if f.name in keys]
+    try:
+        return pa.Table.from_pylist(prepared, schema=pa.schema(present))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"table {name!r}: rows do not fit the schema ({exc})") from None
+
+
+def _check_columns(columns: set[str], schema: pa.Schema, name: str) -> None:
+    missing = [f.name for f in schema if f.name not in columns and f.name not in _AUTO_COLUMNS]
+    extra = sorted(c for c in columns if c not in schema.names)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unknown columns {extra}")
+        raise ConfigError(f"table {name!r}: " + "; ".join(parts) + f" (schema: {schema.names})")
+
+
+def _fill_and_cast(table: pa.Table, schema: pa.Schema, name: str, model_id: str, run_id: str) -> pa.Table:
+    n = table.num_rows
+    fills = {"model_id": model_id, "run_id": run_id, "created_at": datetime.now(timezone.utc)}
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table[field.name]
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise ConfigError(f"table {name!r}: column {field.name!r} cannot be {field.type} ({exc})") from None
+        elif field.name in fills:
+            column = pa.array([fills[field.name]] * n, type=field.type)
+        else:  # pragma: no cover - _check_columns guarantees presence
+            raise ConfigError(f"table {name!r}: missing column {field.name!r}")
+        if not field.nullable and column.null_count:
+            raise ConfigError(f"table {name!r}: column {field.name!r} has {column.null_count} null value(s)")
+        columns.append(column)
+    result = pa.Table.from_arrays(columns, schema=schema)
+    if "model_id" in schema.names:
+        values = set(result["model_id"].to_pylist())
+        if values - {model_id}:
+            raise ConfigError(
+                f"table {name!r}: rows have model_id {sorted(values - {model_id})} but are written "
+                f"under model_id={model_id!r}"
+            )
+    return result
+
+
+def write_table(
+    out_url: str,
+    name: str,
+    rows: Sequence[Mapping[str, Any]] | pa.Table | pd.DataFrame,
+    model_id: str,
+    run_id: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    date: str | date_type | datetime | None = None,
+) -> str | None:
+    """Validate ``rows`` against table ``name``'s schema and write one Parquet file atomically.
+
+    Args:
+        out_url: output root ``<OUT>`` (any fsspec URL).
+        name: a key of :data:`TABLE_SCHEMAS`.
+        rows: list of dicts, a ``pyarrow.Table`` or a ``pandas.DataFrame``. Every schema column
+            must be present (value may be None where nullable) except ``model_id``, ``run_id``
+            and ``created_at``, filled from the arguments / the current UTC time when absent.
+            Timestamps may be datetimes (naive = UTC) or ISO strings; ``parameters`` may be a
+            dict (stored as JSON).
+        model_id: partition and ``model_id`` column value.
+        run_id: goes into the file name (and the ``run_id`` column when absent).
+        date: partition date (default: today, UTC).
+
+    Returns:
+        URL of the file written, or None when ``rows`` is empty (nothing is written).
+
+    Raises:
+        ConfigError: unknown table, missing/unknown columns, nulls in required columns, values
+            of the wrong type, or a ``model_id`` column that disagrees with ``model_id``.
+    """
+    schema = _schema(name)
+    partition = f"{_model_segment(model_id)}/{_date_segment(date)}"
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
+    if isinstance(rows, pd.DataFrame):
+        try:
+            rows = pa.Table.from_pandas(rows, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ConfigError(f"table {name!r}: DataFrame does not convert to Arrow ({exc})") from None
+    if isinstance(rows, pa.Table):
+        _check_columns(set(rows.column_names), schema, name)
+        table = rows
+    else:
+        rows = list(rows)
+        if not rows:
+            return None
+        table = _rows_to_table(rows, schema, name)
+    if table.num_rows == 0:
+        return None
+    table = _fill_and_cast(table, schema, name, model_id, run_id)
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    target = StorageTarget.from_url(out_url, storage_options)
+    filename = f"part-{safe_segment(run_id)}-{uuid.uuid4().hex[:12]}.parquet"
+    return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+
+
+def _dataset_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema(list(schema) + [pa.field(c, pa.string()) for c in PARTITION_COLUMNS])
+
+
+def _empty_frame(schema: pa.Schema, columns: Sequence[str] | None) -> pd.DataFrame:
+    full = _dataset_schema(schema)
+    names = list(columns) if columns is not None else [n for n in full.names if n != "model"]
+    return full.empty_table().select(names).to_pandas()
+
+
+def read_table(
+    out_url: str,
+    name: str,
+    filters: Any = None,
+    *,
+    model_id: str | None = None,
+    columns: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Read table ``name`` under ``<OUT>`` as one DataFrame (all partitions, all files).
+
+    Args:
+        filters: pyarrow/pandas style DNF filters (``[("layer", "==", "blocks.3")]``) or a
+            ``pyarrow.compute.Expression``; may use the partition columns ``model`` and ``date``.
+        model_id: only this model (prunes partitions).
+        columns: columns to return (default: schema columns plus ``date``).
+
+    Returns:
+        DataFrame with the schema's columns (+ ``date``); empty when nothing was written yet.
+    """
+    schema = _schema(name)
+    full = _dataset_schema(schema)
+    if columns is not None:
+        unknown = [c for c in columns if c not in full.names]
+        if unknown:
+            raise ConfigError(f"table {name!r}: unknown columns {unknown}")
+    target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
+    if not target.exists():
+        return _empty_frame(schema, columns)
+    partitioning = ds.partitioning(
+        pa.schema([pa.field(c, pa.string()) for c in PARTITION_COLUMNS]), flavor="hive"
+    )
+    if target.is_local:
+        dataset = ds.dataset(target.root, format="parquet", partitioning=partitioning, schema=full)
+    else:
+        fs = target.filesystem()
+        dataset = ds.dataset(
+            fs._strip_protocol(target.root),
+            filesystem=fs,
+            format="parquet",
+            partitioning=partitioning,
+            schema=full,
+        )
+    expression = None
+    if filters is not None:
+        expression = filters if isinstance(filters, ds.Expression) else pq.filters_to_expression(filters)
+    if model_id is not None:
+        by_model = ds.field("model") == model_id
+        expression = by_model if expression is None else expression & by_model
+    names = list(columns) if columns is not None else [n for n in full.names if n != "model"]
+    table = dataset.to_table(columns=names, filter=expression)
+    return table.to_pandas()
+
+
+def schema_markdown() -> str:
+    """Markdown documentation of every table (for the README "Outputs" section)."""
+    lines = [
+        "Partition columns added by hive-aware readers: `model` (= `model_id`) and `date`",
+        "(`YYYY-MM-DD`, UTC write date). Not-null columns are marked *required*.",
+        "",
+    ]
+    for name, schema in TABLE_SCHEMAS.items():
+        lines += [f"### `{name}`", "", "| column | type | required | description |", "|---|---|---|---|"]
+        for field in schema:
+            meta = field.metadata or {}
+            description = meta.get(_DESC, b"").decode()
+            required = "yes" if not field.nullable else ""
+            lines.append(f"| `{field.name}` | `{field.type}` | {required} | {description} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

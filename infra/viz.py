@@ -1,0 +1,54 @@
+"""PNG visualisations: where they go and how they are written.
+
+Layout: ``<OUT>/viz/model=<model>/<pair_id>/<layer>.png``. Every segment is made path-safe with
+``infra.storage.safe_segment`` (names with other characters than ``[A-Za-z0-9._-]`` get a short
+hash suffix, so two different names never share a file).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+
+from pairx_core.errors import ConfigError
+
+from .storage import StorageTarget, safe_segment
+
+__all__ = ["encode_png", "viz_uri", "write_png"]
+
+
+def viz_uri(
+    out_url: str,
+    model_id: str,
+    pair_id: str,
+    layer: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Full URL ``<OUT>/viz/model=<model_id>/<pair_id>/<layer>.png`` (segments sanitised)."""
+    for name, value in (("model_id", model_id), ("pair_id", pair_id), ("layer", layer)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"viz_uri: {name} must be a non-empty string, got {value!r}")
+    target = StorageTarget.from_url(out_url, storage_options)
+    return target.join("viz", f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{safe_segment(layer)}.png")
+
+
+def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
+    """PNG bytes of a PIL image (modes other than RGB/RGBA/L are converted to RGB)."""
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def write_png(storage: StorageTarget | None, uri: str, image: Image.Image) -> str:
+    """Write ``image`` as a PNG at ``uri`` atomically; returns the full URL written.
+
+    ``uri`` is a full URL (e.g. from :func:`viz_uri`) or a path relative to ``storage``'s root;
+    with ``storage=None`` it must be a full URL and default storage options are used.
+    """
+    target = storage if storage is not None else StorageTarget.from_url(uri)
+    return target.write_bytes_atomic(uri if storage is not None else "", encode_png(image))

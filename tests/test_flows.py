@@ -1,0 +1,105 @@
+"""Flows end to end on CPU: Prefect (test harness) on a Dask LocalCluster with 2 process workers."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "timm:efficientnet_b0?size=64"
+LAYER = "backbone.blocks.3"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def photo_folders(tmp_path_factory):
+    from pairx_core.synthetic import make_individuals, render_photo
+
+    root = tmp_path_factory.mktemp("photos")
+    for ind in make_individuals(3, seed=1):
+        (root / "gallery" / ind.id).mkdir(parents=True)
+        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
+        (root / "uploads").mkdir(exist_ok=True)
+        render_photo(ind, seed=1, size=(64, 64)).image.save(root / "uploads" / f"{ind.id}.png")
+    (root / "uploads" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def _config(cls, **kwargs):
+    return cls(model=MODEL, layers=[LAYER], k_colors=2, k_lines=5, batch_pairs=2, **kwargs)
+
+
+def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp_path):
+    from flows.config import ExplainPairsConfig
+    from flows.explain_pairs import explain_pairs
+    from infra.tables import read_table
+
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({
+        "image_0": ["uploads/ind-0000.png", "uploads/ind-0001.png", "uploads/broken.jpg", "uploads/missing.png"],
+        "image_1": ["gallery/ind-0000/a.png", "gallery/ind-0001/a.png", "gallery/ind-0000/a.png", "gallery/ind-0001/a.png"],
+        "pair_id": ["p0", "p1", "p2", "p3"],
+    }).to_csv(pairs, index=False)
+    out = tmp_path / "out"
+    config = _config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders), out=str(out))
+    summary = explain_pairs(config)  # default task runner in-process: fast
+    assert summary["done"] == 2 and summary["failed"] == 2
+    table = read_table(str(out), "pairs")
+    assert sorted(table.pair_id) == ["p0", "p1"]
+    assert all((out / "viz").rglob("*.png"))
+    errors = read_table(str(out), "errors")
+    assert {"p2", "p3"} <= set(errors["item"])
+    matches = read_table(str(out), "matches")
+    assert set(matches.pair_id) == {"p0", "p1"} and (matches["rank"] < 5).all()
+    again = explain_pairs(config)
+    assert again["done"] == 0 and again["skipped"] == 2
+    assert len(read_table(str(out), "pairs")) == 2  # nothing new written
+    runs = read_table(str(out), "runs")
+    assert len(runs) == 2 and set(runs.flow) == {"explain_pairs"}
+
+
+def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo_folders, tmp_path):
+    import duckdb
+
+    from flows.config import NightlyConfig, ReprocessConfig
+    from flows.nightly import run_nightly
+    from flows.reprocess import run_reprocess
+    from infra.tables import read_table
+
+    out = tmp_path / "out"
+    config = _config(NightlyConfig, uploads=str(photo_folders / "uploads"), gallery=str(photo_folders / "gallery"),
+                     out=str(out), top_k=2, workers=2)
+    started = time.perf_counter()
+    first = run_nightly(config)
+    first_seconds = time.perf_counter() - started
+    assert first["done"] == 6 and first["failed"] == 1  # the broken upload
+    candidates = read_table(str(out), "candidates")
+    assert len(candidates) == 6 and set(candidates["rank"]) == {0, 1}
+    assert set(candidates.individual) <= {"ind-0000", "ind-0001", "ind-0002"}
+    count = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet('{out}/tables/pairs/**/*.parquet', hive_partitioning=true)"
+    ).fetchall()[0][0]
+    assert count == 6
+
+    started = time.perf_counter()
+    second = run_nightly(config)
+    assert second["done"] == 0 and second["skipped"] >= 3
+    assert time.perf_counter() - started < first_seconds
+
+    before = {p: p.stat().st_mtime_ns for p in (out / "tables" / "pairs").rglob("*.parquet")}
+    redo = run_reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2,
+                                         k_lines=5, batch_pairs=3, workers=2))
+    assert redo["done"] == 6 and redo["failed"] == 0
+    pairs = read_table(str(out), "pairs")
+    assert pairs.model_id.nunique() == 2 and (pairs.groupby("model_id").size() == 6).all()
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # old partition untouched
