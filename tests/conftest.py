@@ -119,3 +119,12 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
     _clear_s3fs_cache()
     yield name
     _clear_s3fs_cache()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (fresh database) for the whole test run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

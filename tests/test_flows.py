@@ -13,14 +13,6 @@ MODEL = "timm:efficientnet_b0?size=64"
 LAYER = "backbone.blocks.3"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 @pytest.fixture(scope="module")
 def photo_folders(tmp_path_factory):
     from pairx_core.synthetic import make_individuals, render_photo
@@ -103,3 +95,63 @@ def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo
     pairs = read_table(str(out), "pairs")
     assert pairs.model_id.nunique() == 2 and (pairs.groupby("model_id").size() == 6).all()
     assert {p: p.stat().st_mtime_ns for p in before} == before  # old partition untouched
+
+
+def test_explain_pairs_on_s3(prefect_harness, photo_folders, s3_bucket):
+    """Images, pairs table and outputs all on a real S3 API (moto server)."""
+    import boto3
+
+    from flows.config import ExplainPairsConfig
+    from flows.explain_pairs import explain_pairs
+    from infra.tables import read_table
+
+    client = boto3.client("s3")
+    for path in photo_folders.rglob("*.png"):
+        client.put_object(Bucket=s3_bucket, Key=f"photos/{path.relative_to(photo_folders)}", Body=path.read_bytes())
+    table = "image_0,image_1\nuploads/ind-0000.png,gallery/ind-0000/a.png\nuploads/ind-0001.png,gallery/ind-0001/a.png\n"
+    client.put_object(Bucket=s3_bucket, Key="pairs.csv", Body=table.encode())
+    config = _config(ExplainPairsConfig, pairs=f"s3://{s3_bucket}/pairs.csv", image_root=f"s3://{s3_bucket}/photos",
+                     out=f"s3://{s3_bucket}/out")
+    summary = explain_pairs(config)
+    assert summary["done"] == 2 and summary["failed"] == 0
+    pairs = read_table(f"s3://{s3_bucket}/out", "pairs")
+    assert len(pairs) == 2 and pairs.viz_uri.str.startswith(f"s3://{s3_bucket}/out/viz/").all()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/viz/")["Contents"]]
+    assert len(keys) == 2 and all(k.endswith(".png") for k in keys)
+    assert explain_pairs(config)["skipped"] == 2
+
+
+def test_gpu_annotated_tasks_land_on_gpu_workers(prefect_harness, photo_folders, tmp_path):
+    """Resource annotations are honoured on an existing cluster: verified, not assumed."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from flows.common import FlowSummary, explain_items
+    from infra.cluster import worker_env
+    from tasks.explain import PairItem, RunSettings
+
+    workers = {
+        "cpu": {"cls": Nanny, "options": {"nthreads": 1, "env": worker_env()}},
+        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "env": worker_env(), "resources": {"GPU": 1}}},
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        info = client.scheduler_info()["workers"]
+        gpu_address = next(addr for addr, w in info.items() if w.get("resources", {}).get("GPU"))
+
+        items = [PairItem(f"p{i}", str(photo_folders / "uploads" / f"ind-000{i % 3}.png"),
+                          str(photo_folders / "gallery" / f"ind-000{(i + 1) % 3}" / "a.png")) for i in range(4)]
+        settings = RunSettings(out=str(tmp_path / "out"), model=MODEL, layers=(LAYER,), run_id="r", k_colors=0,
+                               device="cpu", render=False)
+
+        @flow(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        def annotated() -> FlowSummary:
+            summary = FlowSummary(run_id="r", model_id="m")
+            explain_items(items, settings, 1, summary, {"resources": {"GPU": 1}})
+            return summary
+
+        summary = annotated()
+        assert summary.done + summary.skipped == 4  # p3 repeats p0: skipped by its output key
+        assert summary.workers == {gpu_address}

@@ -1,0 +1,58 @@
+"""Smoke test of the benchmark script: ``bench/engine.py --quick`` prints valid JSON lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "engine.py"
+
+MEASUREMENT_KEYS = {
+    "bench", "mode", "model", "layers", "k_colors", "batch_size", "pairs", "seconds_per_pair",
+    "pairs_per_s", "speedup_vs_reference", "speedup_vs_engine_bs1", "peak_memory_bytes",
+    "peak_memory_metric", "device", "dtype", "input_size",
+}
+ENGINE_KEYS = {"batches", "images_per_batch", "forward_passes", "relevance_backwards", "pixel_backwards"}
+
+
+@pytest.mark.timeout(100)
+def test_quick_benchmark_prints_json_lines() -> None:
+    """Tiny model (timm test_efficientnet, 64 px), 2 pairs: about 20 s on 2 shared cores."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every stdout line is JSON
+    measurements = [r for r in records if r["mode"] in ("engine", "reference")]
+    summaries = [r for r in records if r["mode"] == "summary"]
+    assert len(summaries) == 1 and records[-1]["mode"] == "summary"
+
+    # quick: k_colors 3 and 0; reference + engine bs1 + engine bs2 for each
+    assert {r["k_colors"] for r in measurements} == {3, 0}
+    for k in (3, 0):
+        group = [r for r in measurements if r["k_colors"] == k]
+        assert sorted((r["mode"], r["batch_size"] or 0) for r in group) == [
+            ("engine", 1), ("engine", 2), ("reference", 0)]
+    for record in measurements:
+        assert MEASUREMENT_KEYS <= record.keys(), MEASUREMENT_KEYS - record.keys()
+        assert record["bench"] == "pairx_engine"
+        assert record["pairs_per_s"] > 0 and record["seconds_per_pair"] > 0
+        assert record["speedup_vs_reference"] > 0 and record["speedup_vs_engine_bs1"] > 0
+        assert record["peak_memory_metric"].startswith("cpu_peak_rss")
+        assert record["peak_memory_bytes"] >= 0
+        if record["mode"] == "engine":
+            assert ENGINE_KEYS <= record.keys()
+            assert record["forward_passes"] == record["batches"]
+            if record["batch_size"] == 1:
+                assert record["speedup_vs_engine_bs1"] == 1.0
+            else:
+                assert record["batches"] == 1 and record["images_per_batch"] == [4]
+            assert (record["pixel_backwards"] == 0) == (record["k_colors"] == 0)
+    assert summaries[0]["groups"][0]["seconds_per_pair"]["engine_bs1"] > 0
