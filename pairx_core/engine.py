@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 from zennit.canonizers import Canonizer
-from zennit.composites import EpsilonPlus
 
 from .canonizers import select_canonizers
 from .errors import ConfigError, NumericalError, ShapeError
+from .lrp import EngineEpsilonPlus, reuse_modified_forwards
 from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .results import LayerExplanation, PairExplanation, matches_frame
 
@@ -199,7 +199,7 @@ def explain_indexed(
     if target.type == "cpu":
         torch.set_flush_denormal(True)  # LRP creates denormals that slow CPUs badly
     chosen = list(canonizers) if canonizers is not None else select_canonizers(model, strict=config.strict_lrp)
-    composite = EpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
+    composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
 
     results: list[PairExplanation | None] = [None] * len(pair_array)
     with _prepared_model(model, target):
@@ -487,7 +487,7 @@ def _similarity_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor,
 
 def _explain_batch(
     model: nn.Module,
-    composite: EpsilonPlus,
+    composite: EngineEpsilonPlus,
     images: torch.Tensor,
     pairs: np.ndarray,
     plan: _LayerPlan,
@@ -603,8 +603,9 @@ def _relevance_and_matches(
     # --- pixel maps per (image, cell), shared across pairs
     pixel_maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     if config.k_colors > 0:
-        for name in plan.ordered:
-            pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
+        with reuse_modified_forwards():
+            for name in plan.ordered:
+                pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
 
     # --- assemble host-side results
     input_size = (int(x.shape[2]), int(x.shape[3]))
