@@ -52,8 +52,12 @@ def _cuda_devices() -> int:
         return 0
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for local workers: the flow's Prefect API, analytics off, quiet logs."""
+def worker_env(torch_threads: int | None = None) -> dict[str, str]:
+    """Environment for local workers: the flow's Prefect API, analytics off, torch threads.
+
+    Dask's nanny sets ``OMP_NUM_THREADS=1`` in workers; ``PAIRX_TORCH_THREADS`` tells
+    ``tasks.runtime`` how many intra-op threads torch may use instead (cores / workers).
+    """
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     try:
         from prefect.settings import PREFECT_API_URL
@@ -63,6 +67,8 @@ def worker_env() -> dict[str, str]:
         url = None
     if url:
         env["PREFECT_API_URL"] = str(url)
+    if torch_threads:
+        env["PAIRX_TORCH_THREADS"] = str(torch_threads)
     for key in ("PREFECT_HOME", "DASK_TEMPORARY_DIRECTORY", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PREFECT_LOGGING_LEVEL"):
         if key in os.environ:
@@ -84,7 +90,7 @@ def make_task_runner(address: str | None = None, workers: int | None = None, dev
         "threads_per_worker": plan.threads_per_worker,
         "processes": True,
         "dashboard_address": None,
-        "env": worker_env(),
+        "env": worker_env(torch_threads=max(1, (os.cpu_count() or 1) // plan.n_workers)),
     }
     if plan.gpus:
         cluster_kwargs["resources"] = {GPU_RESOURCE: 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -49,7 +50,10 @@ def get_model(spec: str, device: str | None = None, storage_options: Mapping[str
     with _LOCK:
         if key not in _MODELS:
             if target.type == "cpu":
-                torch.set_flush_denormal(True)
+                torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
+            threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
+            if threads > 0:
+                torch.set_num_threads(threads)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 model, prep = load_model(spec, storage_options=storage_options, device=target)

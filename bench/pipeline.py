@@ -1,0 +1,112 @@
+"""End-to-end pipeline benchmark: ``nightly`` on a synthetic or manta workload.
+
+Prints JSON lines: for the cold run (empty cache and outputs), the warm-cache run (outputs
+deleted, activation cache kept) and the rerun (everything skipped): pairs, seconds, pairs/s, the
+share of time in decode, engine, render and writes, and the orchestration overhead, i.e. flow
+wall time against the same batches run by calling the task function directly in this process.
+
+    python bench/pipeline.py                      # synthetic: 8 individuals, top-3
+    python bench/pipeline.py --mantas ../shared/data/mantas
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def synthetic_workload(folder: Path, individuals: int, size: int) -> tuple[str, str]:
+    from pairx_core.synthetic import make_individuals, render_photo
+
+    for ind in make_individuals(individuals, seed=7):
+        (folder / "gallery" / ind.id).mkdir(parents=True, exist_ok=True)
+        render_photo(ind, seed=1, size=(size, size)).image.save(folder / "gallery" / ind.id / "a.png")
+        (folder / "uploads").mkdir(parents=True, exist_ok=True)
+        render_photo(ind, seed=2, size=(size, size)).image.save(folder / "uploads" / f"{ind.id}.png")
+    return str(folder / "uploads"), str(folder / "gallery")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="timm:efficientnet_b0?size=128")
+    parser.add_argument("--layer", default="backbone.blocks.3")
+    parser.add_argument("--k-colors", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--batch-pairs", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--individuals", type=int, default=8)
+    parser.add_argument("--mantas", help="folder with uploads/, gallery/ and manifest.csv (e.g. ../shared/data/mantas)")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_flush_denormal(True)
+    work = Path(tempfile.mkdtemp(prefix="pairx-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+    if args.mantas:
+        uploads, gallery = str(Path(args.mantas) / "uploads"), str(Path(args.mantas) / "manifest.csv")
+    else:
+        uploads, gallery = synthetic_workload(work / "data", args.individuals, 128)
+
+    from flows.cli import prefect_api
+    from flows.config import NightlyConfig
+    from flows.nightly import run_nightly
+    from infra.tables import read_table
+    from tasks.explain import PairItem, RunSettings, explain_pairs_batch
+
+    out = work / "out"
+    config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
+                           k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
+                           workers=args.workers, device="cpu")
+    with prefect_api():
+        for label in ("cold", "warm_cache", "rerun"):
+            if label == "warm_cache":  # keep the activation cache, drop the results
+                for sub in ("tables", "viz"):
+                    shutil.rmtree(out / sub, ignore_errors=True)
+            started = time.perf_counter()
+            summary = run_nightly(config)
+            wall = time.perf_counter() - started
+            stages = summary.get("stage_seconds", {})
+            busy = sum(stages.values()) or 1.0
+            emit(run=label, pairs=summary["done"], skipped=summary["skipped"], wall_s=round(wall, 2),
+                 flow_s=summary["seconds"], pairs_per_s=round(summary["done"] / wall, 3) if summary["done"] else None,
+                 stage_share={k: round(v / busy, 3) for k, v in stages.items()},
+                 stage_s={k: round(v, 2) for k, v in stages.items()})
+
+    # the same pairs, same batches, called directly: the orchestration-free baseline
+    pairs = read_table(str(out), "pairs")
+    items = [PairItem(r.pair_id, r.image_0, r.image_1) for r in pairs.drop_duplicates("pair_id").itertuples()]
+    direct_out = work / "direct"
+    settings = RunSettings(out=str(direct_out), model=args.model, layers=(args.layer,), run_id="direct",
+                           k_colors=args.k_colors, device="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))  # as the workers do
+    explain_pairs_batch(items[:1], settings)  # warm the model in this process
+    shutil.rmtree(direct_out, ignore_errors=True)
+    started = time.perf_counter()
+    engine_s = 0.0
+    for start in range(0, len(items), args.batch_pairs):
+        engine_s += explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds["engine"]
+    direct = time.perf_counter() - started
+    emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2), engine_s=round(engine_s, 2),
+         pairs_per_s=round(len(items) / direct, 3), engine_share=round(engine_s / direct, 3))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The README's main command, ``pairx demo``, end to end in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_pairx_demo_end_to_end(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # the CLI starts its own temporary server
+    pairx = Path(sys.executable).parent / "pairx"
+    out = tmp_path / "demo"
+    completed = subprocess.run([str(pairx), "demo", "--out", str(out), "--individuals", "4", "--top-k", "2"],
+                               env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout[: completed.stdout.rindex("}") + 1])
+    assert summary["done"] == 8 and summary["failed"] == 0
+    assert 0.0 <= summary["top1_accuracy"] <= 1.0 and summary["true_pairs_scored"] >= 1
+    assert "Open " in completed.stdout and "index.html" in completed.stdout
+
+    index = (out / "index.html").read_text()
+    pictures = re.findall(r"src='([^']+\.png)'", index)
+    viz = [p for p in pictures if "/viz/" in p]
+    assert len(viz) == 8  # one PAIR-X picture per (upload, candidate)
+    assert all((out / p).exists() for p in pictures)  # relative links resolve without a server
+
+    from infra.tables import read_table
+
+    results = str(out / "results")
+    candidates = read_table(results, "candidates")
+    pairs = read_table(results, "pairs")
+    assert len(candidates) == 8 and len(pairs) == 8
+    assert set(pairs.viz_uri.map(lambda u: Path(u).name)) == {f"{pairs.layer.iloc[0]}.png"}
