@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -58,7 +58,7 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
     import dask
 
     batches = chunks(list(items), batch_pairs)
-    with dask.annotate(**annotations) if annotations else _null():
+    with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [explain_batch_task.submit(batch, settings) for batch in batches]
     done = 0
     for future, batch in zip(futures, batches):
@@ -66,14 +66,6 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
         done += len(batch)
         if progress:
             progress(done, len(items))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime, storage_options) -> None:
@@ -92,7 +84,3 @@ def settings_for(config, run_id: str) -> RunSettings:
     return RunSettings(out=config.out, model=config.model, layers=tuple(config.layers), run_id=run_id,
                        k_lines=config.k_lines, k_colors=config.k_colors, device=config.device,
                        storage_options=config.storage_options or None, render=config.render)
-
-
-def monotonic() -> float:
-    return time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from datetime import datetime, timezone
 
@@ -74,7 +75,7 @@ def nightly(config: NightlyConfig) -> dict:
         kwargs = dict(model=config.model, cache_url=config.cache_url, layers=config.layers, run_id=summary.run_id,
                       out=config.out, device=config.device, storage_options=so)
         images = list(gallery) + new_uploads
-        with dask.annotate(**annotations) if annotations else _Null():
+        with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
             futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
         hashes: dict[str, str] = {}
         for future in futures:
@@ -116,14 +117,6 @@ def nightly(config: NightlyConfig) -> dict:
     write_run(config.out, "nightly", config, summary, started, so)
     logger.info("summary: %s", summary.as_dict())
     return summary.as_dict()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_nightly(config: NightlyConfig) -> dict:

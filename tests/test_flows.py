@@ -155,3 +155,25 @@ def test_gpu_annotated_tasks_land_on_gpu_workers(prefect_harness, photo_folders,
         summary = annotated()
         assert summary.done + summary.skipped == 4  # p3 repeats p0: skipped by its output key
         assert summary.workers == {gpu_address}
+
+
+def test_cli_exit_code_and_help(prefect_harness, photo_folders, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    runner = CliRunner()
+    for command in ("explain", "nightly", "reprocess", "demo"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "--out" in result.output
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image_0,image_1\nuploads/ind-0000.png,gallery/ind-0000/a.png\nuploads/broken.jpg,gallery/ind-0001/a.png\n")
+    args = ["explain", str(pairs), "--out", str(tmp_path / "out"), "--image-root", str(photo_folders),
+            "--model", MODEL, "--layers", LAYER, "--k-colors", "0", "--workers", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert '"done": 1' in result.output and '"failed": 1' in result.output
+    bad = runner.invoke(app, args + ["--storage-option", "novalue"])
+    assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
