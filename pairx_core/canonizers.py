@@ -133,6 +133,7 @@ def check_supported(model: nn.Module) -> None:
     timm_t = _timm_types()
     tv_t = _torchvision_types()
     known: tuple[type, ...] = tuple(t for group in (timm_t, tv_t) for types_ in group.values() for t in types_)
+    unknown: dict[str, str] = {}  # type -> first module name
     for name, module in model.named_modules():
         if _is_generic_safe(module) or isinstance(module, known):
             continue
@@ -143,9 +144,11 @@ def check_supported(model: nn.Module) -> None:
             # are checked one by one. A root doing arithmetic between activations itself must
             # bring its own canonizers.
             continue
-        raise UnsupportedModelError(
-            f"{type(module).__module__}.{type(module).__qualname__}", name
-        )
+        unknown.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", name)
+    if unknown:
+        (first_type, first_name), *others = unknown.items()
+        hint = f"also unsupported: {', '.join(t.rsplit('.', 1)[-1] for t, _ in others)}" if others else ""
+        raise UnsupportedModelError(first_type, first_name, hint)
 
 
 # ------------------------------------------------------------------------------ the canonizers

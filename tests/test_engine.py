@@ -270,3 +270,42 @@ def test_sum_of_abs_option():
     a = explain(model, x0, x1, "features.4", k_colors=0)[0].layers["features.4"]
     b = explain(model, x0, x1, "features.4", k_colors=0, channel_reduction="sum_of_abs")[0].layers["features.4"]
     assert (b.relevance_0 >= a.relevance_0 - 1e-12).all() and not np.allclose(a.relevance_0, b.relevance_0)
+
+
+@pytest.mark.parametrize("name,layer", [("resnet18", "network.layer2"), ("efficientnet_b0", "network.features.3")])
+def test_torchvision_models_supported(name, layer):
+    """torchvision ResNet (zennit's canonizer) and EfficientNet (BN merge, SE, residual split)."""
+    import torchvision
+
+    from model_helpers import _randomise_batch_norms
+    from pairx_core.models import HeadlessClassifier
+
+    torch.manual_seed(0)
+    network = torchvision.models.get_model(name, weights=None)
+    if hasattr(network, "fc"):
+        network.fc = nn.Identity()
+    else:
+        network.classifier = nn.Identity()
+    model = HeadlessClassifier(network)
+    _randomise_batch_norms(model)
+    model = model.double().eval()
+    with torch.no_grad():
+        before = model(random_images(1, size=64))
+    result = explain(model, random_images(2, seed=31), random_images(2, seed=32), layer, k_colors=1)
+    explanation = result[0].layers[layer]
+    assert np.isfinite(explanation.relevance_0).all() and explanation.n_matches > 0
+    with torch.no_grad():  # canonizers undone, exactly
+        assert torch.equal(model(random_images(1, size=64)), before)
+
+
+def test_torchvision_mobilenet_v3_is_reported_unsupported():
+    import torchvision
+
+    from pairx_core.models import HeadlessClassifier
+
+    network = torchvision.models.get_model("mobilenet_v3_small", weights=None)
+    network.classifier = nn.Identity()
+    model = HeadlessClassifier(network).eval()
+    x = random_images(1, size=32, dtype=torch.float32)
+    with pytest.raises(UnsupportedModelError, match="MobileNetV3|InvertedResidual"):
+        explain(model, x, x, "network.features.3")
