@@ -8,5 +8,7 @@ PY=${PYTHON:-python3.11}
 # (pip's "Location ... is ignored" notices about this machine's local indexes are filtered out)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-quiet .venv/bin/python -m pip install -q -e ".[dev]"
+# scripts/constraints.txt: the versions this project was last tested with (pyproject keeps lower
+# bounds only); it spares pip minutes of backtracking between boto3 and aiobotocore's botocore pin
+quiet .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
 echo "setup done: .venv ready"
