@@ -1,13 +1,14 @@
 """Does PAIR-X look more plausible for true matches than for false ones at equal similarity?
 
 Synthetic individuals (known identities and geometry), pairs of photos of the same individual
-(true) and of different individuals (false), explained with the engine. Pairs are binned by the
-model's similarity (quantiles of all pairs); within each bin, the AUC of each plausibility
+(true) and, for every photo, its most similar photos of other individuals (false, the
+confusable candidates retrieval produces), explained with the engine. Pairs are binned by the
+model's similarity (quantiles over the range where both classes occur); within each bin, the AUC of each plausibility
 metric for telling true from false pairs (0.5 = no information). Also reports PAIR-X's
 ground-truth match accuracy (top-10 matches within one cell of the true position) against random
 cell pairs. Prints a table and JSON lines; writes a PNG plot.
 
-    python bench/plausibility.py --model demo --individuals 40 --out plausibility.png
+    python bench/plausibility.py --model demo --individuals 150 --out plausibility.png
 """
 
 from __future__ import annotations
@@ -36,12 +37,39 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(greater + 0.5 * ties)
 
 
+def hard_pairs(model, images, owner: np.ndarray, false_per_true: int) -> tuple[list, list]:
+    """All same-individual photo pairs (true), and for every photo its ``false_per_true`` most
+    similar photos of other individuals (false): the confusable candidates a retrieval step
+    would actually hand to a reviewer, so both classes meet at the same similarities."""
+    import torch
+
+    with torch.no_grad():
+        embeddings = torch.nn.functional.normalize(model(images), dim=1).numpy()
+    similarity = embeddings @ embeddings.T
+    pairs, truth, seen = [], [], set()
+    for a in range(len(owner)):
+        for b in range(a + 1, len(owner)):
+            if owner[a] == owner[b]:
+                pairs.append((a, b))
+                truth.append(True)
+        others = np.flatnonzero(owner != owner[a])
+        for b in others[np.argsort(-similarity[a, others])[:false_per_true]]:
+            key = (min(a, b), max(a, b))
+            if key not in seen:
+                seen.add(key)
+                pairs.append((a, int(b)))
+                truth.append(False)
+    return pairs, truth
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--layer", default=None, help="default: the demo model's recommended layer")
     parser.add_argument("--individuals", type=int, default=40)
-    parser.add_argument("--false-per-true", type=int, default=1)
+    parser.add_argument("--photos", type=int, default=3, help="photos per individual")
+    parser.add_argument("--false-per-true", type=int, default=1,
+                        help="false pairs per photo: its most similar photos of OTHER individuals")
     parser.add_argument("--bins", type=int, default=3)
     parser.add_argument("--k-colors", type=int, default=0)
     parser.add_argument("--seed", type=int, default=11)
@@ -60,21 +88,12 @@ def main() -> None:
     model, prep = load_model(args.model)
     layer = args.layer or json.loads((WEIGHTS_DIR / "demo.json").read_text()).get("layer", "backbone.blocks.3")
     size = prep.size
-    rng = np.random.default_rng(args.seed)
     individuals = make_individuals(args.individuals, seed=10_000 + args.seed)  # not the training identities
-    photos = [[render_photo(ind, seed=args.seed * 1000 + i * 10 + j, size=size) for j in range(2)]
+    photos = [[render_photo(ind, seed=args.seed * 1000 + i * 10 + j, size=size) for j in range(args.photos)]
               for i, ind in enumerate(individuals)]
-    images = torch.stack([prep.to_tensor(p.image) for pair in photos for p in pair])
-    index = lambda i, j: 2 * i + j  # noqa: E731
-    pairs, truth = [], []
-    for i in range(len(individuals)):
-        pairs.append((index(i, 0), index(i, 1)))
-        truth.append(True)
-        for _ in range(args.false_per_true):
-            other = int(rng.integers(len(individuals) - 1))
-            other += other >= i
-            pairs.append((index(i, 0), index(other, 1)))
-            truth.append(False)
+    images = torch.stack([prep.to_tensor(p.image) for group in photos for p in group])
+    owner = np.repeat(np.arange(len(individuals)), args.photos)
+    pairs, truth = hard_pairs(model, images, owner, args.false_per_true)
     started = time.perf_counter()
     results = explain_indexed(model, images, np.array(pairs), [layer], ExplainConfig(k_colors=args.k_colors))
     seconds = time.perf_counter() - started
@@ -84,7 +103,8 @@ def main() -> None:
         metrics = plausibility(explanation).as_dict()
         row = {"true": is_true, "similarity": result.similarity, **metrics}
         if is_true:
-            pa, pb = photos[a // 2][a % 2], photos[b // 2][b % 2]
+            pa = photos[a // args.photos][a % args.photos]
+            pb = photos[b // args.photos][b % args.photos]
             mapping = pb.transform @ np.linalg.inv(pa.transform)
             grid = explanation.feature_shape[1:]
             cell = (size[1] / grid[1], size[0] / grid[0])
@@ -96,11 +116,13 @@ def main() -> None:
 
     similarity = np.array([r["similarity"] for r in rows])
     labels = np.array([r["true"] for r in rows])
-    edges = np.quantile(similarity, np.linspace(0, 1, args.bins + 1))
+    overlap = (similarity >= max(similarity[labels].min(), similarity[~labels].min())) & (
+        similarity <= min(similarity[labels].max(), similarity[~labels].max()))
+    edges = np.quantile(similarity[overlap], np.linspace(0, 1, args.bins + 1))
     table = []
     for b in range(args.bins):
         low, high = edges[b], edges[b + 1]
-        inside = (similarity >= low) & (similarity <= high if b == args.bins - 1 else similarity < high)
+        inside = overlap & (similarity >= low) & (similarity <= high if b == args.bins - 1 else similarity < high)
         entry = {"bin": b, "similarity": [round(float(low), 3), round(float(high), 3)],
                  "n_true": int((inside & labels).sum()), "n_false": int((inside & ~labels).sum())}
         for metric in METRICS:

@@ -48,8 +48,25 @@ def prefect_api() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        _flush_logs()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _flush_logs() -> None:
+    """Send queued flow/task logs and events before the temporary server goes away.
+
+    Without this the log and event workers keep retrying a closed port for about a minute at
+    exit and then print "Error logging to API".
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception:  # noqa: BLE001 - losing the last log lines must never fail the run
+            pass
 
 
 @contextlib.contextmanager

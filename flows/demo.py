@@ -143,7 +143,7 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>pairx demo</title>",
              "<style>body{font-family:sans-serif;margin:1em} .q{border-top:1px solid #ccc;padding:.5em 0}"
-             " .c{display:inline-block;vertical-align:top;margin:4px;font-size:12px} img{max-width:360px}"
+             " .c{display:inline-block;vertical-align:top;margin:4px;font-size:12px} img{max-width:480px}"
              " .ok{color:green} .no{color:#b00}</style></head><body>",
              "<h1>PAIR-X demo: tonight's uploads</h1>",
              f"<p>Layer <code>{html.escape(layer)}</code>. Candidates ranked by "

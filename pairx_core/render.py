@@ -54,6 +54,11 @@ def _regions(pixel_maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return canvas.astype(np.uint8)
 
 
+def display_scale(input_size: tuple[int, int], min_side: int = 224) -> int:
+    """Smallest integer enlargement that makes the shorter input side at least ``min_side``."""
+    return max(1, -(-min_side // min(input_size)))
+
+
 def render(
     layer: LayerExplanation,
     image_0: np.ndarray,
@@ -64,11 +69,17 @@ def render(
     caption: bool = True,
     compact: bool = False,
     line_width: int = 2,
+    scale: int = 1,
 ) -> Image.Image:
     """Draw the explanation. ``image_0``, ``image_1``: ``(H, W, 3)`` uint8 at the model input size.
 
-    Returns an RGB image of width ``2 W`` and height ``2 H`` (``H`` when compact), plus the caption.
+    ``scale`` enlarges the panels (bilinear) before the lines are drawn, so explanations of small
+    inputs (e.g. 96 px) stay readable; :func:`display_scale` picks one.
+    Returns an RGB image of width ``2 W scale`` and height ``2 H scale`` (``H scale`` when
+    compact), plus the caption.
     """
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
     height, width = layer.input_size
     for name, image in (("image_0", image_0), ("image_1", image_1)):
         if image.shape != (height, width, 3):
@@ -82,10 +93,12 @@ def render(
         )
         panels.append(bottom)
     picture = Image.fromarray(np.concatenate(panels, axis=0))
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.BILINEAR)
     draw = ImageDraw.Draw(picture)
     for j, row in enumerate(layer.matches.head(layer.k_lines).itertuples(index=False)):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-        start, end = (row.x_0, row.y_0), (row.x_1 + width, row.y_1)
+        start, end = (row.x_0 * scale, row.y_0 * scale), ((row.x_1 + width) * scale, row.y_1 * scale)
         draw.line([start, end], fill=colour, width=line_width)
         for cx, cy in (start, end):
             draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], outline=colour)

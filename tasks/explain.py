@@ -24,7 +24,7 @@ from infra.tables import write_table
 from infra.viz import viz_uri, write_png
 from pairx_core import ENGINE_VERSION, ExplainConfig, PairXError, explain_indexed
 from pairx_core.metrics import plausibility
-from pairx_core.render import render
+from pairx_core.render import display_scale, render
 
 from .runtime import get_model
 
@@ -168,7 +168,8 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                 uri = None
                 if settings.render:
                     started = time.perf_counter()
-                    picture = render(layer, displays[key_0], displays[key_1], similarity=result.similarity, irm=metrics.irm)
+                    picture = render(layer, displays[key_0], displays[key_1], similarity=result.similarity,
+                                     irm=metrics.irm, scale=display_scale(layer.input_size))
                     uri = viz_uri(settings.out, model_id, item.pair_id, layer_name, settings.storage_options)
                     write_png(storage, uri, picture)
                     summary.seconds["render"] += time.perf_counter() - started

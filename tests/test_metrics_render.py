@@ -10,7 +10,7 @@ import torch
 from model_helpers import random_images, tiny_timm_efficientnet
 from pairx_core import explain
 from pairx_core.metrics import homography_residual, plausibility
-from pairx_core.render import jet, render
+from pairx_core.render import LINE_COLOURS, display_scale, jet, render
 from pairx_core.results import LayerExplanation, matches_frame
 
 
@@ -84,6 +84,19 @@ def test_rendered_picture_size_and_content():
     assert (np.asarray(plain) != np.asarray(compact)).any()
     with pytest.raises(ValueError):
         render(layer, images[0][:10], images[1])
+    # enlarged for small inputs: same picture, three times the size, lines at scaled positions
+    enlarged = render(layer, *images, caption=False, compact=True, scale=3)
+    assert enlarged.size == (384, 192)
+    first = layer.matches.iloc[0]
+    near_start = np.asarray(enlarged)[int(first.y_0 * 3) - 1:int(first.y_0 * 3) + 2,
+                                      int(first.x_0 * 3) - 1:int(first.x_0 * 3) + 2]
+    assert any((near_start == colour).all(axis=-1).any() for colour in LINE_COLOURS)
+
+
+def test_display_scale():
+    assert display_scale((96, 96)) == 3
+    assert display_scale((440, 440)) == 1
+    assert display_scale((128, 200)) == 2
 
 
 def test_core_is_pure_compute():
