@@ -2,8 +2,9 @@
 
 Prints JSON lines: for the cold run (empty cache and outputs), the warm-cache run (outputs
 deleted, activation cache kept) and the rerun (everything skipped): pairs, seconds, pairs/s, the
-share of time in decode, engine, render and writes, and the orchestration overhead, i.e. flow
-wall time against the same batches run by calling the task function directly in this process.
+share of time in decode, engine, render and writes, and the orchestration overhead: flow wall
+time against the same work (embed, then the same explain batches) run by calling the task
+functions directly in this process, both for the whole run and for the explain fan-out alone.
 
     python bench/pipeline.py                      # synthetic: 8 individuals, top-3
     python bench/pipeline.py --mantas ../shared/data/mantas
@@ -68,12 +69,14 @@ def main() -> None:
     from flows.config import NightlyConfig
     from flows.nightly import run_nightly
     from infra.tables import read_table
+    from tasks.embed import embed_images
     from tasks.explain import PairItem, RunSettings, explain_pairs_batch
 
     out = work / "out"
     config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
                            k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
                            workers=args.workers, device="cpu")
+    flow_seconds, explain_seconds = {}, {}
     with prefect_api():
         for label in ("cold", "warm_cache", "rerun"):
             if label == "warm_cache":  # keep the activation cache, drop the results
@@ -82,6 +85,8 @@ def main() -> None:
             started = time.perf_counter()
             summary = run_nightly(config)
             wall = time.perf_counter() - started
+            flow_seconds[label] = summary["seconds"]
+            explain_seconds[label] = summary.get("explain_seconds", 0.0)
             stages = summary.get("stage_seconds", {})
             busy = sum(stages.values()) or 1.0
             emit(run=label, pairs=summary["done"], skipped=summary["skipped"], wall_s=round(wall, 2),
@@ -89,22 +94,37 @@ def main() -> None:
                  stage_share={k: round(v / busy, 3) for k, v in stages.items()},
                  stage_s={k: round(v, 2) for k, v in stages.items()})
 
-    # the same pairs, same batches, called directly: the orchestration-free baseline
+    # the same work (embed the images, explain the same pairs in the same batches) called directly
+    # in this process with an empty cache: the orchestration-free baseline of the cold run
     pairs = read_table(str(out), "pairs")
     items = [PairItem(r.pair_id, r.image_0, r.image_1) for r in pairs.drop_duplicates("pair_id").itertuples()]
+    images = sorted({i.image_0 for i in items} | {i.image_1 for i in items})
     direct_out = work / "direct"
     settings = RunSettings(out=str(direct_out), model=args.model, layers=(args.layer,), run_id="direct",
                            k_colors=args.k_colors, device="cpu")
+    cache_url = str(direct_out / "cache")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))  # as the workers do
     explain_pairs_batch(items[:1], settings)  # warm the model in this process
     shutil.rmtree(direct_out, ignore_errors=True)
     started = time.perf_counter()
+    for start in range(0, len(images), 32):
+        embed_images(images[start:start + 32], model=args.model, cache_url=cache_url, layers=[args.layer],
+                     run_id="direct", out=str(direct_out), device="cpu")
+    embed_s = time.perf_counter() - started
     engine_s = 0.0
     for start in range(0, len(items), args.batch_pairs):
         engine_s += explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds["engine"]
     direct = time.perf_counter() - started
-    emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2), engine_s=round(engine_s, 2),
-         pairs_per_s=round(len(items) / direct, 3), engine_share=round(engine_s / direct, 3))
+    direct_explain = direct - embed_s
+    emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2), embed_s=round(embed_s, 2),
+         engine_s=round(engine_s, 2), pairs_per_s=round(len(items) / direct, 3),
+         engine_share=round(engine_s / direct, 3),
+         orchestration_overhead_cold=round(flow_seconds["cold"] / direct - 1, 3),
+         orchestration_overhead_warm_cache=round(flow_seconds["warm_cache"] / direct - 1, 3),
+         # the explain fan-out alone: per-batch cost of Prefect tasks on Dask, without the
+         # once-per-run worker start, model load and cluster teardown
+         explain_overhead_cold=round(explain_seconds["cold"] / direct_explain - 1, 3),
+         explain_overhead_warm_cache=round(explain_seconds["warm_cache"] / direct_explain - 1, 3))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -66,9 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--layer", default=None, help="default: the demo model's recommended layer")
-    parser.add_argument("--individuals", type=int, default=40)
+    parser.add_argument("--individuals", type=int, default=150)
     parser.add_argument("--photos", type=int, default=3, help="photos per individual")
-    parser.add_argument("--false-per-true", type=int, default=1,
+    parser.add_argument("--false-per-true", type=int, default=2,
                         help="false pairs per photo: its most similar photos of OTHER individuals")
     parser.add_argument("--bins", type=int, default=3)
     parser.add_argument("--k-colors", type=int, default=0)

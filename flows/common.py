@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +23,8 @@ class FlowSummary:
     failed: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: wall time of the explain fan-out (submit to last result), for overhead measurements
+    explain_seconds: float = 0.0
     irm: dict[str, float] = field(default_factory=dict)
     workers: set[str] = field(default_factory=set)
 
@@ -41,7 +44,8 @@ class FlowSummary:
     def as_dict(self) -> dict:
         return {"run_id": self.run_id, "model_id": self.model_id, "done": self.done, "skipped": self.skipped,
                 "failed": self.failed, "seconds": round(self.seconds, 3),
-                "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()}}
+                "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "explain_seconds": round(self.explain_seconds, 3)}
 
 
 def new_run_id() -> str:
@@ -57,6 +61,7 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
     """Fan batches out on the flow's task runner; gather small summaries."""
     import dask
 
+    started = time.perf_counter()
     batches = chunks(list(items), batch_pairs)
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [explain_batch_task.submit(batch, settings) for batch in batches]
@@ -66,6 +71,7 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
         done += len(batch)
         if progress:
             progress(done, len(items))
+    summary.explain_seconds += time.perf_counter() - started
 
 
 def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime, storage_options) -> None:

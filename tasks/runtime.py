@@ -43,12 +43,14 @@ def resolve_device(device: str | None) -> torch.device:
 
 def get_model(spec: str, device: str | None = None, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     """The model for ``spec`` on ``device``, built at most once per process."""
+    from infra.cluster import tune_allocator
     from infra.model_store import load_model
 
     target = resolve_device(device)
     key = (spec, str(target))
     with _LOCK:
         if key not in _MODELS:
+            tune_allocator()  # Dask workers start with a malloc setting that makes torch 3x slower
             if target.type == "cpu":
                 torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
             threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)

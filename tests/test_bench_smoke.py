@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark script: ``bench/engine.py --quick`` prints valid JSON lines."""
+"""Smoke tests of the benchmark scripts: they run and print valid JSON lines."""
 
 from __future__ import annotations
 
@@ -56,3 +56,28 @@ def test_quick_benchmark_prints_json_lines() -> None:
                 assert record["batches"] == 1 and record["images_per_batch"] == [4]
             assert (record["pixel_backwards"] == 0) == (record["k_colors"] == 0)
     assert summaries[0]["groups"][0]["seconds_per_pair"]["engine_bs1"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_plausibility_benchmark_table_and_plot(tmp_path: Path) -> None:
+    """Demo model, 8 held-out identities: JSON per bin, an overall line, a PNG plot."""
+    plot = tmp_path / "auc.png"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plausibility.py"), "--individuals", "8", "--photos", "2",
+         "--false-per-true", "1", "--bins", "2", "--out", str(plot)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+    bins, overall = records[:-1], records[-1]
+    assert [b["bin"] for b in bins] == [0, 1]
+    # 8 true pairs (one per identity) and up to 16 hard negatives (shared ones counted once)
+    assert 8 < overall["pairs"] <= 24
+    assert sum(b["n_true"] + b["n_false"] for b in bins) <= overall["pairs"]
+    for record in bins:
+        for key in ("auc_irm", "auc_match_coverage", "auc_relevance_share", "auc_inliers"):
+            assert record[key] != record[key] or 0.0 <= record[key] <= 1.0   # NaN when a class is empty
+    assert 0.0 <= overall["random_baseline"] < 0.1
+    assert overall["match_accuracy_top10"] > overall["random_baseline"]   # PAIR-X beats random cells
+    from PIL import Image
+    assert Image.open(plot).size[0] > 200

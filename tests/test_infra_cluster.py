@@ -1,0 +1,66 @@
+"""Cluster factory: sizing, addresses, worker environment, and the worker malloc fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from infra import cluster
+from infra.cluster import ClusterPlan, gpu_annotation, make_task_runner, tune_allocator, worker_env
+from pairx_core.errors import ConfigError
+
+
+def test_cpu_plan_never_oversubscribes(monkeypatch):
+    monkeypatch.setattr(cluster, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert ClusterPlan.for_machine() == ClusterPlan(1, 1, 0)
+    assert ClusterPlan.for_machine(workers=8) == ClusterPlan(2, 1, 0)
+
+
+def test_gpu_plan_one_worker_per_gpu(monkeypatch):
+    monkeypatch.setattr(cluster, "_cuda_devices", lambda: 2)
+    assert ClusterPlan.for_machine() == ClusterPlan(2, 1, 2)
+    with pytest.raises(ConfigError, match="3 GPU workers"):
+        ClusterPlan.for_machine(workers=3)
+    assert ClusterPlan.for_machine(device="cpu").gpus == 0
+    assert gpu_annotation("cuda") == {"resources": {"GPU": 1}}
+    assert gpu_annotation("cpu") == {}
+
+
+def test_bad_scheduler_address_is_a_config_error():
+    with pytest.raises(ConfigError, match="tcp://host:8786"):
+        make_task_runner("localhost:8786")
+
+
+def test_worker_env_carries_api_url_and_threads(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        env = worker_env(torch_threads=2)
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert env["PAIRX_TORCH_THREADS"] == "2"
+
+
+def test_tune_allocator_only_acts_under_the_dask_malloc_setting(monkeypatch):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert tune_allocator() is False
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert tune_allocator() is sys.platform.startswith("linux")
+
+
+def _worker_malloc_env() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.mark.timeout(120)
+def test_local_workers_start_without_the_malloc_trim_setting():
+    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 made the engine 3x slower in workers."""
+    from distributed import Client, LocalCluster
+
+    runner = make_task_runner(workers=1, device="cpu")
+    kwargs = {**runner.cluster_kwargs, "n_workers": 1}
+    with LocalCluster(**kwargs) as local, Client(local) as client:
+        values = client.run(_worker_malloc_env)
+    assert list(values.values()) == [None]
