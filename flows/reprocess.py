@@ -18,11 +18,24 @@ from .explain_pairs import run_pairs
 
 def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]:
     so = config.storage_options or None
-    pairs = read_table(config.out, "pairs", columns=["pair_id", "image_0", "image_1", "model_id"], storage_options=so)
+    pairs = read_table(config.out, "pairs", columns=["pair_id", "image_0", "image_1", "model_id", "box_0", "box_1",
+                                                     "theta_0", "theta_1"], storage_options=so)
     if config.old_model:
         pairs = pairs[pairs.model_id == config.old_model]
     pairs = pairs[pairs.model_id != new_model_id].drop_duplicates("pair_id")
-    return [PairItem(r.pair_id, r.image_0, r.image_1) for r in pairs.itertuples(index=False)]
+    return [PairItem(r.pair_id, r.image_0, r.image_1, _box(r.box_0), _box(r.box_1), _angle(r.theta_0), _angle(r.theta_1))
+            for r in pairs.itertuples(index=False)]
+
+
+def _box(value) -> tuple[float, float, float, float] | None:
+    """A recorded crop box (a list, or null in tables written before boxes were recorded)."""
+    if value is None or (not hasattr(value, "__len__") and value != value):
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _angle(value) -> float:
+    return 0.0 if value is None or value != value else float(value)
 
 
 @flow(name="reprocess", log_prints=True)

@@ -42,6 +42,10 @@ class PairItem:
     theta_1: float = 0.0
 
 
+def _box_list(box: tuple[float, float, float, float] | None) -> list[float] | None:
+    return None if box is None else [float(v) for v in box]
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything a batch needs besides its pairs (small, picklable)."""
@@ -179,7 +183,9 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                     "residual_px": None if not np.isfinite(metrics.residual_px) else metrics.residual_px,
                     "inliers": metrics.inliers, "irm": metrics.irm, "match_coverage": metrics.match_coverage,
                     "relevance_share": metrics.relevance_share, "match_share": metrics.match_share,
-                    "viz_uri": uri, "run_id": settings.run_id, "output_key": keys[layer_name],
+                    "viz_uri": uri, "box_0": _box_list(item.box_0), "box_1": _box_list(item.box_1),
+                    "theta_0": item.theta_0, "theta_1": item.theta_1,
+                    "run_id": settings.run_id, "output_key": keys[layer_name],
                 })
                 top = layer.matches.head(settings.k_lines)
                 xy_0 = images[key_0].to_original(top[["x_0", "y_0"]].to_numpy(), layer.input_size)

@@ -60,6 +60,38 @@ def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp
     assert len(runs) == 2 and set(runs.flow) == {"explain_pairs"}
 
 
+def test_crop_boxes_are_recorded_and_reprocessed(prefect_harness, photo_folders, tmp_path):
+    """A pair explained on a crop is re-explained on the same crop by ``reprocess``."""
+    from flows.config import ExplainPairsConfig, ReprocessConfig
+    from flows.explain_pairs import explain_pairs
+    from flows.reprocess import reprocess
+    from infra.tables import read_table
+
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({
+        "image_0": ["uploads/ind-0000.png", "uploads/ind-0001.png"],
+        "image_1": ["gallery/ind-0000/a.png", "gallery/ind-0001/a.png"],
+        "pair_id": ["cropped", "whole"],
+        "box_0": ["8 16 40 32", ""],
+        "theta_1": [0.0, 0.3],
+    }).to_csv(pairs, index=False)
+    out = tmp_path / "out"
+    assert explain_pairs(_config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders),
+                                 out=str(out)))["done"] == 2
+    redo = reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2, k_lines=5))
+    assert redo["done"] == 2
+    table = read_table(str(out), "pairs").set_index(["model_id", "pair_id"]).sort_index()
+    for model_id in table.index.get_level_values(0).unique():
+        assert list(table.loc[(model_id, "cropped"), "box_0"]) == [8.0, 16.0, 40.0, 32.0]
+        assert table.loc[(model_id, "whole"), "box_0"] is None
+        assert table.loc[(model_id, "whole"), "theta_1"] == pytest.approx(0.3)
+    matches = read_table(str(out), "matches")
+    cropped = matches[matches.pair_id == "cropped"]
+    assert cropped.model_id.nunique() == 2
+    # match positions are in ORIGINAL pixels, so they lie inside the crop for both models
+    assert cropped.x_0.between(8, 48).all() and cropped.y_0.between(16, 48).all()
+
+
 def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo_folders, tmp_path):
     import duckdb
 

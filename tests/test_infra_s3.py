@@ -36,7 +36,12 @@ def _pairs_rows(n: int, model_id: str) -> list[dict]:
         for field in TABLE_SCHEMAS["pairs"]:
             if field.name in ("model_id", "run_id", "created_at"):
                 continue
-            row[field.name] = f"{field.name}-{i}" if field.type == "string" else i
+            if field.type == "string":
+                row[field.name] = f"{field.name}-{i}"
+            elif str(field.type).startswith("list"):
+                row[field.name] = [i, i, 10, 10]
+            else:
+                row[field.name] = i
         rows.append(row)
     return rows
 

@@ -36,6 +36,8 @@ def _sample_value(field: pa.Field, i: int):
         return 0.25 * (i + 1)
     if pa.types.is_timestamp(t):
         return WHEN
+    if pa.types.is_list(t):
+        return [float(i), 2.0, 30.0, 40.5]
     raise AssertionError(f"no sample for {t}")
 
 
@@ -77,6 +79,8 @@ def test_round_trip_every_table(out_url, name):
             assert [pd.Timestamp(g).to_pydatetime() for g in got] == want
         elif pa.types.is_floating(field.type):
             np.testing.assert_allclose(got, want)
+        elif pa.types.is_list(field.type):
+            assert [list(g) for g in got] == want, field.name
         else:
             assert got == want, field.name
 
