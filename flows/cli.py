@@ -147,6 +147,8 @@ def nightly_cmd(
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
     storage_option: Optional[list[str]] = StorageOpt,
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="retry uploads that failed to load on an earlier night (default: skip them)"),
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
@@ -157,7 +159,7 @@ def nightly_cmd(
                      storage_option=storage_option)
     if top_k is not None:
         values["top_k"] = top_k
-    config = NightlyConfig(uploads=uploads, gallery=gallery, **values)
+    config = NightlyConfig(uploads=uploads, gallery=gallery, retry_failed=retry_failed, **values)
     with prefect_api(), progress_bar("pairs"):
         summary = run_nightly(config)
     _finish(summary)

@@ -47,6 +47,8 @@ class NightlyConfig(CommonConfig):
     uploads: str = Field(description="folder of new photos (listed recursively)")
     gallery: str = Field(description="gallery folder (one sub-folder per individual) or manifest CSV image,individual")
     top_k: int = Field(3, ge=1, description="candidates explained per upload")
+    retry_failed: bool = Field(False, description="try again the uploads that failed to load on an earlier night "
+                                                  "(by default they are skipped: reported once, not every night)")
 
 
 class ReprocessConfig(CommonConfig):

@@ -47,6 +47,16 @@ def list_gallery(gallery: str, storage_options=None) -> dict[str, str]:
     return mapping
 
 
+def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str]:
+    """Images that an earlier run could not load (bad input, recorded in ``errors``, stage ``load``).
+
+    Transient failures are retried inside a run and never recorded there, so these are files
+    that are broken as stored; retrying them every night would only repeat the error rows.
+    """
+    errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage"], storage_options=storage_options)
+    return set(errors.loc[errors.stage == "load", "item"])
+
+
 def rerank_score(similarity: float, irm: float | None) -> float:
     """Similarity blended with plausibility: ``(1 - w) * similarity + w * irm``."""
     irm = 0.0 if irm is None or not np.isfinite(irm) else irm
@@ -65,9 +75,14 @@ def nightly(config: NightlyConfig) -> dict:
     uploads = StorageTarget.from_url(config.uploads, so).list_files("", suffixes=IMAGE_SUFFIXES)
     done_queries = set(read_table(config.out, "candidates", model_id=model_id, columns=["query"],
                                   storage_options=so)["query"])
-    new_uploads = [u for u in uploads if u not in done_queries and u not in gallery]
+    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model_id, so)
+    new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
     summary.skipped += len(uploads) - len(new_uploads)
     logger.info("%d uploads (%d new), %d gallery images", len(uploads), len(new_uploads), len(gallery))
+    quarantined = failed_before.intersection(uploads)
+    if quarantined:
+        logger.warning("skipping %d upload(s) that failed to load on an earlier night (see the errors table; "
+                       "--retry-failed tries them again): %s", len(quarantined), sorted(quarantined)[:5])
     if new_uploads and gallery:
         annotations = gpu_annotation(config.device)
         import dask
