@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
@@ -44,6 +45,42 @@ class PairItem:
 
 def _box_list(box: tuple[float, float, float, float] | None) -> list[float] | None:
     return None if box is None else [float(v) for v in box]
+
+
+#: concurrent image reads per batch (Pillow decodes and fsspec reads release the GIL)
+DECODE_THREADS = 8
+
+
+def _load_images(keys: Sequence[tuple], settings: "RunSettings") -> tuple[dict, set, list[dict]]:
+    """Read and decode ``(uri, box, theta)`` keys in threads.
+
+    Returns (images by key, keys that failed as bad input, their ``errors`` rows). A transient
+    storage error is re-raised after the other reads finish, so the Prefect task retries it.
+    """
+    def load(key):
+        uri, box, theta = key
+        return load_image(uri, box=box, theta=theta, storage_options=settings.storage_options)
+
+    images: dict[tuple, LoadedImage] = {}
+    failed: set[tuple] = set()
+    errors: list[dict] = []
+    transient: BaseException | None = None
+    if not keys:
+        return images, failed, errors
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(keys))) as pool:
+        futures = [pool.submit(load, key) for key in keys]
+    for key, future in zip(keys, futures):
+        error = future.exception()
+        if error is None:
+            images[key] = future.result()
+        elif not isinstance(error, PairXError) and is_transient(error):
+            transient = transient or error
+        else:  # bad input: record, never retry
+            failed.add(key)
+            errors.append(_error_row(key[0], "load", error, settings.run_id))
+    if transient is not None:
+        raise transient
+    return images, failed, errors
 
 
 @dataclass(frozen=True)
@@ -96,23 +133,11 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
 
     # --- decode the batch's unique images (one read per image)
     started = time.perf_counter()
-    images: dict[tuple, LoadedImage] = {}
-    failed_images: set[tuple] = set()
-    for item in items:
-        for uri, box, theta in ((item.image_0, item.box_0, item.theta_0), (item.image_1, item.box_1, item.theta_1)):
-            key = (uri, box, theta)
-            if key in images or key in failed_images:
-                continue
-            try:
-                images[key] = load_image(uri, box=box, theta=theta, storage_options=settings.storage_options)
-            except PairXError as error:  # bad input: record, never retry
-                failed_images.add(key)
-                errors.append(_error_row(uri, "load", error, settings.run_id))
-            except Exception as error:
-                if is_transient(error):
-                    raise
-                failed_images.add(key)
-                errors.append(_error_row(uri, "load", error, settings.run_id))
+    wanted = list(dict.fromkeys(
+        key for item in items
+        for key in ((item.image_0, item.box_0, item.theta_0), (item.image_1, item.box_1, item.theta_1))))
+    images, failed_images, load_errors = _load_images(wanted, settings)
+    errors.extend(load_errors)
     summary.seconds["decode"] += time.perf_counter() - started
 
     # --- skip what exists, collect what to compute
@@ -148,6 +173,8 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
         order = list(dict.fromkeys(k for _, k0, k1, _ in todo for k in (k0, k1)))
         position = {key: i for i, key in enumerate(order)}
         tensors = torch.stack([prep.to_tensor(images[key].image) for key in order])
+        if loaded_model.device.type == "cuda":
+            tensors = tensors.pin_memory()  # the engine copies with non_blocking=True
         index = np.array([[position[k0], position[k1]] for _, k0, k1, _ in todo], dtype=np.int64)
         config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget)
         try:

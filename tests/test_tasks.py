@@ -1,0 +1,56 @@
+"""Task helpers without Prefect or Dask: concurrent image loading and its error handling."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from infra.images import ImageError
+from tasks import explain as explain_task
+from tasks.explain import RunSettings, _load_images
+
+SETTINGS = RunSettings(out="memory://unused", model="unused", layers=("l",), run_id="run-1")
+
+
+def _fake_loader(monkeypatch, behaviour):
+    threads = set()
+
+    def load_image(uri, box=None, theta=0.0, storage_options=None):
+        threads.add(threading.get_ident())
+        time.sleep(0.05)
+        outcome = behaviour[uri]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return (uri, box, theta)
+
+    monkeypatch.setattr(explain_task, "load_image", load_image)
+    return threads
+
+
+def test_loads_concurrently_and_records_bad_input(monkeypatch):
+    behaviour = {f"img{i}": "ok" for i in range(8)}
+    behaviour["broken"] = ImageError("broken", "not an image")
+    behaviour["odd"] = ValueError("unexpected decoder failure")
+    threads = _fake_loader(monkeypatch, behaviour)
+    keys = [(uri, None, 0.0) for uri in behaviour]
+    started = time.perf_counter()
+    images, failed, errors = _load_images(keys, SETTINGS)
+    assert time.perf_counter() - started < 0.05 * len(keys) / 2   # reads overlapped
+    assert len(threads) > 1
+    assert set(images) == {k for k in keys if k[0].startswith("img")}
+    assert images[("img3", None, 0.0)] == ("img3", None, 0.0)
+    assert failed == {("broken", None, 0.0), ("odd", None, 0.0)}
+    assert {(e["item"], e["stage"], e["error_type"]) for e in errors} == {
+        ("broken", "load", "ImageError"), ("odd", "load", "ValueError")}
+
+
+def test_transient_errors_raise_for_a_retry(monkeypatch):
+    _fake_loader(monkeypatch, {"ok": "ok", "flaky": ConnectionResetError("reset by peer")})
+    with pytest.raises(ConnectionResetError):
+        _load_images([("ok", None, 0.0), ("flaky", None, 0.0)], SETTINGS)
+
+
+def test_nothing_to_load():
+    assert _load_images([], SETTINGS) == ({}, set(), [])
