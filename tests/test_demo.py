@@ -41,3 +41,7 @@ def test_pairx_demo_end_to_end(tmp_path):
     pairs = read_table(results, "pairs")
     assert len(candidates) == 8 and len(pairs) == 8
     assert set(pairs.viz_uri.map(lambda u: Path(u).name)) == {f"{pairs.layer.iloc[0]}.png"}
+    # the page shows exactly the pictures the pairs table points at
+    assert {str((out / p).resolve()) for p in viz} == {str(Path(u).resolve()) for u in pairs.viz_uri}
+    # PAIR-X's top matches on true pairs land on the true spot more often than random cells
+    assert summary["match_accuracy_top10"] > summary["match_accuracy_random"]
