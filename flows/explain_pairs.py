@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -12,7 +11,7 @@ from prefect import flow, get_run_logger
 from infra.cluster import gpu_annotation, make_task_runner
 from infra.storage import StorageTarget
 from pairx_core.errors import ConfigError
-from tasks.explain import PairItem, derive_pair_id
+from tasks.explain import PairItem, derive_pair_id, parse_angle, parse_box
 from tasks.runtime import model_identity
 
 from . import progress as progress_hooks
@@ -40,21 +39,12 @@ def read_pairs(url: str, image_root: str | None = None, storage_options=None) ->
             uris.append(root.join(value) if root is not None and "://" not in value and not value.startswith("/") else value)
         pair_id = row.get("pair_id")
         pair_id = str(pair_id) if pair_id is not None and not pd.isna(pair_id) else derive_pair_id(*uris)
-        items.append(PairItem(pair_id, uris[0], uris[1], _box(row.get("box_0")), _box(row.get("box_1")),
-                              float(row.get("theta_0") or 0.0), float(row.get("theta_1") or 0.0)))
+        items.append(PairItem(pair_id, uris[0], uris[1], parse_box(row.get("box_0")), parse_box(row.get("box_1")),
+                              parse_angle(row.get("theta_0")), parse_angle(row.get("theta_1"))))
     ids = [item.pair_id for item in items]
     if len(ids) != len(set(ids)):
         raise ConfigError(f"{url}: duplicate pair_id values")
     return items
-
-
-def _box(value) -> tuple[float, float, float, float] | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
-        return None
-    parts = json.loads(value) if isinstance(value, str) and value.strip().startswith("[") else str(value).split()
-    if len(parts) != 4:
-        raise ConfigError(f"a box needs 4 numbers x y w h, got {value!r}")
-    return tuple(float(p) for p in parts)
 
 
 def run_pairs(config, items: list[PairItem], flow_name: str) -> FlowSummary:

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from infra.cluster import make_task_runner
 from infra.tables import read_table
-from tasks.explain import PairItem
+from tasks.explain import PairItem, parse_angle, parse_box
 from tasks.runtime import model_identity
 
 from .config import ReprocessConfig
@@ -23,19 +23,9 @@ def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]
     if config.old_model:
         pairs = pairs[pairs.model_id == config.old_model]
     pairs = pairs[pairs.model_id != new_model_id].drop_duplicates("pair_id")
-    return [PairItem(r.pair_id, r.image_0, r.image_1, _box(r.box_0), _box(r.box_1), _angle(r.theta_0), _angle(r.theta_1))
+    return [PairItem(r.pair_id, r.image_0, r.image_1, parse_box(r.box_0), parse_box(r.box_1),
+                     parse_angle(r.theta_0), parse_angle(r.theta_1))
             for r in pairs.itertuples(index=False)]
-
-
-def _box(value) -> tuple[float, float, float, float] | None:
-    """A recorded crop box (a list, or null in tables written before boxes were recorded)."""
-    if value is None or (not hasattr(value, "__len__") and value != value):
-        return None
-    return tuple(float(v) for v in value)
-
-
-def _angle(value) -> float:
-    return 0.0 if value is None or value != value else float(value)
 
 
 @flow(name="reprocess", log_prints=True)

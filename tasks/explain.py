@@ -7,6 +7,8 @@ Prefect task. Only small summaries travel back through the scheduler.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from infra.keys import existing_output_keys, pair_output_key
 from infra.storage import StorageTarget, is_transient
 from infra.tables import write_table
 from infra.viz import viz_uri, write_png
-from pairx_core import ENGINE_VERSION, ExplainConfig, PairXError, explain_indexed
+from pairx_core import ENGINE_VERSION, ConfigError, ExplainConfig, PairXError, explain_indexed
 from pairx_core.metrics import plausibility
 from pairx_core.render import display_scale, render
 
@@ -41,6 +43,33 @@ class PairItem:
     box_1: tuple[float, float, float, float] | None = None
     theta_0: float = 0.0
     theta_1: float = 0.0
+
+
+def parse_box(value: Any) -> tuple[float, float, float, float] | None:
+    """A crop box ``x, y, w, h`` from a table cell.
+
+    Accepts null / NaN / "" (whole image), ``"x y w h"``, ``"[x, y, w, h]"`` (pairs tables) and a
+    sequence (the ``pairs`` output table's list column).
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        parts = json.loads(value) if value.strip().startswith("[") else value.split()
+    else:
+        parts = list(value)
+    if len(parts) != 4:
+        raise ConfigError(f"a box needs 4 numbers x y w h, got {value!r}")
+    return tuple(float(p) for p in parts)
+
+
+def parse_angle(value: Any) -> float:
+    """A rotation in radians from a table cell; null / NaN / "" mean no rotation."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0.0
+    angle = float(value)
+    return 0.0 if math.isnan(angle) else angle
 
 
 def _box_list(box: tuple[float, float, float, float] | None) -> list[float] | None:

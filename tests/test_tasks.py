@@ -9,7 +9,8 @@ import pytest
 
 from infra.images import ImageError
 from tasks import explain as explain_task
-from tasks.explain import RunSettings, _load_images
+from pairx_core import ConfigError
+from tasks.explain import RunSettings, _load_images, parse_angle, parse_box
 
 SETTINGS = RunSettings(out="memory://unused", model="unused", layers=("l",), run_id="run-1")
 
@@ -54,3 +55,12 @@ def test_transient_errors_raise_for_a_retry(monkeypatch):
 
 def test_nothing_to_load():
     assert _load_images([], SETTINGS) == ({}, set(), [])
+
+
+def test_box_and_angle_cells_from_csv_and_parquet():
+    assert parse_box("8 16 40 32") == parse_box("[8, 16, 40, 32]") == parse_box([8, 16, 40, 32]) == (8, 16, 40, 32)
+    assert parse_box(None) is parse_box(float("nan")) is parse_box("  ") is None
+    with pytest.raises(ConfigError, match="4 numbers"):
+        parse_box("1 2 3")
+    assert parse_angle("0.3") == parse_angle(0.3) == 0.3
+    assert parse_angle(None) == parse_angle(float("nan")) == parse_angle("") == 0.0  # empty CSV cell: no rotation
