@@ -96,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="memory_budget passed to explain (default: the engine's own share of free memory)")
     parser.add_argument("--tf32", action="store_true",
                         help="GPU only: allow TF32 in matmuls and cuDNN convolutions (off: full float32)")
+    parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+                        help="engine layout (auto: channels_last for float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip-reference", action="store_true", help="do not run the reference baseline")
     parser.add_argument("--images", default=None, metavar="DIR",
@@ -379,7 +381,8 @@ class Runner:
         _sync(self.device)
         start = time.perf_counter()
         explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, self.args.k_lines, k_colors,
-                batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats)
+                batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
+                memory_format=self.args.memory_format)
         _sync(self.device)
         return time.perf_counter() - start, stats
 
@@ -567,14 +570,14 @@ def soak(args: argparse.Namespace, model: nn.Module, device: torch.device, size,
     done = 0
     warm_x0, warm_x1, _ = make_pairs(min(batch_size, args.soak), args.shared_gallery, size, dtype, args.seed, photos)
     explain(model, warm_x0, warm_x1, layers, args.k_lines, k_colors, batch_size=batch_size, device=device,
-            memory_budget=memory_budget)  # warm-up, not reported: the first call pays one-off costs
+            memory_budget=memory_budget, memory_format=args.memory_format)  # warm-up, not reported: the first call pays one-off costs
     del warm_x0, warm_x1
     for b in range(n_batches):
         n = min(batch_size, args.soak - done)
         x0, x1, _ = make_pairs(n, args.shared_gallery, size, dtype, args.seed + 1000 + b, photos)
         start = time.perf_counter()
         results = explain(model, x0, x1, layers, args.k_lines, k_colors, batch_size=batch_size, device=device,
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, memory_format=args.memory_format)
         _sync(device)
         seconds = time.perf_counter() - start
         del results, x0, x1
@@ -625,6 +628,7 @@ def _environment(args: argparse.Namespace, device: torch.device, size, dtype) ->
         "engine_version": getattr(pairx_core, "ENGINE_VERSION", None),
         "memory_budget_bytes": int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
         "inputs": f"photos:{args.images}" if args.images else "random_normal",
+        "memory_format": args.memory_format,
     }
     if device.type == "cuda":
         env["tf32"] = bool(args.tf32)

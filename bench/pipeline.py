@@ -95,28 +95,34 @@ def main() -> None:
                  stage_s={k: round(v, 2) for k, v in stages.items()})
 
     # the same work (embed the images, explain the same pairs in the same batches) called directly
-    # in this process with an empty cache: the orchestration-free baseline of the cold run
+    # in this process with an empty cache: the orchestration-free baseline of the cold run.
+    # Measured twice in a row (this machine's speed drifts by ~10 % over minutes); the overheads
+    # use the mean of both.
     pairs = read_table(str(out), "pairs")
     items = [PairItem(r.pair_id, r.image_0, r.image_1) for r in pairs.drop_duplicates("pair_id").itertuples()]
     images = sorted({i.image_0 for i in items} | {i.image_1 for i in items})
-    direct_out = work / "direct"
-    settings = RunSettings(out=str(direct_out), model=args.model, layers=(args.layer,), run_id="direct",
+    settings = RunSettings(out=str(work / "direct"), model=args.model, layers=(args.layer,), run_id="direct",
                            k_colors=args.k_colors, device="cpu")
-    cache_url = str(direct_out / "cache")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))  # as the workers do
     explain_pairs_batch(items[:1], settings)  # warm the model in this process
-    shutil.rmtree(direct_out, ignore_errors=True)
-    started = time.perf_counter()
-    for start in range(0, len(images), 32):
-        embed_images(images[start:start + 32], model=args.model, cache_url=cache_url, layers=[args.layer],
-                     run_id="direct", out=str(direct_out), device="cpu")
-    embed_s = time.perf_counter() - started
-    engine_s = 0.0
-    for start in range(0, len(items), args.batch_pairs):
-        engine_s += explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds["engine"]
-    direct = time.perf_counter() - started
-    direct_explain = direct - embed_s
-    emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2), embed_s=round(embed_s, 2),
+
+    def direct_run() -> tuple[float, float, float]:
+        """Seconds for (embed + explain, explain alone, engine alone), empty cache and outputs."""
+        shutil.rmtree(work / "direct", ignore_errors=True)
+        started = time.perf_counter()
+        for start in range(0, len(images), 32):
+            embed_images(images[start:start + 32], model=args.model, cache_url=str(work / "direct" / "cache"),
+                         layers=[args.layer], run_id="direct", out=str(work / "direct"), device="cpu")
+        embed_done = time.perf_counter()
+        engine = sum(explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds["engine"]
+                     for start in range(0, len(items), args.batch_pairs))
+        finished = time.perf_counter()
+        return finished - started, finished - embed_done, engine
+
+    runs = [direct_run(), direct_run()]
+    direct, direct_explain, engine_s = (sum(values) / len(runs) for values in zip(*runs))
+    emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2),
+         wall_s_each=[round(r[0], 2) for r in runs], explain_s=round(direct_explain, 2),
          engine_s=round(engine_s, 2), pairs_per_s=round(len(items) / direct, 3),
          engine_share=round(engine_s / direct, 3),
          orchestration_overhead_cold=round(flow_seconds["cold"] / direct - 1, 3),

@@ -113,6 +113,94 @@ def test_pass_counts_per_batch(effnet):
     assert all(len(r.layers) == 2 for r in results)
 
 
+class _PassCounter:
+    """Counts, from outside the engine, forwards through ``module`` (and the images they carry)
+    and the backward passes whose gradient reaches the module's output."""
+
+    def __init__(self, module):
+        self.forwards, self.images, self.backwards = 0, 0, 0
+        self.handle = module.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, inputs, output):
+        self.forwards += 1
+        self.images += output.shape[0]
+        if output.requires_grad:
+            output.register_hook(self._on_backward)
+
+    def _on_backward(self, grad):
+        self.backwards += 1
+
+
+@pytest.mark.parametrize("k_colors", [3, 0])
+def test_passes_counted_with_hooks(effnet, k_colors):
+    """One forward per distinct image, one relevance backward that stops at the lowest requested
+    layer, and pixel maps only as backward passes (no extra forward): counted by hooks on the
+    stem (below every layer) and on the block above the highest layer."""
+    query, gallery = random_images(3, seed=21), random_images(1, seed=22)
+    x1 = gallery.expand(3, -1, -1, -1).clone()  # one gallery image shared by three pairs: 4 images
+    layers = ["backbone.blocks.2", "backbone.blocks.3"]
+    explain(effnet, query[:1], x1[:1], layers, k_colors=1)  # the once-per-model layer check runs here
+    stem = _PassCounter(effnet.backbone.conv_stem)
+    above = _PassCounter(effnet.backbone.blocks[4])
+    try:
+        stats = EngineStats()
+        explain(effnet, query, x1, layers, k_colors=k_colors, batch_size=3, stats=stats)
+    finally:
+        stem.handle.remove()
+        above.handle.remove()
+    assert (stem.forwards, stem.images) == (1, 4)  # one forward, each distinct image once
+    assert (above.forwards, above.images) == (1, 4)
+    # relevance: one backward from the embeddings through the upper network; the shared gallery
+    # image takes one seed per pair, carried by the same pass or extra rounds over the same graph
+    assert above.backwards == stats.relevance_backwards >= 1
+    # nothing below the lowest layer runs backward, except the pixel passes
+    assert stem.backwards == stats.pixel_backwards
+    if k_colors:
+        # pass j carries the j-th distinct cell of EVERY image, so per layer there are at most as
+        # many passes as the busiest image has cells: the gallery image, 3 pairs x k_colors (one
+        # pass per image and cell would be 2 layers x (3 x k + 3 x k) = 36 here)
+        assert 1 <= stem.backwards <= 2 * 3 * k_colors
+    else:
+        assert stem.backwards == 0
+
+
+def test_channels_last_same_explanations_and_model_restored():
+    """float32 on CPU runs channels-last by default: same top matches and pixel maps as the
+    contiguous layout, and the model's weights come back in their own layout and values."""
+    model = tiny_timm_efficientnet(dtype=torch.float32)
+    x0, x1 = random_images(3, seed=31).float(), random_images(3, seed=32).float()
+    before = {name: (p.detach().clone(), p.stride()) for name, p in model.named_parameters()}
+    layer = "backbone.blocks.3"
+    plain = explain(model, x0, x1, layer, k_colors=3, batch_size=3, memory_format="contiguous")
+    fast = explain(model, x0, x1, layer, k_colors=3, batch_size=3)  # auto: channels-last here
+    for a, b in zip(plain, fast):
+        la, lb = a.layers[layer], b.layers[layer]
+        assert a.similarity == pytest.approx(b.similarity, abs=1e-5)
+        cells = ["row_0", "col_0", "row_1", "col_1"]
+        assert la.matches[cells].head(10).equals(lb.matches[cells].head(10))
+        # float32 with similarity near 1 (random model): the seed is a difference of nearly equal
+        # vectors, so the maps agree in shape (correlation) and to ~1 % in scale (spec: Numerics)
+        assert np.corrcoef(la.relevance_0.ravel(), lb.relevance_0.ravel())[0, 1] > 0.9999
+        np.testing.assert_allclose(lb.relevance_0, la.relevance_0, rtol=2e-2)
+        for pa, pb in zip(la.pixel_relevance_0, lb.pixel_relevance_0):
+            assert np.corrcoef(pa.ravel(), pb.ravel())[0, 1] > 0.9999
+    for name, parameter in model.named_parameters():
+        assert parameter.stride() == before[name][1], name
+        assert torch.equal(parameter, before[name][0]), name
+
+
+def test_memory_format_auto_choice():
+    from pairx_core.engine import ExplainConfig
+
+    auto = ExplainConfig()
+    assert auto.use_channels_last(torch.device("cpu"), torch.float32)
+    assert not auto.use_channels_last(torch.device("cpu"), torch.float64)
+    assert not auto.use_channels_last(torch.device("cuda"), torch.float32)
+    assert ExplainConfig(memory_format="channels_last").use_channels_last(torch.device("cpu"), torch.float64)
+    with pytest.raises(ConfigError, match="memory_format"):
+        ExplainConfig(memory_format="nhwc")
+
+
 def test_k_colors_zero_skips_pixel_work(effnet):
     x0, x1 = random_images(2, seed=13), random_images(2, seed=14)
     stats = EngineStats()

@@ -50,17 +50,30 @@ def test_tune_allocator_only_acts_under_the_dask_malloc_setting(monkeypatch):
     assert tune_allocator() is sys.platform.startswith("linux")
 
 
-def _worker_malloc_env() -> str | None:
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+def _worker_settings(dask_worker) -> dict:
+    import dask
+
+    return {"malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "config": {key: dask.config.get(key) for key in cluster.QUIET_WORKER_CONFIG},
+            "profiling": "profile" in dask_worker.periodic_callbacks}
 
 
 @pytest.mark.timeout(120)
-def test_local_workers_start_without_the_malloc_trim_setting():
-    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 made the engine 3x slower in workers."""
+def test_local_workers_start_without_the_malloc_trim_setting_and_quiet():
+    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 made the engine 3x slower in workers; its
+    10 ms stack profiler and 20 ms ticks compete with the engine for the GIL."""
+    import dask
     from distributed import Client, LocalCluster
 
-    runner = make_task_runner(workers=1, device="cpu")
-    kwargs = {**runner.cluster_kwargs, "n_workers": 1}
-    with LocalCluster(**kwargs) as local, Client(local) as client:
-        values = client.run(_worker_malloc_env)
-    assert list(values.values()) == [None]
+    dask_defaults = {"distributed.worker.profile.enabled": True, "distributed.admin.tick.interval": "20ms",
+                     "distributed.admin.system-monitor.interval": "500ms",
+                     "distributed.worker.memory.monitor-interval": "100ms"}
+    assert set(dask_defaults) == set(cluster.QUIET_WORKER_CONFIG)
+    with dask.config.set(dask_defaults):  # as if nothing had set them before
+        runner = make_task_runner(workers=1, device="cpu")
+        kwargs = {**runner.cluster_kwargs, "n_workers": 1}
+        with LocalCluster(**kwargs) as local, Client(local) as client:
+            (values,) = client.run(_worker_settings).values()
+    assert values["malloc_trim"] is None
+    assert values["config"] == cluster.QUIET_WORKER_CONFIG
+    assert values["profiling"] is False
