@@ -17,6 +17,7 @@
 #   BENCH_BATCH_SIZES   default 1,4,8,16,32 (pairs per batch; the engine also cuts to the budget)
 #   BENCH_PAIRS         pairs per measurement, default 32
 #   BENCH_TF32          1: allow TF32 (default 0: full float32)
+#   BENCH_MEMORY_FORMAT auto (default: contiguous on GPU), channels_last or contiguous
 
 set -u
 START=$SECONDS
@@ -35,6 +36,7 @@ else
 fi
 TF32_FLAG=""
 if [ "${BENCH_TF32:-0}" = "1" ] && [ "$DEVICE" != "cpu" ]; then TF32_FLAG="--tf32"; fi
+MEMORY_FORMAT="${BENCH_MEMORY_FORMAT:-auto}"
 
 RESULTS="${OUT:-/tmp/pairx_gpu_check}"
 mkdir -p "$RESULTS" 2>/dev/null || RESULTS="$(mktemp -d)"
@@ -95,7 +97,7 @@ run_bench() {  # $1 = k_colors, $2 = time limit (s)
   section "bench k_colors=$1 (limit $2 s)"
   timeout -k 10 "$2" "$PY" bench/engine.py --model "$MODEL" --device "$DEVICE" --layers "$LAYER" \
     --k-colors "$1" --batch-sizes "$BATCH_SIZES" --pairs "$PAIRS" --reference-pairs 2 \
-    --repeats 2 --warmup 1 --memory-budget-gib "$BUDGET" $TF32_FLAG \
+    --repeats 2 --warmup 1 --memory-budget-gib "$BUDGET" --memory-format "$MEMORY_FORMAT" $TF32_FLAG \
     | tee -a "$JSONL"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "k_colors=$1: stopped at the $2 s limit (partial results kept)"; fi
@@ -126,7 +128,7 @@ for line in open(sys.argv[1]):
 if not rows:
     print("no measurements"); sys.exit(1)
 print(f"{rows[0]['model']} on {rows[0]['device_name']} ({rows[0]['dtype']}, {rows[0]['input_size']} px, "
-      f"layers {rows[0]['layers']}, tf32 {rows[0].get('tf32')})")
+      f"layers {rows[0]['layers']}, tf32 {rows[0].get('tf32')}, memory format {rows[0].get('memory_format')})")
 header = f"{'k':>3} {'mode':>9} {'bs':>4} {'pairs':>5} {'s/pair':>8} {'pairs/s':>8} {'x ref':>7} {'x bs1':>7} {'peak GiB':>9} images/batch"
 print(header); print("-" * len(header))
 def fmt(value, spec):

@@ -76,7 +76,7 @@ def main() -> None:
     config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
                            k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
                            workers=args.workers, device="cpu")
-    flow_seconds, explain_seconds = {}, {}
+    flow_seconds, explain_seconds, task_seconds, worker_engine = {}, {}, {}, {}
     with prefect_api():
         for label in ("cold", "warm_cache", "rerun"):
             if label == "warm_cache":  # keep the activation cache, drop the results
@@ -89,6 +89,7 @@ def main() -> None:
             explain_seconds[label] = summary.get("explain_seconds", 0.0)
             stages = summary.get("stage_seconds", {})
             busy = sum(stages.values()) or 1.0
+            task_seconds[label], worker_engine[label] = sum(stages.values()), stages.get("engine", 0.0)
             emit(run=label, pairs=summary["done"], skipped=summary["skipped"], wall_s=round(wall, 2),
                  flow_s=summary["seconds"], pairs_per_s=round(summary["done"] / wall, 3) if summary["done"] else None,
                  stage_share={k: round(v / busy, 3) for k, v in stages.items()},
@@ -106,21 +107,24 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))  # as the workers do
     explain_pairs_batch(items[:1], settings)  # warm the model in this process
 
-    def direct_run() -> tuple[float, float, float]:
-        """Seconds for (embed + explain, explain alone, engine alone), empty cache and outputs."""
+    def direct_run() -> tuple[float, float, float, float]:
+        """Seconds for (embed + explain, explain alone, engine alone, timed stages of the explain
+        batches), empty cache and outputs."""
         shutil.rmtree(work / "direct", ignore_errors=True)
         started = time.perf_counter()
         for start in range(0, len(images), 32):
             embed_images(images[start:start + 32], model=args.model, cache_url=str(work / "direct" / "cache"),
                          layers=[args.layer], run_id="direct", out=str(work / "direct"), device="cpu")
         embed_done = time.perf_counter()
-        engine = sum(explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds["engine"]
-                     for start in range(0, len(items), args.batch_pairs))
+        stages = [explain_pairs_batch(items[start:start + args.batch_pairs], settings).seconds
+                  for start in range(0, len(items), args.batch_pairs)]
         finished = time.perf_counter()
-        return finished - started, finished - embed_done, engine
+        return (finished - started, finished - embed_done, sum(s["engine"] for s in stages),
+                sum(sum(s.values()) for s in stages))
 
     runs = [direct_run(), direct_run()]
-    direct, direct_explain, engine_s = (sum(values) / len(runs) for values in zip(*runs))
+    direct, direct_explain, engine_s, direct_stages = (sum(values) / len(runs) for values in zip(*runs))
+    direct_untimed = direct_explain - direct_stages  # the loop, key and row building outside the stages
     emit(run="direct_tasks", pairs=len(items), wall_s=round(direct, 2),
          wall_s_each=[round(r[0], 2) for r in runs], explain_s=round(direct_explain, 2),
          engine_s=round(engine_s, 2), pairs_per_s=round(len(items) / direct, 3),
@@ -130,7 +134,17 @@ def main() -> None:
          # the explain fan-out alone: per-batch cost of Prefect tasks on Dask, without the
          # once-per-run worker start, model load and cluster teardown
          explain_overhead_cold=round(explain_seconds["cold"] / direct_explain - 1, 3),
-         explain_overhead_warm_cache=round(explain_seconds["warm_cache"] / direct_explain - 1, 3))
+         explain_overhead_warm_cache=round(explain_seconds["warm_cache"] / direct_explain - 1, 3),
+         # split of that overhead: (1) the fan-out's time outside the timed stages (decode, engine,
+         # render, write) of the task bodies, less the same untimed share of the direct calls:
+         # submission, scheduling, Prefect task-run bookkeeping, result transfer; as a share of the
+         # direct explain time; (2) the engine's speed inside the worker against this process
+         orchestration_gap_cold=round(
+             (explain_seconds["cold"] - task_seconds["cold"] - direct_untimed) / direct_explain, 3),
+         orchestration_gap_warm_cache=round(
+             (explain_seconds["warm_cache"] - task_seconds["warm_cache"] - direct_untimed) / direct_explain, 3),
+         worker_engine_vs_direct_cold=round(worker_engine["cold"] / engine_s, 3),
+         worker_engine_vs_direct_warm_cache=round(worker_engine["warm_cache"] / engine_s, 3))
     shutil.rmtree(work, ignore_errors=True)
 
 
