@@ -44,7 +44,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, get_args
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script from anywhere
@@ -55,6 +55,7 @@ from torch import nn  # noqa: E402
 
 import pairx_core  # noqa: E402
 from pairx_core import EngineStats, explain  # noqa: E402
+from pairx_core.engine import MemoryFormat  # noqa: E402
 from pairx_core import reference as reference_module  # noqa: E402
 from pairx_core.models import load_model  # noqa: E402
 
@@ -96,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="memory_budget passed to explain (default: the engine's own share of free memory)")
     parser.add_argument("--tf32", action="store_true",
                         help="GPU only: allow TF32 in matmuls and cuDNN convolutions (off: full float32)")
-    parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default="auto",
+    parser.add_argument("--memory-format", choices=get_args(MemoryFormat), default="auto",
                         help="engine layout (auto: channels_last for float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip-reference", action="store_true", help="do not run the reference baseline")

@@ -88,8 +88,8 @@ def main() -> None:
             flow_seconds[label] = summary["seconds"]
             explain_seconds[label] = summary.get("explain_seconds", 0.0)
             stages = summary.get("stage_seconds", {})
-            busy = sum(stages.values()) or 1.0
             task_seconds[label], worker_engine[label] = sum(stages.values()), stages.get("engine", 0.0)
+            busy = task_seconds[label] or 1.0
             emit(run=label, pairs=summary["done"], skipped=summary["skipped"], wall_s=round(wall, 2),
                  flow_s=summary["seconds"], pairs_per_s=round(summary["done"] / wall, 3) if summary["done"] else None,
                  stage_share={k: round(v / busy, 3) for k, v in stages.items()},

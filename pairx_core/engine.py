@@ -25,7 +25,7 @@ import hashlib
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -87,8 +87,8 @@ class ExplainConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ConfigError(f"memory_budget must be > 0 bytes, got {self.memory_budget}")
-        if self.memory_format not in ("auto", "channels_last", "contiguous"):
-            raise ConfigError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
+        if self.memory_format not in get_args(MemoryFormat):
+            raise ConfigError(f"memory_format must be one of {get_args(MemoryFormat)}, got {self.memory_format!r}")
 
     def use_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether a call on ``device`` with ``dtype`` runs channels-last."""
@@ -220,14 +220,13 @@ def explain_indexed(
     composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
 
     results: list[PairExplanation | None] = [None] * len(pair_array)
-    channels_last = config.use_channels_last(target, images.dtype)
-    with _prepared_model(model, target, channels_last=channels_last):
+    with _prepared_model(model, target, channels_last=config.use_channels_last(target, images.dtype)):
         plan = _layer_plan(model, images[:1].to(target), layer_names)
         max_images = _max_images_per_batch(model, images[:1].to(target), config, target)
         done = 0
         for batch_pairs in _plan_batches(pair_array, config.batch_size, max_images):
             batch_results = _explain_batch(
-                model, composite, images, pair_array[batch_pairs], plan, config, target, stats, channels_last
+                model, composite, images, pair_array[batch_pairs], plan, config, target, stats
             )
             for position, result in zip(batch_pairs, batch_results):
                 result.index = int(position)
@@ -522,14 +521,13 @@ def _explain_batch(
     config: ExplainConfig,
     device: torch.device,
     stats: EngineStats,
-    channels_last: bool = False,
 ) -> list[PairExplanation]:
     """Explain one batch of pairs (indices into ``images``) with a single forward pass."""
     unique_ids, local = np.unique(pairs.reshape(-1), return_inverse=True)
     local_pairs = local.reshape(-1, 2)
     need_pixels = config.k_colors > 0
     x = images[torch.as_tensor(unique_ids)].to(device, non_blocking=True)
-    if channels_last:
+    if config.use_channels_last(device, x.dtype):  # the model's weights were switched alike
         x = x.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -171,8 +171,18 @@ def test_channels_last_same_explanations_and_model_restored():
     x0, x1 = random_images(3, seed=31).float(), random_images(3, seed=32).float()
     before = {name: (p.detach().clone(), p.stride()) for name, p in model.named_parameters()}
     layer = "backbone.blocks.3"
-    plain = explain(model, x0, x1, layer, k_colors=3, batch_size=3, memory_format="contiguous")
-    fast = explain(model, x0, x1, layer, k_colors=3, batch_size=3)  # auto: channels-last here
+    layouts = []  # whether the stem saw channels-last input and weights, per forward
+    stem = model.backbone.conv_stem
+    handle = stem.register_forward_pre_hook(lambda module, args: layouts.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last) and args[0].stride(1) == 1,
+         module.weight.is_contiguous(memory_format=torch.channels_last))))
+    try:
+        plain = explain(model, x0, x1, layer, k_colors=3, batch_size=3, memory_format="contiguous")
+        plain_layouts, layouts[:] = layouts[:], []
+        fast = explain(model, x0, x1, layer, k_colors=3, batch_size=3)  # auto: channels-last here
+    finally:
+        handle.remove()
+    assert plain_layouts[-1] == (False, False) and layouts[-1] == (True, True)
     for a, b in zip(plain, fast):
         la, lb = a.layers[layer], b.layers[layer]
         assert a.similarity == pytest.approx(b.similarity, abs=1e-5)
