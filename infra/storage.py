@@ -208,10 +208,14 @@ def storage_errors(uri: str) -> Iterator[None]:
     except Exception as exc:
         if is_transient(exc) or not _maps_to_storage_error(exc):
             raise
-        if isinstance(exc, FileNotFoundError):
-            reason = "not found"
+        if _error_code(exc) == "NoSuchBucket" or "bucket does not exist" in str(exc).lower():
+            reason = f"the bucket does not exist ({exc})"
+        elif isinstance(exc, FileNotFoundError):
+            reason = f"not found ({exc})" if str(exc) and str(exc) != uri else "not found"
         elif isinstance(exc, PermissionError):
-            reason = f"permission denied ({exc})"
+            reason = f"permission denied: read-only or not yours ({exc})"
+        elif isinstance(exc, NotADirectoryError):
+            reason = f"a part of the path is a file, not a folder ({exc})"
         else:
             reason = f"{type(exc).__name__}: {exc}"
         raise StorageError(uri, reason) from exc

@@ -8,11 +8,28 @@ failure.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+
+def _rebuild(cls: type, args: tuple, state: dict[str, Any]) -> "PairXError":
+    """Unpickle a :class:`PairXError` without calling the subclass's ``__init__``."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class PairXError(Exception):
-    """Base class of every error raised on purpose by pairx-pipeline."""
+    """Base class of every error raised on purpose by pairx-pipeline.
+
+    Every subclass survives pickling with its fields and message (``__reduce__`` below), so an
+    error raised in a Dask worker reaches the client as itself. Python's default reduction would
+    call ``__init__(*args)`` with the formatted message only, which fails for subclasses whose
+    ``__init__`` takes several fields.
+    """
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class ConfigError(PairXError, ValueError):
