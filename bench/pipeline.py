@@ -67,7 +67,7 @@ def main() -> None:
 
     from flows.cli import prefect_api
     from flows.config import NightlyConfig
-    from flows.nightly import run_nightly
+    from flows.nightly import nightly
     from infra.tables import read_table
     from tasks.embed import embed_images
     from tasks.explain import PairItem, RunSettings, explain_pairs_batch
@@ -75,7 +75,7 @@ def main() -> None:
     out = work / "out"
     config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
                            k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
-                           workers=args.workers, device="cpu")
+                           workers=args.workers, device="cpu", allow_random_weights=True)
     flow_seconds, explain_seconds, task_seconds, worker_engine = {}, {}, {}, {}
     with prefect_api():
         for label in ("cold", "warm_cache", "rerun"):
@@ -83,7 +83,7 @@ def main() -> None:
                 for sub in ("tables", "viz"):
                     shutil.rmtree(out / sub, ignore_errors=True)
             started = time.perf_counter()
-            summary = run_nightly(config)
+            summary = nightly(config)
             wall = time.perf_counter() - started
             flow_seconds[label] = summary["seconds"]
             explain_seconds[label] = summary.get("explain_seconds", 0.0)

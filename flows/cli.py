@@ -1,56 +1,227 @@
-"""The ``pairx`` command line: explain, nightly, reprocess (and demo).
+"""The ``pairx`` command line: explain, nightly, reprocess, demo, layers.
 
-Prefect runs against ``PREFECT_API_URL`` when it is set; otherwise the CLI starts a temporary
-local Prefect server for the run (SQLite under ``PREFECT_HOME``), gives its URL to the Dask
-workers, and stops it at the end. Analytics are off. Exit code 1 if any item failed.
+Order of work for a run: options and inputs are checked first (missing folders, broken pairs
+tables, unknown models or layers, random weights: exit code 2 with one line, in seconds), then
+the Prefect API is found (``PREFECT_API_URL``) or a temporary local server is started (it dies
+with this process, even on SIGKILL), then the flow runs on its Dask cluster.
+
+Exit codes: 0 done, 1 some items failed or the run stopped on an error, 2 bad input or options,
+130 interrupted (Ctrl-C, SIGTERM). Third-party INFO logs (Dask, Prefect internals) are hidden
+unless ``--log-level INFO``; ``--debug`` adds tracebacks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import time
 from typing import Iterator, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PAIR-X explanations of animal re-identification matches, at pipeline scale.")
 
-MODEL_HELP = "model spec: timm:<arch>?size=N, miewid?weights=URL, hf://conservationxlabs/miewid-msv2, demo, ..."
+MODEL_HELP = ("model spec: miewid?weights=URL, hf://conservationxlabs/miewid-msv2, timm:<arch>?weights=FILE, "
+              "torchvision:<arch>, python:<module>:<factory>, demo")
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def _storage_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        options[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
-    return options
+class _State:
+    log_level: str = "WARNING"
+    debug: bool = False
+
+
+STATE = _State()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"pairx {version('pairx-pipeline')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            typer.echo("pairx (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+    log_level: str = typer.Option("WARNING", "--log-level", help="log level of Prefect and Dask (INFO shows all)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors"),
+) -> None:
+    """PAIR-X explanations of animal re-identification matches, at pipeline scale."""
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise typer.BadParameter(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    STATE.log_level, STATE.debug = level, debug
+    _quiet_logs(level)
+
+
+def _quiet_logs(level: str) -> None:
+    """Third-party logs at ``level`` in this process and in the Dask workers it starts."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_LOGGING_LEVEL"] = level
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
+    for name in ("distributed", "prefect", "httpx", "asyncio", "fsspec", "s3fs", "botocore"):
+        logging.getLogger(name).setLevel(level)
+
+
+# ------------------------------------------------------------------------------ errors and exits
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Known errors become one line and an exit code; tracebacks only with ``--debug``."""
+    from pydantic import ValidationError
+
+    from pairx_core.errors import PairXError
+
+    from .outcome import ItemsFailedError
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ItemsFailedError:
+        raise
+    except ValidationError as error:
+        if STATE.debug:
+            raise
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        fail(problems)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the run is recorded as cancelled; rerun the same command to continue", err=True)
+        raise typer.Exit(code=EXIT_INTERRUPTED)
+    except PairXError as error:
+        if STATE.debug:
+            raise
+        fail(str(error), code=EXIT_FAILED)
+
+
+def _preflight_error(error: BaseException) -> None:
+    """Bad input found before the run: exit code 2."""
+    from pydantic import ValidationError
+
+    if STATE.debug:
+        raise error
+    if isinstance(error, ValidationError):
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
+    fail(str(error))
+
+
+# ------------------------------------------------------------------------------ Prefect API
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the temporary server gets SIGTERM when the CLI dies, however it dies (SIGKILL too)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _temporary_server():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class OwnedServer(SubprocessASGIServer):
+        """Prefect's temporary server as a child that cannot outlive this process."""
+
+        def _run_uvicorn_command(self):
+            import subprocess
+
+            original = subprocess.Popen
+
+            def popen(*args, **kwargs):
+                return original(*args, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                                **kwargs)
+
+            subprocess.Popen = popen
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = original
+
+    return OwnedServer()
+
+
+class TemporaryAPI:
+    """Prefect's API for this command: ``PREFECT_API_URL`` if set, else a temporary local server.
+
+    :meth:`start_soon` starts the server in a background thread, so that its start-up (several
+    seconds) overlaps with loading torch and the model; entering waits for it.
+    """
+
+    def __init__(self) -> None:
+        self.server = None
+        self.thread = None
+        self.error: BaseException | None = None
+
+    @property
+    def needed(self) -> bool:
+        return not os.environ.get("PREFECT_API_URL")
+
+    def start_soon(self) -> "TemporaryAPI":
+        import threading
+
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        if self.needed and self.thread is None:
+            self.server = _temporary_server()
+
+            def start() -> None:
+                try:
+                    self.server.start(timeout=90)
+                except BaseException as error:  # noqa: BLE001 - reported when entered
+                    self.error = error
+
+            self.thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if not self.needed and self.server is None:
+            yield
+            return
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self.start_soon()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        os.environ["PREFECT_API_URL"] = self.server.api_url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
+                yield
+        finally:
+            _flush_logs()
+            os.environ.pop("PREFECT_API_URL", None)
+            self.stop()
 
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[None]:
     """Use PREFECT_API_URL if set, else a temporary local server shared with the workers."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if os.environ.get("PREFECT_API_URL"):
+    with TemporaryAPI().active():
         yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer()
-    server.start(timeout=60)
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        _flush_logs()
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
 
 
 def _flush_logs() -> None:
@@ -70,71 +241,195 @@ def _flush_logs() -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[None]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: recorded as cancelled, server and cluster stopped."""
+    from .outcome import RunTerminated
 
-    from . import progress as hooks
+    def handler(signum, frame):
+        raise RunTerminated("SIGTERM")
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False, disable=not sys.stderr.isatty()) as bar:
-        task_id = bar.add_task(label, total=None)
-        hooks.set_callback(lambda done, total: bar.update(task_id, completed=done, total=total))
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def storage_credentials(pairs: list[str]) -> Iterator[None]:
+    """``--storage-option`` values reach every process through the environment, never a config."""
+    from infra.storage import STORAGE_OPTIONS_ENV
+
+    if not pairs:
+        yield
+        return
+    options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
+    previous = os.environ.get(STORAGE_OPTIONS_ENV)
+    os.environ[STORAGE_OPTIONS_ENV] = json.dumps(options)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(STORAGE_OPTIONS_ENV, None)
+        else:
+            os.environ[STORAGE_OPTIONS_ENV] = previous
+
+
+# ------------------------------------------------------------------------------ progress and summary
+@contextlib.contextmanager
+def progress_display(enabled: bool) -> Iterator[None]:
+    """A progress bar on stderr (TTY only) fed by the flows' progress notifications.
+
+    Log handlers that write to stderr are pointed at the bar's console while it runs, so that log
+    lines appear above the bar instead of over it.
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from .outcome import listen
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  disable=not (enabled and sys.stderr.isatty()), redirect_stderr=True) as bar:
+        task_id = bar.add_task("starting", total=None, rate="")
+        started = time.perf_counter()
+
+        def update(summary) -> None:
+            planned = summary.planned.get("pairs_planned")
+            finished = summary.done + summary.skipped + summary.failed
+            rate = summary.done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task_id, description="pairs" if planned is not None else "preparing",
+                       completed=finished, total=planned, rate=f"{rate:.2f} pairs/s" if summary.done else "")
+
+        moved = _point_log_handlers(sys.stderr)
         try:
-            yield
+            with listen(update):
+                yield
         finally:
-            hooks.set_callback(None)
+            for handler, stream in moved:
+                handler.setStream(stream)
 
 
-def _finish(summary: dict) -> None:
-    typer.echo(json.dumps(summary, indent=2))
-    if summary.get("failed"):
-        typer.echo(f"{summary['failed']} item(s) failed: see the errors table", err=True)
-        raise typer.Exit(code=1)
+def _point_log_handlers(stream) -> list[tuple[logging.StreamHandler, object]]:
+    moved = []
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
+                moved.append((handler, handler.setStream(stream)))
+    return moved
 
 
-def _common(**kwargs) -> dict:
-    layers = kwargs.pop("layers")
-    storage = kwargs.pop("storage_option")
-    values = {k: v for k, v in kwargs.items() if v is not None}
-    if layers:
-        values["layers"] = [name for item in layers for name in item.split(",") if name]
-    values["storage_options"] = _storage_options(storage or [])
-    return values
+def human_summary(flow: str, summary: dict, out: str) -> str:
+    done, skipped, failed = summary.get("done", 0), summary.get("skipped", 0), summary.get("failed", 0)
+    seconds = summary.get("seconds") or 0.0
+    rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
+    lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
+             f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
+    lines.append(f"tables: {out}/tables   pictures: {out}/viz")
+    if summary.get("report"):
+        lines.append(f"review page: {summary['report']}")
+    if failed:
+        lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
+    return "\n".join(lines)
 
 
+def run_command(flow: str, config, entry_module: str, json_output: bool) -> None:
+    """Check inputs, start the API, run the entry flow, print the summary, exit with its code.
+
+    The entry flow's module (Prefect, torch, ...) is imported only after the cheap checks passed.
+    """
+    from importlib import import_module
+
+    from .outcome import ItemsFailedError
+    from .preflight import check_inputs, check_model_spec, resolve_model
+
+    api = TemporaryAPI()
+    try:
+        plan = check_inputs(flow, config)
+        typer.echo(plan.describe(config), err=True)
+        check_model_spec(config.model, config.allow_random_weights)
+        api.start_soon()  # the server starts while torch and the model load
+        resolve_model(config)
+    except Exception as error:  # noqa: BLE001 - any problem found here is the input's
+        api.stop()
+        _preflight_error(error)
+    entry = getattr(import_module(f"flows.{entry_module}"), flow)
+    failed = False
+    with reported_errors(), sigterm_as_interrupt():
+        with api.active(), progress_display(not json_output):
+            try:
+                summary = entry(config)
+            except ItemsFailedError as error:
+                summary, failed = error.summary, True
+    typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
+    if failed:
+        raise typer.Exit(code=EXIT_FAILED)
+
+
+# ------------------------------------------------------------------------------ options
 Out = typer.Option(..., "--out", help="output root: folder or URL (s3://bucket/prefix)")
-Model = typer.Option(None, "--model", help=MODEL_HELP)
-Layers = typer.Option(None, "--layers", help="layer name(s), comma-separated or repeated (default backbone.blocks.3)")
+Model = typer.Option(..., "--model", help=MODEL_HELP)
+Layers = typer.Option(None, "--layers", help="layer name(s), comma-separated or repeated (default: the model "
+                                             "family's default; see `pairx layers --model SPEC`)")
 KLines = typer.Option(None, "--k-lines", help="matches drawn as lines (default 20)")
 KColors = typer.Option(None, "--k-colors", help="matches drawn as colour regions; 0 skips pixel relevance (default 10)")
 Cache = typer.Option(None, "--cache", help="activation cache URL (default OUT/cache)")
 Cluster = typer.Option(None, "--cluster", help="existing Dask scheduler, e.g. tcp://host:8786 (default: LocalCluster)")
-Workers = typer.Option(None, "--workers", help="LocalCluster workers (default: one per GPU, else 1)")
+Workers = typer.Option(None, "--workers", help="LocalCluster workers (default: one per GPU, else 1; 0: no Dask, "
+                                               "tasks run in this process)")
 BatchPairs = typer.Option(None, "--batch-pairs", help="pairs per task batch (default 8)")
 Device = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)")
-StorageOpt = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for every URL (repeatable)")
+StorageOpt = typer.Option(None, "--storage-option",
+                          help="fsspec option KEY=VALUE for remote URLs, e.g. key=... secret=... (repeatable); "
+                               "passed to every process through the environment, never stored")
+AllowRandom = typer.Option(False, "--allow-random-weights",
+                           help="run a model spec that has no weights (random initialisation; for tests only)")
+JsonOut = typer.Option(False, "--json", help="print the machine-readable summary (JSON) instead of the human one")
+
+
+def _common(**kwargs) -> dict:
+    layers = kwargs.pop("layers")
+    values = {k: v for k, v in kwargs.items() if v is not None}
+    if layers:
+        values["layers"] = [name for item in layers for name in item.split(",") if name]
+    return values
+
+
+def _config(cls, **values):
+    try:
+        return cls(**values)
+    except Exception as error:  # noqa: BLE001 - pydantic's ValidationError: one line, exit 2
+        _preflight_error(error)
 
 
 @app.command("explain")
 def explain_cmd(
     pairs: str = typer.Argument(..., help="pairs table (CSV/Parquet) with image_0, image_1[, pair_id, box_0, box_1]"),
     out: str = Out,
+    model: str = Model,
     image_root: Optional[str] = typer.Option(None, "--image-root", help="prefix for relative image paths"),
-    model: Optional[str] = Model, layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
+    layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
-    storage_option: Optional[list[str]] = StorageOpt,
+    storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
+    json_output: bool = JsonOut,
 ) -> None:
     """Explain every pair of a pairs table; write pictures and Parquet tables under OUT."""
     from .config import ExplainPairsConfig
-    from .explain_pairs import run_explain_pairs
-
-    config = ExplainPairsConfig(pairs=pairs, image_root=image_root, **_common(
-        out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
-        workers=workers, batch_pairs=batch_pairs, device=device, storage_option=storage_option))
-    with prefect_api(), progress_bar("pairs"):
-        summary = run_explain_pairs(config)
-    _finish(summary)
+    with storage_credentials(storage_option or []):
+        config = _config(ExplainPairsConfig, pairs=pairs, image_root=image_root, **_common(
+            out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
+            workers=workers, batch_pairs=batch_pairs, device=device, allow_random_weights=allow_random_weights))
+        run_command("explain_pairs", config, "explain_pairs", json_output)
 
 
 @app.command("nightly")
@@ -142,27 +437,24 @@ def nightly_cmd(
     uploads: str = typer.Option(..., "--uploads", help="folder/URL of new photos (recursive)"),
     gallery: str = typer.Option(..., "--gallery", help="gallery: one folder per individual, or manifest CSV image,individual"),
     out: str = Out,
+    model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
-    model: Optional[str] = Model, layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
+    layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
-    storage_option: Optional[list[str]] = StorageOpt,
+    storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="retry uploads that failed to load on an earlier night (default: skip them)"),
+    json_output: bool = JsonOut,
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
-    from .nightly import run_nightly
-
-    values = _common(out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache,
-                     cluster=cluster, workers=workers, batch_pairs=batch_pairs, device=device,
-                     storage_option=storage_option)
-    if top_k is not None:
-        values["top_k"] = top_k
-    config = NightlyConfig(uploads=uploads, gallery=gallery, retry_failed=retry_failed, **values)
-    with prefect_api(), progress_bar("pairs"):
-        summary = run_nightly(config)
-    _finish(summary)
+    with storage_credentials(storage_option or []):
+        config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed, **_common(
+            out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
+            workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k,
+            allow_random_weights=allow_random_weights))
+        run_command("nightly", config, "nightly", json_output)
 
 
 @app.command("reprocess")
@@ -173,18 +465,41 @@ def reprocess_cmd(
     layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines, k_colors: Optional[int] = KColors,
     cache: Optional[str] = Cache, cluster: Optional[str] = Cluster, workers: Optional[int] = Workers,
     batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
-    storage_option: Optional[list[str]] = StorageOpt,
+    storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
+    json_output: bool = JsonOut,
 ) -> None:
     """Re-explain every pair recorded under OUT with a new model (old partitions stay untouched)."""
     from .config import ReprocessConfig
-    from .reprocess import run_reprocess
+    with storage_credentials(storage_option or []):
+        config = _config(ReprocessConfig, old_model=old_model, **_common(
+            out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
+            workers=workers, batch_pairs=batch_pairs, device=device, allow_random_weights=allow_random_weights))
+        run_command("reprocess", config, "reprocess", json_output)
 
-    config = ReprocessConfig(old_model=old_model, **_common(
-        out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
-        workers=workers, batch_pairs=batch_pairs, device=device, storage_option=storage_option))
-    with prefect_api(), progress_bar("pairs"):
-        summary = run_reprocess(config)
-    _finish(summary)
+
+@app.command("layers")
+def layers_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    allow_random_weights: bool = typer.Option(True, "--allow-random-weights/--weights-required",
+                                              help="list the layers of a spec without weights too (default)"),
+) -> None:
+    """List the layers of a model that PAIR-X can explain, with feature-map shapes; * marks the default."""
+    try:
+        from pairx_core.layers import list_layers
+        from tasks.runtime import get_model
+
+        from .preflight import check_model_spec
+
+        check_model_spec(model, allow_random_weights)
+        loaded = get_model(model, "cpu")
+        infos = list_layers(loaded.model, tuple(loaded.preprocessing.size))
+    except Exception as error:  # noqa: BLE001
+        _preflight_error(error)
+    size = "x".join(map(str, loaded.preprocessing.size))
+    typer.echo(f"layers of {model} at {size} px (C x h x w); * = default")
+    for info in infos:
+        shape = " x ".join(map(str, info.shape))
+        typer.echo(f"{'*' if info.is_default else ' '} {info.name:<40} {shape}")
 
 
 @app.command("demo")
@@ -193,25 +508,39 @@ def demo_cmd(
     individuals: int = typer.Option(12, "--individuals", help="synthetic individuals in the gallery"),
     top_k: int = typer.Option(3, "--top-k", help="candidates explained per upload"),
     workers: Optional[int] = Workers,
+    json_output: bool = JsonOut,
 ) -> None:
     """Generate a gallery and a night of synthetic uploads, run the real nightly flow with the
     embedded demo model, score it against the ground truth and write index.html."""
     from pathlib import Path
 
+    from .outcome import ItemsFailedError
+
+    folder = Path(out).resolve()
+    typer.echo(f"demo: {individuals} synthetic individuals, top-{top_k}, output {folder}", err=True)
+    api = TemporaryAPI().start_soon()  # starts while torch and the demo's photos load
     from .demo import DemoSettings, run_demo
 
-    settings = DemoSettings(out=Path(out).resolve(), individuals=individuals, top_k=top_k, workers=workers)
-    with prefect_api(), progress_bar("pairs"):
-        summary = run_demo(settings)
-    typer.echo(json.dumps(summary, indent=2))
-    typer.echo(
-        f"\nExplained {summary['done']} pairs in {summary['seconds_total']} s; top-1 retrieval "
-        f"{summary['top1_accuracy']:.0%}; PAIR-X top-10 matches on the true spot "
-        f"{summary['match_accuracy_top10']:.0%} (random cells: {summary['match_accuracy_random']:.0%}).\n"
-        f"Open {summary['index_html']} in a browser; tables: {summary['tables']}; pictures: {summary['pictures']}"
-    )
-    if summary.get("failed"):
-        raise typer.Exit(code=1)
+    settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
+    failed = False
+    with reported_errors(), sigterm_as_interrupt():
+        with api.active(), progress_display(not json_output):
+            try:
+                summary = run_demo(settings)
+            except ItemsFailedError as error:
+                summary, failed = error.summary, True
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    elif "top1_accuracy" in summary:
+        typer.echo(
+            f"Explained {summary['done']} pairs in {summary['seconds_total']} s; top-1 retrieval "
+            f"{summary['top1_accuracy']:.0%}; PAIR-X top-10 matches on the true spot "
+            f"{summary['match_accuracy_top10']:.0%} (random cells: {summary['match_accuracy_random']:.0%}).\n"
+            f"Open {summary['index_html']} in a browser; tables: {summary['tables']}; pictures: {summary['pictures']}")
+    else:
+        typer.echo(human_summary("demo", summary, str(settings.out / "results")))
+    if failed:
+        raise typer.Exit(code=EXIT_FAILED)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,23 +1,47 @@
-"""Shared flow plumbing: run ids, batching, summaries, the runs table."""
+"""Shared flow plumbing: the recorded run around every flow, batching, summaries, the runs table.
+
+Every flow has two parts:
+
+- the *entry flow* (``nightly``, ``explain_pairs``, ``reprocess``): what the CLI calls and what a
+  deployment's entrypoint names. It builds the Dask task runner from the config
+  (:func:`task_runner_for`, the one place that decides it), runs the work flow on it as a
+  subflow, and records the run whatever happens (:func:`run_recorded`);
+- the *work flow* (``nightly-work``, ...): the fan-out itself, on that runner.
+
+Outcome (see the README's "Operations"): a run whose items all succeeded is ``Completed``; a run
+with failed items ends ``Failed`` with :class:`ItemsFailedError` (counts and where the errors
+are); an exception, Ctrl-C or SIGTERM ends it ``Crashed``/``Cancelled``. In every case a ``runs``
+row is written with ``status`` completed / failed / crashed / cancelled and the counts so far.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
-from infra.tables import write_table
+from infra.cluster import make_task_runner
+from infra.tables import ensure_table, table_url, write_table
 from tasks.explain import BatchSummary, PairItem, RunSettings, explain_batch_task
+
+from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
+
+logger = logging.getLogger("pairx.flows")
+
+#: model_id partition for runs that ended before their model was known
+UNRESOLVED_MODEL = "unresolved"
 
 
 @dataclass
 class FlowSummary:
     run_id: str
-    model_id: str
+    model_id: str = UNRESOLVED_MODEL
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -27,6 +51,14 @@ class FlowSummary:
     explain_seconds: float = 0.0
     irm: dict[str, float] = field(default_factory=dict)
     workers: set[str] = field(default_factory=set)
+    status: str = "running"
+    error: str | None = None
+    #: what the run will do (set by the work flow as soon as it knows; drives the CLI's progress)
+    planned: dict[str, Any] = field(default_factory=dict)
+    #: model facts for the runs table (spec as typed without credentials, digest, random weights)
+    model_facts: dict[str, Any] = field(default_factory=dict)
+    #: activation cache: images found, computed, and damaged entries recomputed
+    cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "damaged": 0})
 
     @property
     def ok(self) -> bool:
@@ -42,10 +74,12 @@ class FlowSummary:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def as_dict(self) -> dict:
-        return {"run_id": self.run_id, "model_id": self.model_id, "done": self.done, "skipped": self.skipped,
-                "failed": self.failed, "seconds": round(self.seconds, 3),
+        return {"run_id": self.run_id, "model_id": self.model_id, "status": self.status, "done": self.done,
+                "skipped": self.skipped, "failed": self.failed, "seconds": round(self.seconds, 3),
                 "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
-                "explain_seconds": round(self.explain_seconds, 3)}
+                "explain_seconds": round(self.explain_seconds, 3), "workers": sorted(self.workers),
+                "cache": dict(self.cache),
+                **({"error": self.error} if self.error else {}), **self.planned}
 
 
 def new_run_id() -> str:
@@ -56,37 +90,141 @@ def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+def task_runner_for(config):
+    """The Dask task runner a config asks for: ``cluster`` address, else a LocalCluster of ``workers``."""
+    return make_task_runner(config.cluster, config.workers, config.device)
+
+
+# ------------------------------------------------------------------------------ active runs
+_ACTIVE: dict[str, FlowSummary] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+def active_summary(run_id: str) -> FlowSummary:
+    """The summary of a run in progress in this process (the work flow adds to it)."""
+    with _ACTIVE_LOCK:
+        return _ACTIVE[run_id]
+
+
+def _status_of(error: BaseException) -> str:
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(error, (KeyboardInterrupt, TerminationSignal)):
+        return "cancelled"
+    return "crashed"
+
+
+def run_recorded(flow_name: str, config, work_flow) -> dict:
+    """Run ``work_flow(config, run_id)`` on the config's task runner and record the run.
+
+    The ``runs`` row (and the run-summary artifact) is written whatever happens. Raises
+    :class:`ItemsFailedError` when items failed, and re-raises whatever stopped the run.
+    """
+    started = datetime.now(timezone.utc)
+    summary = FlowSummary(run_id=new_run_id())
+    with _ACTIVE_LOCK:
+        _ACTIVE[summary.run_id] = summary
+    try:
+        work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
+        summary.status = "failed" if summary.failed else "completed"
+    except BaseException as error:
+        summary.status = _status_of(error)
+        summary.error = f"{type(error).__name__}: {error}"[:2000]
+        raise
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.pop(summary.run_id, None)
+        summary.seconds = (datetime.now(timezone.utc) - started).total_seconds()
+        _record(flow_name, config, summary, started)
+        notify(summary)
+    result = summary.as_dict()
+    if summary.failed:
+        raise ItemsFailedError(result, table_url(config.out, "errors"))
+    return result
+
+
+def _record(flow_name: str, config, summary: FlowSummary, started: datetime) -> None:
+    """Runs row, an errors table that always exists, the markdown artifact: best effort each."""
+    steps = (
+        ("runs row", lambda: write_run(config.out, flow_name, config, summary, started)),
+        ("errors table", lambda: ensure_table(config.out, "errors", summary.model_id, summary.run_id,
+                                               config.storage_options or None)),
+        ("summary artifact", lambda: _artifact(flow_name, config, summary)),
+    )
+    for what, step in steps:
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - never hide the run's own outcome behind this
+            logger.warning("could not write the %s of run %s: %s", what, summary.run_id, error)
+
+
 def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs: int, summary: FlowSummary,
-                  annotations: dict, progress: Callable[[int, int], None] | None = None) -> None:
-    """Fan batches out on the flow's task runner; gather small summaries."""
+                  annotations: dict) -> None:
+    """Fan batches out on the flow's task runner; gather small summaries as they finish."""
     import dask
+    from prefect.futures import as_completed
 
     started = time.perf_counter()
     batches = chunks(list(items), batch_pairs)
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [explain_batch_task.submit(batch, settings) for batch in batches]
-    done = 0
-    for future, batch in zip(futures, batches):
+    for future in as_completed(futures):
         summary.add(future.result())
-        done += len(batch)
-        if progress:
-            progress(done, len(items))
+        notify(summary)
     summary.explain_seconds += time.perf_counter() - started
 
 
-def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime, storage_options) -> None:
-    finished = datetime.now(timezone.utc)
-    summary.seconds = (finished - started).total_seconds()
+def public_parameters(config) -> dict:
+    """The config as stored in the ``runs`` table: no storage options (they may hold credentials)."""
     parameters = config.model_dump(mode="json")
-    parameters.pop("storage_options", None)  # may hold credentials
+    parameters.pop("storage_options", None)
+    return parameters
+
+
+def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime) -> None:
+    finished = datetime.now(timezone.utc)
+    facts = summary.model_facts
     write_table(out, "runs", [{
-        "run_id": summary.run_id, "flow": flow, "parameters": json.dumps(parameters, sort_keys=True),
+        "run_id": summary.run_id, "flow": flow, "parameters": json.dumps(public_parameters(config), sort_keys=True),
+        "status": summary.status, "error": summary.error,
         "n_done": summary.done, "n_skipped": summary.skipped, "n_failed": summary.failed,
         "duration_s": summary.seconds, "started_at": started, "finished_at": finished,
-    }], summary.model_id, summary.run_id, storage_options)
+        "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),
+        "random_weights": facts.get("random_weights"), "workers": sorted(summary.workers),
+        "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
+        "cache_damaged": summary.cache["damaged"],
+    }], summary.model_id, summary.run_id, config.storage_options or None)
 
 
-def settings_for(config, run_id: str) -> RunSettings:
-    return RunSettings(out=config.out, model=config.model, layers=tuple(config.layers), run_id=run_id,
+def summary_markdown(flow_name: str, config, summary: FlowSummary) -> str:
+    """The run summary a person reads in Prefect's UI (no credentials: storage options left out)."""
+    rows = [("status", summary.status), ("run id", summary.run_id), ("model", summary.model_id),
+            ("done", summary.done), ("skipped", summary.skipped), ("failed", summary.failed),
+            ("seconds", f"{summary.seconds:.1f}"),
+            *((f"{stage} s", f"{sec:.1f}") for stage, sec in sorted(summary.stage_seconds.items())),
+            ("tables", f"{config.out}/tables"), ("pictures", f"{config.out}/viz"),
+            ("review page", f"{config.out}/report/index.html")]
+    if summary.failed:
+        rows.append(("errors", f"{config.out}/tables/errors (run_id = {summary.run_id})"))
+    if summary.error:
+        rows.append(("error", summary.error.replace("|", "\\|").replace("\n", " ")[:500]))
+    lines = [f"# pairx {flow_name}: {summary.status}", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _artifact(flow_name: str, config, summary: FlowSummary) -> None:
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    create_markdown_artifact(markdown=summary_markdown(flow_name, config, summary),
+                             key=f"pairx-{flow_name.replace('_', '-')}-summary",
+                             description=f"pairx {flow_name} run {summary.run_id}")
+
+
+def settings_for(config, run_id: str, layers: Sequence[str]) -> RunSettings:
+    return RunSettings(out=config.out, model=config.model, layers=tuple(layers), run_id=run_id,
                        k_lines=config.k_lines, k_colors=config.k_colors, device=config.device,
                        storage_options=config.storage_options or None, render=config.render)

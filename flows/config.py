@@ -1,30 +1,66 @@
-"""Flow configs: one pydantic object per flow, validated at the boundary."""
+"""Flow configs: one pydantic object per flow, validated at the boundary.
+
+A config is a flow run's only parameter, and Prefect stores parameters in its database and shows
+them in its UI: a config never holds credentials. Storage keys and secrets reach every process
+out of band (``$PAIRX_STORAGE_OPTIONS``, the standard AWS variables, or a Prefect secret block
+read by the workers); ``storage_options`` here is for harmless settings (``anon``, region,
+endpoint) and refuses anything that looks like a secret.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-DEFAULT_MODEL = "timm:efficientnet_b0?size=128"
-DEFAULT_LAYERS = ("backbone.blocks.3",)
+#: option names that carry credentials; refused in configs (they would be stored by Prefect)
+SECRET_OPTION = re.compile(r"(secret|password|passwd|token|credential|^key$|_key$|access_key|private)", re.I)
+
+
+def _secret_option_names(options: Any, prefix: str = "") -> list[str]:
+    names = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            path = f"{prefix}{key}"
+            if SECRET_OPTION.search(str(key)):
+                names.append(path)
+            names += _secret_option_names(value, path + ".")
+    return names
 
 
 class CommonConfig(BaseModel):
     """Options shared by every flow."""
 
     out: str = Field(description="output root URL (local folder, s3://bucket/prefix, memory://...)")
-    model: str = Field(DEFAULT_MODEL, description="model spec, see pairx_core.models")
-    layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS), min_length=1)
+    model: str = Field(description="model spec, see pairx_core.models (e.g. miewid?weights=URL, demo)")
+    layers: list[str] | None = Field(None, min_length=1,
+                                     description="layers to explain (default: the model family's default layer)")
+    allow_random_weights: bool = Field(False, description="accept a model spec without weights (random "
+                                                          "initialisation: pictures and scores mean nothing)")
     k_lines: int = Field(20, ge=0, description="matches drawn as lines")
     k_colors: int = Field(10, ge=0, description="matches drawn as pixel-relevance regions (0: skip)")
     cache: str | None = Field(None, description="activation cache URL (default: <out>/cache)")
     cluster: str | None = Field(None, description="existing Dask scheduler address, e.g. tcp://host:8786")
-    workers: int | None = Field(None, ge=1, description="local Dask workers (default: sized to the machine)")
+    workers: int | None = Field(None, ge=0, description="local Dask workers (default: sized to the machine); "
+                                                      "0 runs the tasks in the flow's own process, without Dask")
     batch_pairs: int = Field(8, ge=1, description="pairs per task batch")
     device: str | None = Field(None, description="cpu, cuda or None (auto)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="non-secret fsspec options; credentials go in the "
+                                                        "workers' environment ($PAIRX_STORAGE_OPTIONS, AWS_*)")
     render: bool = True
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        secret = _secret_option_names(value)
+        if secret:
+            raise ValueError(
+                f"storage_options {secret} look like credentials; a flow's config is stored by Prefect, so pass "
+                "them out of band: the environment variable PAIRX_STORAGE_OPTIONS (JSON) or AWS_* variables of "
+                "the processes that run the flow and its workers (the CLI's --storage-option does this)")
+        return value
 
     @field_validator("out")
     @classmethod

@@ -64,7 +64,7 @@ def run_demo(settings: DemoSettings) -> dict:
     from pairx_core.models import WEIGHTS_DIR
     from tasks.runtime import get_model
 
-    from .nightly import run_nightly
+    from .nightly import nightly
 
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_demo(settings: DemoSettings) -> dict:
                            out=str(settings.out / "results"), model=DEMO_MODEL, layers=[layer], top_k=settings.top_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
                            workers=settings.workers, device="cpu")
-    flow_summary = run_nightly(config)
+    flow_summary = nightly(config)
     loaded = get_model(DEMO_MODEL, "cpu")
     scores = score_results(config.out, truth, layer, loaded.model, size, k=10)
     write_index(settings.out, config.out, truth, layer)

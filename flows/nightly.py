@@ -1,50 +1,28 @@
-"""Flow: new uploads vs. a gallery: embed (cached), retrieve top-k, explain, rank candidates."""
+"""Flow: new uploads vs. a gallery: embed (cached), retrieve top-k, explain, rank candidates.
+
+``nightly`` is the entry flow (CLI and deployments); ``nightly_work`` runs on the Dask task
+runner the config asks for (see ``flows.common``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import io
-from datetime import datetime, timezone
 
 import numpy as np
-import pandas as pd
 from prefect import flow, get_run_logger
 
 from infra.cache import ActivationCache
-from infra.cluster import gpu_annotation, make_task_runner
-from infra.storage import StorageTarget
+from infra.cluster import gpu_annotation
+from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
 from infra.tables import read_table, write_table
-from pairx_core.errors import ConfigError
 from tasks.embed import embed_images_task, top_k
-from tasks.explain import PairItem, derive_pair_id
-from tasks.runtime import model_identity
 
-from . import progress as progress_hooks
-from .common import FlowSummary, chunks, explain_items, new_run_id, settings_for, write_run
+from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
+from .preflight import resolve_model
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 #: weight of plausibility (IRM) against similarity in the re-ranking score
 RERANK_IRM_WEIGHT = 0.5
-
-
-def list_gallery(gallery: str, storage_options=None) -> dict[str, str]:
-    """Gallery image URL -> individual, from a manifest CSV or one folder per individual."""
-    target = StorageTarget.from_url(gallery, storage_options)
-    if gallery.endswith(".csv"):
-        frame = pd.read_csv(io.BytesIO(target.read_bytes("")))
-        if not {"image", "individual"} <= set(frame.columns):
-            raise ConfigError(f"{gallery}: manifest needs columns image, individual")
-        if "role" in frame.columns:  # a manifest of a whole dataset: keep the gallery rows
-            frame = frame[frame["role"].astype(str) == "gallery"]
-        base = StorageTarget.from_url(gallery.rsplit("/", 1)[0], storage_options)
-        return {(r["image"] if "://" in str(r["image"]) or str(r["image"]).startswith("/") else base.join(str(r["image"]))):
-                str(r["individual"]) for r in frame.to_dict("records")}
-    mapping = {}
-    for uri in target.list_files("", suffixes=IMAGE_SUFFIXES):
-        relative = uri[len(target.url("")):].lstrip("/")
-        mapping[uri] = relative.split("/")[0] if "/" in relative else ""
-    return mapping
 
 
 def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str]:
@@ -63,77 +41,96 @@ def rerank_score(similarity: float, irm: float | None) -> float:
     return (1 - RERANK_IRM_WEIGHT) * similarity + RERANK_IRM_WEIGHT * irm
 
 
-@flow(name="nightly", log_prints=True)
-def nightly(config: NightlyConfig) -> dict:
+@flow(name="nightly-work", log_prints=True)
+def nightly_work(config: NightlyConfig, run_id: str) -> None:
     """Identify new uploads: candidates, their PAIR-X pictures, and a re-ranked candidates table."""
     logger = get_run_logger()
-    started = datetime.now(timezone.utc)
+    summary = active_summary(run_id)
     so = config.storage_options or None
-    model_id, prep = model_identity(config.model, so)
-    summary = FlowSummary(run_id=new_run_id(), model_id=model_id)
+    plan = resolve_model(config)
+    summary.model_id, summary.model_facts = plan.model_id, plan.facts
+    model_id, layers = plan.model_id, plan.layers
     gallery = list_gallery(config.gallery, so)
-    uploads = StorageTarget.from_url(config.uploads, so).list_files("", suffixes=IMAGE_SUFFIXES)
+    uploads = list_uploads(config.uploads, so)
     done_queries = set(read_table(config.out, "candidates", model_id=model_id, columns=["query"],
                                   storage_options=so)["query"])
     failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model_id, so)
     new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
     summary.skipped += len(uploads) - len(new_uploads)
-    logger.info("%d uploads (%d new), %d gallery images", len(uploads), len(new_uploads), len(gallery))
+    summary.planned = {"uploads": len(uploads), "new_uploads": len(new_uploads), "gallery": len(gallery),
+                       "pairs_planned": len(new_uploads) * min(config.top_k, len(gallery))}
+    notify(summary)
+    if not uploads:
+        logger.info("no uploads in %s: a quiet night", config.uploads)
+    logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(uploads), len(new_uploads),
+                len(gallery), plan.facts["model_spec"], ",".join(layers))
     quarantined = failed_before.intersection(uploads)
     if quarantined:
         logger.warning("skipping %d upload(s) that failed to load on an earlier night (see the errors table; "
                        "--retry-failed tries them again): %s", len(quarantined), sorted(quarantined)[:5])
-    if new_uploads and gallery:
-        annotations = gpu_annotation(config.device)
-        import dask
+    if not (new_uploads and gallery):
+        return
+    annotations = gpu_annotation(config.device)
+    import dask
 
-        kwargs = dict(model=config.model, cache_url=config.cache_url, layers=config.layers, run_id=summary.run_id,
-                      out=config.out, device=config.device, storage_options=so)
-        images = list(gallery) + new_uploads
-        with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
-            futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
-        hashes: dict[str, str] = {}
-        for future in futures:
-            result = future.result()
-            hashes.update(result.hashes)
-            summary.failed += result.errors
-        cache = ActivationCache(config.cache_url, model_id, prep.fingerprint(), storage_options=so)
-        gallery_uris = [g for g in gallery if g in hashes]
-        query_uris = [u for u in new_uploads if u in hashes]
-        items, candidates = [], []
-        if query_uris and gallery_uris:
-            gallery_matrix = cache.get_embeddings([hashes[g] for g in gallery_uris])
-            query_matrix = cache.get_embeddings([hashes[q] for q in query_uris])
-            order, scores = top_k(query_matrix, gallery_matrix, config.top_k)
-        else:
-            order, scores = [], []
-        for qi, query in enumerate(query_uris):
-            for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
-                candidate = gallery_uris[gi]
-                pair_id = derive_pair_id(query, candidate)
-                items.append(PairItem(pair_id, query, candidate))
-                candidates.append((query, candidate, float(score), pair_id))
-        explain_items(items, settings_for(config, summary.run_id), config.batch_pairs, summary, annotations,
-                      progress_hooks.current())
-        irm = dict(summary.irm)
-        missing = {pid for *_, pid in candidates if pid not in irm}
-        if missing:  # explained by an earlier, interrupted run: read back
-            pairs = read_table(config.out, "pairs", model_id=model_id, columns=["pair_id", "layer", "irm"], storage_options=so)
-            pairs = pairs[pairs.layer == config.layers[0]]
-            irm.update({p: v for p, v in zip(pairs.pair_id, pairs.irm) if p in missing})
-        rows = []
-        for query in query_uris:
-            mine = [c for c in candidates if c[0] == query]
-            scored = sorted(mine, key=lambda c: -rerank_score(c[2], irm.get(c[3])))
-            for rank, (q, g, sim, pid) in enumerate(scored):
-                rows.append({"query": q, "rank": rank, "gallery_image": g, "individual": gallery[g] or None,
-                             "similarity": sim, "irm": irm.get(pid), "rerank_score": rerank_score(sim, irm.get(pid))})
-        write_table(config.out, "candidates", rows, model_id, summary.run_id, so)
-    write_run(config.out, "nightly", config, summary, started, so)
-    logger.info("summary: %s", summary.as_dict())
-    return summary.as_dict()
+    kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
+                  out=config.out, device=config.device, storage_options=so)
+    images = list(gallery) + new_uploads
+    with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
+        futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
+    hashes: dict[str, str] = {}
+    for future in futures:
+        result = future.result()
+        hashes.update(result.hashes)
+        summary.failed += result.errors
+        summary.cache["hits"] += result.cached
+        summary.cache["misses"] += result.computed
+        summary.cache["damaged"] += result.damaged
+    cache = ActivationCache(config.cache_url, model_id, _prep_fingerprint(config), storage_options=so)
+    gallery_uris = [g for g in gallery if g in hashes]
+    query_uris = [u for u in new_uploads if u in hashes]
+    items, candidates = [], []
+    if query_uris and gallery_uris:
+        gallery_matrix = cache.get_embeddings([hashes[g] for g in gallery_uris])
+        query_matrix = cache.get_embeddings([hashes[q] for q in query_uris])
+        order, scores = top_k(query_matrix, gallery_matrix, config.top_k)
+    else:
+        order, scores = [], []
+    for qi, query in enumerate(query_uris):
+        for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
+            candidate = gallery_uris[gi]
+            pair_id = derive_pair_id(query, candidate)
+            items.append(PairItem(pair_id, query, candidate))
+            candidates.append((query, candidate, float(score), pair_id))
+    summary.planned["pairs_planned"] = len(items)
+    explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+    irm = dict(summary.irm)
+    missing = {pid for *_, pid in candidates if pid not in irm}
+    if missing:  # explained by an earlier, interrupted run: read back
+        pairs = read_table(config.out, "pairs", model_id=model_id, columns=["pair_id", "layer", "irm"], storage_options=so)
+        pairs = pairs[pairs.layer == layers[0]]
+        irm.update({p: v for p, v in zip(pairs.pair_id, pairs.irm) if p in missing})
+    rows = []
+    for query in query_uris:
+        mine = [c for c in candidates if c[0] == query]
+        scored = sorted(mine, key=lambda c: -rerank_score(c[2], irm.get(c[3])))
+        for rank, (q, g, sim, pid) in enumerate(scored):
+            rows.append({"query": q, "rank": rank, "gallery_image": g, "individual": gallery[g] or None,
+                         "similarity": sim, "irm": irm.get(pid), "rerank_score": rerank_score(sim, irm.get(pid))})
+    write_table(config.out, "candidates", rows, model_id, run_id, so)
 
 
-def run_nightly(config: NightlyConfig) -> dict:
-    runner = make_task_runner(config.cluster, config.workers, config.device)
-    return nightly.with_options(task_runner=runner)(config)
+def _prep_fingerprint(config: NightlyConfig) -> str:
+    from tasks.runtime import get_model
+
+    return get_model(config.model, "cpu", config.storage_options or None).preprocessing.fingerprint()
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(config: NightlyConfig) -> dict:
+    """New uploads vs. the gallery on the Dask cluster the config names (deployment entrypoint).
+
+    Ends ``Failed`` when any item failed (:class:`flows.common.ItemsFailedError`); the ``runs``
+    row is written whatever happens.
+    """
+    return run_recorded("nightly", config, nightly_work)

@@ -5,15 +5,15 @@ New results land in the new model's partitions; the old model's stay untouched.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from infra.cluster import make_task_runner
+from infra.inputs import PairItem, parse_angle, parse_box
 from infra.tables import read_table
-from tasks.explain import PairItem, parse_angle, parse_box
-from tasks.runtime import model_identity
 
+from .common import run_recorded
 from .config import ReprocessConfig
-from .explain_pairs import run_pairs
+from .explain_pairs import explain_recorded_items
+from .preflight import resolve_model
 
 
 def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]:
@@ -28,16 +28,13 @@ def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]
             for r in pairs.itertuples(index=False)]
 
 
+@flow(name="reprocess-work", log_prints=True)
+def reprocess_work(config: ReprocessConfig, run_id: str) -> None:
+    plan = resolve_model(config)
+    explain_recorded_items(config, recorded_pairs(config, plan.model_id), run_id, plan)
+
+
 @flow(name="reprocess", log_prints=True)
 def reprocess(config: ReprocessConfig) -> dict:
-    logger = get_run_logger()
-    new_model_id, _ = model_identity(config.model, config.storage_options or None)
-    items = recorded_pairs(config, new_model_id)
-    logger.info("re-explaining %d recorded pairs with model %s", len(items), new_model_id)
-    summary = run_pairs(config, items, "reprocess")
-    return summary.as_dict()
-
-
-def run_reprocess(config: ReprocessConfig) -> dict:
-    runner = make_task_runner(config.cluster, config.workers, config.device)
-    return reprocess.with_options(task_runner=runner)(config)
+    """Re-explain every recorded pair with a new model on the Dask cluster the config names."""
+    return run_recorded("reprocess", config, reprocess_work)

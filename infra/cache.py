@@ -31,13 +31,24 @@ before that leaves arrays that no lookup ever returns (:meth:`ActivationCache.co
 deletes them later). If two batches hold the same hash, the newest batch id wins (both hold the
 same values for a deterministic model).
 
+Integrity: the index records a checksum of every stored row (first 16 hex digits of the SHA-256
+of the row's bytes as stored), and every read verifies the rows it returns. Zarr answers a missing
+chunk with the fill value and decodes damaged bytes without complaint, so without this a deleted
+or overwritten chunk would silently become zeros or garbage. A row whose checksum does not match,
+or whose values are NaN/Inf, or an all-zero embedding, is *damaged*: readers raise
+:class:`CacheIntegrityError` (never return it), :meth:`ActivationCache.damaged` lists such
+entries so that the pipeline recomputes them (the new batch is newer and wins), and
+:meth:`ActivationCache.embedding_matrix` leaves them out. Batches written before checksums existed
+(index format 1) get the NaN/Inf/zero checks only.
+
 Index file (JSON)::
 
-    {"format": 1, "batch_id": ..., "model_fingerprint": ..., "prep_fingerprint": ...,
+    {"format": 2, "batch_id": ..., "model_fingerprint": ..., "prep_fingerprint": ...,
      "created_at": ISO-8601, "hashes": [N strings],
      "embeddings": {"path": "<batch_id>/embeddings", "shape": [N, D], "dtype": "float32"},
      "layers": {"<layer>": {"path": "<batch_id>/features/<layer_key>",
-                            "shape": [N, C, h, w], "dtype": "float16"}}}
+                            "shape": [N, C, h, w], "dtype": "float16"}},
+     "checksums": {"embeddings": [N hex], "layers": {"<layer>": [N hex]}}}
 
 Reading without this module::
 
@@ -62,6 +73,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
+import hashlib
 import uuid
 
 import numpy as np
@@ -70,11 +82,11 @@ from pairx_core.errors import ConfigError, PairXError, ShapeError
 
 from .storage import StorageTarget, safe_segment
 
-__all__ = ["ActivationCache", "BatchIndex", "CacheLocation", "CacheMissError"]
+__all__ = ["ActivationCache", "BatchIndex", "CacheIntegrityError", "CacheLocation", "CacheMissError"]
 
 _FP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BATCH_RE = re.compile(r"^(\d{8}T\d{12})Z-[0-9a-f]{16}$")
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2
 _MAX_READ_THREADS = 16
 
 
@@ -88,6 +100,32 @@ class CacheMissError(PairXError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class CacheIntegrityError(PairXError):
+    """Cached rows are damaged (checksum mismatch, missing chunk, NaN/Inf, zero embedding)."""
+
+    def __init__(self, hashes: Sequence[str], what: str):
+        self.hashes = list(hashes)
+        self.what = what
+        shown = ", ".join(self.hashes[:5]) + (" ..." if len(self.hashes) > 5 else "")
+        super().__init__(f"{len(self.hashes)} damaged cache entr{'y' if len(self.hashes) == 1 else 'ies'} in "
+                         f"{what}: {shown}; they are recomputed on the next run")
+
+
+def row_checksums(values: np.ndarray) -> list[str]:
+    """Checksum of each row ``values[i]`` as stored: 16 hex digits of SHA-256 of its bytes."""
+    values = np.ascontiguousarray(values)
+    return [hashlib.sha256(values[i].tobytes()).hexdigest()[:16] for i in range(values.shape[0])]
+
+
+def _bad_values(values: np.ndarray, embeddings: bool) -> np.ndarray:
+    """Rows with NaN/Inf values, or (embeddings) all zeros: ``(N,)`` bool."""
+    flat = values.reshape(values.shape[0], -1).astype(np.float32, copy=False)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if embeddings:
+        bad |= ~np.any(flat != 0, axis=1)
+    return bad
 
 
 @dataclass(frozen=True)
@@ -108,17 +146,28 @@ class BatchIndex:
     embedding_shape: tuple[int, int]
     layers: Mapping[str, str]  # layer name -> array path relative to activations.zarr
     created_at: str
+    #: array path -> per-row checksums (empty for format-1 batches, written before checksums)
+    checksums: Mapping[str, tuple[str, ...]] = None  # type: ignore[assignment]
 
     @classmethod
     def from_json(cls, raw: bytes) -> BatchIndex:
         doc = json.loads(raw)
+        layers = {name: spec["path"] for name, spec in doc["layers"].items()}
+        sums = doc.get("checksums") or {}
+        checksums = {}
+        if sums.get("embeddings"):
+            checksums[doc["embeddings"]["path"]] = tuple(sums["embeddings"])
+        for name, values in (sums.get("layers") or {}).items():
+            if name in layers:
+                checksums[layers[name]] = tuple(values)
         return cls(
             batch_id=doc["batch_id"],
             hashes=tuple(doc["hashes"]),
             embeddings_path=doc["embeddings"]["path"],
             embedding_shape=tuple(doc["embeddings"]["shape"]),  # type: ignore[arg-type]
-            layers={name: spec["path"] for name, spec in doc["layers"].items()},
+            layers=layers,
             created_at=doc["created_at"],
+            checksums=checksums,
         )
 
 
@@ -183,6 +232,7 @@ class ActivationCache:
         self.embedding_dtype = np.dtype(embedding_dtype).name
         self.feature_dtype = np.dtype(feature_dtype).name
         self._known: dict[str, BatchIndex] = {}
+        self.last_damaged: list[str] = []
         self._maps: dict[tuple[tuple[str, ...], str | None], dict[str, CacheLocation]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -297,6 +347,7 @@ class ActivationCache:
         mapping: Mapping[str, CacheLocation],
         path_of: Mapping[str, str],
         whole: bool,
+        embeddings: bool,
     ) -> np.ndarray:
         wanted: dict[str, set[int]] = {}
         for h in hashes:
@@ -305,6 +356,10 @@ class ActivationCache:
         rows = {bid: np.array(sorted(r), dtype=np.int64) for bid, r in wanted.items()}
         store = self.target.zarr_store(self.zarr_prefix, read_only=True)
         data = self._read_rows(store, {path_of[bid]: rows[bid] for bid in rows}, whole)
+        damaged = self._damaged_rows(data, path_of, rows, embeddings)
+        bad = [h for h in hashes if (mapping[h].batch_id, mapping[h].row) in damaged]
+        if bad:
+            raise CacheIntegrityError(bad, self.prefix)
         shapes = {arr.shape[1:] for arr in data.values()}
         if len(shapes) > 1:
             raise ShapeError("cached arrays", next(iter(shapes)), f"one common shape, found {sorted(shapes)}")
@@ -316,18 +371,55 @@ class ActivationCache:
             out[i] = data[path_of[loc.batch_id]][position]
         return out
 
+    def _damaged_rows(self, data: Mapping[str, np.ndarray], path_of: Mapping[str, str],
+                      rows: Mapping[str, np.ndarray], embeddings: bool) -> set[tuple[str, int]]:
+        """``(batch_id, row)`` of the rows read that fail their checksum or the value checks."""
+        damaged: set[tuple[str, int]] = set()
+        for batch_id, wanted in rows.items():
+            path = path_of[batch_id]
+            values = data[path]
+            expected = (self._known[batch_id].checksums or {}).get(path) if batch_id in self._known else None
+            got = row_checksums(values) if expected else None
+            bad_values = _bad_values(values, embeddings)
+            for position, row in enumerate(wanted):
+                if bad_values[position] or (expected and got[position] != expected[int(row)]):
+                    damaged.add((batch_id, int(row)))
+        return damaged
+
+    def damaged(self, hashes: Sequence[str]) -> list[str]:
+        """The cached ``hashes`` whose embedding fails its checksum or value checks (to recompute).
+
+        Reads the embedding rows of the given hashes (feature maps are verified when read).
+        """
+        batches = self.batches()
+        mapping = self._location_map(batches, None)
+        present = [h for h in hashes if h in mapping]
+        if not present:
+            return []
+        by_id = {b.batch_id: b for b in batches}
+        wanted: dict[str, set[int]] = {}
+        for h in present:
+            wanted.setdefault(mapping[h].batch_id, set()).add(mapping[h].row)
+        rows = {bid: np.array(sorted(r), dtype=np.int64) for bid, r in wanted.items()}
+        path_of = {bid: by_id[bid].embeddings_path for bid in rows}
+        store = self.target.zarr_store(self.zarr_prefix, read_only=True)
+        data = self._read_rows(store, {path_of[bid]: rows[bid] for bid in rows}, whole=True)
+        damaged = self._damaged_rows(data, path_of, rows, embeddings=True)
+        return [h for h in present if (mapping[h].batch_id, mapping[h].row) in damaged]
+
     def get_embeddings(self, hashes: Sequence[str]) -> np.ndarray:
         """Embeddings of ``hashes`` in the given order: ``(N, D)`` float32.
 
         Raises:
             CacheMissError: some hashes are not cached.
+            CacheIntegrityError: some of their rows are damaged (see :meth:`damaged`).
         """
         hashes = list(hashes)
         if not hashes:
             return np.zeros((0, 0), dtype=np.float32)
         by_id, mapping = self._gather(hashes, None)
         path_of = {bid: b.embeddings_path for bid, b in by_id.items()}
-        return self._assemble(hashes, mapping, path_of, whole=True)
+        return self._assemble(hashes, mapping, path_of, whole=True, embeddings=True)
 
     def get_features(self, hashes: Sequence[str], layer: str) -> np.ndarray:
         """Feature maps of ``layer`` for ``hashes`` in the given order: ``(N, C, h, w)`` float32.
@@ -342,7 +434,7 @@ class ActivationCache:
             return np.zeros((0, 0, 0, 0), dtype=np.float32)
         by_id, mapping = self._gather(hashes, layer)
         path_of = {bid: b.layers[layer] for bid, b in by_id.items() if layer in b.layers}
-        return self._assemble(hashes, mapping, path_of, whole=False)
+        return self._assemble(hashes, mapping, path_of, whole=False, embeddings=False)
 
     def embedding_matrix(self) -> tuple[list[str], np.ndarray]:
         """Every cached embedding of this model + preprocessing.
@@ -350,7 +442,7 @@ class ActivationCache:
         Returns:
             ``(hashes, matrix)``: ``N`` distinct hashes (batch order, oldest first) and their
             ``(N, D)`` float32 embeddings. Each batch array is read whole in one request, batches
-            concurrently.
+            concurrently. Damaged rows are left out (listed in ``self.last_damaged``).
         """
         batches = self.batches()
         if not batches:
@@ -361,6 +453,10 @@ class ActivationCache:
         dims = {data[b.embeddings_path].shape[1] for b in batches}
         if len(dims) > 1:
             raise ShapeError("cached embeddings", (0, next(iter(dims))), f"(N, D) with one D, found {sorted(dims)}")
+        everything = {b.batch_id: np.arange(len(b.hashes)) for b in batches}
+        damaged = self._damaged_rows(data, {b.batch_id: b.embeddings_path for b in batches}, everything, True)
+        self.last_damaged = sorted(batch.hashes[row] for batch in batches for row in range(len(batch.hashes))
+                                   if (batch.batch_id, row) in damaged)
         hashes: list[str] = []
         blocks: list[np.ndarray] = []
         for batch in batches:
@@ -368,12 +464,15 @@ class ActivationCache:
                 row
                 for row, h in enumerate(batch.hashes)
                 if mapping[h].batch_id == batch.batch_id and mapping[h].row == row
+                and (batch.batch_id, row) not in damaged
             ]
             if not keep:
                 continue
             array = data[batch.embeddings_path]
             blocks.append(array if len(keep) == len(batch.hashes) else array[keep])
             hashes.extend(batch.hashes[r] for r in keep)
+        if not blocks:
+            return [], np.zeros((0, 0), dtype=np.float32)
         matrix = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
         return hashes, matrix
 
@@ -424,6 +523,12 @@ class ActivationCache:
             layer: self._cast(a, self.feature_dtype, f"features[{layer!r}]")
             for layer, a in feats.items()
         }
+        for name, values, embeddings in [("embeddings", emb_stored, True)] + [
+                (f"features[{layer!r}]", v, False) for layer, v in feats_stored.items()]:
+            bad = _bad_values(values, embeddings)
+            if bad.any():
+                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are NaN/Inf" + (" or all zero" if embeddings else "")
+                                  + "; refusing to cache them")
 
         batch_id = _new_batch_id()
         created_at = datetime.now(timezone.utc).isoformat()
@@ -473,6 +578,8 @@ class ActivationCache:
                 "dtype": emb_stored.dtype.name,
             },
             "layers": layer_specs,
+            "checksums": {"embeddings": row_checksums(emb_stored),
+                          "layers": {layer: row_checksums(v) for layer, v in feats_stored.items()}},
         }
         self._commit_index(batch_id, json.dumps(index, indent=1).encode())
         return batch_id

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from pairx_core.errors import ConfigError
 
+from .storage import STORAGE_OPTIONS_ENV
+
 GPU_RESOURCE = "GPU"
 
 
@@ -124,15 +126,23 @@ def worker_env(torch_threads: int | None = None) -> dict[str, str]:
     if torch_threads:
         env["PAIRX_TORCH_THREADS"] = str(torch_threads)
     for key in ("PREFECT_HOME", "DASK_TEMPORARY_DIRECTORY", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PREFECT_LOGGING_LEVEL"):
+                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "PREFECT_LOGGING_LEVEL",
+                "DASK_LOGGING__DISTRIBUTED", STORAGE_OPTIONS_ENV):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
 def make_task_runner(address: str | None = None, workers: int | None = None, device: str | None = None):
-    """A ``DaskTaskRunner`` for an existing cluster (``address``) or a new ``LocalCluster``."""
+    """The task runner of a run: an existing cluster (``address``), a new ``LocalCluster`` of
+    ``workers`` processes, or with ``workers=0`` Prefect's thread pool in this process (no Dask:
+    quick local checks and debugging)."""
     from prefect_dask import DaskTaskRunner
+
+    if workers == 0 and not address:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
 
     if address:
         if not address.startswith(("tcp://", "tls://", "ws://", "wss://", "inproc://")):

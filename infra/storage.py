@@ -23,6 +23,12 @@ The commit step is the module function :func:`_commit`; tests patch it to simula
 the two steps. A crash leaves the final path untouched (absent, or the previous version) and, on
 local disk, at most a hidden temporary file that :meth:`StorageTarget.list_files` never returns.
 
+Credentials: fsspec options for remote URLs also come from the environment variable
+``PAIRX_STORAGE_OPTIONS`` (a JSON object), merged under the options given in code. Every process
+(the flow, each Dask worker) reads its own environment, so keys and secrets reach the
+filesystems without ever being a flow parameter, a task input or a log line. The options are
+merged when a filesystem is made and never stored on a :class:`StorageTarget`.
+
 Errors: :func:`is_transient` says whether an exception is worth retrying (connection problems,
 timeouts, HTTP 5xx/429, throttling). Non-transient I/O errors are raised as
 :class:`pairx_core.errors.StorageError`; transient ones propagate unchanged for the pipeline's retry
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -44,10 +51,12 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from pairx_core.errors import PairXError, StorageError
+from pairx_core.errors import ConfigError, PairXError, StorageError
 
 __all__ = [
     "OBJECT_STORE_PROTOCOLS",
+    "STORAGE_OPTIONS_ENV",
+    "environment_storage_options",
     "StorageTarget",
     "is_temp_name",
     "is_transient",
@@ -57,6 +66,11 @@ __all__ = [
 
 #: Protocols whose single PUT is atomic: written with one request, never staged under a temp key.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
+
+#: environment variable with fsspec options (JSON object) for remote URLs, credentials included
+STORAGE_OPTIONS_ENV = "PAIRX_STORAGE_OPTIONS"
+#: protocols that never receive the environment's options
+_NO_ENV_OPTIONS = frozenset({None, "file", "local", "memory"})
 
 _TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]")
@@ -242,6 +256,31 @@ def is_temp_name(path: str) -> bool:
     return bool(_TEMP_RE.match(path.rstrip("/").rsplit("/", 1)[-1]))
 
 
+def environment_storage_options(url: str | None = None) -> dict[str, Any]:
+    """The fsspec options in ``$PAIRX_STORAGE_OPTIONS`` that apply to ``url`` (none for local paths).
+
+    Raises:
+        ConfigError: the variable is set but is not a JSON object.
+    """
+    raw = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    if url is not None and fsspec.core.split_protocol(url)[0] in _NO_ENV_OPTIONS:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise ConfigError(f"${STORAGE_OPTIONS_ENV} must hold a JSON object of fsspec options")
+    return options
+
+
+def _filesystem(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``url_to_fs`` with the environment's options merged under ``options``."""
+    return url_to_fs(url, **{**environment_storage_options(url), **dict(options or {})})
+
+
 def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     proto = fs.protocol
     return proto[0] if isinstance(proto, (tuple, list)) else str(proto)
@@ -312,7 +351,7 @@ class StorageTarget:
         options = dict(storage_options or {})
         with storage_errors(url):
             try:
-                fs, path = url_to_fs(url, **options)
+                fs, path = _filesystem(url, options)
             except (ImportError, ValueError) as exc:
                 raise StorageError(url, f"unsupported storage URL ({exc})") from exc
         return cls(root=cls._canonical(fs, path), storage_options=options)
@@ -341,7 +380,7 @@ class StorageTarget:
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
         """The fsspec filesystem of the root (cached by fsspec per process)."""
-        fs, _ = url_to_fs(self.root, **dict(self.storage_options))
+        fs, _ = _filesystem(self.root, self.storage_options)
         return fs
 
     def join(self, *parts: str) -> str:
@@ -372,7 +411,7 @@ class StorageTarget:
             scheme = path.split(":", 1)[0]
             own = root_fs.protocol if isinstance(root_fs.protocol, (tuple, list)) else [root_fs.protocol]
             if scheme not in own and not (scheme == "file" and self.is_local):
-                fs, fs_path = url_to_fs(path)
+                fs, fs_path = _filesystem(path, None)
                 return fs, fs_path
             target = path
         elif self.is_local and os.path.isabs(path):
@@ -553,6 +592,5 @@ class StorageTarget:
                 os.makedirs(url, exist_ok=True)
             return zarr.storage.LocalStore(url, read_only=read_only)
         with storage_errors(url):
-            return zarr.storage.FsspecStore.from_url(
-                url, storage_options=dict(self.storage_options) or None, read_only=read_only
-            )
+            options = {**environment_storage_options(url), **dict(self.storage_options)}
+            return zarr.storage.FsspecStore.from_url(url, storage_options=options or None, read_only=read_only)

@@ -42,6 +42,7 @@ __all__ = [
     "PARTITION_COLUMNS",
     "TABLE_SCHEMAS",
     "read_table",
+    "ensure_table",
     "schema_markdown",
     "table_url",
     "write_table",
@@ -137,6 +138,17 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("duration_s", pa.float64(), "wall-clock duration, seconds"),
             _f("started_at", _TS, "run start (UTC)"),
             _f("finished_at", _TS, "run end (UTC)"),
+            _f("status", pa.string(), "completed, failed (some items failed), crashed (an error stopped the run) "
+                                      "or cancelled (Ctrl-C, SIGTERM, cancelled in Prefect)"),
+            _f("error", pa.string(), "what stopped a crashed or cancelled run"),
+            _f("model_spec", pa.string(), "the model spec as given, credentials removed"),
+            _f("weights_digest", pa.string(), "digest of the model's weights and architecture"),
+            _f("random_weights", pa.bool_(), "whether the model ran with random weights (allowed explicitly)"),
+            _f("workers", pa.list_(pa.string()), "Dask workers that explained this run's batches"),
+            _f("cache_hits", pa.int64(), "images whose activations came from the cache"),
+            _f("cache_misses", pa.int64(), "images whose activations were computed (and cached)"),
+            _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
+                                            "recomputed"),
         ]
     ),
     "candidates": pa.schema(
@@ -328,6 +340,25 @@ def write_table(
     pq.write_table(table, buffer, compression="zstd")
     target = StorageTarget.from_url(out_url, storage_options)
     filename = f"part-{safe_segment(run_id)}-{uuid.uuid4().hex[:12]}.parquet"
+    return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+
+
+def ensure_table(
+    out_url: str, name: str, model_id: str, run_id: str, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """Write an empty file of table ``name`` when the table has none yet; return its URL or None.
+
+    So that ``read_parquet('<OUT>/tables/errors/**/*.parquet')`` in DuckDB, pandas or pyarrow
+    returns zero rows on a night without errors instead of failing on an empty glob.
+    """
+    schema = _schema(name)
+    target = StorageTarget.from_url(out_url, storage_options)
+    if target.glob(f"tables/{name}/*/*/*.parquet"):
+        return None
+    buffer = io.BytesIO()
+    pq.write_table(schema.empty_table(), buffer, compression="zstd")
+    partition = f"{_model_segment(model_id)}/{_date_segment(None)}"
+    filename = f"part-{safe_segment(run_id)}-empty.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
 
 

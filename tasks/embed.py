@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
@@ -19,6 +20,8 @@ from pairx_core import PairXError, embed
 from .explain import _error_row, retry_transient
 from .runtime import get_model
 
+logger = logging.getLogger("pairx.tasks")
+
 
 @dataclass
 class EmbedSummary:
@@ -26,6 +29,7 @@ class EmbedSummary:
     errors: int = 0
     computed: int = 0
     cached: int = 0
+    damaged: int = 0                # cached entries that failed their checksum: recomputed
 
 
 def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Sequence[str], run_id: str, out: str,
@@ -47,8 +51,13 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
         summary.hashes[uri] = image.content_hash
         loaded.setdefault(image.content_hash, image)
     known = cache.lookup(list(loaded))
-    missing = [h for h in loaded if h not in known]
+    damaged = set(cache.damaged(list(known)))
+    if damaged:
+        logger.warning("%d damaged activation-cache entr%s (checksum, NaN or zero): recomputing them",
+                       len(damaged), "y" if len(damaged) == 1 else "ies")
+    missing = [h for h in loaded if h not in known or h in damaged]
     summary.cached = len(loaded) - len(missing)
+    summary.damaged = len(damaged)
     if missing:
         tensors = prep.batch([loaded[h].image for h in missing])
         with loaded_model.lock:

@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.images import LoadedImage, load_image
+from infra.inputs import PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import existing_output_keys, pair_output_key
 from infra.storage import StorageTarget, is_transient
 from infra.tables import write_table
@@ -30,46 +31,6 @@ from pairx_core.metrics import plausibility
 from pairx_core.render import display_scale, render
 
 from .runtime import get_model
-
-
-@dataclass(frozen=True)
-class PairItem:
-    """One pair to explain: image URLs and optional crop boxes / rotations."""
-
-    pair_id: str
-    image_0: str
-    image_1: str
-    box_0: tuple[float, float, float, float] | None = None
-    box_1: tuple[float, float, float, float] | None = None
-    theta_0: float = 0.0
-    theta_1: float = 0.0
-
-
-def parse_box(value: Any) -> tuple[float, float, float, float] | None:
-    """A crop box ``x, y, w, h`` from a table cell.
-
-    Accepts null / NaN / "" (whole image), ``"x y w h"``, ``"[x, y, w, h]"`` (pairs tables) and a
-    sequence (the ``pairs`` output table's list column).
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        parts = json.loads(value) if value.strip().startswith("[") else value.split()
-    else:
-        parts = list(value)
-    if len(parts) != 4:
-        raise ConfigError(f"a box needs 4 numbers x y w h, got {value!r}")
-    return tuple(float(p) for p in parts)
-
-
-def parse_angle(value: Any) -> float:
-    """A rotation in radians from a table cell; null / NaN / "" mean no rotation."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return 0.0
-    angle = float(value)
-    return 0.0 if math.isnan(angle) else angle
 
 
 def _box_list(box: tuple[float, float, float, float] | None) -> list[float] | None:
@@ -137,11 +98,6 @@ class BatchSummary:
     irm: dict[str, float] = field(default_factory=dict)
     similarity: dict[str, float] = field(default_factory=dict)
     worker: str = ""
-
-
-def derive_pair_id(image_0: str, image_1: str) -> str:
-    """Stable id of a pair from its image URLs (order matters)."""
-    return hashlib.sha256(f"{image_0}\n{image_1}".encode()).hexdigest()[:16]
 
 
 def _now() -> datetime:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import pytest
 
@@ -28,7 +26,17 @@ def photo_folders(tmp_path_factory):
 
 
 def _config(cls, **kwargs):
-    return cls(model=MODEL, layers=[LAYER], k_colors=2, k_lines=5, batch_pairs=2, **kwargs)
+    kwargs.setdefault("workers", 0)  # tasks in this process unless a test asks for a Dask cluster
+    return cls(model=MODEL, layers=[LAYER], k_colors=2, k_lines=5, batch_pairs=2, allow_random_weights=True, **kwargs)
+
+
+def _failed_summary(call) -> dict:
+    """The summary of a run that must end Failed (some items failed)."""
+    from flows.common import ItemsFailedError
+
+    with pytest.raises(ItemsFailedError) as raised:
+        call()
+    return raised.value.summary
 
 
 def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp_path):
@@ -44,8 +52,8 @@ def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp
     }).to_csv(pairs, index=False)
     out = tmp_path / "out"
     config = _config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders), out=str(out))
-    summary = explain_pairs(config)  # default task runner in-process: fast
-    assert summary["done"] == 2 and summary["failed"] == 2
+    summary = _failed_summary(lambda: explain_pairs(config))
+    assert summary["done"] == 2 and summary["failed"] == 2 and summary["status"] == "failed"
     table = read_table(str(out), "pairs")
     assert sorted(table.pair_id) == ["p0", "p1"]
     assert all((out / "viz").rglob("*.png"))
@@ -56,8 +64,10 @@ def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp
     again = explain_pairs(config)
     assert again["done"] == 0 and again["skipped"] == 2
     assert len(read_table(str(out), "pairs")) == 2  # nothing new written
-    runs = read_table(str(out), "runs")
+    runs = read_table(str(out), "runs").sort_values("started_at")
     assert len(runs) == 2 and set(runs.flow) == {"explain_pairs"}
+    assert list(runs.status) == ["failed", "completed"] and list(runs.n_failed) == [2, 0]
+    assert runs.model_spec.tolist() == [MODEL, MODEL] and runs.random_weights.all()
 
 
 def test_crop_boxes_are_recorded_and_reprocessed(prefect_harness, photo_folders, tmp_path):
@@ -78,7 +88,8 @@ def test_crop_boxes_are_recorded_and_reprocessed(prefect_harness, photo_folders,
     out = tmp_path / "out"
     assert explain_pairs(_config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders),
                                  out=str(out)))["done"] == 2
-    redo = reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2, k_lines=5))
+    redo = reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2, k_lines=5,
+                                     workers=0, allow_random_weights=True))
     assert redo["done"] == 2
     table = read_table(str(out), "pairs").set_index(["model_id", "pair_id"]).sort_index()
     for model_id in table.index.get_level_values(0).unique():
@@ -96,17 +107,16 @@ def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo
     import duckdb
 
     from flows.config import NightlyConfig, ReprocessConfig
-    from flows.nightly import run_nightly
-    from flows.reprocess import run_reprocess
+    from flows.nightly import nightly
+    from flows.reprocess import reprocess
     from infra.tables import read_table
 
     out = tmp_path / "out"
     config = _config(NightlyConfig, uploads=str(photo_folders / "uploads"), gallery=str(photo_folders / "gallery"),
                      out=str(out), top_k=2, workers=2)
-    started = time.perf_counter()
-    first = run_nightly(config)
-    first_seconds = time.perf_counter() - started
+    first = _failed_summary(lambda: nightly(config))
     assert first["done"] == 6 and first["failed"] == 1  # the broken upload
+    assert len(first["workers"]) >= 1 and all(w.startswith("tcp://127.0.0.1:") for w in first["workers"])
     candidates = read_table(str(out), "candidates")
     assert len(candidates) == 6 and set(candidates["rank"]) == {0, 1}
     assert set(candidates.individual) <= {"ind-0000", "ind-0001", "ind-0002"}
@@ -115,17 +125,15 @@ def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo
     ).fetchall()[0][0]
     assert count == 6
 
-    started = time.perf_counter()
-    second = run_nightly(config)
+    second = nightly(config)
     # the 3 good uploads are done, the broken one is reported once, not every night
     assert second["done"] == 0 and second["skipped"] == 4 and second["failed"] == 0
-    assert time.perf_counter() - started < first_seconds
-    retried = run_nightly(config.model_copy(update={"retry_failed": True}))
+    retried = _failed_summary(lambda: nightly(config.model_copy(update={"retry_failed": True})))
     assert retried["done"] == 0 and retried["failed"] == 1 and retried["skipped"] == 3
 
     before = {p: p.stat().st_mtime_ns for p in (out / "tables" / "pairs").rglob("*.parquet")}
-    redo = run_reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2,
-                                         k_lines=5, batch_pairs=3, workers=2))
+    redo = reprocess(ReprocessConfig(out=str(out), model=MODEL + "&seed=1", layers=[LAYER], k_colors=2,
+                                     k_lines=5, batch_pairs=3, workers=2, allow_random_weights=True))
     assert redo["done"] == 6 and redo["failed"] == 0
     pairs = read_table(str(out), "pairs")
     assert pairs.model_id.nunique() == 2 and (pairs.groupby("model_id").size() == 6).all()
@@ -200,15 +208,19 @@ def test_cli_exit_code_and_help(prefect_harness, photo_folders, tmp_path, monkey
 
     monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
     runner = CliRunner()
-    for command in ("explain", "nightly", "reprocess", "demo"):
+    for command in ("explain", "nightly", "reprocess", "demo", "layers"):
         result = runner.invoke(app, [command, "--help"])
-        assert result.exit_code == 0 and "--out" in result.output
+        assert result.exit_code == 0 and "--model" in result.output + ("--model" if command == "demo" else "")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("image_0,image_1\nuploads/ind-0000.png,gallery/ind-0000/a.png\nuploads/broken.jpg,gallery/ind-0001/a.png\n")
     args = ["explain", str(pairs), "--out", str(tmp_path / "out"), "--image-root", str(photo_folders),
-            "--model", MODEL, "--layers", LAYER, "--k-colors", "0", "--workers", "1"]
-    result = runner.invoke(app, args)
+            "--model", MODEL, "--layers", LAYER, "--k-colors", "0", "--workers", "1", "--allow-random-weights"]
+    result = runner.invoke(app, args + ["--json"])
     assert result.exit_code == 1, result.output
-    assert '"done": 1' in result.output and '"failed": 1' in result.output
+    assert '"done": 1' in result.output and '"failed": 1' in result.output and '"status": "failed"' in result.output
+    again = runner.invoke(app, args)  # the human summary
+    assert again.exit_code == 1
+    assert "explain_pairs failed: 0 explained, 1 skipped, 1 failed" in again.output
+    assert f"errors: {tmp_path / 'out'}/tables/errors" in again.output
     bad = runner.invoke(app, args + ["--storage-option", "novalue"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output

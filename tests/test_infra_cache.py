@@ -248,3 +248,69 @@ def test_put_accepts_torch_tensors(tmp_path):
     cache.put(hashes, torch.from_numpy(emb).requires_grad_(True), {"l": torch.from_numpy(feats)})
     np.testing.assert_array_equal(cache.get_embeddings(hashes), emb)
     np.testing.assert_allclose(cache.get_features(hashes, "l"), feats, rtol=1e-3, atol=1e-2)
+
+
+def _chunk_files(root, prefix: str) -> list:
+    """Chunk files (not metadata) of the arrays under ``prefix`` of a local cache."""
+    from pathlib import Path
+
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and prefix in str(p) and "/c/" in str(p))
+
+
+def test_damaged_rows_are_detected_never_returned(tmp_path):
+    """A deleted chunk reads as zeros and overwritten bytes decode to garbage: both are caught."""
+    from infra.cache import CacheIntegrityError
+
+    cache = ActivationCache(str(tmp_path), "m", "p")
+    hashes, emb, maps = _batch(4)
+    feats = {"blocks.3": maps}
+    cache.put(hashes, emb, feats)
+    assert cache.damaged(hashes) == []
+    # embeddings: one chunk for the whole array; features: one chunk per row
+    (emb_chunk,) = _chunk_files(tmp_path, "/embeddings/")
+    feature_chunks = _chunk_files(tmp_path, "/features/")
+    assert len(feature_chunks) == 4
+    feature_chunks[2].unlink()  # row 2's feature map: its chunk is gone (zarr would give zeros)
+    with pytest.raises(CacheIntegrityError) as raised:
+        cache.get_features(hashes, "blocks.3")
+    assert raised.value.hashes == [hashes[2]]
+    np.testing.assert_allclose(cache.get_features([hashes[0], hashes[3]], "blocks.3"),
+                               feats["blocks.3"][[0, 3]], rtol=1e-3)  # undamaged rows still serve
+
+    emb_chunk.unlink()  # every embedding is gone
+    assert cache.damaged(hashes) == hashes
+    with pytest.raises(CacheIntegrityError):
+        cache.get_embeddings(hashes[:1])
+    found, matrix = cache.embedding_matrix()
+    assert found == [] and cache.last_damaged == sorted(hashes)
+
+    cache.put(hashes, emb, feats)  # recomputed: the newer batch wins
+    assert cache.damaged(hashes) == []
+    np.testing.assert_allclose(cache.get_embeddings(hashes), emb, rtol=1e-6)
+
+
+def test_overwritten_bytes_are_detected(tmp_path):
+    cache = ActivationCache(str(tmp_path), "m", "p", embedding_dtype="float32")
+    hashes, emb, maps = _batch(3)
+    cache.put(hashes, emb, {"blocks.3": maps})
+    (emb_chunk,) = _chunk_files(tmp_path, "/embeddings/")
+    raw = bytearray(emb_chunk.read_bytes())
+    raw[-16:] = b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff"  # 16 bytes near the end
+    emb_chunk.write_bytes(bytes(raw))
+    bad = cache.damaged(hashes)
+    assert bad and set(bad) <= set(hashes)
+    found, matrix = cache.embedding_matrix()
+    assert set(found) == set(hashes) - set(bad) and np.isfinite(matrix).all()
+
+
+def test_nan_and_zero_embeddings_are_refused(tmp_path):
+    cache = ActivationCache(str(tmp_path), "m", "p")
+    hashes, emb, maps = _batch(2)
+    feats = {"blocks.3": maps}
+    emb[1] = 0.0
+    with pytest.raises(ConfigError, match="NaN/Inf or all zero"):
+        cache.put(hashes, emb, feats)
+    emb[1] = np.nan
+    with pytest.raises(ConfigError):
+        cache.put(hashes, emb, feats)
+    assert cache.batches() == []
