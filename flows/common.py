@@ -11,7 +11,8 @@ Every flow has two parts:
 Outcome (see the README's "Operations"): a run whose items all succeeded is ``Completed``; a run
 with failed items ends ``Failed`` with :class:`ItemsFailedError` (counts and where the errors
 are); an exception, Ctrl-C or SIGTERM ends it ``Crashed``/``Cancelled``. In every case a ``runs``
-row is written with ``status`` completed / failed / crashed / cancelled and the counts so far.
+row is written with ``status`` completed / failed / crashed / cancelled / refused (another run
+held the output's lease for longer than ``lease_wait_s``) and the counts so far.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from infra.cluster import make_task_runner
+from infra.lease import OutputLockedError, output_lease
 from infra.tables import ensure_table, table_url, write_table
 from tasks.explain import BatchSummary, PairItem, RunSettings, explain_batch_task
 
@@ -111,6 +113,8 @@ def _status_of(error: BaseException) -> str:
 
     if isinstance(error, (KeyboardInterrupt, TerminationSignal)):
         return "cancelled"
+    if isinstance(error, OutputLockedError):
+        return "refused"
     return "crashed"
 
 
@@ -125,7 +129,9 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
     with _ACTIVE_LOCK:
         _ACTIVE[summary.run_id] = summary
     try:
-        work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
+        with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
+                          storage_options=config.storage_options or None):
+            work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
         summary.status = "failed" if summary.failed else "completed"
     except BaseException as error:
         summary.status = _status_of(error)

@@ -16,7 +16,7 @@ from pairx_core.errors import PairXError
 logger = logging.getLogger("pairx.flows")
 
 #: run statuses written to the ``runs`` table
-RUN_STATUSES = ("completed", "failed", "crashed", "cancelled")
+RUN_STATUSES = ("completed", "failed", "crashed", "cancelled", "refused")
 
 
 class ItemsFailedError(PairXError):

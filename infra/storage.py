@@ -55,6 +55,9 @@ from pairx_core.errors import ConfigError, PairXError, StorageError
 
 __all__ = [
     "OBJECT_STORE_PROTOCOLS",
+    "RetryPolicy",
+    "retried",
+    "with_retries",
     "STORAGE_OPTIONS_ENV",
     "environment_storage_options",
     "StorageTarget",
@@ -328,6 +331,69 @@ def _commit(staged: _Staged) -> None:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How storage calls retry transient errors: exponential backoff with jitter.
+
+    The one retry policy of the project's I/O (every :class:`StorageTarget` call, table reads and
+    writes, the cache index, listings in flows). The defaults wait up to about 75 s in total, so
+    a minute-long brown-out of an object store (503 SlowDown) delays a run instead of failing it.
+    ``PAIRX_IO_ATTEMPTS`` overrides the number of attempts (1 turns retries off).
+    """
+
+    attempts: int = 10
+    first_delay_s: float = 0.5
+    max_delay_s: float = 15.0
+    jitter: float = 0.25
+
+    @classmethod
+    def default(cls) -> "RetryPolicy":
+        raw = os.environ.get("PAIRX_IO_ATTEMPTS", "").strip()
+        return cls(attempts=max(1, int(raw))) if raw.isdigit() else cls()
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        import random
+
+        base = min(self.max_delay_s, self.first_delay_s * 2 ** (attempt - 1))
+        return base * (1 + self.jitter * (2 * random.random() - 1))
+
+
+#: calls that had to retry, for tests and for a run's summary (process-wide counter)
+RETRIES = {"count": 0}
+
+
+def with_retries(call, *args, policy: RetryPolicy | None = None, **kwargs):
+    """``call(*args, **kwargs)``, retried on transient errors (:func:`is_transient`) per ``policy``."""
+    import logging
+    import time
+
+    policy = policy or RetryPolicy.default()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if attempt == policy.attempts or not is_transient(error):
+                raise
+            RETRIES["count"] += 1
+            wait = policy.delay(attempt)
+            logging.getLogger("pairx.storage").info("transient storage error (%s), retry %d in %.1f s",
+                                                    type(error).__name__, attempt, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def retried(method):
+    """Decorator: the method retries transient errors with the default :class:`RetryPolicy`."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return with_retries(method, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
 class StorageTarget:
     """A root location plus how to reach it.
 
@@ -421,6 +487,7 @@ class StorageTarget:
         return root_fs, root_fs._strip_protocol(target)
 
     # ------------------------------------------------------------------ queries
+    @retried
     def exists(self, path: str = "") -> bool:
         """Whether a file or directory exists at ``path`` (listing caches are refreshed first)."""
         fs, fs_path = self._resolve(path)
@@ -428,6 +495,7 @@ class StorageTarget:
             fs.invalidate_cache(fs_path)
             return bool(fs.exists(fs_path))
 
+    @retried
     def glob(self, pattern: str) -> list[str]:
         """Full URLs matching a glob ``pattern`` (relative to the root or a full URL), sorted."""
         fs, fs_path = self._resolve(pattern)
@@ -436,6 +504,7 @@ class StorageTarget:
             found = fs.glob(fs_path)
         return sorted(self._canonical(fs, p) for p in found if not is_temp_name(p))
 
+    @retried
     def list_files(self, prefix: str = "", suffixes: Sequence[str] | None = None) -> list[str]:
         """All files under ``prefix`` (recursive), as full URLs, sorted.
 
@@ -463,6 +532,7 @@ class StorageTarget:
             urls.append(self._canonical(fs, p))
         return sorted(urls)
 
+    @retried
     def list_dir(self, path: str = "") -> list[str]:
         """Names (not URLs) of the direct children of directory ``path``; missing -> ``[]``."""
         fs, fs_path = self._resolve(path)
@@ -481,6 +551,7 @@ class StorageTarget:
             names.append(entry.rsplit("/", 1)[-1])
         return sorted(n for n in names if not is_temp_name(n))
 
+    @retried
     def size_bytes(self, path: str = "") -> int:
         """Total size of all files under ``path`` (recursive); 0 when missing."""
         fs, fs_path = self._resolve(path)
@@ -491,6 +562,7 @@ class StorageTarget:
             return int(fs.du(fs_path, total=True))
 
     # ------------------------------------------------------------------ reading and writing
+    @retried
     def read_bytes(self, path: str) -> bytes:
         """Whole content of a file. Missing file -> ``StorageError(uri, "not found")``."""
         fs, fs_path = self._resolve(path)
@@ -498,6 +570,7 @@ class StorageTarget:
         with storage_errors(uri):
             return bytes(fs.cat_file(fs_path))
 
+    @retried
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Contents of several files at once (concurrent requests on object stores).
 
@@ -527,6 +600,7 @@ class StorageTarget:
     def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
         return _protocol_of(fs) in ("file", "local")
 
+    @retried
     def write_bytes_atomic(self, path: str, data: bytes) -> str:
         """Write ``data`` so that readers see either the old file or the whole new one.
 
@@ -567,6 +641,7 @@ class StorageTarget:
         fs.pipe_file(temp_path, data)
         return _Staged("move", fs, fs_path, temp_path=temp_path)
 
+    @retried
     def delete(self, path: str, recursive: bool = False) -> None:
         """Remove a file (or a directory tree with ``recursive=True``); missing is not an error."""
         fs, fs_path = self._resolve(path)

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pairx_core.errors import ConfigError
 
-from .storage import StorageTarget, safe_segment
+from .storage import StorageTarget, safe_segment, with_retries
 
 __all__ = [
     "PARTITION_COLUMNS",
@@ -138,8 +138,9 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("duration_s", pa.float64(), "wall-clock duration, seconds"),
             _f("started_at", _TS, "run start (UTC)"),
             _f("finished_at", _TS, "run end (UTC)"),
-            _f("status", pa.string(), "completed, failed (some items failed), crashed (an error stopped the run) "
-                                      "or cancelled (Ctrl-C, SIGTERM, cancelled in Prefect)"),
+            _f("status", pa.string(), "completed, failed (some items failed), crashed (an error stopped the run), "
+                                      "cancelled (Ctrl-C, SIGTERM, cancelled in Prefect) or refused (another run "
+                                      "held the output's lease)"),
             _f("error", pa.string(), "what stopped a crashed or cancelled run"),
             _f("model_spec", pa.string(), "the model spec as given, credentials removed"),
             _f("weights_digest", pa.string(), "digest of the model's weights and architecture"),
@@ -401,6 +402,12 @@ def read_table(
     target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
     if not target.exists():
         return _empty_frame(schema, columns)
+    return with_retries(_read_dataset, target, full, filters, model_id, columns)
+
+
+def _read_dataset(target: StorageTarget, full: pa.Schema, filters: Any, model_id: str | None,
+                  columns: Sequence[str] | None) -> pd.DataFrame:
+    """One attempt at reading a table's dataset (listing + files), retried as a whole."""
     partitioning = ds.partitioning(
         pa.schema([pa.field(c, pa.string()) for c in PARTITION_COLUMNS]), flavor="hive"
     )
@@ -408,6 +415,7 @@ def read_table(
         dataset = ds.dataset(target.root, format="parquet", partitioning=partitioning, schema=full)
     else:
         fs = target.filesystem()
+        fs.invalidate_cache()  # a retry must list again
         dataset = ds.dataset(
             fs._strip_protocol(target.root),
             filesystem=fs,
