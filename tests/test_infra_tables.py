@@ -36,6 +36,10 @@ def _sample_value(field: pa.Field, i: int):
         return 0.25 * (i + 1)
     if pa.types.is_timestamp(t):
         return WHEN
+    if pa.types.is_boolean(t):
+        return i % 2 == 0
+    if pa.types.is_list(t) and pa.types.is_string(t.value_type):
+        return [f"{field.name}-{i}", "x"]
     if pa.types.is_list(t):
         return [float(i), 2.0, 30.0, 40.5]
     raise AssertionError(f"no sample for {t}")
