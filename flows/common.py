@@ -89,4 +89,5 @@ def write_run(out: str, flow: str, config, summary: FlowSummary, started: dateti
 def settings_for(config, run_id: str) -> RunSettings:
     return RunSettings(out=config.out, model=config.model, layers=tuple(config.layers), run_id=run_id,
                        k_lines=config.k_lines, k_colors=config.k_colors, device=config.device,
-                       storage_options=config.storage_options or None, render=config.render)
+                       storage_options=config.storage_options or None, render=config.render,
+                       public_url=getattr(config, "public_url", None))

@@ -25,6 +25,7 @@ class CommonConfig(BaseModel):
     device: str | None = Field(None, description="cpu, cuda or None (auto)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     render: bool = True
+    public_url: str | None = Field(None, description="base URL where OUT is published: viz_uri columns and report links become URLs under it")
 
     @field_validator("out")
     @classmethod

@@ -6,7 +6,6 @@ import contextlib
 import io
 from datetime import datetime, timezone
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 
@@ -15,6 +14,8 @@ from infra.cluster import gpu_annotation, make_task_runner
 from infra.storage import StorageTarget
 from infra.tables import read_table, write_table
 from pairx_core.errors import ConfigError
+from pairx_core.retrieval import Candidate
+from tasks.candidates import candidate_rows
 from tasks.embed import embed_images_task, top_k
 from tasks.explain import PairItem, derive_pair_id
 from tasks.runtime import model_identity
@@ -24,8 +25,6 @@ from .common import FlowSummary, chunks, explain_items, new_run_id, settings_for
 from .config import NightlyConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-#: weight of plausibility (IRM) against similarity in the re-ranking score
-RERANK_IRM_WEIGHT = 0.5
 
 
 def list_gallery(gallery: str, storage_options=None) -> dict[str, str]:
@@ -55,12 +54,6 @@ def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str
     """
     errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage"], storage_options=storage_options)
     return set(errors.loc[errors.stage == "load", "item"])
-
-
-def rerank_score(similarity: float, irm: float | None) -> float:
-    """Similarity blended with plausibility: ``(1 - w) * similarity + w * irm``."""
-    irm = 0.0 if irm is None or not np.isfinite(irm) else irm
-    return (1 - RERANK_IRM_WEIGHT) * similarity + RERANK_IRM_WEIGHT * irm
 
 
 @flow(name="nightly", log_prints=True)
@@ -111,23 +104,12 @@ def nightly(config: NightlyConfig) -> dict:
             for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
                 candidate = gallery_uris[gi]
                 pair_id = derive_pair_id(query, candidate)
-                items.append(PairItem(pair_id, query, candidate))
-                candidates.append((query, candidate, float(score), pair_id))
+                items.append(PairItem(pair_id, query, candidate, individual_1=gallery[candidate] or None))
+                candidates.append(Candidate(query, candidate, float(score), pair_id, gallery[candidate] or None))
         explain_items(items, settings_for(config, summary.run_id), config.batch_pairs, summary, annotations,
                       progress_hooks.current())
-        irm = dict(summary.irm)
-        missing = {pid for *_, pid in candidates if pid not in irm}
-        if missing:  # explained by an earlier, interrupted run: read back
-            pairs = read_table(config.out, "pairs", model_id=model_id, columns=["pair_id", "layer", "irm"], storage_options=so)
-            pairs = pairs[pairs.layer == config.layers[0]]
-            irm.update({p: v for p, v in zip(pairs.pair_id, pairs.irm) if p in missing})
-        rows = []
-        for query in query_uris:
-            mine = [c for c in candidates if c[0] == query]
-            scored = sorted(mine, key=lambda c: -rerank_score(c[2], irm.get(c[3])))
-            for rank, (q, g, sim, pid) in enumerate(scored):
-                rows.append({"query": q, "rank": rank, "gallery_image": g, "individual": gallery[g] or None,
-                             "similarity": sim, "irm": irm.get(pid), "rerank_score": rerank_score(sim, irm.get(pid))})
+        # this run's explanations and those of an earlier, interrupted run, read back from `pairs`
+        rows = candidate_rows(config.out, model_id, config.model, config.layers[0], candidates, so)
         write_table(config.out, "candidates", rows, model_id, summary.run_id, so)
     write_run(config.out, "nightly", config, summary, started, so)
     logger.info("summary: %s", summary.as_dict())
