@@ -10,7 +10,8 @@ Layout (the published one, made legible for a reviewer):
 - bottom panel: the ``k_colors`` pixel maps, each in its own colour (cycling grey, purple, blue,
   green, orange, red), drawn over a faded copy of each photo so that a coloured region can be
   read against the animal's markings;
-- a caption strip (similarity, IRM, layer, number of matches).
+- a caption strip (similarity, IRM, number of matches, layer), wrapped onto more lines when
+  the picture is narrow.
 
 Photos are drawn at their own resolution: :func:`fit_display` caps the long side (default
 :data:`DISPLAY_MAX_SIDE`, 1024 px) and enlarges tiny inputs to :data:`DISPLAY_MIN_SIDE`. The two
@@ -36,7 +37,7 @@ FADED_PHOTO = 0.35
 #: strongest opacity of a pixel-relevance colour
 REGION_OPACITY = 0.85
 DISPLAY_MAX_SIDE = 1024
-DISPLAY_MIN_SIDE = 256
+DISPLAY_MIN_SIDE = 320
 MIN_FONT_PX = 14
 
 
@@ -129,11 +130,25 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, else without its trailing ``" (...)"`` part, else cut with an ellipsis, to fit ``width``."""
     if draw.textlength(text, font=font) <= width:
         return text
+    if text.endswith(")") and " (" in text:
+        return _fit_text(draw, text[: text.rindex(" (")], font, width)
     while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
         text = text[:-1]
     return text + "…"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, parts: list[str], font, width: int, separator: str = " | ") -> list[str]:
+    """Join ``parts`` into as few lines as fit ``width`` (a part longer than a line is cut)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and draw.textlength(lines[-1] + separator + part, font=font) <= width:
+            lines[-1] += separator + part
+        else:
+            lines.append(_fit_text(draw, part, font, width))
+    return lines
 
 
 def render(
@@ -187,7 +202,17 @@ def render(
     strip = size + 2 * pad
     labelled = label_0 is not None or label_1 is not None
     label_height = strip if labelled else 0
-    caption_height = strip if caption else 0
+    lines: list[str] = []
+    if caption:
+        parts = []
+        if similarity is not None:
+            parts.append(f"similarity {similarity:.3f}")
+        parts.append("IRM n/a" if irm is None or not np.isfinite(irm) else f"IRM {irm:.3f}")
+        parts.append(f"{layer.n_matches} matches")
+        parts.append(f"layer {layer.layer}")
+        lines = _wrap(ImageDraw.Draw(body), parts, font, body.width - 2 * pad)
+    line_height = size + pad
+    caption_height = len(lines) * line_height + pad if lines else 0
     picture = Image.new("RGB", (body.width, label_height + body.height + caption_height), "white")
     picture.paste(body, (0, label_height))
     draw = ImageDraw.Draw(picture)
@@ -210,13 +235,6 @@ def render(
             if text:
                 draw.text((x0 + pad, pad), _fit_text(draw, text, font, span - 2 * pad), fill=(0, 0, 0), font=font)
         draw.line([(width_0, 0), (width_0, label_height)], fill=(160, 160, 160), width=1)
-    if caption:
-        parts = []
-        if similarity is not None:
-            parts.append(f"similarity {similarity:.3f}")
-        parts.append("IRM n/a" if irm is None or not np.isfinite(irm) else f"IRM {irm:.3f}")
-        parts.append(f"layer {layer.layer}")
-        parts.append(f"{layer.n_matches} matches")
-        text = _fit_text(draw, " | ".join(parts), font, picture.width - 2 * pad)
-        draw.text((pad, label_height + body.height + pad), text, fill=(0, 0, 0), font=font)
+    for number, line in enumerate(lines):
+        draw.text((pad, label_height + body.height + pad + number * line_height), line, fill=(0, 0, 0), font=font)
     return picture

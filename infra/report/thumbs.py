@@ -78,7 +78,7 @@ class ThumbWriter:
             image = Image.open(io.BytesIO(data))
             image.load()
         except Exception as error:  # noqa: BLE001
-            logger.warning("report: cannot read picture %s: %s", relative_png, error)
+            logger.info("report: cannot read picture %s: %s", relative_png, error)
             return None
         return self._put_width(name, image, PICTURE_PX)
 
