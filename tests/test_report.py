@@ -98,3 +98,26 @@ def test_site_structure_links_and_thumbnails(tmp_path):
 
     again = build_report(out, date="2024-05-07", page_size=2)
     assert again.nights == 1 and again.thumbs_written == 0  # thumbnails reused
+
+
+@pytest.mark.integration
+def test_site_on_s3(s3_bucket, tmp_path):
+    """Tables, pictures and the site itself on a real S3 API (moto server)."""
+    import boto3
+
+    from infra.report import build_report
+
+    out = f"s3://{s3_bucket}/out"
+    local = write_output(tmp_path)
+    client = boto3.client("s3")
+    for path in Path(local).rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket=s3_bucket, Key=f"out/{path.relative_to(local)}", Body=path.read_bytes())
+    result = build_report(out, "2024-05-06")
+    assert result.index_url == f"{out}/report/index.html"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/report/")["Contents"]}
+    assert f"out/report/nights/2024-05-06_{MODEL}/index.html" in keys
+    thumbs = [k for k in keys if k.startswith("out/report/thumbs/")]
+    assert len(thumbs) == 6 * 2 + 9  # 6 photos (small + enlarged), 9 picture previews
+    page = client.get_object(Bucket=s3_bucket, Key=f"out/report/nights/2024-05-06_{MODEL}/index.html")["Body"].read()
+    assert page.count(b"<article class='card") == 9 and b"s3://" not in page  # relative links only
