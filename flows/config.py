@@ -63,6 +63,7 @@ class CommonConfig(BaseModel):
                 "them out of band: the environment variable PAIRX_STORAGE_OPTIONS (JSON) or AWS_* variables of "
                 "the processes that run the flow and its workers (the CLI's --storage-option does this)")
         return value
+    public_url: str | None = Field(None, description="base URL where OUT is published: viz_uri columns and report links become URLs under it")
 
     @field_validator("out")
     @classmethod

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 from prefect import flow, get_run_logger
 
 from infra.cache import ActivationCache
 from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
 from infra.tables import read_table, write_table
+from pairx_core.retrieval import Candidate
+from tasks.candidates import candidate_rows
 from tasks.embed import embed_images_task, top_k
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
 from .preflight import resolve_model
 
-#: weight of plausibility (IRM) against similarity in the re-ranking score
-RERANK_IRM_WEIGHT = 0.5
 
 
 def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str]:
@@ -33,12 +32,6 @@ def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str
     """
     errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage"], storage_options=storage_options)
     return set(errors.loc[errors.stage == "load", "item"])
-
-
-def rerank_score(similarity: float, irm: float | None) -> float:
-    """Similarity blended with plausibility: ``(1 - w) * similarity + w * irm``."""
-    irm = 0.0 if irm is None or not np.isfinite(irm) else irm
-    return (1 - RERANK_IRM_WEIGHT) * similarity + RERANK_IRM_WEIGHT * irm
 
 
 @flow(name="nightly-work", log_prints=True)
@@ -100,23 +93,12 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
             candidate = gallery_uris[gi]
             pair_id = derive_pair_id(query, candidate)
-            items.append(PairItem(pair_id, query, candidate))
-            candidates.append((query, candidate, float(score), pair_id))
+            items.append(PairItem(pair_id, query, candidate, individual_1=gallery[candidate] or None))
+            candidates.append(Candidate(query, candidate, float(score), pair_id, gallery[candidate] or None))
     summary.planned["pairs_planned"] = len(items)
     explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
-    irm = dict(summary.irm)
-    missing = {pid for *_, pid in candidates if pid not in irm}
-    if missing:  # explained by an earlier, interrupted run: read back
-        pairs = read_table(config.out, "pairs", model_id=model_id, columns=["pair_id", "layer", "irm"], storage_options=so)
-        pairs = pairs[pairs.layer == layers[0]]
-        irm.update({p: v for p, v in zip(pairs.pair_id, pairs.irm) if p in missing})
-    rows = []
-    for query in query_uris:
-        mine = [c for c in candidates if c[0] == query]
-        scored = sorted(mine, key=lambda c: -rerank_score(c[2], irm.get(c[3])))
-        for rank, (q, g, sim, pid) in enumerate(scored):
-            rows.append({"query": q, "rank": rank, "gallery_image": g, "individual": gallery[g] or None,
-                         "similarity": sim, "irm": irm.get(pid), "rerank_score": rerank_score(sim, irm.get(pid))})
+    # this run's explanations and those of an earlier, interrupted run, read back from `pairs`
+    rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, so)
     write_table(config.out, "candidates", rows, model_id, run_id, so)
 
 

@@ -56,6 +56,8 @@ class PairItem:
     box_1: tuple[float, float, float, float] | None = None
     theta_0: float = 0.0
     theta_1: float = 0.0
+    #: individual of image_1 when known (gallery candidates): named on the picture
+    individual_1: str | None = None
 
 
 def derive_pair_id(image_0: str, image_1: str) -> str:

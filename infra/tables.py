@@ -68,6 +68,8 @@ def _ids(*, run: bool = True, created: bool = True) -> list[pa.Field]:
     return fields
 
 
+_MODEL_SPEC = _f("model_spec", pa.string(), "model spec as typed, credentials removed (infra.model_store.redact_model_spec)")
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "pairs": pa.schema(
         [
@@ -77,17 +79,18 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("layer", pa.string(), "layer whose features were matched and explained", False),
             _f("similarity", pa.float64(), "cosine similarity of the two embeddings"),
             _f("n_matches", pa.int32(), "number of feature matches kept"),
-            _f("residual_px", pa.float64(), "mean reprojection error of the top matches under a RANSAC homography, input pixels"),
-            _f("inliers", pa.int32(), "RANSAC inliers (5 px) among the top matches"),
-            _f("irm", pa.float64(), "geometric consistency 1 / (1 + residual_px); 0 with fewer than 4 matches"),
+            _f("residual_px", pa.float64(), "mean reprojection error of the top matches under a RANSAC homography, input pixels (null when irm is)"),
+            _f("inliers", pa.int32(), "RANSAC inliers (5 px) among the top matches (null when irm is)"),
+            _f("irm", pa.float64(), "geometric consistency 1 / (1 + residual_px); null with fewer than 5 top matches or zero relevance among them"),
             _f("match_coverage", pa.float64(), "mean relevance of the top matches / (max R0 * max R1), in [0, 1]"),
             _f("relevance_share", pa.float64(), "share of total relevance at matched locations"),
             _f("match_share", pa.float64(), "mutual matches / feature-map cells"),
-            _f("viz_uri", pa.string(), "URI of the PNG visualisation (null if not rendered)"),
+            _f("viz_uri", pa.string(), "URI of the PNG visualisation (null if not rendered); a URL under `public_url` when set"),
             _f("box_0", pa.list_(pa.float64()), "crop box x, y, w, h of image_0 as given (pixels or fractions); null: whole image"),
             _f("box_1", pa.list_(pa.float64()), "crop box x, y, w, h of image_1 as given; null: whole image"),
             _f("theta_0", pa.float64(), "rotation of image_0 in radians, applied after the crop"),
             _f("theta_1", pa.float64(), "rotation of image_1 in radians, applied after the crop"),
+            _MODEL_SPEC,
             *_ids(),
             _f("output_key", pa.string(), "idempotency key (infra.keys.pair_output_key)", False),
         ]
@@ -124,6 +127,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("height", pa.int32(), "height of the EXIF-upright image, pixels"),
             _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
             _f("embedded_at", _TS, "when the embedding was computed (UTC)"),
+            _f("run_id", pa.string(), "pipeline run that recorded the image (null in rows written before this column existed)"),
         ]
     ),
     "runs": pa.schema(
@@ -160,7 +164,12 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("individual", pa.string(), "individual id of the gallery image, if known"),
             _f("similarity", pa.float64(), "cosine similarity of the embeddings"),
             _f("irm", pa.float64(), "IRM of the pair at the first layer (null if not explained)"),
-            _f("rerank_score", pa.float64(), "score used for the final ranking"),
+            _f("rerank_score", pa.float64(), "score used for the final ranking (similarity alone when irm is null)"),
+            _f("pair_id", pa.string(), "pair explained for this candidate (joins `pairs` and `matches`)"),
+            _f("layer", pa.string(), "layer whose IRM ranked the candidate (the first explained layer)"),
+            _f("viz_uri", pa.string(), "URI of the pair's PAIR-X picture at `layer` (a URL under `public_url` when set)"),
+            _f("output_key", pa.string(), "`pairs.output_key` of the explanation used (exact join key)"),
+            _MODEL_SPEC,
             *_ids(),
         ]
     ),

@@ -8,6 +8,7 @@ hash suffix, so two different names never share a file).
 from __future__ import annotations
 
 import io
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from pairx_core.errors import ConfigError
 
 from .storage import StorageTarget, safe_segment
 
-__all__ = ["encode_png", "viz_uri", "write_png"]
+__all__ = ["encode_png", "public_link", "relative_to_out", "viz_uri", "write_png"]
 
 
 def viz_uri(
@@ -33,6 +34,30 @@ def viz_uri(
             raise ConfigError(f"viz_uri: {name} must be a non-empty string, got {value!r}")
     target = StorageTarget.from_url(out_url, storage_options)
     return target.join("viz", f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{safe_segment(layer)}.png")
+
+
+def relative_to_out(out_url: str, uri: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Path of ``uri`` relative to the output root (``viz/model=.../x.png``), or None if outside it."""
+    target = StorageTarget.from_url(out_url, storage_options)
+    root = target.root.rstrip("/") + "/"
+    full = target.url(uri)
+    return full[len(root):] if full.startswith(root) else None
+
+
+def public_link(out_url: str, uri: str, public_url: str | None,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """``uri`` (under ``out_url``) as a URL under ``public_url``, the base where OUT is published.
+
+    Without ``public_url`` (or for a ``uri`` outside the output root) ``uri`` is returned as is.
+    ``public_link("s3://b/out", "s3://b/out/viz/a.png", "https://cdn.example/out")`` is
+    ``"https://cdn.example/out/viz/a.png"``.
+    """
+    if not public_url:
+        return uri
+    relative = relative_to_out(out_url, uri, storage_options)
+    if relative is None:
+        return uri
+    return public_url.rstrip("/") + "/" + "/".join(urllib.parse.quote(part, safe="=") for part in relative.split("/"))
 
 
 #: zlib level for pictures: measured on a 576 x 598 PAIR-X picture, level 1 encodes in 18 ms

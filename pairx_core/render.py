@@ -1,9 +1,22 @@
 """The PAIR-X picture of one pair at one layer (spec step 6), drawn with Pillow and numpy.
 
-Top panel: both images side by side, each under its intermediate relevance (jet colour map,
-about 40 % opacity), with the top ``k_lines`` matches as lines between cell centres. Bottom
-panel: the ``k_colors`` pixel maps, each in its own colour, accumulated on white. Optional
-caption strip with similarity, layer and IRM. ``compact=True`` draws the top panel only.
+Layout (the published one, made legible for a reviewer):
+
+- a label strip naming the two sides (``label_0`` e.g. "upload: IMG_0412.jpg", ``label_1`` e.g.
+  "candidate: #412 (IMG_0077.jpg)");
+- top panel: both photos side by side at their display resolution, each under its intermediate
+  relevance (jet colour map, :data:`OVERLAY_OPACITY`), with the top ``k_lines`` matches drawn as
+  lines between cell centres;
+- bottom panel: the ``k_colors`` pixel maps, each in its own colour (cycling grey, purple, blue,
+  green, orange, red), drawn over a faded copy of each photo so that a coloured region can be
+  read against the animal's markings;
+- a caption strip (similarity, IRM, number of matches, layer), wrapped onto more lines when
+  the picture is narrow.
+
+Photos are drawn at their own resolution: :func:`fit_display` caps the long side (default
+:data:`DISPLAY_MAX_SIDE`, 1024 px) and enlarges tiny inputs to :data:`DISPLAY_MIN_SIDE`. The two
+sides are brought to a common height. Text is at least :data:`MIN_FONT_PX` (14 px) and grows
+with the picture. ``compact=True`` draws the top panel only.
 """
 
 from __future__ import annotations
@@ -17,8 +30,15 @@ LINE_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (24
                 (70, 240, 240), (240, 50, 230)]
 #: grey, purple, blue, green, orange, red (the spec's cycle for pixel maps)
 REGION_COLOURS = [(128, 128, 128), (128, 0, 160), (0, 90, 230), (0, 160, 60), (255, 140, 0), (220, 20, 20)]
-OVERLAY_OPACITY = 0.4
-CAPTION_HEIGHT = 22
+#: jet heatmap opacity over the photo (lighter than the published 0.4, so markings stay visible)
+OVERLAY_OPACITY = 0.3
+#: how much of the photo shows under the pixel-relevance colours (the rest is white)
+FADED_PHOTO = 0.35
+#: strongest opacity of a pixel-relevance colour
+REGION_OPACITY = 0.85
+DISPLAY_MAX_SIDE = 1024
+DISPLAY_MIN_SIDE = 320
+MIN_FONT_PX = 14
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -36,27 +56,99 @@ def _normalise(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.zeros_like(values)
 
 
-def _overlay(image: np.ndarray, relevance: np.ndarray) -> np.ndarray:
-    """Blend the jet map of ``relevance`` ``(h, w)``, resized to the image ``(H, W, 3)``."""
-    height, width = image.shape[:2]
-    heat = Image.fromarray(jet(_normalise(relevance))).resize((width, height), Image.BILINEAR)
-    blended = (1 - OVERLAY_OPACITY) * image.astype(np.float64) + OVERLAY_OPACITY * np.asarray(heat, np.float64)
-    return blended.astype(np.uint8)
+def display_size(size: tuple[int, int], max_side: int = DISPLAY_MAX_SIDE,
+                 min_side: int = DISPLAY_MIN_SIDE) -> tuple[int, int]:
+    """``(W, H)`` to draw an image of ``size`` ``(W, H)``: long side capped at ``max_side``,
+    enlarged so the long side reaches ``min_side`` (never above ``max_side``); aspect kept."""
+    width, height = int(size[0]), int(size[1])
+    if width < 1 or height < 1 or max_side < 1:
+        raise ValueError(f"display_size: bad size {size} or max_side {max_side}")
+    long_side = max(width, height)
+    target = min(max(long_side, min(min_side, max_side)), max_side)
+    factor = target / long_side
+    return max(1, round(width * factor)), max(1, round(height * factor))
 
 
-def _regions(pixel_maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Accumulate ``(k, H, W)`` pixel maps on white, one colour each (rank order, cycling)."""
-    canvas = np.full((*shape, 3), 255.0)
-    for j, pixel_map in enumerate(pixel_maps):
-        alpha = np.sqrt(_normalise(pixel_map))[..., None]  # sqrt: faint support stays visible
-        colour = np.asarray(REGION_COLOURS[j % len(REGION_COLOURS)], dtype=np.float64)
-        canvas = canvas * (1 - alpha) + colour * alpha
-    return canvas.astype(np.uint8)
+def fit_display(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE, min_side: int = DISPLAY_MIN_SIDE) -> np.ndarray:
+    """An RGB photo (the chip the model saw, before its resize) at display size: ``(H, W, 3)`` uint8."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    size = display_size(image.size, max_side, min_side)
+    if size != image.size:
+        image = image.resize(size, Image.LANCZOS if size[0] < image.size[0] else Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def display_scale(input_size: tuple[int, int], min_side: int = 224) -> int:
     """Smallest integer enlargement that makes the shorter input side at least ``min_side``."""
     return max(1, -(-min_side // min(input_size)))
+
+
+def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to ``size`` ``(W, H)``."""
+    field = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    return np.asarray(field.resize(size, Image.BILINEAR), dtype=np.float64)
+
+
+def _overlay(image: np.ndarray, relevance: np.ndarray, opacity: float) -> np.ndarray:
+    """Blend the jet map of ``relevance`` ``(h, w)``, resized to the image ``(H, W, 3)``."""
+    height, width = image.shape[:2]
+    heat = jet(np.clip(_resize_map(_normalise(relevance), (width, height)), 0.0, 1.0))
+    blended = (1 - opacity) * image.astype(np.float64) + opacity * heat.astype(np.float64)
+    return (blended + 0.5).astype(np.uint8)
+
+
+def _regions(image: np.ndarray, pixel_maps: np.ndarray) -> np.ndarray:
+    """Pixel maps ``(k, h, w)`` in their colours (rank order, cycling) over a faded ``image``."""
+    height, width = image.shape[:2]
+    canvas = FADED_PHOTO * image.astype(np.float64) + (1 - FADED_PHOTO) * 255.0
+    for j, pixel_map in enumerate(pixel_maps):
+        resized = np.clip(_resize_map(_normalise(pixel_map), (width, height)), 0.0, 1.0)
+        alpha = REGION_OPACITY * np.sqrt(resized)[..., None]  # sqrt: faint support stays visible
+        colour = np.asarray(REGION_COLOURS[j % len(REGION_COLOURS)], dtype=np.float64)
+        canvas = canvas * (1 - alpha) + colour * alpha
+    return (canvas + 0.5).astype(np.uint8)
+
+
+def _to_height(image: np.ndarray, height: int) -> np.ndarray:
+    if image.shape[0] == height:
+        return image
+    width = max(1, round(image.shape[1] * height / image.shape[0]))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS), dtype=np.uint8)
+
+
+def font_px(picture_side: int) -> int:
+    """Text size for a picture whose photos have ``picture_side`` px: >= 14, 18 px at 1024."""
+    return max(MIN_FONT_PX, round(18 * picture_side / 1024))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, else without its trailing ``" (...)"`` part, else cut with an ellipsis, to fit ``width``."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    if text.endswith(")") and " (" in text:
+        return _fit_text(draw, text[: text.rindex(" (")], font, width)
+    while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, parts: list[str], font, width: int, separator: str = " | ") -> list[str]:
+    """Join ``parts`` into as few lines as fit ``width`` (a part longer than a line is cut)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and draw.textlength(lines[-1] + separator + part, font=font) <= width:
+            lines[-1] += separator + part
+        else:
+            lines.append(_fit_text(draw, part, font, width))
+    return lines
 
 
 def render(
@@ -68,50 +160,81 @@ def render(
     irm: float | None = None,
     caption: bool = True,
     compact: bool = False,
-    line_width: int = 2,
-    scale: int = 1,
+    line_width: int | None = None,
+    label_0: str | None = None,
+    label_1: str | None = None,
+    opacity: float = OVERLAY_OPACITY,
 ) -> Image.Image:
-    """Draw the explanation. ``image_0``, ``image_1``: ``(H, W, 3)`` uint8 at the model input size.
+    """Draw the explanation.
 
-    ``scale`` enlarges the panels (bilinear) before the lines are drawn, so explanations of small
-    inputs (e.g. 96 px) stay readable; :func:`display_scale` picks one.
-    Returns an RGB image of width ``2 W scale`` and height ``2 H scale`` (``H scale`` when
-    compact), plus the caption.
+    Args:
+        layer: the explanation; match positions are in model-input pixels (``layer.input_size``)
+            and are scaled to each photo's display size (the model resized without keeping the
+            aspect ratio, so x and y scale independently).
+        image_0, image_1: ``(H, W, 3)`` uint8 photos at display resolution (:func:`fit_display`
+            of the chip), any size and aspect; the model-input size works too.
+        label_0, label_1: names of the two sides (a label strip is drawn when either is given).
+        caption: add the similarity / IRM / layer strip below.
+        compact: top panel only.
+
+    Returns:
+        RGB image ``W0' + W1'`` wide, where both photos are brought to the smaller of their two
+        heights ``H`` (aspect kept); height ``2 H`` (``H`` when compact) plus the text strips.
     """
-    if scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
-    height, width = layer.input_size
     for name, image in (("image_0", image_0), ("image_1", image_1)):
-        if image.shape != (height, width, 3):
-            raise ValueError(f"{name} must be ({height}, {width}, 3) uint8, got {image.shape}")
-    top = np.concatenate([_overlay(image_0, layer.relevance_0), _overlay(image_1, layer.relevance_1)], axis=1)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+            raise ValueError(f"{name} must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    height = min(image_0.shape[0], image_1.shape[0])
+    photo_0, photo_1 = _to_height(image_0, height), _to_height(image_1, height)
+    width_0, width_1 = photo_0.shape[1], photo_1.shape[1]
+    top = np.concatenate([_overlay(photo_0, layer.relevance_0, opacity),
+                          _overlay(photo_1, layer.relevance_1, opacity)], axis=1)
     panels = [top]
     if not compact:
-        bottom = np.concatenate(
-            [_regions(layer.pixel_relevance_0, (height, width)), _regions(layer.pixel_relevance_1, (height, width))],
-            axis=1,
-        )
-        panels.append(bottom)
-    picture = Image.fromarray(np.concatenate(panels, axis=0))
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.BILINEAR)
+        panels.append(np.concatenate([_regions(photo_0, layer.pixel_relevance_0),
+                                      _regions(photo_1, layer.pixel_relevance_1)], axis=1))
+    body = Image.fromarray(np.concatenate(panels, axis=0))
+
+    side = max(height, width_0, width_1)
+    size = font_px(side)
+    font = _font(size)
+    pad = max(4, size // 3)
+    strip = size + 2 * pad
+    labelled = label_0 is not None or label_1 is not None
+    label_height = strip if labelled else 0
+    lines: list[str] = []
+    if caption:
+        parts = []
+        if similarity is not None:
+            parts.append(f"similarity {similarity:.3f}")
+        parts.append("IRM n/a" if irm is None or not np.isfinite(irm) else f"IRM {irm:.3f}")
+        parts.append(f"{layer.n_matches} matches")
+        parts.append(f"layer {layer.layer}")
+        lines = _wrap(ImageDraw.Draw(body), parts, font, body.width - 2 * pad)
+    line_height = size + pad
+    caption_height = len(lines) * line_height + pad if lines else 0
+    picture = Image.new("RGB", (body.width, label_height + body.height + caption_height), "white")
+    picture.paste(body, (0, label_height))
     draw = ImageDraw.Draw(picture)
+
+    in_h, in_w = layer.input_size
+    scale_0 = (width_0 / in_w, height / in_h)
+    scale_1 = (width_1 / in_w, height / in_h)
+    width = line_width or max(2, round(side / 400))
+    dot = width + 1
     for j, row in enumerate(layer.matches.head(layer.k_lines).itertuples(index=False)):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-        start, end = (row.x_0 * scale, row.y_0 * scale), ((row.x_1 + width) * scale, row.y_1 * scale)
-        draw.line([start, end], fill=colour, width=line_width)
+        start = ((row.x_0 + 0.5) * scale_0[0] - 0.5, (row.y_0 + 0.5) * scale_0[1] - 0.5 + label_height)
+        end = (width_0 + (row.x_1 + 0.5) * scale_1[0] - 0.5, (row.y_1 + 0.5) * scale_1[1] - 0.5 + label_height)
+        draw.line([start, end], fill=colour, width=width)
         for cx, cy in (start, end):
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], outline=colour)
-    if not caption:
-        return picture
-    captioned = Image.new("RGB", (picture.width, picture.height + CAPTION_HEIGHT), "white")
-    captioned.paste(picture, (0, 0))
-    parts = [f"layer {layer.layer}"]
-    if similarity is not None:
-        parts.insert(0, f"similarity {similarity:.3f}")
-    if irm is not None:
-        parts.append(f"IRM {irm:.3f}")
-    parts.append(f"{layer.n_matches} matches")
-    ImageDraw.Draw(captioned).text((4, picture.height + 4), " | ".join(parts), fill=(0, 0, 0),
-                                   font=ImageFont.load_default())
-    return captioned
+            draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], outline=colour, width=max(1, width // 2))
+
+    if labelled:
+        for text, x0, span in ((label_0, 0, width_0), (label_1, width_0, width_1)):
+            if text:
+                draw.text((x0 + pad, pad), _fit_text(draw, text, font, span - 2 * pad), fill=(0, 0, 0), font=font)
+        draw.line([(width_0, 0), (width_0, label_height)], fill=(160, 160, 160), width=1)
+    for number, line in enumerate(lines):
+        draw.text((pad, label_height + body.height + pad + number * line_height), line, fill=(0, 0, 0), font=font)
+    return picture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ from infra.storage import is_transient
 from infra.tables import write_table
 from pairx_core import PairXError, embed
 
-from .explain import _error_row, retry_transient
+from .explain import _error_row, image_rows_to_record, retry_transient
 from .runtime import get_model
 
 logger = logging.getLogger("pairx.tasks")
@@ -64,10 +63,9 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
             embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
         cache.put(missing, embeddings, features)
         summary.computed = len(missing)
-        now = datetime.now(timezone.utc)
-        write_table(out, "images", [{"image_uri": loaded[h].uri, "content_hash": h, "width": loaded[h].original_size[0],
-                                     "height": loaded[h].original_size[1], "embedded_at": now} for h in missing],
-                    loaded_model.model_id, run_id, storage_options)
+    rows = image_rows_to_record(list(loaded.values()), out, loaded_model.model_id, run_id, storage_options)
+    if rows:
+        write_table(out, "images", rows, loaded_model.model_id, run_id, storage_options)
     if errors:
         write_table(out, "errors", errors, loaded_model.model_id, run_id, storage_options)
     summary.errors = len(errors)

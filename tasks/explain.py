@@ -23,12 +23,13 @@ from prefect.cache_policies import NONE as NO_CACHE
 from infra.images import LoadedImage, load_image
 from infra.inputs import PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import existing_output_keys, pair_output_key
+from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget, is_transient
-from infra.tables import write_table
-from infra.viz import viz_uri, write_png
+from infra.tables import read_table, write_table
+from infra.viz import public_link, viz_uri, write_png
 from pairx_core import ENGINE_VERSION, ConfigError, ExplainConfig, PairXError, explain_indexed
 from pairx_core.metrics import plausibility
-from pairx_core.render import display_scale, render
+from pairx_core.render import DISPLAY_MAX_SIDE, fit_display, render
 
 from .runtime import get_model
 
@@ -87,6 +88,10 @@ class RunSettings:
     storage_options: Mapping[str, Any] | None = None
     render: bool = True
     memory_budget: int | None = None
+    #: base URL under which OUT is published; ``viz_uri`` columns then hold URLs under it
+    public_url: str | None = None
+    #: long side of each photo in the PAIR-X picture (the chip's own resolution, capped)
+    display_max_side: int = DISPLAY_MAX_SIDE
 
 
 @dataclass
@@ -95,7 +100,7 @@ class BatchSummary:
     skipped: int = 0
     failed: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "engine": 0.0, "render": 0.0, "write": 0.0})
-    irm: dict[str, float] = field(default_factory=dict)
+    irm: dict[str, float | None] = field(default_factory=dict)
     similarity: dict[str, float] = field(default_factory=dict)
     worker: str = ""
 
@@ -129,6 +134,9 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
     existing = existing_output_keys(settings.out, model_id, settings.storage_options)
     prep = loaded_model.preprocessing
     extra = {"prep": prep.fingerprint()}
+    if settings.render:  # the picture is part of the output: its layout version and size are too
+        extra["picture"] = f"{PICTURE_VERSION}-{settings.display_max_side}"
+    model_spec = redact_model_spec(settings.model)
     todo: list[tuple[PairItem, tuple, tuple, dict[str, str]]] = []
     for item in items:
         key_0 = (item.image_0, item.box_0, item.theta_0)
@@ -177,7 +185,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
         for (item, key_0, key_1, keys), result in zip(todo, results):
             for key in (key_0, key_1):
                 if key not in displays and settings.render:
-                    displays[key] = prep.to_display(tensors[position[key]])
+                    displays[key] = fit_display(images[key].image, settings.display_max_side)
             for layer_index, layer_name in enumerate(settings.layers):
                 layer = result.layers[layer_name]
                 metrics = plausibility(layer)
@@ -185,18 +193,20 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                 if settings.render:
                     started = time.perf_counter()
                     picture = render(layer, displays[key_0], displays[key_1], similarity=result.similarity,
-                                     irm=metrics.irm, scale=display_scale(layer.input_size))
-                    uri = viz_uri(settings.out, model_id, item.pair_id, layer_name, settings.storage_options)
-                    write_png(storage, uri, picture)
+                                     irm=metrics.irm, label_0=_side_label("upload", item.image_0),
+                                     label_1=_side_label("candidate", item.image_1, item.individual_1))
+                    written = viz_uri(settings.out, model_id, item.pair_id, layer_name, settings.storage_options)
+                    write_png(storage, written, picture)
+                    uri = public_link(settings.out, written, settings.public_url, settings.storage_options)
                     summary.seconds["render"] += time.perf_counter() - started
                 pair_rows.append({
                     "pair_id": item.pair_id, "image_0": item.image_0, "image_1": item.image_1, "layer": layer_name,
                     "similarity": result.similarity, "n_matches": metrics.n_matches,
-                    "residual_px": None if not np.isfinite(metrics.residual_px) else metrics.residual_px,
+                    "residual_px": metrics.residual_px,
                     "inliers": metrics.inliers, "irm": metrics.irm, "match_coverage": metrics.match_coverage,
                     "relevance_share": metrics.relevance_share, "match_share": metrics.match_share,
                     "viz_uri": uri, "box_0": _box_list(item.box_0), "box_1": _box_list(item.box_1),
-                    "theta_0": item.theta_0, "theta_1": item.theta_1,
+                    "theta_0": item.theta_0, "theta_1": item.theta_1, "model_spec": model_spec,
                     "run_id": settings.run_id, "output_key": keys[layer_name],
                 })
                 top = layer.matches.head(settings.k_lines)
@@ -214,12 +224,8 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                     summary.irm[item.pair_id] = metrics.irm
                     summary.similarity[item.pair_id] = result.similarity
             summary.done += 1
-        embedded_at = _now()
-        for key in order:
-            loaded = images[key]
-            image_rows.append({"image_uri": loaded.uri, "content_hash": loaded.content_hash,
-                               "width": loaded.original_size[0], "height": loaded.original_size[1],
-                               "embedded_at": embedded_at})
+        image_rows = image_rows_to_record([images[key] for key in order], settings.out, model_id, settings.run_id,
+                                          settings.storage_options)
 
     # --- one file per table per batch; pairs last, so a crash never records work as done
     # whose matches are missing
@@ -229,6 +235,39 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
             write_table(settings.out, name, rows, model_id, settings.run_id, settings.storage_options)
     summary.seconds["write"] += time.perf_counter() - started
     return summary
+
+
+#: version of the picture layout (part of the output key when pictures are rendered)
+PICTURE_VERSION = "p2"
+
+
+def _side_label(role: str, uri: str, individual: str | None = None) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return f"{role}: {individual} ({name})" if individual else f"{role}: {name}"
+
+
+def recorded_image_hashes(out: str, model_id: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Image contents already in the ``images`` table for ``model_id``."""
+    frame = read_table(out, "images", model_id=model_id, columns=["content_hash"], storage_options=storage_options)
+    return set(frame["content_hash"])
+
+
+def image_rows_to_record(loaded: Sequence[LoadedImage], out: str, model_id: str, run_id: str,
+                         storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """``images`` rows for the contents not yet recorded for this model: one row per (content, model).
+
+    Concurrent writers (two batches of one run seeing the same new image) can still both record
+    it; ``infra/views.sql``'s ``images`` view keeps the first row per (model_id, content_hash).
+    """
+    known = recorded_image_hashes(out, model_id, storage_options)
+    now, rows = _now(), []
+    for image in loaded:
+        if image.content_hash in known:
+            continue
+        known.add(image.content_hash)
+        rows.append({"image_uri": image.uri, "content_hash": image.content_hash, "width": image.original_size[0],
+                     "height": image.original_size[1], "embedded_at": now, "run_id": run_id})
+    return rows
 
 
 def _error_row(item: str, stage: str, error: BaseException, run_id: str) -> dict:

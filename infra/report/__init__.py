@@ -1,0 +1,122 @@
+"""The review site: static HTML under ``<OUT>/report/`` for people who check PAIR-X explanations.
+
+:func:`build_report` reads the output tables (``infra.tables.read_table``) and writes, through
+``infra.storage`` (local folders, ``s3://``, any fsspec URL):
+
+- ``report/index.html``: every night (date, model, uploads, pairs, failures);
+- ``report/nights/<date>_<model_id>/index.html`` (+ ``page-2.html`` ...): each upload with its
+  clean photo and its ranked candidates side by side (clean candidate photo, individual,
+  similarity, IRM, re-rank score, PAIR-X picture; click to enlarge), then the night's errors;
+- ``report/thumbs/*.jpg``: small derived images; pages never scale a full PNG.
+
+Links are relative, there is no server and no external resource, so the site opens from a
+local folder, a bucket behind a static web endpoint, or a downloaded copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..storage import StorageTarget
+from ..viz import public_link, relative_to_out, viz_uri
+from . import pages
+from .data import Card, Night, load_nights
+from .thumbs import ThumbWriter
+
+__all__ = ["DEFAULT_PAGE_SIZE", "ReportResult", "build_report"]
+
+logger = logging.getLogger(__name__)
+
+#: uploads per night page
+DEFAULT_PAGE_SIZE = 50
+
+
+@dataclass
+class ReportResult:
+    """Where the site is: ``index_url`` (storage URL) and, with a public base, ``public_index_url``."""
+
+    index_url: str
+    public_index_url: str | None
+    nights: int
+    pages: list[str] = field(default_factory=list)
+    thumbs_written: int = 0
+
+    @property
+    def url(self) -> str:
+        """The address to print: the public one when there is one."""
+        return self.public_index_url or self.index_url
+
+
+def build_report(
+    out: str,
+    date: str | None = None,
+    model: str | None = None,
+    *,
+    public_url: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> ReportResult:
+    """Write (or update) the review site of the output root ``out``.
+
+    Args:
+        out: output root URL (local folder, ``s3://bucket/prefix``, ...).
+        date: only (re)write the pages of this night (``YYYY-MM-DD``); the index always lists all.
+        model: only the nights of this model (a ``model_id`` or a spec as in ``model_spec``).
+        public_url: base URL where ``out`` is published; the result then gives the report's URL
+            under it. Links inside the site stay relative, so it still opens offline.
+        page_size: uploads per night page.
+
+    Returns:
+        :class:`ReportResult`.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    storage = StorageTarget.from_url(out, storage_options)
+    everything = load_nights(out, model=model, storage_options=storage_options)
+    chosen = [n for n in everything if date is None or n.date == str(date)]
+    thumbs = ThumbWriter(out, storage_options)
+    written: list[str] = []
+
+    for night in chosen:
+        written += _write_night(night, storage, thumbs, out, storage_options, page_size)
+
+    index_nights = everything if model is None else load_nights(out, storage_options=storage_options)
+    index = storage.write_bytes_atomic(f"{pages.REPORT_DIR}/index.html", pages.index_html(index_nights).encode())
+    written.append(index)
+    public_index = public_link(out, index, public_url, storage_options) if public_url else None
+    logger.info("report: %d night(s) written, %d thumbnail(s), index %s", len(chosen), thumbs.written, index)
+    return ReportResult(index_url=index, public_index_url=public_index, nights=len(chosen), pages=written,
+                        thumbs_written=thumbs.written)
+
+
+def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out: str,
+                 storage_options: Mapping[str, Any] | None, page_size: int) -> list[str]:
+    photo_cache: dict = {}
+
+    def photo_thumb(photo):
+        if photo not in photo_cache:
+            photo_cache[photo] = thumbs.photo(photo)
+        return photo_cache[photo]
+
+    def picture_thumb(card: Card):
+        if not card.pair_id or not card.layer:
+            return None
+        png = relative_to_out(out, viz_uri(out, night.model_id, card.pair_id, card.layer, storage_options),
+                              storage_options)
+        if png is None:
+            return None
+        preview = thumbs.picture(png, card.output_key)
+        return None if preview is None else (preview, png)
+
+    n_pages = max(1, -(-len(night.uploads) // page_size))
+    errors = pages.errors_html(night)
+    written = []
+    for page in range(1, n_pages + 1):
+        start = (page - 1) * page_size
+        text = pages.night_html(night, page, n_pages, night.uploads[start:start + page_size], start,
+                                photo_thumb, picture_thumb, errors)
+        written.append(storage.write_bytes_atomic(pages.night_page(night, page), text.encode()))
+    return written

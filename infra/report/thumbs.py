@@ -1,0 +1,89 @@
+"""Small derived images for the review site: photo thumbnails and PAIR-X picture previews.
+
+Pages never make the browser scale a full-size PNG: every ``<img>`` points at a JPEG made here,
+sized for its slot, written under ``<OUT>/report/thumbs/``. Names hash the source and the
+settings (for pictures, the pair's ``output_key`` too, since a re-explained pair rewrites its
+PNG in place), so a rebuilt report reuses what exists and refreshes what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+
+from ..images import load_image
+from ..storage import StorageTarget
+from .data import Photo
+
+logger = logging.getLogger(__name__)
+
+THUMBS_DIR = "report/thumbs"
+#: long side of photo thumbnails in pages, and of the enlarged photo a click opens
+PHOTO_PX = 240
+PHOTO_LARGE_PX = 1024
+#: width of PAIR-X picture previews in candidate cards
+PICTURE_PX = 480
+JPEG_QUALITY = 85
+
+
+class ThumbWriter:
+    """Writes derived JPEGs once; remembers which exist (one listing per build)."""
+
+    def __init__(self, out: str, storage_options: Mapping[str, Any] | None = None):
+        self.storage = StorageTarget.from_url(out, storage_options)
+        self.storage_options = storage_options
+        self.existing = set(self.storage.list_dir(THUMBS_DIR))
+        self.written = 0
+
+    @staticmethod
+    def _name(*parts: Any) -> str:
+        return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:24] + ".jpg"
+
+    def _put(self, name: str, image: Image.Image, long_side: int) -> str:
+        image = image.convert("RGB")
+        if max(image.size) > long_side:
+            image.thumbnail((long_side, long_side), Image.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+        self.storage.write_bytes_atomic(f"{THUMBS_DIR}/{name}", buffer.getvalue())
+        self.existing.add(name)
+        self.written += 1
+        return f"{THUMBS_DIR}/{name}"
+
+    def photo(self, photo: Photo) -> tuple[str, str] | None:
+        """``(thumbnail, enlarged)`` paths relative to OUT of a photo's chip; None if unreadable."""
+        small = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_PX)
+        large = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_LARGE_PX)
+        if small in self.existing and large in self.existing:
+            return f"{THUMBS_DIR}/{small}", f"{THUMBS_DIR}/{large}"
+        try:
+            chip = load_image(photo.uri, box=photo.box, theta=photo.theta, storage_options=self.storage_options).image
+        except Exception as error:  # noqa: BLE001 - a missing photo must not stop the report
+            logger.warning("report: cannot read %s: %s", photo.uri, error)
+            return None
+        return self._put(small, chip.copy(), PHOTO_PX), self._put(large, chip, PHOTO_LARGE_PX)
+
+    def picture(self, relative_png: str, output_key: str | None) -> str | None:
+        """Preview path (relative to OUT) of the PAIR-X PNG at ``relative_png``; None if missing."""
+        name = self._name("picture", relative_png, output_key, PICTURE_PX)
+        if name in self.existing:
+            return f"{THUMBS_DIR}/{name}"
+        try:
+            data = self.storage.read_bytes(relative_png)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as error:  # noqa: BLE001
+            logger.info("report: cannot read picture %s: %s", relative_png, error)
+            return None
+        return self._put_width(name, image, PICTURE_PX)
+
+    def _put_width(self, name: str, image: Image.Image, width: int) -> str:
+        if image.width > width:
+            image = image.convert("RGB").resize((width, max(1, round(image.height * width / image.width))),
+                                                Image.LANCZOS)
+        return self._put(name, image, max(image.size))

@@ -1,0 +1,92 @@
+"""Re-ranking retrieved candidates with PAIR-X plausibility: pure functions, no I/O.
+
+A night's retrieval hands each upload its top-k gallery images by cosine similarity; after the
+pairs are explained, :func:`rank_candidates` orders each upload's candidates by
+:func:`rerank_score` and builds the rows of the ``candidates`` table.
+
+Re-rank score: ``(1 - w) * similarity + w * irm`` with ``w = RERANK_IRM_WEIGHT`` (0.5). When a
+pair's IRM is undefined (fewer than 5 matches, zero relevance among them, or the pair was not
+explained: ``irm`` None or NaN), the score falls back to the similarity alone for that pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+#: weight of plausibility (IRM) against similarity in the re-ranking score
+RERANK_IRM_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One retrieved (upload, gallery image) pair, before re-ranking."""
+
+    query: str
+    gallery_image: str
+    similarity: float
+    pair_id: str
+    individual: str | None = None
+
+
+@dataclass(frozen=True)
+class PairOutcome:
+    """What the explanation of a candidate pair produced at the ranking layer."""
+
+    layer: str
+    irm: float | None = None
+    viz_uri: str | None = None
+    output_key: str | None = None
+
+
+def _defined(value: float | None) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def rerank_score(similarity: float, irm: float | None, weight: float = RERANK_IRM_WEIGHT) -> float:
+    """``(1 - weight) * similarity + weight * irm``; just ``similarity`` when IRM is undefined."""
+    if not _defined(irm):
+        return float(similarity)
+    return (1.0 - weight) * float(similarity) + weight * float(irm)
+
+
+def rank_candidates(
+    candidates: Sequence[Candidate],
+    outcomes: Mapping[str, PairOutcome],
+    *,
+    model_spec: str | None = None,
+    weight: float = RERANK_IRM_WEIGHT,
+) -> list[dict]:
+    """Rows of the ``candidates`` table: per query, candidates sorted by re-rank score.
+
+    Args:
+        candidates: retrieved pairs (any order, several queries).
+        outcomes: by ``pair_id``, the explanation at the ranking layer; a pair without one keeps
+            its similarity as score and gets null ``irm``, ``layer``, ``viz_uri``, ``output_key``.
+        model_spec: readable model spec (credentials removed) stored beside ``model_id``.
+
+    Returns:
+        dicts with the ``candidates`` columns (``model_id``/``run_id``/``created_at`` are filled
+        by the table writer); ties keep retrieval order (stable sort).
+    """
+    by_query: dict[str, list[Candidate]] = {}
+    for candidate in candidates:
+        by_query.setdefault(candidate.query, []).append(candidate)
+    rows: list[dict] = []
+    for query, mine in by_query.items():
+        scored = []
+        for candidate in mine:
+            outcome = outcomes.get(candidate.pair_id)
+            irm = outcome.irm if outcome is not None and _defined(outcome.irm) else None
+            scored.append((rerank_score(candidate.similarity, irm, weight), candidate, outcome, irm))
+        scored.sort(key=lambda entry: -entry[0])
+        for rank, (score, candidate, outcome, irm) in enumerate(scored):
+            rows.append({
+                "query": query, "rank": rank, "gallery_image": candidate.gallery_image,
+                "individual": candidate.individual or None, "similarity": float(candidate.similarity),
+                "irm": irm, "rerank_score": score, "pair_id": candidate.pair_id,
+                "layer": outcome.layer if outcome else None, "viz_uri": outcome.viz_uri if outcome else None,
+                "output_key": outcome.output_key if outcome else None, "model_spec": model_spec,
+            })
+    return rows

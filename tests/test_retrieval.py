@@ -1,0 +1,66 @@
+"""Re-ranking (pairx_core.retrieval), model-spec redaction and public links."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from infra.model_store import redact_model_spec
+from infra.viz import public_link
+from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, rerank_score
+
+
+def test_rerank_score_falls_back_to_similarity_without_irm():
+    assert rerank_score(0.8, 0.4) == pytest.approx(0.6)
+    for undefined in (None, float("nan"), math.inf):
+        assert rerank_score(0.8, undefined) == pytest.approx(0.8)
+
+
+def test_rank_candidates_orders_each_query_and_records_the_explanation():
+    candidates = [
+        Candidate("q1", "g1", 0.90, "p11", "ann"),
+        Candidate("q1", "g2", 0.85, "p12", "bob"),
+        Candidate("q1", "g3", 0.80, "p13", None),
+        Candidate("q2", "g1", 0.50, "p21", "ann"),
+    ]
+    outcomes = {
+        "p11": PairOutcome("blocks.3", irm=0.1, viz_uri="v11", output_key="k11"),  # 0.50
+        "p12": PairOutcome("blocks.3", irm=0.9, viz_uri="v12", output_key="k12"),  # 0.875
+        "p13": PairOutcome("blocks.3", irm=None, viz_uri="v13", output_key="k13"),  # 0.80: similarity alone
+    }
+    rows = rank_candidates(candidates, outcomes, model_spec="demo")
+    q1 = [r for r in rows if r["query"] == "q1"]
+    assert [r["gallery_image"] for r in q1] == ["g2", "g3", "g1"]
+    assert [r["rank"] for r in q1] == [0, 1, 2]
+    assert q1[1]["irm"] is None and q1[1]["rerank_score"] == pytest.approx(0.80)
+    assert q1[0]["output_key"] == "k12" and q1[0]["viz_uri"] == "v12" and q1[0]["layer"] == "blocks.3"
+    assert q1[0]["pair_id"] == "p12" and q1[0]["individual"] == "bob" and q1[0]["model_spec"] == "demo"
+    (q2,) = [r for r in rows if r["query"] == "q2"]  # not explained: similarity, no join keys
+    assert q2["rank"] == 0 and q2["rerank_score"] == pytest.approx(0.5)
+    assert q2["irm"] is None and q2["output_key"] is None and q2["pair_id"] == "p21"
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("miewid?weights=s3://bucket/w.safetensors&size=440", "miewid?weights=s3://bucket/w.safetensors&size=440"),
+    ("timm:efficientnet_b0?size=128", "timm:efficientnet_b0?size=128"),
+    ("miewid?weights=s3://AKIAXX:s3cr3t@bucket/w.safetensors", "miewid?weights=s3://***@bucket/w.safetensors"),
+    ("miewid?weights=https://host/w.pt?X-Amz-Signature=abc&X-Amz-Credential=AKIA%2F1&size=440",
+     "miewid?weights=https://host/w.pt?X-Amz-Signature=***&X-Amz-Credential=***&size=440"),
+    ("hf://org/repo?token=hf_abc&revision=main", "hf://org/repo?token=***&revision=main"),
+    ("python:mod:factory?api_key=1&password=2", "python:mod:factory?api_key=***&password=***"),
+])
+def test_redact_model_spec(spec, expected):
+    redacted = redact_model_spec(spec)
+    assert redacted == expected
+    for secret in ("s3cr3t", "AKIAXX", "hf_abc", "abc&", "=1&", "=2"):
+        if secret not in expected:
+            assert secret not in redacted
+
+
+def test_public_link(tmp_path):
+    out = str(tmp_path / "out")
+    picture = f"{out}/viz/model=ab12/p1/blocks.3.png"
+    assert public_link(out, picture, "https://cdn.example/night/") == "https://cdn.example/night/viz/model=ab12/p1/blocks.3.png"
+    assert public_link(out, picture, None) == picture
+    assert public_link(out, "/elsewhere/x.png", "https://cdn.example") == "/elsewhere/x.png"
