@@ -393,6 +393,7 @@ StorageOpt = typer.Option(None, "--storage-option",
                                "passed to every process through the environment, never stored")
 AllowRandom = typer.Option(False, "--allow-random-weights",
                            help="run a model spec that has no weights (random initialisation; for tests only)")
+PublicUrl = typer.Option(None, "--public-url", help="base URL where OUT is published (dashboards, report links)")
 JsonOut = typer.Option(False, "--json", help="print the machine-readable summary (JSON) instead of the human one")
 
 
@@ -421,14 +422,15 @@ def explain_cmd(
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
     storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
-    json_output: bool = JsonOut,
+    public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
 ) -> None:
     """Explain every pair of a pairs table; write pictures and Parquet tables under OUT."""
     from .config import ExplainPairsConfig
     with storage_credentials(storage_option or []):
         config = _config(ExplainPairsConfig, pairs=pairs, image_root=image_root, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
-            workers=workers, batch_pairs=batch_pairs, device=device, allow_random_weights=allow_random_weights))
+            workers=workers, batch_pairs=batch_pairs, device=device, allow_random_weights=allow_random_weights,
+            public_url=public_url))
         run_command("explain_pairs", config, "explain_pairs", json_output)
 
 
@@ -445,7 +447,7 @@ def nightly_cmd(
     storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="retry uploads that failed to load on an earlier night (default: skip them)"),
-    json_output: bool = JsonOut,
+    public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
@@ -453,7 +455,7 @@ def nightly_cmd(
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k,
-            allow_random_weights=allow_random_weights))
+            allow_random_weights=allow_random_weights, public_url=public_url))
         run_command("nightly", config, "nightly", json_output)
 
 
@@ -500,6 +502,11 @@ def layers_cmd(
     for info in infos:
         shape = " x ".join(map(str, info.shape))
         typer.echo(f"{'*' if info.is_default else ' '} {info.name:<40} {shape}")
+
+
+from .report_cmd import report_cmd  # noqa: E402 - a light module (typer only)
+
+app.command("report")(report_cmd)
 
 
 @app.command("demo")

@@ -132,7 +132,8 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
         with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
                           storage_options=config.storage_options or None):
             work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
-        summary.status = "failed" if summary.failed else "completed"
+            summary.status = "failed" if summary.failed else "completed"
+            _review_page(config, summary, started)
     except BaseException as error:
         summary.status = _status_of(error)
         summary.error = f"{type(error).__name__}: {error}"[:2000]
@@ -147,6 +148,20 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
     if summary.failed:
         raise ItemsFailedError(result, table_url(config.out, "errors"))
     return result
+
+
+def _review_page(config, summary: FlowSummary, started: datetime) -> None:
+    """Write or update the night's pages of the review site; a failure is logged, not fatal."""
+    if not config.report:
+        return
+    from tasks.report import write_report_task
+
+    try:
+        summary.planned["report"] = write_report_task(
+            config.out, started.date().isoformat(), summary.model_id, public_url=config.public_url,
+            storage_options=config.storage_options or None)
+    except Exception as error:  # noqa: BLE001 - the tables are the record; the site can be rebuilt
+        logger.warning("could not write the review site (rebuild it with `pairx report %s`): %s", config.out, error)
 
 
 def _record(flow_name: str, config, summary: FlowSummary, started: datetime) -> None:

@@ -10,47 +10,10 @@ from __future__ import annotations
 
 import re
 from typing import Any, Mapping
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from pairx_core.errors import ModelLoadError
 
 from .storage import StorageTarget
-
-#: query keys whose values are credentials (signed URLs, tokens, keys)
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|signature|^key$|_key$|access_key|sig$|auth)",
-                         re.I)
-REDACTED = "***"
-
-
-def _redact_url(value: str) -> str:
-    """A URL without user info and without a query string (signed URLs carry secrets there)."""
-    parts = urlsplit(value)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def redact_model_spec(spec: str) -> str:
-    """The model spec as typed, minus credentials: safe for tables, logs and Prefect's UI.
-
-    Removes user info from URLs (``s3://user:pass@...``), replaces the values of secret-looking
-    options (``token=``, ``key=``, ``X-Amz-Signature=``...) by ``***`` and drops the query of URL
-    values (``weights=https://host/w.safetensors?sig=...`` keeps host and path).
-    """
-    base, sep, query = str(spec).partition("?")
-    if "://" in base:
-        base = _redact_url(base)
-    if not sep:
-        return base
-    kept = []
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if _SECRET_KEY.search(key):
-            value = REDACTED
-        elif "://" in value:
-            value = _redact_url(value)
-        kept.append(f"{key}={quote(value, safe='/:.*-_~')}")
-    return f"{base}?{'&'.join(kept)}"
-
 
 #: query-string keys whose values are secrets (case-insensitive substrings)
 _SECRET_KEYS = ("token", "secret", "password", "passwd", "pwd", "key", "signature", "sig", "credential",
