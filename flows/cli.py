@@ -504,6 +504,27 @@ def layers_cmd(
         typer.echo(f"{'*' if info.is_default else ' '} {info.name:<40} {shape}")
 
 
+@app.command("gc")
+def gc_cmd(
+    out: str = typer.Argument(..., help="output root: folder or URL (s3://bucket/prefix)"),
+    min_age_hours: float = typer.Option(1.0, "--min-age-hours", help="only files older than this (a batch still "
+                                                                     "being written is younger)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing"),
+) -> None:
+    """Remove what interrupted batches left under OUT: uncommitted matches files, pictures, temp files."""
+    try:
+        from infra.gc import collect_orphans
+
+        report = collect_orphans(out, min_age_s=min_age_hours * 3600, dry_run=dry_run)
+    except Exception as error:  # noqa: BLE001
+        _preflight_error(error)
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {len(report.matches_files)} uncommitted matches file(s), {len(report.pictures)} "
+               f"picture(s), {len(report.temp_files)} temporary file(s)")
+    for url in report.matches_files + report.pictures + report.temp_files:
+        typer.echo(f"  {url}")
+
+
 from .report_cmd import report_cmd  # noqa: E402 - a light module (typer only)
 
 app.command("report")(report_cmd)

@@ -12,7 +12,9 @@ from prefect import flow, get_run_logger
 
 from infra.cache import ActivationCache
 from infra.cluster import gpu_annotation
+from infra.images import content_hash
 from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
+from infra.storage import StorageTarget, with_retries
 from infra.tables import read_table, write_table
 from pairx_core.retrieval import Candidate
 from tasks.candidates import candidate_rows
@@ -24,14 +26,26 @@ from .preflight import resolve_model
 
 
 
-def unreadable_uploads(out: str, model_id: str, storage_options=None) -> set[str]:
-    """Images that an earlier run could not load (bad input, recorded in ``errors``, stage ``load``).
+def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
+    """Uploads whose current content failed to decode on an earlier night (skipped tonight).
 
-    Transient failures are retried inside a run and never recorded there, so these are files
-    that are broken as stored; retrying them every night would only repeat the error rows.
+    Quarantine is about the file's content: an ``errors`` row of stage ``load`` with the
+    ``content_hash`` of bytes that could not be decoded (or were too small). An upload replaced
+    by a good file under the same name has another hash and is tried again; a crop or rotation
+    problem of a pairs table (no content hash) never quarantines an image.
     """
-    errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage"], storage_options=storage_options)
-    return set(errors.loc[errors.stage == "load", "item"])
+    errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage", "content_hash"],
+                        storage_options=storage_options)
+    errors = errors[(errors.stage == "load") & errors.content_hash.notna()]
+    failed = {}
+    for item, digest in zip(errors["item"], errors["content_hash"]):
+        failed.setdefault(item, set()).add(digest)
+    suspects = [u for u in uploads if u in failed]
+    if not suspects:
+        return set()
+    storage = StorageTarget.from_url(out, storage_options)
+    contents = storage.read_many(suspects)
+    return {u for u in suspects if content_hash(contents[storage.url(u)]) in failed[u]}
 
 
 @flow(name="nightly-work", log_prints=True)
@@ -47,7 +61,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     uploads = list_uploads(config.uploads, so)
     done_queries = set(read_table(config.out, "candidates", model_id=model_id, columns=["query"],
                                   storage_options=so)["query"])
-    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model_id, so)
+    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model_id, uploads, so)
     new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
     summary.skipped += len(uploads) - len(new_uploads)
     summary.planned = {"uploads": len(uploads), "new_uploads": len(new_uploads), "gallery": len(gallery),
@@ -67,7 +81,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     import dask
 
     kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
-                  out=config.out, device=config.device, storage_options=so)
+                  out=config.out, device=config.device, storage_options=so, min_image_side=config.min_image_side)
     images = list(gallery) + new_uploads
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
@@ -84,8 +98,8 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     query_uris = [u for u in new_uploads if u in hashes]
     items, candidates = [], []
     if query_uris and gallery_uris:
-        gallery_matrix = cache.get_embeddings([hashes[g] for g in gallery_uris])
-        query_matrix = cache.get_embeddings([hashes[q] for q in query_uris])
+        gallery_matrix = with_retries(cache.get_embeddings, [hashes[g] for g in gallery_uris])
+        query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
         order, scores = top_k(query_matrix, gallery_matrix, config.top_k)
     else:
         order, scores = [], []

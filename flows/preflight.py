@@ -70,6 +70,8 @@ def check_output(out: str, storage_options=None) -> None:
             parent = os.path.dirname(parent)
         if parent and not os.path.isdir(parent):
             raise InputError(target.root, f"{parent} is a file, so the output folder cannot be created")
+        if parent and not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(target.root, f"the output folder is read-only for this user ({parent} is not writable)")
 
 
 def check_inputs(flow: str, config) -> RunPlan:

@@ -57,6 +57,8 @@ __all__ = [
 
 #: Default decompression-bomb guard: images with more pixels than this are refused.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Default smallest usable image: shorter side in pixels (a 1 x 1 "photo" is an error, not a match).
+DEFAULT_MIN_SIDE = 32
 
 #: Pillow formats we try to decode; anything else is "not a recognised image format".
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "WEBP", "AVIF", "BMP", "GIF", "PPM", "JPEG2000")
@@ -264,6 +266,7 @@ def decode_image(
     box: Sequence[float] | None = None,
     theta: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
 ) -> LoadedImage:
     """Decode raw bytes into a :class:`LoadedImage` (pure: no I/O).
 
@@ -271,8 +274,14 @@ def decode_image(
     ``box`` and rotate by ``theta`` (module docstring). ``max_pixels`` bounds ``W * H`` before
     the pixels are decoded (no global Pillow setting is changed).
 
+    An error about the file itself (empty, unrecognised, corrupt, too large, smaller than
+    ``min_side`` on its shorter side) carries the bytes' ``content_hash``, so that a pipeline can
+    tell later whether the same content is still there; an error about the box or rotation does
+    not (the file is fine).
+
     Raises:
-        ImageError: empty, unrecognised, truncated/corrupt, too large, or a bad box/theta.
+        ImageError: empty, unrecognised, truncated/corrupt, too large or too small, or a bad
+            box/theta.
     """
     data = bytes(data)
     if max_pixels <= 0:
@@ -281,7 +290,14 @@ def decode_image(
     if not math.isfinite(theta):
         raise ImageError(uri, f"theta must be finite, got {theta}")
     digest = content_hash(data)
-    image = _open_checked(data, uri, max_pixels)
+    try:
+        image = _open_checked(data, uri, max_pixels)
+        if min(image.size) < min_side:
+            raise ImageError(uri, f"too small: {image.size[0]} x {image.size[1]} px (the shorter side must be at "
+                                  f"least {min_side} px)")
+    except ImageError as error:
+        error.content_hash = digest
+        raise
     try:
         upright = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
@@ -332,6 +348,7 @@ def load_image(
     box: Sequence[float] | None = None,
     theta: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
     uri: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> LoadedImage:
@@ -341,7 +358,7 @@ def load_image(
         source: raw bytes, or a URL/path (relative to ``storage``'s root when ``storage`` is
             given, else any fsspec URL).
         storage: where relative paths live; also supplies storage options.
-        box, theta, max_pixels: see :func:`decode_image`.
+        box, theta, max_pixels, min_side: see :func:`decode_image`.
         uri: name used in errors and in the result when ``source`` is bytes.
         storage_options: fsspec options when ``storage`` is None and ``source`` is a URL.
 
@@ -351,7 +368,8 @@ def load_image(
             propagate unchanged (see ``infra.storage.is_transient``).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), uri or "<bytes>", box=box, theta=theta, max_pixels=max_pixels)
+        return decode_image(bytes(source), uri or "<bytes>", box=box, theta=theta, max_pixels=max_pixels,
+                            min_side=min_side)
     if storage is None:
         storage = StorageTarget.from_url(str(source), storage_options)
         location = storage.root
@@ -359,4 +377,4 @@ def load_image(
     else:
         location = storage.url(str(source))
         data = storage.read_bytes(str(source))
-    return decode_image(data, uri or location, box=box, theta=theta, max_pixels=max_pixels)
+    return decode_image(data, uri or location, box=box, theta=theta, max_pixels=max_pixels, min_side=min_side)

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from pairx_core.errors import PairXError
 
-from .storage import StorageTarget, storage_errors
+from .storage import StorageTarget, storage_errors, with_retries
 
 __all__ = ["LEASE_PATH", "Lease", "OutputLockedError", "output_lease"]
 
@@ -156,9 +156,11 @@ def output_lease(out: str, run_id: str, flow: str, *, wait_s: float = 1800.0, tt
     started = time.monotonic()
     while True:
         record["expires_at"] = time.time() + ttl_s
-        if _create_exclusive(target, json.dumps(record).encode()):
+        if with_retries(_create_exclusive, target, json.dumps(record).encode()):
             break
         holder = _read(target)
+        if holder is not None and holder.get("token") == record["token"]:
+            break  # our own create went through, but its answer was lost and the retry found it
         if holder is not None and _is_stale(holder):
             again = _read(target)
             if again is not None and again.get("token") == holder.get("token"):

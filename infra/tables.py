@@ -93,6 +93,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _MODEL_SPEC,
             *_ids(),
             _f("output_key", pa.string(), "idempotency key (infra.keys.pair_output_key)", False),
+            _f("commit_id", pa.string(), "the batch write this row commits; its matches and picture carry the same "
+                                         "id (join on output_key AND commit_id)"),
         ]
     ),
     "matches": pa.schema(
@@ -108,6 +110,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("relevance", pa.float32(), "relevance attributed to the match"),
             _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
             _f("output_key", pa.string(), "output_key of the pairs row these matches belong to"),
+            _f("commit_id", pa.string(), "batch write of these rows; they count only when a pairs row has the "
+                                         "same commit_id (else an uncommitted orphan, removed by `pairx gc`)"),
         ]
     ),
     "errors": pa.schema(
@@ -116,6 +120,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("stage", pa.string(), "pipeline stage (load, embed, explain, write, ...)", False),
             _f("error_type", pa.string(), "exception class name", False),
             _f("message", pa.string(), "error message"),
+            _f("content_hash", pa.string(), "SHA-256 of the file when the error is about its content (cannot be "
+                                            "decoded, too small); later nights skip that content, not the path"),
             *_ids(),
         ]
     ),

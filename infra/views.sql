@@ -4,6 +4,8 @@
 -- files (pairs, matches, candidates, errors, runs, and images_all = every images row), with the
 -- hive partition columns `model` and `date`; then runs this file. Join keys:
 --   pairs.output_key = matches.output_key        one explanation (pair, model, layer, settings)
+--     AND pairs.commit_id = matches.commit_id    the batch write that committed it (matches of a
+--                                                batch that never wrote its pairs rows are ignored)
 --   candidates.output_key = pairs.output_key     the explanation a candidate was ranked with
 --   pairs.image_0 / image_1, candidates.query / gallery_image = images.image_uri (same model_id)
 --   (date, model_id)                             a night
@@ -24,7 +26,8 @@ CREATE OR REPLACE VIEW pair_matches AS
 SELECT p.date, p.model_id, p.model_spec, p.pair_id, p.layer, p.image_0, p.image_1, p.similarity, p.irm,
        p.viz_uri, m.rank, m.x_0, m.y_0, m.x_1, m.y_1, m.distance, m.relevance, p.output_key
 FROM matches AS m
-JOIN pairs AS p ON p.output_key = m.output_key AND p.model_id = m.model_id;
+JOIN pairs AS p ON p.output_key = m.output_key AND p.model_id = m.model_id
+              AND p.commit_id IS NOT DISTINCT FROM m.commit_id;
 
 -- One row per candidate, with the metrics of the explanation it was ranked with.
 CREATE OR REPLACE VIEW candidate_review AS

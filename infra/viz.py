@@ -1,6 +1,8 @@
 """PNG visualisations: where they go and how they are written.
 
-Layout: ``<OUT>/viz/model=<model>/<pair_id>/<layer>.png``. Every segment is made path-safe with
+Layout: ``<OUT>/viz/model=<model>/<pair_id>/<layer>-<commit_id>.png``: the commit id of the
+batch write makes every picture's key unique, so no write ever overwrites another (a picture of
+an uncommitted batch is an orphan that ``pairx gc`` removes). Every segment is made path-safe with
 ``infra.storage.safe_segment`` (names with other characters than ``[A-Za-z0-9._-]`` get a short
 hash suffix, so two different names never share a file).
 """
@@ -27,13 +29,15 @@ def viz_uri(
     pair_id: str,
     layer: str,
     storage_options: Mapping[str, Any] | None = None,
+    commit_id: str | None = None,
 ) -> str:
-    """Full URL ``<OUT>/viz/model=<model_id>/<pair_id>/<layer>.png`` (segments sanitised)."""
+    """Full URL ``<OUT>/viz/model=<model_id>/<pair_id>/<layer>[-<commit_id>].png`` (segments sanitised)."""
     for name, value in (("model_id", model_id), ("pair_id", pair_id), ("layer", layer)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"viz_uri: {name} must be a non-empty string, got {value!r}")
     target = StorageTarget.from_url(out_url, storage_options)
-    return target.join("viz", f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{safe_segment(layer)}.png")
+    name = safe_segment(layer) + (f"-{safe_segment(commit_id)}" if commit_id else "")
+    return target.join("viz", f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{name}.png")
 
 
 def relative_to_out(out_url: str, uri: str, storage_options: Mapping[str, Any] | None = None) -> str | None:

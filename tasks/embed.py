@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import ActivationCache
-from infra.images import load_image
+from infra.images import DEFAULT_MIN_SIDE, load_image
 from infra.storage import is_transient
 from infra.tables import write_table
 from pairx_core import PairXError, embed
@@ -32,7 +32,8 @@ class EmbedSummary:
 
 
 def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Sequence[str], run_id: str, out: str,
-                 device: str | None = None, storage_options: Mapping[str, Any] | None = None) -> EmbedSummary:
+                 device: str | None = None, storage_options: Mapping[str, Any] | None = None,
+                 min_image_side: int = DEFAULT_MIN_SIDE) -> EmbedSummary:
     """Hash every image; embed those missing from the cache (embedding + feature maps) and put them."""
     loaded_model = get_model(model, device, storage_options)
     prep = loaded_model.preprocessing
@@ -41,11 +42,11 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     loaded, errors = {}, []
     for uri in uris:
         try:
-            image = load_image(uri, storage_options=storage_options)
+            image = load_image(uri, min_side=min_image_side, storage_options=storage_options)
         except Exception as error:
             if not isinstance(error, PairXError) and is_transient(error):
                 raise
-            errors.append(_error_row(uri, "load", error, run_id))
+            errors.append(error_row(uri, "load", error, run_id))
             continue
         summary.hashes[uri] = image.content_hash
         loaded.setdefault(image.content_hash, image)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from infra.images import LoadedImage, load_image
+from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
 from infra.inputs import PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import existing_output_keys, pair_output_key
 from infra.model_store import redact_model_spec
@@ -50,7 +51,8 @@ def _load_images(keys: Sequence[tuple], settings: "RunSettings") -> tuple[dict, 
     """
     def load(key):
         uri, box, theta = key
-        return load_image(uri, box=box, theta=theta, storage_options=settings.storage_options)
+        return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
+                          storage_options=settings.storage_options)
 
     images: dict[tuple, LoadedImage] = {}
     failed: set[tuple] = set()
@@ -68,7 +70,7 @@ def _load_images(keys: Sequence[tuple], settings: "RunSettings") -> tuple[dict, 
             transient = transient or error
         else:  # bad input: record, never retry
             failed.add(key)
-            errors.append(_error_row(key[0], "load", error, settings.run_id))
+            errors.append(error_row(key[0], "load", error, settings.run_id))
     if transient is not None:
         raise transient
     return images, failed, errors
@@ -92,6 +94,8 @@ class RunSettings:
     public_url: str | None = None
     #: long side of each photo in the PAIR-X picture (the chip's own resolution, capped)
     display_max_side: int = DISPLAY_MAX_SIDE
+    #: images whose shorter side is below this many pixels are errors, not candidates
+    min_image_side: int = DEFAULT_MIN_SIDE
 
 
 @dataclass
@@ -116,6 +120,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
     transient storage errors raise (the Prefect task retries them).
     """
     summary = BatchSummary(worker=_worker_name())
+    commit_id = uuid.uuid4().hex[:16]  # this attempt's writes; the pairs rows commit them
     loaded_model = get_model(settings.model, settings.device, settings.storage_options)
     model_id = loaded_model.model_id
     storage = StorageTarget.from_url(settings.out, settings.storage_options)
@@ -145,7 +150,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
             summary.failed += 1
             errors.append({"item": item.pair_id, "stage": "explain", "error_type": "InputImageError",
                            "message": "an image of this pair could not be loaded (see its own row)",
-                           "run_id": settings.run_id, "created_at": _now()})
+                           "content_hash": None, "run_id": settings.run_id, "created_at": _now()})
             continue
         geometry = {**extra, "box_0": item.box_0, "box_1": item.box_1, "theta_0": item.theta_0, "theta_1": item.theta_1}
         keys = {
@@ -161,6 +166,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
     pair_rows: list[dict] = []
     match_rows: list[dict] = []
     image_rows: list[dict] = []
+    pictures: list[str] = []
     if todo:
         started = time.perf_counter()
         order = list(dict.fromkeys(k for _, k0, k1, _ in todo for k in (k0, k1)))
@@ -176,7 +182,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                                           device=loaded_model.device)
         except PairXError as error:
             for item, *_ in todo:
-                errors.append(_error_row(item.pair_id, "explain", error, settings.run_id))
+                errors.append(error_row(item.pair_id, "explain", error, settings.run_id))
             summary.failed += len(todo)
             results = []
         summary.seconds["engine"] += time.perf_counter() - started
@@ -195,8 +201,9 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                     picture = render(layer, displays[key_0], displays[key_1], similarity=result.similarity,
                                      irm=metrics.irm, label_0=_side_label("upload", item.image_0),
                                      label_1=_side_label("candidate", item.image_1, item.individual_1))
-                    written = viz_uri(settings.out, model_id, item.pair_id, layer_name, settings.storage_options)
-                    write_png(storage, written, picture)
+                    written = viz_uri(settings.out, model_id, item.pair_id, layer_name, settings.storage_options,
+                                      commit_id=commit_id)
+                    pictures.append(write_png(storage, written, picture))
                     uri = public_link(settings.out, written, settings.public_url, settings.storage_options)
                     summary.seconds["render"] += time.perf_counter() - started
                 pair_rows.append({
@@ -207,7 +214,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                     "relevance_share": metrics.relevance_share, "match_share": metrics.match_share,
                     "viz_uri": uri, "box_0": _box_list(item.box_0), "box_1": _box_list(item.box_1),
                     "theta_0": item.theta_0, "theta_1": item.theta_1, "model_spec": model_spec,
-                    "run_id": settings.run_id, "output_key": keys[layer_name],
+                    "run_id": settings.run_id, "output_key": keys[layer_name], "commit_id": commit_id,
                 })
                 top = layer.matches.head(settings.k_lines)
                 xy_0 = images[key_0].to_original(top[["x_0", "y_0"]].to_numpy(), layer.input_size)
@@ -218,7 +225,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
                         "x_0": float(xy_0[j, 0]), "y_0": float(xy_0[j, 1]),
                         "x_1": float(xy_1[j, 0]), "y_1": float(xy_1[j, 1]),
                         "distance": float(row.distance), "relevance": float(row.relevance),
-                        "output_key": keys[layer_name],
+                        "output_key": keys[layer_name], "commit_id": commit_id,
                     })
                 if layer_index == 0:
                     summary.irm[item.pair_id] = metrics.irm
@@ -227,14 +234,39 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
         image_rows = image_rows_to_record([images[key] for key in order], settings.out, model_id, settings.run_id,
                                           settings.storage_options)
 
-    # --- one file per table per batch; pairs last, so a crash never records work as done
-    # whose matches are missing
     started = time.perf_counter()
-    for name, rows in (("matches", match_rows), ("images", image_rows), ("errors", errors), ("pairs", pair_rows)):
-        if rows:
-            write_table(settings.out, name, rows, model_id, settings.run_id, settings.storage_options)
+    commit_batch(settings, model_id, {"matches": match_rows, "images": image_rows, "errors": errors},
+                 pair_rows, pictures)
     summary.seconds["write"] += time.perf_counter() - started
     return summary
+
+
+def commit_batch(settings: RunSettings, model_id: str, before: Mapping[str, list[dict]], pair_rows: list[dict],
+                 pictures: Sequence[str]) -> None:
+    """Write a batch's tables so that its results become visible together or not at all.
+
+    One file per table; ``pairs`` last: its rows are the commit record (reruns skip by their
+    output keys, readers join matches on ``output_key`` and ``commit_id``). If a write fails, the
+    files and pictures already written for this batch are removed (best effort) before the error
+    propagates, so that a retry adds nothing twice; what a killed process leaves behind is never
+    joined to a pairs row and ``pairx gc`` removes it.
+    """
+    written: list[str] = list(pictures)
+    try:
+        for name, rows in before.items():
+            if rows:
+                written.append(write_table(settings.out, name, rows, model_id, settings.run_id,
+                                           settings.storage_options))
+        if pair_rows:
+            write_table(settings.out, "pairs", pair_rows, model_id, settings.run_id, settings.storage_options)
+    except BaseException:
+        storage = StorageTarget.from_url(settings.out, settings.storage_options)
+        for url in written:
+            try:
+                storage.delete(url)
+            except Exception:  # noqa: BLE001 - left for `pairx gc`
+                pass
+        raise
 
 
 #: version of the picture layout (part of the output key when pictures are rendered)
@@ -270,9 +302,10 @@ def image_rows_to_record(loaded: Sequence[LoadedImage], out: str, model_id: str,
     return rows
 
 
-def _error_row(item: str, stage: str, error: BaseException, run_id: str) -> dict:
+def error_row(item: str, stage: str, error: BaseException, run_id: str) -> dict:
+    """An ``errors`` row; ``content_hash`` is set when the error is about the file's content itself."""
     return {"item": item, "stage": stage, "error_type": type(error).__name__, "message": str(error)[:2000],
-            "run_id": run_id, "created_at": _now()}
+            "content_hash": getattr(error, "content_hash", None), "run_id": run_id, "created_at": _now()}
 
 
 def _worker_name() -> str:
