@@ -216,7 +216,8 @@ def explain_indexed(
     target = _resolve_device(model, device)
     if target.type == "cpu":
         torch.set_flush_denormal(True)  # LRP creates denormals that slow CPUs badly
-    chosen = list(canonizers) if canonizers is not None else select_canonizers(model, strict=config.strict_lrp)
+    chosen = (list(canonizers) if canonizers is not None
+              else select_canonizers(model, strict=config.strict_lrp, example_input=images[:1]))
     composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
 
     results: list[PairExplanation | None] = [None] * len(pair_array)
