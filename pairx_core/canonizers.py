@@ -1,7 +1,7 @@
 """Make models LRP-ready: canonizers chosen by the module types found anywhere in a model.
 
 The default treatment reproduces what the published PAIR-X code effectively applies
-(``shared/docs/PAIRX_SPEC.md``, step 2):
+(the PAIR-X computation, step 2: relevance under zennit's ``EpsilonPlus``):
 
 - timm EfficientNet / EfficientNetV2 (MiewID): only the squeeze-and-excitation product is
   rewritten (relevance goes to the signal unchanged, nothing to the gate). Fused batch norms and
@@ -15,13 +15,18 @@ Batch-norm merges zero the norm's ``eps`` while merged, so canonized and origina
 the same embeddings (zennit's merge alone drifts by ``1/sqrt(1+eps)`` per norm).
 - plain conv / batch-norm stacks: batch norms merged when they directly follow a conv.
 
-Any module type we do not know raises :class:`UnsupportedModelError`, unless the caller brings its
-own canonizers.
+Modules of types we do not know are read (:func:`check_supported`): those that transform a single
+activation (GeM pooling, flatten, custom activations) run by their gradient, as in the published
+method, with one :class:`UnknownModuleWarning`; those that combine two activations (gate products,
+residual sums, attention) raise :class:`UnsupportedModelError`, unless the caller brings its own
+canonizers.
 """
 
 from __future__ import annotations
 
 import types
+import warnings
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -32,8 +37,15 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import Activation
 
 from .errors import UnsupportedModelError
+from .forward_analysis import ForwardFinding, ForwardNotReadable, analyse_autograd, analyse_fx
 
-__all__ = ["select_canonizers", "check_supported", "signal_pass_product"]
+__all__ = [
+    "UnknownModuleWarning",
+    "check_supported",
+    "register_safe_module",
+    "select_canonizers",
+    "signal_pass_product",
+]
 
 
 class _SignalPassProduct(torch.autograd.Function):
@@ -108,47 +120,209 @@ _GENERIC_SAFE: tuple[type, ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.MaxPool2d,
 )
+#: safe types that compute an elementwise function of their one input (or pass it on)
+_POINTWISE_SAFE: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 _extra_safe_types: list[type] = []
 
 
-def register_safe_module(module_type: type) -> type:
-    """Declare a module type LRP-safe as it is (e.g. a pooling or neck of a model in the zoo).
+class UnknownModuleWarning(UserWarning):
+    """Modules of unknown type run without an LRP rule: relevance passes through by their gradient.
 
-    Usable as a class decorator. Only register types whose forward is a composition of children
-    or an operation without interactions between two activations.
+    Attributes:
+        modules: ``{module name: type name}`` of those modules.
+    """
+
+    def __init__(self, message: str, modules: dict[str, str] | None = None):
+        super().__init__(message)
+        self.modules = dict(modules or {})
+
+
+def register_safe_module(module_type: type) -> type:
+    """Declare a module type LRP-ready as it is; it is then neither analysed nor warned about.
+
+    Usable as a class decorator. Not needed for modules that transform one activation on their
+    own (pooling such as GeM, flatten, a custom activation): those are recognised by reading their
+    forward and run by their gradient, as the published method runs them. Use it to override the
+    check for a module that combines two activations when plain gradient treatment is what you
+    want (relevance then follows the gradient of the product or sum).
     """
     _extra_safe_types.append(module_type)
     return module_type
 
 
 def _is_generic_safe(module: nn.Module) -> bool:
-    return isinstance(module, _GENERIC_SAFE) or isinstance(module, Activation) or isinstance(
-        module, tuple(_extra_safe_types)
+    if isinstance(module, tuple(_extra_safe_types)):
+        return True
+    if isinstance(module, Activation) and not isinstance(module, nn.MultiheadAttention):
+        return True  # zennit's activation set includes attention, which combines activations
+    for base in _GENERIC_SAFE:
+        if isinstance(module, base):
+            return type(module).forward is base.forward  # a subclass with its own forward is read
+    return False
+
+
+def _is_pointwise_safe(module: nn.Module) -> bool:
+    return (isinstance(module, Activation) and not isinstance(module, nn.MultiheadAttention)) or (
+        isinstance(module, _POINTWISE_SAFE) and _is_generic_safe(module)
     )
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` naming the first module we cannot make LRP-ready."""
+def _known_types() -> tuple[type, ...]:
     timm_t = _timm_types()
     tv_t = _torchvision_types()
-    known: tuple[type, ...] = tuple(t for group in (timm_t, tv_t) for types_ in group.values() for t in types_)
-    unknown: dict[str, str] = {}  # type -> first module name
-    for name, module in model.named_modules():
+    return tuple(t for group in (timm_t, tv_t) for types_ in group.values() for t in types_)
+
+
+def _type_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+#: model -> (structure signature, {module name: type} run by gradient, or the refusal's arguments)
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def check_supported(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
+    """Check that every module can be explained as it is or by the built-in canonizers.
+
+    Modules of types the canonizers know (timm and torchvision EfficientNet/ResNet parts), plain
+    layers and zennit's activations pass. Every other module's forward is read (a ``torch.fx``
+    trace with its children opaque; if the forward cannot be traced, one run on
+    ``example_input`` and a look at the autograd graph):
+
+    - a forward that transforms a single activation (GeM pooling, also with a learnable
+      exponent; flatten; a custom activation; a composition of children) passes: relevance goes
+      through its own computation by the gradient, as in the published method. All such
+      modules are named in ONE :class:`UnknownModuleWarning` per model;
+    - a forward that combines two activations (a gate product, a residual sum, attention) is
+      refused with :class:`UnsupportedModelError` naming the module and the operation.
+
+    Results are cached per model object (the warning is given once per model).
+
+    Args:
+        model: the embedding model.
+        example_input: one preprocessed image ``(1, 3, H, W)``; only needed when a forward cannot
+            be traced symbolically.
+
+    Returns:
+        ``{module name: type name}`` of the unknown modules passed by their gradient.
+
+    Raises:
+        UnsupportedModelError: the first refused module (in ``named_modules`` order).
+    """
+    signature = tuple((id(m), type(m)) for m in model.modules())
+    cached = _CHECKED.get(model)
+    if cached is not None and cached[0] == signature:
+        if cached[1] == "refused":
+            raise UnsupportedModelError(*cached[2])
+        return dict(cached[2])
+
+    known = _known_types()
+    modules = list(model.named_modules())
+    if not any(True for _ in model.children()) and not _is_generic_safe(model) and not isinstance(model, known):
+        raise UnsupportedModelError(_type_name(model), "", "the model has no submodules")
+    findings: dict[str, ForwardFinding] = {}
+    pointwise: set[int] = set()  # ids of modules that act elementwise on their one input
+    unreadable: dict[str, str] = {}  # name -> why fx failed
+    for name, module in reversed(modules):  # children before their parents
         if _is_generic_safe(module) or isinstance(module, known):
+            if _is_pointwise_safe(module):
+                pointwise.add(id(module))
             continue
-        if name == "" and not any(True for _ in module.children()):
-            raise UnsupportedModelError(type(module).__qualname__, name, "the model has no submodules")
-        if name == "":
-            # The root's own forward composes its children (backbone, pooling, neck); its children
-            # are checked one by one. A root doing arithmetic between activations itself must
-            # bring its own canonizers.
+        children = [child_name for child_name, child in module.named_children() if id(child) in pointwise]
+        try:
+            findings[name] = analyse_fx(module, children)
+        except ForwardNotReadable as error:
+            unreadable[name] = str(error)
             continue
-        unknown.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", name)
-    if unknown:
-        (first_type, first_name), *others = unknown.items()
-        hint = f"also unsupported: {', '.join(t.rsplit('.', 1)[-1] for t, _ in others)}" if others else ""
-        raise UnsupportedModelError(first_type, first_name, hint)
+        if findings[name].pointwise:
+            pointwise.add(id(module))
+    if unreadable:
+        findings.update(_read_by_running(model, modules, unreadable, pointwise, example_input))
+
+    by_name = dict(modules)
+    refused = [(name, findings[name]) for name, _ in modules if name in findings and findings[name].combination]
+    if refused:
+        (name, finding), *others = refused
+        hint = "; ".join(f"also {f.combination} in {n!r} ({type(by_name[n]).__qualname__})" for n, f in others[:4])
+        arguments = (_type_name(by_name[name]), name, hint, finding.combination)
+        _CHECKED[model] = (signature, "refused", arguments)
+        raise UnsupportedModelError(*arguments)
+
+    passed = {
+        name: type(by_name[name]).__qualname__ for name, _ in modules if name in findings and findings[name].computes
+    }
+    _CHECKED[model] = (signature, "passed", passed)
+    if passed:
+        listed = ", ".join(f"{type_name} ({name!r})" for name, type_name in list(passed.items())[:8])
+        more = f" and {len(passed) - 8} more" if len(passed) > 8 else ""
+        warnings.warn(
+            UnknownModuleWarning(
+                f"no LRP rule for {listed}{more}: each transforms a single activation, so relevance "
+                "passes through it by its gradient, as in the published PAIR-X method (declare a type "
+                "with pairx_core.canonizers.register_safe_module to silence this)",
+                passed,
+            ),
+            stacklevel=3,
+        )
+    return passed
+
+
+def _read_by_running(
+    model: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    unreadable: dict[str, str],
+    pointwise: set[int],
+    example_input: torch.Tensor | None,
+) -> dict[str, ForwardFinding]:
+    """Read the forwards fx could not trace by running the model once on ``example_input``."""
+    by_name = dict(modules)
+    if example_input is None:
+        name, reason = next(iter(unreadable.items()))
+        raise UnsupportedModelError(
+            _type_name(by_name[name]), name,
+            f"its forward cannot be traced symbolically ({reason}) and no example input was given to run it",
+        )
+    captured: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.setdefault(name, (args, kwargs))
+
+        return hook
+
+    first = next(iter(model.parameters()), None)
+    probe = example_input[:1]
+    if first is not None:
+        probe = probe.to(device=first.device, dtype=first.dtype if first.is_floating_point() else probe.dtype)
+    handles = [by_name[name].register_forward_pre_hook(capture(name), with_kwargs=True) for name in unreadable]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    findings: dict[str, ForwardFinding] = {}
+    for name, reason in unreadable.items():
+        if name not in captured:
+            continue  # never executed: it cannot influence the embedding
+        module = by_name[name]
+        children = [child_name for child_name, child in module.named_children() if id(child) in pointwise]
+        args, kwargs = captured[name]
+        was_training = module.training
+        try:
+            module.eval()
+            findings[name] = analyse_autograd(module, args, kwargs, children)
+        except ForwardNotReadable as error:
+            raise UnsupportedModelError(
+                _type_name(module), name, f"its forward can neither be traced ({reason}) nor run alone ({error})"
+            ) from error
+        finally:
+            module.train(was_training)
+    return findings
 
 
 # ------------------------------------------------------------------------------ the canonizers
@@ -330,18 +504,22 @@ def _atomic_units(module: nn.Module) -> Iterator[nn.Module]:
             yield from _atomic_units(child)
 
 
-def select_canonizers(model: nn.Module, *, strict: bool = False) -> list[Canonizer]:
+def select_canonizers(
+    model: nn.Module, *, strict: bool = False, example_input: torch.Tensor | None = None
+) -> list[Canonizer]:
     """Choose canonizers from the module types present anywhere in ``model``.
 
     Args:
         model: the embedding model (any ``nn.Module``).
         strict: for timm EfficientNet blocks, also merge fused batch norms and split residual
             additions (off by default, so that numbers match the published method).
+        example_input: one preprocessed image, used only to read a module's forward that
+            ``torch.fx`` cannot trace (see :func:`check_supported`).
 
     Raises:
-        UnsupportedModelError: a module type is not known to be LRP-ready.
+        UnsupportedModelError: a module combines two activations in a way no canonizer handles.
     """
-    check_supported(model)
+    check_supported(model, example_input)
     timm_t = _timm_types()
     tv_t = _torchvision_types()
 

@@ -34,6 +34,7 @@ from zennit.canonizers import Canonizer
 
 from .canonizers import select_canonizers
 from .errors import ConfigError, NumericalError, ShapeError
+from .layers import check_layer_names
 from .lrp import EngineEpsilonPlus, reuse_modified_forwards
 from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .results import LayerExplanation, PairExplanation, matches_frame
@@ -199,11 +200,7 @@ def explain_indexed(
         raise ConfigError("at least one layer is required")
     if len(set(layer_names)) != len(layer_names):
         raise ConfigError(f"duplicate layer names in {layer_names}")
-    for name in layer_names:
-        try:
-            model.get_submodule(name)
-        except AttributeError as error:
-            raise ConfigError(f"model has no submodule {name!r}") from error
+    check_layer_names(model, layer_names)  # LayerError with the nearest names
     if images.dtype != next(iter(model.parameters()), images).dtype:
         raise ConfigError(
             f"images are {images.dtype} but the model's parameters are "
@@ -216,7 +213,8 @@ def explain_indexed(
     target = _resolve_device(model, device)
     if target.type == "cpu":
         torch.set_flush_denormal(True)  # LRP creates denormals that slow CPUs badly
-    chosen = list(canonizers) if canonizers is not None else select_canonizers(model, strict=config.strict_lrp)
+    chosen = (list(canonizers) if canonizers is not None
+              else select_canonizers(model, strict=config.strict_lrp, example_input=images[:1]))
     composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
 
     results: list[PairExplanation | None] = [None] * len(pair_array)

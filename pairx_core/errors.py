@@ -47,19 +47,41 @@ class ShapeError(PairXError, ValueError):
 
 
 class UnsupportedModelError(PairXError):
-    """The model contains a module type that we cannot make LRP-ready."""
+    """The model contains a module that we cannot make LRP-ready.
 
-    def __init__(self, module_type: str, module_name: str, hint: str = ""):
+    Attributes:
+        module_type: the module's class (qualified name).
+        module_name: where it sits in the model (``model.get_submodule`` name; ``""`` is the root).
+        operation: the operation that combines two activations (``mul``, ``add``, ``matmul``...),
+            or ``""`` when the module is refused for another reason (its forward cannot be read).
+    """
+
+    def __init__(self, module_type: str, module_name: str, hint: str = "", operation: str = ""):
         self.module_type = module_type
         self.module_name = module_name
-        msg = (
-            f"module {module_name or '<root>'!r} of type {module_type} is not supported by the "
-            "built-in canonizers; pass canonizers=[...] (possibly an empty list) to explain() "
-            "if you know the model is LRP-ready"
+        self.hint = hint
+        self.operation = operation
+        short_type = module_type.rsplit(".", 1)[-1]
+        where = f"module {module_name or '<root>'!r} ({short_type})"
+        if operation:
+            msg = (
+                f"{operation} of two activations in {where}: relevance through a product, sum or "
+                "attention between activations needs its own LRP treatment, which the built-in "
+                "canonizers do not know for this module"
+            )
+        else:
+            msg = f"{where} is not supported by the built-in canonizers"
+        msg += (
+            "; pass canonizers=[...] to explain() that rewrite it (an empty list runs the model as "
+            "it is), or declare the type with pairx_core.canonizers.register_safe_module to accept "
+            "plain gradient treatment"
         )
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+    def __reduce__(self):
+        return (type(self), (self.module_type, self.module_name, self.hint, self.operation))
 
 
 class NumericalError(PairXError, FloatingPointError):
@@ -100,3 +122,42 @@ class StorageError(PairXError):
         self.uri = uri
         self.reason = reason
         super().__init__(f"{uri}: {reason}")
+
+
+class LayerError(ConfigError):
+    """A layer name does not name a usable cut of the model (missing, not a feature map, bypassed).
+
+    Attributes:
+        layer: the name as given.
+        reason: why it cannot be used.
+        suggestions: the nearest valid layer names (best first), possibly empty.
+    """
+
+    def __init__(self, layer: str, reason: str, suggestions: Sequence[str] = ()):
+        self.layer = layer
+        self.reason = reason
+        self.suggestions = list(suggestions)
+        msg = f"layer {layer!r}: {reason}"
+        if self.suggestions:
+            msg += f"; nearest valid layers: {', '.join(self.suggestions)}"
+        super().__init__(msg)
+
+    def __reduce__(self):
+        return (type(self), (self.layer, self.reason, tuple(self.suggestions)))
+
+
+class RandomWeightsError(ConfigError):
+    """A model spec would run with random weights and that was not allowed explicitly.
+
+    Attributes:
+        spec: the model spec with credentials removed.
+        hint: how to give weights.
+    """
+
+    def __init__(self, spec: str, hint: str):
+        self.spec = spec
+        self.hint = hint
+        super().__init__(hint)
+
+    def __reduce__(self):
+        return (type(self), (self.spec, self.hint))

@@ -10,7 +10,8 @@ Specs (``kind:name?key=value&...``):
   sets the input size; without weights: random initialisation and a warning.
 - ``torchvision:<arch>``: a torchvision classifier with its head removed (penultimate features).
 - ``python:<module>:<factory>``: a user's own model; the factory returns ``model`` or
-  ``(model, Preprocessing)``.
+  ``(model, Preprocessing)``, with its weights loaded (``weights=`` loads a state dict on top).
+  The factory may declare the model's default layer by setting ``model.pairx_default_layer``.
 - ``demo``: the small model trained on synthetic individuals, shipped in ``pairx_core/weights``.
 
 Weights are read with safetensors or ``torch.load(weights_only=True)``; never arbitrary pickle.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .canonizers import register_safe_module
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, RandomWeightsError
+from .layers import DEFAULT_LAYER_ATTRIBUTE
 from .preprocess import Preprocessing
 
 WeightsSource = Union[str, Path, bytes, Mapping[str, torch.Tensor], None]
@@ -119,13 +122,24 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, Callable[[ModelSpec, WeightsSource, Opener | None], tuple[nn.Module, Preprocessing]]] = {}
+#: kind -> "never" / "without_weights" / "always": when the family builds random weights
+_RANDOM_WEIGHTS: dict[str, str] = {}
 
 
-def register_model(kind: str):
-    """Register a model family under ``kind`` (decorator, like timm's ``register_model``)."""
+def register_model(kind: str, *, random_weights: str = "never"):
+    """Register a model family under ``kind`` (decorator, like timm's ``register_model``).
+
+    Args:
+        random_weights: when the family runs with random initialisation: ``"never"`` (it brings
+            its own weights), ``"without_weights"`` (unless ``weights=`` is given) or ``"always"``.
+            Read by :func:`would_use_random_weights` without building anything.
+    """
+    if random_weights not in ("never", "without_weights", "always"):
+        raise ConfigError(f"random_weights must be 'never', 'without_weights' or 'always', got {random_weights!r}")
 
     def decorator(factory):
         _REGISTRY[kind] = factory
+        _RANDOM_WEIGHTS[kind] = random_weights
         return factory
 
     return decorator
@@ -169,7 +183,7 @@ def _size(parsed: ModelSpec, default: int) -> tuple[int, int]:
     return size, size
 
 
-@register_model("miewid")
+@register_model("miewid", random_weights="without_weights")
 def _miewid(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     model = MiewIdNet(parsed.options.get("arch", MIEWID_ARCH))
     if weights is None and parsed.name:
@@ -178,7 +192,7 @@ def _miewid(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     return model, Preprocessing(_size(parsed, MIEWID_SIZE))
 
 
-@register_model("miewid-arch")
+@register_model("miewid-arch", random_weights="always")
 def _miewid_arch(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(parsed.options.get("seed", 0)))
@@ -186,7 +200,7 @@ def _miewid_arch(parsed: ModelSpec, weights: WeightsSource, opener: Opener | Non
     return model, Preprocessing(_size(parsed, MIEWID_SIZE))
 
 
-@register_model("timm")
+@register_model("timm", random_weights="without_weights")
 def _timm(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     if not parsed.name:
         raise ModelLoadError("timm:", "give an architecture, e.g. timm:efficientnet_b0")
@@ -201,7 +215,7 @@ def _timm(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     return model, Preprocessing(_size(parsed, default))
 
 
-@register_model("torchvision")
+@register_model("torchvision", random_weights="without_weights")
 def _torchvision(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     import torchvision
 
@@ -245,6 +259,7 @@ def _demo(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     config = json.loads(config_path.read_text())
     model = MiewIdNet(config["arch"])
     load_state(model, read_state_dict(weights if weights is not None else weights_path, opener), "demo")
+    setattr(model, DEFAULT_LAYER_ATTRIBUTE, str(config.get("layer", "backbone.blocks.2")))
     return model, Preprocessing(tuple(config["size"]), tuple(config["mean"]), tuple(config["std"]))
 
 
@@ -337,6 +352,101 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, module in model.named_modules():
         digest.update(f"{name}:{type(module).__module__}.{type(module).__qualname__};".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def demo_default_layer() -> str:
+    """The layer the demo model was trained and checked for (from its ``demo.json``)."""
+    import json
+
+    config_path = WEIGHTS_DIR / "demo.json"
+    if not config_path.exists():
+        return "backbone.blocks.2"
+    return str(json.loads(config_path.read_text()).get("layer", "backbone.blocks.2"))
+
+
+# ------------------------------------------------------------------------- random weights, specs
+def would_use_random_weights(spec: str, weights: WeightsSource = None) -> bool:
+    """Whether :func:`load_model` would build ``spec`` with random initialisation.
+
+    Decided from the spec alone (nothing is built, imported or read): ``timm:<arch>``,
+    ``torchvision:<arch>`` and ``miewid`` without ``weights=`` (nor a path or ``hf://`` URL), and
+    ``miewid-arch`` always; ``demo`` and ``python:`` factories never (a factory brings its own
+    weights). ``weights`` is :func:`load_model`'s override argument.
+
+    Raises:
+        ModelLoadError: the spec's kind is unknown.
+    """
+    parsed = ModelSpec.parse(spec)
+    if parsed.kind not in _REGISTRY:
+        raise ModelLoadError(public_spec(spec), f"unknown model kind {parsed.kind!r}; known: {', '.join(list_model_kinds())}")
+    mode = _RANDOM_WEIGHTS.get(parsed.kind, "never")
+    if mode != "without_weights":
+        return mode == "always"
+    given = weights is not None or bool(parsed.options.get("weights"))
+    if parsed.kind == "miewid":
+        given = given or bool(parsed.name)  # miewid:<path> names the checkpoint
+    return not given
+
+
+def random_weights_hint(spec: str) -> str:
+    """A ready-to-print explanation that ``spec`` has no weights, and how to give them."""
+    shown = public_spec(spec)
+    parsed = ModelSpec.parse(spec)
+    if parsed.kind == "miewid-arch":
+        own = "use `miewid?weights=PATH_OR_URL` for the same architecture with a MiewID checkpoint"
+    elif parsed.kind == "miewid":
+        own = "give the checkpoint: `miewid?weights=PATH_OR_URL` (a local file, s3://..., or hf://...)"
+    elif parsed.kind in ("timm", "torchvision") and parsed.name:
+        query = "&".join(f"{k}={v}" for k, v in parsed.options.items() if k != "weights")
+        own = f"give the weights: `{parsed.kind}:{parsed.name}?{query + '&' if query else ''}weights=PATH_OR_URL`"
+    else:
+        own = "give the weights with `?weights=PATH_OR_URL`"
+    return (
+        f"model {shown!r} has no weights and would run with random initialisation: its pictures, "
+        "scores and re-rankings would look normal but mean nothing. "
+        f"{own[0].upper()}{own[1:]} (safetensors or a weights-only torch file); "
+        "for a MiewID checkpoint use `miewid?weights=...`; to try the pipeline, use `demo`"
+    )
+
+
+def ensure_weights(spec: str, *, allow_random_weights: bool = False, weights: WeightsSource = None) -> bool:
+    """Refuse a spec that would run with random weights unless that is allowed explicitly.
+
+    Returns:
+        whether the model will have random weights (only ``True`` when allowed).
+
+    Raises:
+        RandomWeightsError: random weights and ``allow_random_weights`` is false; the message is
+            :func:`random_weights_hint`.
+        ModelLoadError: the spec's kind is unknown.
+    """
+    random = would_use_random_weights(spec, weights)
+    if random and not allow_random_weights:
+        raise RandomWeightsError(public_spec(spec), random_weights_hint(spec))
+    return random
+
+
+_SECRET_KEYS = r"(?:[\w-]*(?:token|secret|password|passwd|pwd|credential|signature|sig|auth|key)[\w-]*)"
+
+
+def public_spec(spec: str) -> str:
+    """``spec`` as typed, with credentials removed (URL user info, secret-looking query values)."""
+    text = re.sub(r"(://)[^/@?#\s]+@", r"\1***@", spec)
+    return re.sub(rf"(?i)(^|[?&]){_SECRET_KEYS}=([^&]*)", lambda m: m.group(0).split("=", 1)[0] + "=***", text)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Hash of the weights only: parameter/buffer names, shapes, dtypes and values (16 hex chars).
+
+    Unlike :func:`model_fingerprint` it ignores module class names, so the same weights in a
+    user's own copy of an architecture give the same digest; use it to record *which weights*
+    ran, and the fingerprint to key caches of *what computed* them.
+    """
+    digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
