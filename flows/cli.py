@@ -132,28 +132,66 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _temporary_server():
-    from prefect.server.api.server import SubprocessASGIServer
+class OwnedServer:
+    """Prefect's API server (uvicorn, SQLite under ``PREFECT_HOME``) as a child of this process.
 
-    class OwnedServer(SubprocessASGIServer):
-        """Prefect's temporary server as a child that cannot outlive this process."""
+    Started from the main thread with ``PR_SET_PDEATHSIG`` (Linux): the kernel sends it SIGTERM
+    when the thread that started it ends, which for the main thread means when the CLI dies,
+    however it dies. (Started from a helper thread, it would die with that thread.)
+    """
 
-        def _run_uvicorn_command(self):
-            import subprocess
+    def __init__(self) -> None:
+        import socket
 
-            original = subprocess.Popen
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process = None
 
-            def popen(*args, **kwargs):
-                return original(*args, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-                                **kwargs)
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
 
-            subprocess.Popen = popen
+    def spawn(self) -> None:
+        import subprocess
+
+        import prefect
+        from prefect.settings import get_current_settings
+
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
             try:
-                return super()._run_uvicorn_command()
-            finally:
-                subprocess.Popen = original
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
 
-    return OwnedServer()
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
 
 class TemporaryAPI:
@@ -177,15 +215,16 @@ class TemporaryAPI:
 
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         if self.needed and self.thread is None:
-            self.server = _temporary_server()
+            self.server = OwnedServer()
+            self.server.spawn()  # from this (main) thread: see OwnedServer
 
-            def start() -> None:
+            def wait() -> None:
                 try:
-                    self.server.start(timeout=90)
+                    self.server.wait_healthy()
                 except BaseException as error:  # noqa: BLE001 - reported when entered
                     self.error = error
 
-            self.thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+            self.thread = threading.Thread(target=wait, name="prefect-server-wait", daemon=True)
             self.thread.start()
         return self
 

@@ -118,6 +118,21 @@ def _status_of(error: BaseException) -> str:
     return "crashed"
 
 
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of what stopped a run; signals by name (SIGTERM), Ctrl-C as such."""
+    import signal as signals
+
+    number = getattr(error, "signal", None)
+    if isinstance(number, int):
+        try:
+            return f"{type(error).__name__}: {signals.Signals(number).name}"
+        except ValueError:
+            pass
+    if type(error) is KeyboardInterrupt:
+        return "KeyboardInterrupt: Ctrl-C"
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
 def run_recorded(flow_name: str, config, work_flow) -> dict:
     """Run ``work_flow(config, run_id)`` on the config's task runner and record the run.
 
@@ -136,7 +151,7 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
             _review_page(config, summary, started)
     except BaseException as error:
         summary.status = _status_of(error)
-        summary.error = f"{type(error).__name__}: {error}"[:2000]
+        summary.error = _describe(error)
         raise
     finally:
         with _ACTIVE_LOCK:

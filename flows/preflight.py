@@ -25,9 +25,8 @@ class RandomWeightsRefused(ConfigError):
     def __init__(self, spec: str, hint: str):
         self.spec = spec
         self.hint = hint
-        super().__init__(f"model {spec!r} has no weights: it would run with random weights, and its pictures, "
-                         f"scores and re-rankings would mean nothing. {hint} To run it anyway (tests, "
-                         f"benchmarks), pass --allow-random-weights (config: allow_random_weights: true).")
+        super().__init__(f"{hint}. To run it anyway (tests, benchmarks), pass --allow-random-weights "
+                         "(config: allow_random_weights: true).")
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,13 @@ def check_inputs(flow: str, config) -> RunPlan:
 
 def check_model_spec(spec: str, allow_random_weights: bool) -> None:
     """Known model kind, and weights unless random weights are allowed (parses only: no build)."""
-    from pairx_core.errors import ModelLoadError
-    from pairx_core.models import ModelSpec, list_model_kinds, random_weights_hint, would_use_random_weights
+    from pairx_core.errors import RandomWeightsError
+    from pairx_core.models import ensure_weights
 
-    parsed = ModelSpec.parse(spec)
-    if parsed.kind not in list_model_kinds():
-        raise ModelLoadError(redact_model_spec(spec), f"unknown model kind {parsed.kind!r}; known: "
-                                                      f"{', '.join(list_model_kinds())}")
-    if not allow_random_weights and would_use_random_weights(spec):
-        raise RandomWeightsRefused(redact_model_spec(spec), random_weights_hint(spec))
+    try:
+        ensure_weights(spec, allow_random_weights=allow_random_weights)
+    except RandomWeightsError as error:
+        raise RandomWeightsRefused(error.spec, error.hint) from None
 
 
 def resolve_model(config) -> ModelPlan:
@@ -120,13 +117,13 @@ def resolve_model(config) -> ModelPlan:
             not a cut of the network.
     """
     from pairx_core.layers import check_layers, default_layer
-    from pairx_core.models import would_use_random_weights
+    from pairx_core.models import weights_digest, would_use_random_weights
     from tasks.runtime import get_model
 
     check_model_spec(config.model, config.allow_random_weights)
     loaded = get_model(config.model, "cpu", config.storage_options or None)
     layers = tuple(config.layers) if config.layers else (default_layer(loaded.model),)
     check_layers(loaded.model, list(layers), tuple(loaded.preprocessing.size))
-    facts = {"model_spec": redact_model_spec(config.model), "weights_digest": loaded.fingerprint,
+    facts = {"model_spec": redact_model_spec(config.model), "weights_digest": weights_digest(loaded.model),
              "random_weights": would_use_random_weights(config.model)}
     return ModelPlan(loaded.model_id, layers, facts)

@@ -38,6 +38,7 @@ from .canonizers import register_safe_module
 from .errors import ConfigError, ModelLoadError, RandomWeightsError
 from .layers import DEFAULT_LAYER_ATTRIBUTE
 from .preprocess import Preprocessing
+from .specs import public_spec
 
 WeightsSource = Union[str, Path, bytes, Mapping[str, torch.Tensor], None]
 Opener = Callable[[str], bytes]
@@ -429,14 +430,6 @@ def ensure_weights(spec: str, *, allow_random_weights: bool = False, weights: We
         raise RandomWeightsError(public_spec(spec), random_weights_hint(spec))
     return random
 
-
-_SECRET_KEYS = r"(?:[\w-]*(?:token|secret|password|passwd|pwd|credential|signature|sig|auth|key)[\w-]*)"
-
-
-def public_spec(spec: str) -> str:
-    """``spec`` as typed, with credentials removed (URL user info, secret-looking query values)."""
-    text = re.sub(r"(://)[^/@?#\s]+@", r"\1***@", spec)
-    return re.sub(rf"(?i)(^|[?&]){_SECRET_KEYS}=([^&]*)", lambda m: m.group(0).split("=", 1)[0] + "=***", text)
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -90,7 +90,7 @@ def test_unknown_model_kind(runner, photos, tmp_path):
 def test_random_weights_refused_with_a_hint(runner, photos, tmp_path):
     result = runner.invoke(app, ["nightly", "--uploads", str(photos / "uploads"), "--gallery", str(photos / "gallery"),
                                  "--out", str(tmp_path / "out"), "--model", "timm:resnet18"])
-    _one_line_error(result, "random weights", "--allow-random-weights", "weights=")
+    _one_line_error(result, "random initialisation", "--allow-random-weights", "timm:resnet18?weights=")
 
 
 def test_wrong_layer_suggests_names(runner, photos, tmp_path):

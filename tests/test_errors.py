@@ -8,8 +8,8 @@ import pickle
 import pytest
 
 import pairx_core.errors as errors_module
-from pairx_core.errors import (ConfigError, ImageError, ModelLoadError, NumericalError, PairXError, ShapeError,
-                               StorageError, UnsupportedModelError)
+from pairx_core.errors import (ConfigError, ImageError, LayerError, ModelLoadError, NumericalError, PairXError,
+                               RandomWeightsError, ShapeError, StorageError, UnsupportedModelError)
 
 EXAMPLES = [
     ConfigError("bad option"),
@@ -19,7 +19,18 @@ EXAMPLES = [
     ModelLoadError("timm:x", "keys differ", missing=["a.weight"], unexpected=["b.bias"]),
     ImageError("s3://b/a.jpg", "cannot identify image file"),
     StorageError("/ro/out/tables", "permission denied"),
+    LayerError("backbone.blocks.33", "the model has no submodule of that name", ["backbone.blocks.3"]),
+    RandomWeightsError("timm:resnet18", "give weights"),
 ]
+
+
+def _with_content_hash() -> ImageError:
+    error = ImageError("a.jpg", "corrupt")
+    error.content_hash = "ab" * 32  # set by the decoder: must survive the trip too
+    return error
+
+
+EXAMPLES.append(_with_content_hash())
 
 
 def _all_error_classes() -> set[type]:
@@ -54,7 +65,7 @@ def test_storage_error_raised_in_a_dask_worker_reaches_the_client(tmp_path):
 
     def write() -> None:
         write_table(str(blocker / "out"), "errors", [{"item": "x", "stage": "load", "error_type": "E",
-                                                      "message": "m"}], "model", "run")
+                                                      "message": "m", "content_hash": None}], "model", "run")
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
@@ -69,5 +80,5 @@ def test_missing_bucket_says_so(s3_server):
 
     with pytest.raises(StorageError) as raised:
         write_table("s3://no-such-bucket-pairx/out", "errors", [{"item": "x", "stage": "load", "error_type": "E",
-                                                                  "message": "m"}], "model", "run")
+                                                                  "message": "m", "content_hash": None}], "model", "run")
     assert "bucket does not exist" in str(raised.value)

@@ -50,7 +50,7 @@ def write_output(root: Path) -> str:
     write_table(out, "candidates", rank_candidates(candidates, outcomes, model_spec="demo"), MODEL, "run-1",
                 date="2024-05-06")
     write_table(out, "errors", [{"item": str(photos / "broken.jpg"), "stage": "load", "error_type": "ImageError",
-                                 "message": "cannot identify image <broken>"}], MODEL, "run-1", date="2024-05-06")
+                                 "message": "cannot identify image <broken>", "content_hash": None}], MODEL, "run-1", date="2024-05-06")
     explained = [_pair_row(f"e{g}", str(photos / "u0.png"), str(photos / f"g{g}.png"), 0.5 + 0.1 * g, 0.5,
                            None, f"ekey-{g}") for g in range(2)]
     write_table(out, "pairs", explained, MODEL, "run-2", date="2024-05-07")

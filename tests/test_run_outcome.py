@@ -60,7 +60,7 @@ def test_errors_table_exists_on_a_night_without_errors(prefect_harness, photos, 
     summary = nightly(_config(photos, out))
     assert summary["status"] == "completed" and summary["done"] == 3
     glob = f"{out}/tables/errors/**/*.parquet"
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true)").fetchone()[0] == 0
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()[0][0] == 0
     assert len(pd.read_parquet(out / "tables" / "errors")) == 0
     assert ds.dataset(out / "tables" / "errors", format="parquet", partitioning="hive").count_rows() == 0
     runs = _runs(out)
@@ -94,8 +94,10 @@ def test_failed_items_fail_the_prefect_run_with_counts(prefect_harness, photos, 
 
     import asyncio
 
-    mine = [a for a in asyncio.run(artifacts()) if a.flow_run_id == state.state_details.flow_run_id]
-    assert len(mine) == 1 and "| failed | 1 |" in mine[0].data and "tables/errors" in mine[0].data
+    mine = [a for a in asyncio.run(artifacts())
+            if a.flow_run_id == state.state_details.flow_run_id and a.key == "pairx-nightly-summary"]
+    assert [a.type for a in mine] == ["markdown"], [(a.key, a.type, a.task_run_id) for a in mine]
+    assert "| failed | 1 |" in mine[0].data and "tables/errors" in mine[0].data
 
 
 def test_crash_before_the_first_batch_is_recorded(prefect_harness, photos, tmp_path):
