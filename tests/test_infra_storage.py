@@ -252,3 +252,35 @@ def test_zarr_store_local_and_memory(tmp_path, memory_target):
     group = zarr.open_group(remote, mode="a")
     group.create_array("a", shape=(2,), dtype="int32")[...] = [3, 4]
     assert memory_target.exists("z.zarr/a/zarr.json")
+
+
+def test_transient_errors_are_retried_with_the_one_policy(tmp_path, monkeypatch):
+    """Storage calls retry transient errors (here: 3 x 503) and never retry a missing file."""
+    import infra.storage as storage_module
+    from infra.storage import RETRIES, RetryPolicy, StorageTarget
+    from pairx_core.errors import StorageError
+
+    target = StorageTarget.from_url(str(tmp_path))
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    calls = {"n": 0}
+    real_cat = type(target.filesystem()).cat_file
+
+    class SlowDown(Exception):
+        response = {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+
+    def flaky(self, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise SlowDown("503")
+        return real_cat(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(target.filesystem()), "cat_file", flaky)
+    monkeypatch.setattr(RetryPolicy, "default", classmethod(lambda cls: cls(attempts=5, first_delay_s=0.01)))
+    before = RETRIES["count"]
+    assert target.read_bytes("a.txt") == b"hello"
+    assert calls["n"] == 4 and RETRIES["count"] - before == 3
+    calls["n"] = 10  # no more failures: a missing file is not transient and is not retried
+    with pytest.raises(StorageError):
+        target.read_bytes("missing.txt")
+    assert calls["n"] == 11
+    assert storage_module.with_retries(lambda: 7) == 7
