@@ -96,8 +96,8 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask"), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    logs = Path(os.environ.get("PAIRX_TEST_SERVICE_LOGS", tmp_path / "logs"))
+    logs.mkdir(parents=True, exist_ok=True)
     services = Services(logs, env)
     scheduler = f"tcp://127.0.0.1:{dask_port}"
     try:
