@@ -218,6 +218,8 @@ def _scan(model: nn.Module, input_size: tuple[int, int]) -> list[LayerInfo]:
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     device = first.device if first is not None else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as the engine does: random weights make denormals
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 3, height, width, generator=generator, dtype=dtype).to(device)
 

@@ -403,7 +403,8 @@ def random_weights_hint(spec: str) -> str:
         own = "give the checkpoint: `miewid?weights=PATH_OR_URL` (a local file, s3://..., or hf://...)"
     elif parsed.kind in ("timm", "torchvision") and parsed.name:
         query = "&".join(f"{k}={v}" for k, v in parsed.options.items() if k != "weights")
-        own = f"give the weights: `{parsed.kind}:{parsed.name}?{query + '&' if query else ''}weights=PATH_OR_URL`"
+        example = public_spec(f"{parsed.kind}:{parsed.name}?{query + '&' if query else ''}weights=PATH_OR_URL")
+        own = f"give the weights: `{example}`"
     else:
         own = "give the weights with `?weights=PATH_OR_URL`"
     return (
