@@ -40,7 +40,7 @@ def write_output(root: Path) -> str:
             pid, key = f"p{u}{g}", f"key-{u}{g}"
             uri = viz_uri(out, MODEL, pid, LAYER)
             write_png(None, uri, Image.new("RGB", (1200, 640), (40 * g, 80, 200)))
-            irm = None if g == 2 else 0.2 + 0.3 * g
+            irm = None if (u, g) == (2, 2) else 0.2 + 0.3 * g  # upload 2 falls back to similarity
             pairs.append(_pair_row(pid, str(photos / f"u{u}.png"), str(photos / f"g{g}.png"), 0.9 - 0.1 * g, irm,
                                    uri, key))
             candidates.append(Candidate(str(photos / f"u{u}.png"), str(photos / f"g{g}.png"), 0.9 - 0.1 * g, pid,
@@ -74,9 +74,11 @@ def test_site_structure_links_and_thumbnails(tmp_path):
     assert all(cards == [0, 1, 2] for cards in first.uploads)  # ranked order
     page_text = " ".join(first.text)
     assert "cannot identify image <broken>" in page_text  # the night's errors with their messages
-    assert "n/a" in page_text  # the candidate without IRM
-    # re-rank: g2 0.700 (similarity alone, IRM n/a), g1 0.5 * 0.8 + 0.5 * 0.5 = 0.650, g0 0.550
-    assert "ind-1" in page_text and "0.700" in page_text and "0.650" in page_text
+    # re-rank: g2 0.5 * 0.7 + 0.5 * 0.8 = 0.750, g1 0.5 * 0.8 + 0.5 * 0.5 = 0.650, g0 0.550
+    assert "ind-1" in page_text and "0.750" in page_text and "0.650" in page_text
+    no_irm = "<dt>IRM</dt><dd>n/a</dd>"
+    assert no_irm not in (night / "index.html").read_text()
+    assert no_irm in (night / "page-2.html").read_text()  # upload 2's candidate without IRM
 
     for page in site_pages(root):
         parsed = parse_page(page)
