@@ -16,7 +16,7 @@ from infra.storage import is_transient
 from infra.tables import write_table
 from pairx_core import PairXError, embed
 
-from .explain import _error_row, image_rows_to_record, retry_transient
+from .explain import error_row, image_rows_to_record, retry_transient
 from .runtime import get_model
 
 logger = logging.getLogger("pairx.tasks")
