@@ -6,7 +6,15 @@ pairs are explained, :func:`rank_candidates` orders each upload's candidates by
 
 Re-rank score: ``(1 - w) * similarity + w * irm`` with ``w = RERANK_IRM_WEIGHT`` (0.5). When a
 pair's IRM is undefined (fewer than 5 matches, zero relevance among them, or the pair was not
-explained: ``irm`` None or NaN), the score falls back to the similarity alone for that pair.
+explained: ``irm`` None or NaN), its score falls back to the similarity alone.
+
+Such a score cannot be compared with a blended one: similarity and IRM live on different scales
+(on the manta photos with a random-weight model, similarities of 0.94-0.99 against IRMs of
+0.0-0.12, so every pair without IRM would jump above every pair with one, the true individual
+included). :func:`rank_candidates` therefore falls back for the whole upload: when any of an
+upload's candidates has no IRM, all of that upload's candidates are scored by similarity alone,
+i.e. kept in retrieval order. With a real re-ID model at its usual resolution (hundreds of
+mutual matches per pair) this is rare.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ def rank_candidates(
 ) -> list[dict]:
     """Rows of the ``candidates`` table: per query, candidates sorted by re-rank score.
 
+    A query with any candidate lacking an IRM is scored by similarity alone (module docstring).
+
     Args:
         candidates: retrieved pairs (any order, several queries).
         outcomes: by ``pair_id``, the explanation at the ranking layer; a pair without one keeps
@@ -75,11 +85,13 @@ def rank_candidates(
         by_query.setdefault(candidate.query, []).append(candidate)
     rows: list[dict] = []
     for query, mine in by_query.items():
+        found = [outcomes.get(candidate.pair_id) for candidate in mine]
+        irms = [o.irm if o is not None and _defined(o.irm) else None for o in found]
+        blend = all(irm is not None for irm in irms)  # else: similarity alone for every candidate
         scored = []
-        for candidate in mine:
-            outcome = outcomes.get(candidate.pair_id)
-            irm = outcome.irm if outcome is not None and _defined(outcome.irm) else None
-            scored.append((rerank_score(candidate.similarity, irm, weight), candidate, outcome, irm))
+        for candidate, outcome, irm in zip(mine, found, irms):
+            score = rerank_score(candidate.similarity, irm, weight) if blend else float(candidate.similarity)
+            scored.append((score, candidate, outcome, irm))
         scored.sort(key=lambda entry: -entry[0])
         for rank, (score, candidate, outcome, irm) in enumerate(scored):
             rows.append({

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from infra.report import build_report
-from infra.tables import write_table
+from infra.tables import TABLE_SCHEMAS, write_table
 from infra.viz import viz_uri, write_png
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
 from report_helpers import parse_page, resolve, site_pages
@@ -18,11 +18,17 @@ LAYER = "backbone.blocks.3"
 
 
 def _pair_row(pair_id, image_0, image_1, similarity, irm, uri, key):
-    return {"pair_id": pair_id, "image_0": image_0, "image_1": image_1, "layer": LAYER, "similarity": similarity,
+    row = {"pair_id": pair_id, "image_0": image_0, "image_1": image_1, "layer": LAYER, "similarity": similarity,
             "n_matches": 30, "residual_px": None if irm is None else 1 / irm - 1, "inliers": None if irm is None else 9,
             "irm": irm, "match_coverage": 0.3, "relevance_share": 0.2, "match_share": 0.1, "viz_uri": uri,
             "box_0": [2.0, 2.0, 40.0, 30.0], "box_1": None, "theta_0": 0.0, "theta_1": 0.0, "model_spec": "demo",
             "output_key": key}
+    return _complete("pairs", row)
+
+
+def _complete(table, row):
+    """``row`` with the schema's other nullable columns null (columns added to a schema later)."""
+    return {**{f.name: None for f in TABLE_SCHEMAS[table] if f.nullable and f.name not in row}, **row}
 
 
 def write_output(root: Path) -> str:
@@ -40,17 +46,19 @@ def write_output(root: Path) -> str:
             pid, key = f"p{u}{g}", f"key-{u}{g}"
             uri = viz_uri(out, MODEL, pid, LAYER)
             write_png(None, uri, Image.new("RGB", (1200, 640), (40 * g, 80, 200)))
-            irm = None if g == 2 else 0.2 + 0.3 * g
+            irm = None if (u, g) == (2, 2) else 0.2 + 0.3 * g  # upload 2 falls back to similarity
             pairs.append(_pair_row(pid, str(photos / f"u{u}.png"), str(photos / f"g{g}.png"), 0.9 - 0.1 * g, irm,
                                    uri, key))
             candidates.append(Candidate(str(photos / f"u{u}.png"), str(photos / f"g{g}.png"), 0.9 - 0.1 * g, pid,
                                         f"ind-{g}"))
             outcomes[pid] = PairOutcome(LAYER, irm, uri, key)
     write_table(out, "pairs", pairs, MODEL, "run-1", date="2024-05-06")
-    write_table(out, "candidates", rank_candidates(candidates, outcomes, model_spec="demo"), MODEL, "run-1",
-                date="2024-05-06")
-    write_table(out, "errors", [{"item": str(photos / "broken.jpg"), "stage": "load", "error_type": "ImageError",
-                                 "message": "cannot identify image <broken>", "content_hash": None}], MODEL, "run-1", date="2024-05-06")
+    ranked = [_complete("candidates", row) for row in rank_candidates(candidates, outcomes, model_spec="demo")]
+    write_table(out, "candidates", ranked, MODEL, "run-1", date="2024-05-06")
+    write_table(out, "errors", [_complete("errors", {"item": str(photos / "broken.jpg"), "stage": "load",
+                                                     "error_type": "ImageError",
+                                                     "message": "cannot identify image <broken>"})],
+                MODEL, "run-1", date="2024-05-06")
     explained = [_pair_row(f"e{g}", str(photos / "u0.png"), str(photos / f"g{g}.png"), 0.5 + 0.1 * g, 0.5,
                            None, f"ekey-{g}") for g in range(2)]
     write_table(out, "pairs", explained, MODEL, "run-2", date="2024-05-07")
@@ -74,9 +82,11 @@ def test_site_structure_links_and_thumbnails(tmp_path):
     assert all(cards == [0, 1, 2] for cards in first.uploads)  # ranked order
     page_text = " ".join(first.text)
     assert "cannot identify image <broken>" in page_text  # the night's errors with their messages
-    assert "n/a" in page_text  # the candidate without IRM
-    # re-rank: g2 0.700 (similarity alone, IRM n/a), g1 0.5 * 0.8 + 0.5 * 0.5 = 0.650, g0 0.550
-    assert "ind-1" in page_text and "0.700" in page_text and "0.650" in page_text
+    # re-rank: g2 0.5 * 0.7 + 0.5 * 0.8 = 0.750, g1 0.5 * 0.8 + 0.5 * 0.5 = 0.650, g0 0.550
+    assert "ind-1" in page_text and "0.750" in page_text and "0.650" in page_text
+    no_irm = "<dt>IRM</dt><dd>n/a</dd>"
+    assert no_irm not in (night / "index.html").read_text()
+    assert no_irm in (night / "page-2.html").read_text()  # upload 2's candidate without IRM
 
     for page in site_pages(root):
         parsed = parse_page(page)

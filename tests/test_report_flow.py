@@ -37,8 +37,13 @@ def night(prefect_harness, tmp_path_factory):
     (root / "uploads" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = root / "out"
     config = NightlyConfig(uploads=str(root / "uploads"), gallery=str(root / "gallery"), out=str(out), model=MODEL,
-                           layers=[LAYER], top_k=TOP_K, k_colors=2, k_lines=5, batch_pairs=3)
-    summary = nightly(config)  # default task runner, in process
+                           layers=[LAYER], top_k=TOP_K, k_colors=2, k_lines=5, batch_pairs=3, workers=0,
+                           allow_random_weights=True)
+    from flows.common import ItemsFailedError
+
+    with pytest.raises(ItemsFailedError) as raised:  # the broken upload fails the run (its pairs are done)
+        nightly(config)  # tasks in process (workers=0)
+    summary = raised.value.summary
     assert summary["done"] == 3 * TOP_K and summary["failed"] == 1
     return out
 

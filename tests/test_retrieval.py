@@ -27,18 +27,31 @@ def test_rank_candidates_orders_each_query_and_records_the_explanation():
     outcomes = {
         "p11": PairOutcome("blocks.3", irm=0.1, viz_uri="v11", output_key="k11"),  # 0.50
         "p12": PairOutcome("blocks.3", irm=0.9, viz_uri="v12", output_key="k12"),  # 0.875
-        "p13": PairOutcome("blocks.3", irm=None, viz_uri="v13", output_key="k13"),  # 0.80: similarity alone
+        "p13": PairOutcome("blocks.3", irm=0.5, viz_uri="v13", output_key="k13"),  # 0.65
     }
     rows = rank_candidates(candidates, outcomes, model_spec="demo")
     q1 = [r for r in rows if r["query"] == "q1"]
     assert [r["gallery_image"] for r in q1] == ["g2", "g3", "g1"]
     assert [r["rank"] for r in q1] == [0, 1, 2]
-    assert q1[1]["irm"] is None and q1[1]["rerank_score"] == pytest.approx(0.80)
+    assert [r["rerank_score"] for r in q1] == pytest.approx([0.875, 0.65, 0.50])
     assert q1[0]["output_key"] == "k12" and q1[0]["viz_uri"] == "v12" and q1[0]["layer"] == "blocks.3"
     assert q1[0]["pair_id"] == "p12" and q1[0]["individual"] == "bob" and q1[0]["model_spec"] == "demo"
     (q2,) = [r for r in rows if r["query"] == "q2"]  # not explained: similarity, no join keys
     assert q2["rank"] == 0 and q2["rerank_score"] == pytest.approx(0.5)
     assert q2["irm"] is None and q2["output_key"] is None and q2["pair_id"] == "p21"
+
+
+def test_an_upload_with_a_pair_without_irm_keeps_retrieval_order():
+    """Similarity alone (0.95) must not outrank blended scores (about 0.5) of the other candidates."""
+    candidates = [Candidate("q", "true", 0.99, "a", "jel"), Candidate("q", "few", 0.96, "b", "val"),
+                  Candidate("q", "other", 0.94, "c", "apr")]
+    outcomes = {"a": PairOutcome("l", irm=0.08), "b": PairOutcome("l", irm=None), "c": PairOutcome("l", irm=0.01)}
+    rows = rank_candidates(candidates, outcomes)
+    assert [r["gallery_image"] for r in rows] == ["true", "few", "other"]
+    assert [r["rerank_score"] for r in rows] == pytest.approx([0.99, 0.96, 0.94])
+    assert [r["irm"] for r in rows] == [0.08, None, 0.01]  # the IRMs that exist are still recorded
+    outcomes["b"] = PairOutcome("l", irm=0.9)  # all defined: blended again
+    assert [r["gallery_image"] for r in rank_candidates(candidates, outcomes)] == ["few", "true", "other"]
 
 
 @pytest.mark.parametrize(("spec", "expected"), [

@@ -104,8 +104,8 @@ def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out:
     def picture_thumb(card: Card):
         if not card.pair_id or not card.layer:
             return None
-        png = relative_to_out(out, viz_uri(out, night.model_id, card.pair_id, card.layer, storage_options),
-                              storage_options)
+        png = relative_to_out(out, viz_uri(out, night.model_id, card.pair_id, card.layer, storage_options,
+                                           commit_id=card.commit_id), storage_options)
         if png is None:
             return None
         preview = thumbs.picture(png, card.output_key)

@@ -19,7 +19,7 @@ from ..storage import safe_segment
 from ..tables import read_table
 
 PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "n_matches", "inliers", "box_0",
-                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "created_at", "date"]
+                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
                      "layer", "output_key", "model_id", "model_spec", "date"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
@@ -48,6 +48,8 @@ class Card:
     layer: str | None
     output_key: str | None
     n_matches: int | None = None
+    #: batch write of the pairs row (part of the picture's file name)
+    commit_id: str | None = None
 
 
 @dataclass
@@ -168,6 +170,7 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
             layer=pair.layer if pair is not None else _text(row.layer),
             output_key=pair.output_key if pair is not None else _text(row.output_key),
             n_matches=int(pair.n_matches) if pair is not None and _number(pair.n_matches) is not None else None,
+            commit_id=_text(pair.commit_id) if pair is not None else None,
         ))
     return list(uploads.values())
 
@@ -184,5 +187,6 @@ def _from_pairs(frame: pd.DataFrame) -> list[Upload]:
             individual=None, similarity=_number(row.similarity), irm=_number(row.irm), rerank_score=None,
             pair_id=row.pair_id, layer=row.layer, output_key=row.output_key,
             n_matches=int(row.n_matches) if _number(row.n_matches) is not None else None,
+            commit_id=_text(row.commit_id),
         ))
     return list(uploads.values())
