@@ -68,7 +68,8 @@ def main_options(
 
 def _quiet_logs(level: str) -> None:
     """Third-party logs at ``level`` in this process and in the Dask workers it starts."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # runs are offline by default:
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # no usage data, no notice about it
     os.environ["PREFECT_LOGGING_LEVEL"] = level
     os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
     for name in ("distributed", "prefect", "httpx", "asyncio", "fsspec", "s3fs", "botocore"):
@@ -603,7 +604,8 @@ def demo_cmd(
             f"Explained {summary['done']} pairs in {summary['seconds_total']} s; top-1 retrieval "
             f"{summary['top1_accuracy']:.0%}; PAIR-X top-10 matches on the true spot "
             f"{summary['match_accuracy_top10']:.0%} (random cells: {summary['match_accuracy_random']:.0%}).\n"
-            f"Open {summary['index_html']} in a browser; tables: {summary['tables']}; pictures: {summary['pictures']}")
+            f"Open {summary['index_html']} in a browser (review site: {summary.get('report', 'not written')}); "
+            f"tables: {summary['tables']}; pictures: {summary['pictures']}")
     else:
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
     if failed:

@@ -127,7 +127,7 @@ def worker_env(torch_threads: int | None = None) -> dict[str, str]:
         env["PAIRX_TORCH_THREADS"] = str(torch_threads)
     for key in ("PREFECT_HOME", "DASK_TEMPORARY_DIRECTORY", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "PREFECT_LOGGING_LEVEL",
-                "DASK_LOGGING__DISTRIBUTED", STORAGE_OPTIONS_ENV):
+                "DASK_LOGGING__DISTRIBUTED", "DO_NOT_TRACK", STORAGE_OPTIONS_ENV):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

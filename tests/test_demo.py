@@ -20,13 +20,17 @@ def test_pairx_demo_end_to_end(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own temporary server
     pairx = Path(sys.executable).parent / "pairx"
     out = tmp_path / "demo"
-    completed = subprocess.run([str(pairx), "demo", "--out", str(out), "--individuals", "4", "--top-k", "2"],
-                               env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run([str(pairx), "demo", "--out", str(out), "--individuals", "4", "--top-k", "2",
+                                "--json"], env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    summary = json.loads(completed.stdout[: completed.stdout.rindex("}") + 1])
-    assert summary["done"] == 8 and summary["failed"] == 0
+    summary = json.loads(completed.stdout)
+    assert summary["done"] == 8 and summary["failed"] == 0 and summary["status"] == "completed"
     assert 0.0 <= summary["top1_accuracy"] <= 1.0 and summary["true_pairs_scored"] >= 1
-    assert "Open " in completed.stdout and "index.html" in completed.stdout
+    assert summary["index_html"].endswith("index.html") and summary["report"].endswith("report/index.html")
+    # quiet by default: the first line says what will be done; no INFO lines of Dask or Prefect
+    stderr = completed.stderr.splitlines()
+    assert stderr[0].startswith("demo: 4 synthetic individuals")
+    assert not [line for line in stderr if "INFO" in line and ("distributed" in line or "prefect" in line.lower())]
 
     index = (out / "index.html").read_text()
     pictures = re.findall(r"src='([^']+\.png)'", index)
@@ -40,7 +44,9 @@ def test_pairx_demo_end_to_end(tmp_path):
     candidates = read_table(results, "candidates")
     pairs = read_table(results, "pairs")
     assert len(candidates) == 8 and len(pairs) == 8
-    assert set(pairs.viz_uri.map(lambda u: Path(u).name)) == {f"{pairs.layer.iloc[0]}.png"}
+    # one picture per pair, named by layer and the batch write that committed it
+    assert all(Path(u).name == f"{layer}-{commit}.png" for u, layer, commit in zip(pairs.viz_uri, pairs.layer,
+                                                                                  pairs.commit_id))
     # the page shows exactly the pictures the pairs table points at
     assert {str((out / p).resolve()) for p in viz} == {str(Path(u).resolve()) for u in pairs.viz_uri}
     # PAIR-X's top matches on true pairs land on the true spot more often than random cells
