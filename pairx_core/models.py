@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

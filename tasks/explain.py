@@ -6,9 +6,6 @@ Prefect task. Only small summaries travel back through the scheduler.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +25,7 @@ from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget, is_transient
 from infra.tables import read_table, write_table
 from infra.viz import public_link, viz_uri, write_png
-from pairx_core import ENGINE_VERSION, ConfigError, ExplainConfig, PairXError, explain_indexed
+from pairx_core import ENGINE_VERSION, ExplainConfig, PairXError, explain_indexed
 from pairx_core.metrics import plausibility
 from pairx_core.render import DISPLAY_MAX_SIDE, fit_display, render
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -214,15 +213,6 @@ def test_make_dataset_layout_and_size():
     assert not np.array_equal(_pixels(photos[0]), _pixels(photos[1]))
     again = make_dataset(3, 2, seed=1, size=(64, 80))
     assert all(np.array_equal(_pixels(p), _pixels(q)) for p, q in zip(photos, again))
-
-
-def test_render_is_fast(individuals):
-    render_photo(individuals[0], seed=0)
-    start = time.perf_counter()
-    for seed in range(10):
-        render_photo(individuals[seed % len(individuals)], seed=seed)
-    per_photo = (time.perf_counter() - start) / 10
-    assert per_photo < 0.06  # ~9 ms on one idle core; generous for shared CI machines
 
 
 @pytest.mark.parametrize(
