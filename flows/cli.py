@@ -534,7 +534,7 @@ def layers_cmd(
 
         check_model_spec(model, allow_random_weights)
         loaded = get_model(model, "cpu")
-        infos = list_layers(loaded.model, tuple(loaded.preprocessing.size))
+        infos = list_layers(loaded.model, tuple(loaded.preprocessing.size), include_leaves=False)
     except Exception as error:  # noqa: BLE001
         _preflight_error(error)
     size = "x".join(map(str, loaded.preprocessing.size))
