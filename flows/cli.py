@@ -74,6 +74,8 @@ def _quiet_logs(level: str) -> None:
     os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
     for name in ("distributed", "prefect", "httpx", "asyncio", "fsspec", "s3fs", "botocore"):
         logging.getLogger(name).setLevel(level)
+    if level == "WARNING":  # the nanny's "still alive after 4 s, killing" at every LocalCluster close
+        logging.getLogger("distributed.nanny").setLevel("ERROR")
 
 
 # ------------------------------------------------------------------------------ errors and exits
