@@ -253,6 +253,10 @@ class DirectRule(_GraphFreeForward):
         self.stabilizer = stabilizer
         self.stabilize = Stabilizer.ensure(stabilizer)
         self.fallback = fallback
+        # z+ splits the input by sign: x+ = clamp(x, min=0), x- = clamp(x, max=0) have disjoint
+        # supports, so zennit's reducer x+ * a + x- * b equals where(x > 0, a, b) * x exactly
+        # (one term is an exact zero everywhere); this needs x and a mask instead of x+ and x-
+        self.sign_split = type(rule) is ZPlus
 
     def copy(self):
         return type(self)(self.rule, self.stabilizer, self.fallback)
@@ -271,7 +275,8 @@ class DirectRule(_GraphFreeForward):
 
 
 class _RuleState:
-    """Per-forward cache of one direct rule: modified inputs, modified weights, denominator."""
+    """Per-forward cache of one direct rule: modified inputs (z+: the sign mask instead), modified
+    weights, denominator."""
 
     __slots__ = ("hook", "module", "cache")
 
@@ -289,6 +294,8 @@ class _RuleState:
                 weights.append(modified.weight.detach())
                 outputs.append(out_mod(modified.forward(modified_input)))
             inputs.append(modified_input)
+        if self.hook.sign_split:
+            inputs = [x > 0]
         # the rules' mapper: incoming relevance / stabiliser(sum of the modified outputs)
         return inputs, weights, self.hook.stabilize(sum(outputs))
 
@@ -298,6 +305,9 @@ class _RuleState:
                 self.cache = self._prepare(x)
         inputs, weights, denominator = self.cache
         scaled = relevance / denominator
+        if self.hook.sign_split:  # the input gradient depends on the input's shape only
+            positive, negative = (_input_gradient(self.module, scaled, x, weight) for weight in weights)
+            return torch.where(inputs[0], positive, negative).mul_(x)
         gradients = [_input_gradient(self.module, scaled, inp, weight) for inp, weight in zip(inputs, weights)]
         return self.hook.rule.reducer(inputs, gradients)
 
