@@ -55,7 +55,9 @@ from torch import nn  # noqa: E402
 
 import pairx_core  # noqa: E402
 from pairx_core import EngineStats, explain  # noqa: E402
+from pairx_core import engine as engine_module  # noqa: E402
 from pairx_core.engine import MemoryFormat  # noqa: E402
+from pairx_core.lrp import HookedEpsilonPlus  # noqa: E402
 from pairx_core import reference as reference_module  # noqa: E402
 from pairx_core.models import load_model  # noqa: E402
 
@@ -101,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="engine layout (auto: channels_last for float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--skip-reference", action="store_true", help="do not run the reference baseline")
+    parser.add_argument("--compare-hooks", action="store_true",
+                        help="also run the engine at the largest batch size on zennit's hooks (the previous LRP "
+                             "backward, HookedEpsilonPlus), interleaved with the others")
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="use the photos under DIR (recursively) instead of random tensors; copies are "
                              "flipped/shifted/noised so that every image of a pair set stays unique")
@@ -377,15 +382,18 @@ class Runner:
         self._reference_model = _OnDevice(model, device) if device.type == "cuda" else model
         self._reference_prefix = "inner." if device.type == "cuda" else ""
 
-    def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int) -> tuple[float, EngineStats]:
+    def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
+               hooks: bool = False) -> tuple[float, EngineStats]:
         stats = EngineStats()
-        _sync(self.device)
-        start = time.perf_counter()
-        explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, self.args.k_lines, k_colors,
-                batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
-                memory_format=self.args.memory_format)
-        _sync(self.device)
-        return time.perf_counter() - start, stats
+        with _hooked_composite() if hooks else contextlib.nullcontext():
+            _sync(self.device)
+            start = time.perf_counter()
+            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, self.args.k_lines, k_colors,
+                    batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
+                    memory_format=self.args.memory_format)
+            _sync(self.device)
+            seconds = time.perf_counter() - start
+        return seconds, stats
 
     def reference(self, layers: list[str], k_colors: int, n_pairs: int) -> tuple[float, None]:
         """Published-style baseline: one pair and one layer at a time (layers: calls summed)."""
@@ -402,8 +410,20 @@ class Runner:
         return time.perf_counter() - start, None
 
 
+@contextlib.contextmanager
+def _hooked_composite() -> Iterator[None]:
+    """Run the engine on zennit's hooks (the previous LRP backward) inside this block."""
+    direct = engine_module.EngineEpsilonPlus
+    engine_module.EngineEpsilonPlus = HookedEpsilonPlus
+    try:
+        yield
+    finally:
+        engine_module.EngineEpsilonPlus = direct
+
+
 class Config:
-    """One line of output: the reference, or the engine at one batch size."""
+    """One line of output: the reference, or the engine at one batch size (``engine_hooks``:
+    the engine on zennit's hooks)."""
 
     def __init__(self, mode: str, batch_size: int | None, n_pairs: int):
         self.mode = mode
@@ -417,7 +437,7 @@ class Config:
 
     @property
     def key(self) -> str:
-        return "reference" if self.mode == "reference" else f"engine_bs{self.batch_size}"
+        return "reference" if self.mode == "reference" else f"{self.mode}_bs{self.batch_size}"
 
     def seconds_per_pair(self) -> float | None:
         return statistics.median(self.times) / self.n_pairs if self.times else None
@@ -426,7 +446,7 @@ class Config:
         n = n_pairs or self.n_pairs
         if self.mode == "reference":
             return runner.reference(layers, k_colors, n)
-        return runner.engine(layers, k_colors, self.batch_size, n)
+        return runner.engine(layers, k_colors, self.batch_size, n, hooks=self.mode == "engine_hooks")
 
 
 def _record_memory(config: Config, probe, stats: EngineStats | None) -> None:
@@ -448,6 +468,8 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
         configs.append(Config("reference", None, min(args.reference_pairs, args.pairs)))
     for batch_size in sorted(set([1] + args.batch_sizes)):
         configs.append(Config("engine", batch_size, args.pairs))
+    if args.compare_hooks:
+        configs.append(Config("engine_hooks", max(args.batch_sizes), args.pairs))
     label = f"layers={','.join(layers)} k_colors={k_colors}"
 
     # warm-up: one batch of each configuration; the last warm-up call also measures memory
@@ -494,7 +516,7 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
             "k_lines": args.k_lines,
             "batch_size": config.batch_size,
             "pairs": config.n_pairs,
-            "unique_images": unique_images if config.mode == "engine" else 2 * config.n_pairs,
+            "unique_images": 2 * config.n_pairs if config.mode == "reference" else unique_images,
             "shared_gallery": args.shared_gallery,
             "repeats": len(config.times),
             "seconds_per_pair": _round(seconds),
@@ -503,6 +525,8 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
             "pairs_per_s": _round(1.0 / seconds) if seconds else None,
             "speedup_vs_reference": _round(reference_spp / seconds, 3) if reference_spp and seconds else None,
             "speedup_vs_engine_bs1": _round(bs1_spp / seconds, 3) if bs1_spp and seconds else None,
+            "speedup_vs_engine_hooks": (_round(spp[f"engine_hooks_bs{config.batch_size}"] / seconds, 3)
+                                        if spp.get(f"engine_hooks_bs{config.batch_size}") and seconds else None),
             "peak_memory_bytes": config.memory_bytes,
             "peak_memory_metric": memory_metric,
             **config.memory_extra,

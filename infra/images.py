@@ -27,6 +27,16 @@ Modes: everything becomes 8-bit RGB. Alpha is dropped (not composited), like Mie
 0..255, divided by 257 when they fit 0..65535, otherwise min-max scaled. ``F`` (float) is
 multiplied by 255 when it fits 0..1, used as is when it fits 0..255, otherwise min-max scaled;
 NaN becomes 0.
+
+Reduced-scale decoding: given ``target_size`` (the model input the chip will be resized to), a
+JPEG is decoded with DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8 of the stored size, only a
+factor that divides both stored dimensions, so that decoded pixel ``j`` is exactly original pixels
+``[j s, (j + 1) s)``) when the chip stays at least ``target_size`` AND its long side at least
+``min(picture_long_side, its full-resolution long side)`` (pictures are drawn from the chip;
+1024 px by default). The chip's mapping to original pixels is then stored as an affine
+(:attr:`LoadedImage.chip_affine`): :meth:`LoadedImage.to_original` keeps answering in pixels of
+the full-resolution, EXIF-upright image, and ``original_size``/``box`` stay full-resolution too.
+Other formats, and calls without ``target_size``, decode at full size.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from .storage import StorageTarget
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "PICTURE_LONG_SIDE",
     "LoadedImage",
     "content_hash",
     "decode_image",
@@ -64,6 +75,15 @@ DEFAULT_MIN_SIDE = 32
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "WEBP", "AVIF", "BMP", "GIF", "PPM", "JPEG2000")
 
 _WHITE = (255, 255, 255)
+
+#: Default smallest long side (px) the chip keeps for pictures when decoding at a reduced scale.
+PICTURE_LONG_SIDE = 1024
+
+#: JPEG DCT scale factors Pillow's draft mode offers (largest first).
+_DRAFT_SCALES = (8, 4, 2)
+
+#: EXIF orientations that swap width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def content_hash(data: bytes) -> str:
@@ -83,6 +103,9 @@ class LoadedImage:
         box: pixel box ``(x, y, w, h)`` used (after rounding, and clipping when theta == 0), or
             None when the whole image was used.
         theta: rotation in radians (see the module docstring).
+        decode_scale: original pixels per decoded pixel (1: full decode; 2, 4, 8: JPEG draft).
+        chip_affine: ``(2, 3)`` chip -> original affine when the chip was not cut at full
+            resolution (reduced-scale decode), else None (computed from ``box`` and ``theta``).
     """
 
     uri: str
@@ -91,6 +114,8 @@ class LoadedImage:
     original_size: tuple[int, int]
     box: tuple[int, int, int, int] | None
     theta: float
+    decode_scale: int = 1
+    chip_affine: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -107,6 +132,8 @@ class LoadedImage:
 
         Continuous coordinates put pixel ``i`` on ``[i, i + 1)``; ``p = A[:, :2] @ q + A[:, 2]``.
         """
+        if self.chip_affine is not None:
+            return np.array(self.chip_affine, dtype=np.float64)
         x0, y0, w, h = self._frame()
         cos, sin = math.cos(self.theta), math.sin(self.theta)
         cx, cy = x0 + w / 2.0, y0 + h / 2.0
@@ -230,7 +257,7 @@ def _allowed_formats() -> list[str]:
     return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
 
 
-def _open_checked(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+def _open_checked(data: bytes, uri: str, max_pixels: int, draft=None) -> tuple[Image.Image, int]:
     if len(data) == 0:
         raise ImageError(uri, "empty file (0 bytes)")
     try:
@@ -250,13 +277,54 @@ def _open_checked(data: bytes, uri: str, max_pixels: int) -> Image.Image:
             f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
             "(decompression bomb guard)",
         )
+    scale = draft(image) if draft is not None else 1
     try:
         image.load()  # force a full decode: truncated files fail here, not later
     except Image.DecompressionBombError as exc:
         raise ImageError(uri, f"decompression bomb refused ({exc})") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageError(uri, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
-    return image
+    return image, scale
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: exif_transpose keeps the stored orientation too
+        return 1
+
+
+def _draft_scale(
+    image: Image.Image,
+    uri: str,
+    box: Sequence[float] | None,
+    theta: float,
+    target_size: tuple[int, int],
+    picture_long_side: int,
+) -> int:
+    """Largest DCT scale that keeps the chip >= ``target_size`` (H, W) and its long side >=
+    ``min(picture_long_side, full long side)``; applies it with ``Image.draft``. 1: none."""
+    if image.format not in ("JPEG", "MPO"):
+        return 1
+    stored_w, stored_h = image.size
+    upright_w, upright_h = (stored_h, stored_w) if _orientation(image) in _TRANSPOSING_ORIENTATIONS else image.size
+    if box is None:
+        chip_w, chip_h = upright_w, upright_h
+    else:
+        _, _, chip_w, chip_h = _pixel_box(box, upright_w, upright_h, uri, clip=theta == 0.0)
+    target_h, target_w = target_size
+    long_side = max(chip_w, chip_h)
+    limit = min(chip_w / max(target_w, 1), chip_h / max(target_h, 1), long_side / max(min(picture_long_side, long_side), 1))
+    for scale in _DRAFT_SCALES:
+        if scale <= limit and stored_w % scale == 0 and stored_h % scale == 0:
+            result = image.draft("RGB", (stored_w // scale, stored_h // scale))
+            if result is None:
+                return 1
+            applied = stored_w / result[1][2]
+            if abs(applied - scale) > 1e-9 or image.size != (stored_w // scale, stored_h // scale):
+                raise ImageError(uri, f"JPEG draft gave scale {applied}, expected {scale}")  # pragma: no cover
+            return scale
+    return 1
 
 
 def decode_image(
@@ -267,12 +335,17 @@ def decode_image(
     theta: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    target_size: tuple[int, int] | None = None,
+    picture_long_side: int = PICTURE_LONG_SIDE,
 ) -> LoadedImage:
     """Decode raw bytes into a :class:`LoadedImage` (pure: no I/O).
 
     Steps: validate and fully decode, apply the EXIF orientation, convert to RGB, then crop
     ``box`` and rotate by ``theta`` (module docstring). ``max_pixels`` bounds ``W * H`` before
-    the pixels are decoded (no global Pillow setting is changed).
+    the pixels are decoded (no global Pillow setting is changed). With ``target_size`` ``(H, W)``
+    (the model input), a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never below
+    ``target_size`` for the chip nor below ``picture_long_side`` for its long side (module
+    docstring); pass a smaller ``picture_long_side`` only when no picture needs the pixels.
 
     An error about the file itself (empty, unrecognised, corrupt, too large, smaller than
     ``min_side`` on its shorter side) carries the bytes' ``content_hash``, so that a pipeline can
@@ -290,13 +363,17 @@ def decode_image(
     if not math.isfinite(theta):
         raise ImageError(uri, f"theta must be finite, got {theta}")
     digest = content_hash(data)
+    draft = None
+    if target_size is not None:
+        def draft(opened: Image.Image) -> int:
+            return _draft_scale(opened, uri, box, theta, target_size, picture_long_side)
     try:
-        image = _open_checked(data, uri, max_pixels)
-        if min(image.size) < min_side:
+        image, scale = _open_checked(data, uri, max_pixels, draft)
+        if min(image.size) * scale < min_side:
             raise ImageError(uri, f"too small: {image.size[0]} x {image.size[1]} px (the shorter side must be at "
                                   f"least {min_side} px)")
     except ImageError as error:
-        error.content_hash = digest
+        error.content_hash = digest  # about the file itself: later nights skip this content
         raise
     try:
         upright = ImageOps.exif_transpose(image)
@@ -305,6 +382,8 @@ def decode_image(
     if upright is None:
         upright = image
     rgb = to_rgb(upright)
+    if scale != 1:
+        return _reduced_scale_chip(rgb, scale, uri, digest, box, theta)
     width, height = rgb.size
 
     pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
@@ -341,6 +420,42 @@ def decode_image(
     )
 
 
+def _reduced_scale_chip(
+    rgb: Image.Image, scale: int, uri: str, digest: str, box: Sequence[float] | None, theta: float
+) -> LoadedImage:
+    """Crop/rotate from an image decoded at ``1/scale``; geometry in full-resolution pixels."""
+    width, height = rgb.size[0] * scale, rgb.size[1] * scale  # exact: the scale divides both sides
+    pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
+    if theta == 0.0:
+        if pixel_box is None:
+            left = top = 0
+            chip = rgb
+        else:
+            x, y, w, h = pixel_box
+            left, top = x // scale, y // scale
+            right, bottom = -(-(x + w) // scale), -(-(y + h) // scale)
+            chip = rgb.crop((left, top, right, bottom))
+        affine = np.array([[scale, 0.0, left * scale], [0.0, scale, top * scale]], dtype=np.float64)
+    else:
+        full = LoadedImage(uri=uri, content_hash=digest, image=rgb, original_size=(width, height),
+                           box=pixel_box, theta=theta)
+        _, _, w, h = full._frame()
+        chip_w, chip_h = max(1, round(w / scale)), max(1, round(h / scale))
+        # chip -> original: the full-resolution affine with chip pixels stretched to w/chip_w, h/chip_h
+        affine = full.chip_to_original_affine()
+        affine[:, 0] *= w / chip_w
+        affine[:, 1] *= h / chip_h
+        chip = rgb.transform(
+            (chip_w, chip_h),
+            Image.Transform.AFFINE,
+            data=tuple(float(v) for v in (affine / scale).reshape(-1)),  # chip -> decoded pixels
+            resample=Image.Resampling.BILINEAR,
+            fillcolor=_WHITE,
+        )
+    return LoadedImage(uri=uri, content_hash=digest, image=chip, original_size=(width, height), box=pixel_box,
+                       theta=theta, decode_scale=scale, chip_affine=affine)
+
+
 def load_image(
     source: str | bytes,
     *,
@@ -351,6 +466,8 @@ def load_image(
     min_side: int = DEFAULT_MIN_SIDE,
     uri: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    target_size: tuple[int, int] | None = None,
+    picture_long_side: int = PICTURE_LONG_SIDE,
 ) -> LoadedImage:
     """Read (if needed) and decode one image.
 
@@ -358,7 +475,7 @@ def load_image(
         source: raw bytes, or a URL/path (relative to ``storage``'s root when ``storage`` is
             given, else any fsspec URL).
         storage: where relative paths live; also supplies storage options.
-        box, theta, max_pixels, min_side: see :func:`decode_image`.
+        box, theta, max_pixels, min_side, target_size, picture_long_side: see :func:`decode_image`.
         uri: name used in errors and in the result when ``source`` is bytes.
         storage_options: fsspec options when ``storage`` is None and ``source`` is a URL.
 
@@ -369,7 +486,7 @@ def load_image(
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), uri or "<bytes>", box=box, theta=theta, max_pixels=max_pixels,
-                            min_side=min_side)
+                            min_side=min_side, target_size=target_size, picture_long_side=picture_long_side)
     if storage is None:
         storage = StorageTarget.from_url(str(source), storage_options)
         location = storage.root
@@ -377,4 +494,5 @@ def load_image(
     else:
         location = storage.url(str(source))
         data = storage.read_bytes(str(source))
-    return decode_image(data, uri or location, box=box, theta=theta, max_pixels=max_pixels, min_side=min_side)
+    return decode_image(data, uri or location, box=box, theta=theta, max_pixels=max_pixels, min_side=min_side,
+                        target_size=target_size, picture_long_side=picture_long_side)

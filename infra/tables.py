@@ -25,6 +25,7 @@ import json
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date as date_type
 from datetime import datetime, timezone
 from typing import Any
@@ -39,8 +40,10 @@ from pairx_core.errors import ConfigError
 from .storage import StorageTarget, safe_segment, with_retries
 
 __all__ = [
+    "CompactedPartition",
     "PARTITION_COLUMNS",
     "TABLE_SCHEMAS",
+    "compact_table",
     "read_table",
     "ensure_table",
     "schema_markdown",
@@ -465,3 +468,128 @@ def schema_markdown() -> str:
             lines.append(f"| `{field.name}` | `{field.type}` | {required} | {description} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------ compaction
+@dataclass(frozen=True)
+class CompactedPartition:
+    """One partition rewritten by :func:`compact_table`."""
+
+    partition: str  # "model=<...>/date=<...>"
+    files_before: int
+    bytes_before: int
+    bytes_after: int
+    rows: int
+
+
+def _exchange_directories(a: str, b: str) -> None:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise ConfigError("compact_table needs renameat2 (Linux) to swap partitions atomically")
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot exchange {a} and {b} atomically: {os.strerror(errno)}")
+
+
+def compact_table(
+    out_url: str,
+    name: str,
+    *,
+    model_id: str | None = None,
+    before: str | date_type | None = None,
+    min_files: int = 2,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CompactedPartition]:
+    """Rewrite every partition of table ``name`` that holds ``min_files`` files or more into one file.
+
+    Each ``model=/date=`` folder is rebuilt beside itself (a hidden ``.compact-*`` folder with one
+    Parquet file: the rows of all files, in file-name order, cast to the current schema) and the
+    two folders are then exchanged in ONE atomic rename, so a reader lists either all the old
+    files or the single new one: never duplicates, never a gap. A read that listed the old files
+    just before the swap fails with a missing-file error and can simply be retried. Files that a
+    writer added to the partition while it was being compacted are moved back, not lost; by
+    default only past dates are compacted (``before`` = today, UTC), which nightly runs no longer
+    write to.
+
+    Args:
+        model_id: only this model's partitions (default: all).
+        before: compact dates strictly before this one (``YYYY-MM-DD``; default: today, UTC).
+        min_files: partitions with fewer files are left alone.
+
+    Returns:
+        the partitions rewritten.
+
+    Raises:
+        ConfigError: unknown table, a remote table (object stores and most remote filesystems
+            cannot swap a folder atomically), or no atomic exchange on this system.
+    """
+    import os
+
+    schema = _schema(name)
+    if min_files < 2:
+        raise ConfigError(f"min_files must be >= 2, got {min_files}")
+    target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
+    if not target.is_local:
+        raise ConfigError(
+            f"compact_table rewrites partitions with an atomic folder swap, which {target.protocol!r} storage does "
+            "not offer; compact a local copy, or batch the writes instead"
+        )
+    root = target.root
+    if not os.path.isdir(root):
+        return []
+    cutoff = _date_segment(before).partition("=")[2]
+    model_dirs = sorted(d for d in os.listdir(root) if d.startswith("model="))
+    if model_id is not None:
+        model_dirs = [d for d in model_dirs if d == _model_segment(model_id)]
+    done: list[CompactedPartition] = []
+    for model_dir in model_dirs:
+        model_path = os.path.join(root, model_dir)
+        for date_dir in sorted(d for d in os.listdir(model_path) if d.startswith("date=")):
+            if date_dir.partition("=")[2] >= cutoff:
+                continue
+            result = _compact_partition(model_path, date_dir, schema, min_files)
+            if result is not None:
+                done.append(CompactedPartition(f"{model_dir}/{date_dir}", *result))
+    return done
+
+
+def _visible_parquet(folder: str) -> list[str]:
+    import os
+
+    return sorted(f for f in os.listdir(folder) if f.endswith(".parquet") and not f.startswith((".", "_")))
+
+
+def _compact_partition(model_path: str, date_dir: str, schema: pa.Schema, min_files: int):
+    import os
+    import shutil
+
+    partition = os.path.join(model_path, date_dir)
+    files = _visible_parquet(partition)
+    if len(files) < min_files:
+        return None
+    paths = [os.path.join(partition, f) for f in files]
+    bytes_before = sum(os.path.getsize(p) for p in paths)
+    # the dataset API reads older files (fewer nullable columns) into the current schema
+    table = ds.dataset(paths, format="parquet", schema=schema).to_table()
+    staging = os.path.join(model_path, f".compact-{date_dir}-{uuid.uuid4().hex[:12]}")
+    os.makedirs(staging)
+    try:
+        compacted = os.path.join(staging, f"part-compacted-{uuid.uuid4().hex[:12]}.parquet")
+        pq.write_table(table, compacted, compression="zstd")
+        with open(compacted, "rb") as handle:
+            os.fsync(handle.fileno())
+        _exchange_directories(staging, partition)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # ``staging`` now holds the old files: anything written meanwhile goes back, the rest goes
+    for late in sorted(set(_visible_parquet(staging)) - set(files)):
+        os.replace(os.path.join(staging, late), os.path.join(partition, late))
+    shutil.rmtree(staging, ignore_errors=True)
+    return len(files), bytes_before, os.path.getsize(os.path.join(partition, os.path.basename(compacted))), table.num_rows

@@ -1,12 +1,30 @@
-"""The LRP composite of the engine: zennit's ``EpsilonPlus``, with reusable modified forwards.
+"""The LRP composite of the engine: zennit's ``EpsilonPlus``, with its backward computed directly.
 
-zennit's rule hooks recompute each layer's modified forward (e.g. z+ with clamped weights) on
-every backward pass, although it depends only on the forward's stored input. The engine runs
-many backward passes over one forward (one per pixel-map cell rank), so the rules here keep the
-modified forward (and its graph) from the first backward and reuse it until the next forward.
-The arithmetic is zennit's own (same modifiers, stabiliser, division and reducer), so the
-numbers are identical; only repeated work goes. Reuse is switched on by :func:`reuse_modified_forwards`
-for the pixel passes only, so that nothing above the layer is kept longer than needed.
+zennit implements a rule with hooks around the module: autograd first runs the module's ordinary
+backward, then the hook throws that gradient away and computes the rule's relevance from a
+re-run of the modified forward. The engine runs many backward passes over one forward (one per
+pixel-map cell rank), so that waste is paid many times. :class:`EngineEpsilonPlus` keeps
+zennit's composite machinery, canonizers and rule definitions (the input and parameter
+modifiers, the stabiliser, the reducer) but attaches each rule as an autograd function on the
+module's output, whose backward is the rule itself:
+
+- z+ on convolutions and epsilon on linear layers (:class:`DirectRule`): the module's forward
+  runs without a graph; the modified forwards and the stabilised denominator are computed once
+  per forward, at the first backward that reaches the module, and every backward then costs one
+  input-gradient convolution (or matrix product) per modified branch, a division and the
+  reducer. The ordinary convolution backward is never run.
+- pass-through on activations and batch norms (:class:`DirectPass`): the module's forward runs
+  without a graph and its backward hands the incoming relevance to the input untouched (zennit
+  computes the activation's derivative and then discards it).
+- the norm rule on sums and average pools, and z+ on convolutions whose forward is not the
+  stock one (e.g. dynamic "same" padding), keep zennit's hooks with a reusable modified forward
+  (:class:`ReusableNorm`, :class:`ReusableZPlus`), switched on by
+  :func:`reuse_modified_forwards`.
+
+The arithmetic is zennit's own (same modifiers, same stabiliser applied to the same sum, same
+reducer; the input gradient of a convolution is the same ``convolution_backward`` call autograd
+makes), so the numbers equal stock zennit's to rounding. :class:`HookedEpsilonPlus` is the
+previous, all-hooks composite, kept for comparisons (``bench/engine.py --lrp hooks``).
 """
 
 from __future__ import annotations
@@ -16,26 +34,26 @@ import threading
 from typing import Iterator
 
 import torch
+from torch import nn
 from zennit.composites import LayerMapComposite, layer_map_base
-from zennit.core import ParamMod, Stabilizer
-from zennit.rules import Epsilon, Norm, ZPlus
-from zennit.types import AvgPool, Convolution
+from zennit.core import BasicHook, ParamMod, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.layer import Sum
+from zennit.rules import Epsilon, Norm, Pass, ZPlus
+from zennit.types import AvgPool, Convolution
 
 _REUSE = threading.local()
 
 
 @contextlib.contextmanager
 def reuse_modified_forwards() -> Iterator[None]:
-    """Within this block, rule hooks keep and reuse their modified forward across backwards."""
+    """Within this block, zennit-hook rules keep and reuse their modified forward across backwards
+    (the direct rules always do: their cache lives and dies with the forward's graph)."""
     previous = getattr(_REUSE, "on", False)
     _REUSE.on = True
     try:
         yield
     finally:
         _REUSE.on = previous
-
-
 class _ReusableModifiedForward:
     """Mixin for zennit ``BasicHook`` rules (same maths, cached modified forward)."""
 
@@ -106,9 +124,235 @@ class ReusableNorm(_ReusableModifiedForward, Norm):
         self._init_reuse(stabilizer)
 
 
+
+# ------------------------------------------------------------------------ direct rules
+class _Holder:
+    """Carries a tensor into an autograd function without making it an input (so that the
+    function's output is that very tensor, not a view of an input)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class _PassFunction(torch.autograd.Function):
+    """Output: the module's output; backward: the incoming relevance, to the module's input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, holder: _Holder) -> torch.Tensor:  # noqa: D401
+        return holder.tensor
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):
+        return relevance, None
+
+
+class _RuleFunction(torch.autograd.Function):
+    """Output: the module's output; backward: the rule's relevance at the module's input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, holder: _Holder, state: "_RuleState") -> torch.Tensor:  # noqa: D401
+        ctx.save_for_backward(x)  # an in-place change of the input later fails loudly
+        ctx.state = state
+        return holder.tensor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, relevance: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.state.relevance(x, relevance), None, None
+
+
+class _GraphFreeForward:
+    """Forward hooks shared by the direct rules (zennit's hook interface: ``copy``, ``register``,
+    ``remove``, ``active``).
+
+    The pre-hook remembers the module's input and, for a leaf module, switches the graph off for
+    its forward (in-place modules get a copy, so the input stays intact); the post-hook switches
+    it back on and makes the output the output of an autograd function of the input, whose
+    backward is the rule. A non-leaf module (e.g. a batch norm with its activation inside) runs
+    with its graph, which is dropped with its output's history.
+    """
+
+    def __init__(self) -> None:
+        self.active = True
+        self._pending: list[tuple[torch.Tensor, bool] | None] = []
+
+    def copy(self):
+        return type(self)()
+
+    def register(self, module: nn.Module) -> RemovableHandleList:
+        self._pending = []
+        return RemovableHandleList([
+            RemovableHandle(self),
+            module.register_forward_pre_hook(self._pre_forward),
+            # first of the module's forward hooks, so that others see the attached output
+            module.register_forward_hook(self._post_forward, prepend=True),
+        ])
+
+    def remove(self) -> None:
+        self._pending.clear()
+
+    def _pre_forward(self, module: nn.Module, args: tuple):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or not (self.active and torch.is_grad_enabled() and x.requires_grad):
+            self._pending.append(None)
+            return None
+        leaf = next(module.children(), None) is None
+        self._pending.append((x, leaf))
+        if leaf:
+            torch.set_grad_enabled(False)
+        if getattr(module, "inplace", False):
+            return (x.clone(), *args[1:])
+        return None
+
+    def _post_forward(self, module: nn.Module, args: tuple, output):
+        entry = self._pending.pop()
+        if entry is None:
+            return None
+        x, leaf = entry
+        if leaf:
+            torch.set_grad_enabled(True)  # it was on: checked by the pre-hook
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"LRP rule on {type(module).__name__}: expected a tensor output, got {type(output).__name__}")
+        if not leaf:
+            output = output.detach()
+        elif output is x:
+            output = output.clone()
+        return self._attach(module, x, _Holder(output))
+
+    def _attach(self, module: nn.Module, x: torch.Tensor, holder: _Holder) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DirectPass(_GraphFreeForward):
+    """zennit's ``Pass`` rule without computing the discarded derivative."""
+
+    def _attach(self, module, x, holder):
+        return _PassFunction.apply(x, holder)
+
+
+_DIRECT_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_STOCK_FORWARDS = tuple(kind.forward for kind in (*_DIRECT_CONVOLUTIONS, nn.Linear))
+
+
+class DirectRule(_GraphFreeForward):
+    """A zennit ``BasicHook`` rule whose mapper divides by the stabilised sum of the modified
+    outputs (``ZPlus``, ``Epsilon``), computed directly on a convolution or linear layer.
+
+    Args:
+        rule: the zennit rule giving the input and parameter modifiers and the reducer.
+        stabilizer: the value the rule was built with (``Stabilizer.ensure`` as zennit does).
+        fallback: zennit hook used for modules this class does not compute directly.
+    """
+
+    def __init__(self, rule: BasicHook, stabilizer, fallback: BasicHook) -> None:
+        super().__init__()
+        self.rule = rule
+        self.stabilizer = stabilizer
+        self.stabilize = Stabilizer.ensure(stabilizer)
+        self.fallback = fallback
+        # z+ splits the input by sign: x+ = clamp(x, min=0), x- = clamp(x, max=0) have disjoint
+        # supports, so zennit's reducer x+ * a + x- * b equals where(x > 0, a, b) * x exactly
+        # (one term is an exact zero everywhere); this needs x and a mask instead of x+ and x-
+        self.sign_split = type(rule) is ZPlus
+
+    def copy(self):
+        return type(self)(self.rule, self.stabilizer, self.fallback)
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        """Stock ``Conv1d/2d/3d`` with zero padding given as numbers, or stock ``Linear``."""
+        if type(module).forward not in _STOCK_FORWARDS:
+            return False
+        if isinstance(module, _DIRECT_CONVOLUTIONS):
+            return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return isinstance(module, nn.Linear)
+
+    def _attach(self, module, x, holder):
+        return _RuleFunction.apply(x, holder, _RuleState(self, module))
+
+
+class _RuleState:
+    """Per-forward cache of one direct rule: modified inputs (z+: the sign mask instead), modified
+    weights, denominator."""
+
+    __slots__ = ("hook", "module", "cache")
+
+    def __init__(self, hook: DirectRule, module: nn.Module) -> None:
+        self.hook = hook
+        self.module = module
+        self.cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
+
+    def _prepare(self, x: torch.Tensor):
+        rule, module = self.hook.rule, self.module
+        inputs, weights, outputs = [], [], []
+        for in_mod, param_mod, out_mod in zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
+            modified_input = in_mod(x)
+            with ParamMod.ensure(param_mod)(module) as modified:
+                weights.append(modified.weight.detach())
+                outputs.append(out_mod(modified.forward(modified_input)))
+            inputs.append(modified_input)
+        if self.hook.sign_split:
+            inputs = [x > 0]
+        # the rules' mapper: incoming relevance / stabiliser(sum of the modified outputs)
+        return inputs, weights, self.hook.stabilize(sum(outputs))
+
+    def relevance(self, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = self._prepare(x)
+        inputs, weights, denominator = self.cache
+        scaled = relevance / denominator
+        if self.hook.sign_split:  # the input gradient depends on the input's shape only
+            positive, negative = (_input_gradient(self.module, scaled, x, weight) for weight in weights)
+            return torch.where(inputs[0], positive, negative).mul_(x)
+        gradients = [_input_gradient(self.module, scaled, inp, weight) for inp, weight in zip(inputs, weights)]
+        return self.hook.rule.reducer(inputs, gradients)
+
+
+def _input_gradient(module: nn.Module, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``module``'s forward with ``weight`` with respect to its input ``x``."""
+    if isinstance(module, nn.Linear):
+        return grad_output.matmul(weight)
+    dims = x.ndim - 2
+    (grad_input, _, _) = torch.ops.aten.convolution_backward(
+        grad_output, x, weight, None, module.stride, module.padding, module.dilation,
+        False, [0] * dims, module.groups, [True, False, False],
+    )
+    return grad_input
+
+
+# ------------------------------------------------------------------------ composites
 class EngineEpsilonPlus(LayerMapComposite):
-    """``EpsilonPlus`` (z+ on convolutions, epsilon on linear layers, pass-through on activations
-    and batch norms, norm on sums and average pools) built from the reusable rules."""
+    """zennit's ``EpsilonPlus`` (z+ on convolutions, epsilon on linear layers, pass-through on
+    activations and batch norms, norm on sums and average pools), computed directly where the
+    module allows it (module docstring)."""
+
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers=None):
+        direct_base = {Pass: DirectPass(), Norm: ReusableNorm(stabilizer=stabilizer)}
+        layer_map = []
+        for types, rule in layer_map_base(stabilizer):
+            if type(rule) not in direct_base:
+                raise TypeError(f"unexpected rule {type(rule).__name__} in zennit's base layer map")
+            layer_map.append((types, direct_base[type(rule)]))
+        layer_map += [
+            (Convolution, DirectRule(ZPlus(stabilizer=stabilizer), stabilizer, ReusableZPlus(stabilizer=stabilizer))),
+            (nn.Linear, DirectRule(Epsilon(epsilon=epsilon), epsilon, ReusableEpsilon(epsilon=epsilon))),
+        ]
+        super().__init__(layer_map=layer_map, canonizers=canonizers)
+
+    def mapping(self, ctx, name, module):
+        hook = super().mapping(ctx, name, module)
+        if isinstance(hook, DirectRule) and not hook.supports(module):
+            return hook.fallback
+        return hook
+
+
+class HookedEpsilonPlus(LayerMapComposite):
+    """The same composite on zennit's hooks only (reusable modified forwards): the previous engine
+    path, kept as a yardstick for speed and numbers."""
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, canonizers=None):
         base = [(types, rule) for types, rule in layer_map_base(stabilizer) if types not in (Sum, AvgPool)]

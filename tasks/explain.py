@@ -40,7 +40,7 @@ def _box_list(box: tuple[float, float, float, float] | None) -> list[float] | No
 DECODE_THREADS = 8
 
 
-def _load_images(keys: Sequence[tuple], settings: "RunSettings") -> tuple[dict, set, list[dict]]:
+def _load_images(keys: Sequence[tuple], settings: "RunSettings", target_size=None) -> tuple[dict, set, list[dict]]:
     """Read and decode ``(uri, box, theta)`` keys in threads.
 
     Returns (images by key, keys that failed as bad input, their ``errors`` rows). A transient
@@ -49,7 +49,7 @@ def _load_images(keys: Sequence[tuple], settings: "RunSettings") -> tuple[dict, 
     def load(key):
         uri, box, theta = key
         return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
-                          storage_options=settings.storage_options)
+                          storage_options=settings.storage_options, target_size=target_size)
 
     images: dict[tuple, LoadedImage] = {}
     failed: set[tuple] = set()
@@ -128,7 +128,7 @@ def explain_pairs_batch(items: Sequence[PairItem], settings: RunSettings) -> Bat
     wanted = list(dict.fromkeys(
         key for item in items
         for key in ((item.image_0, item.box_0, item.theta_0), (item.image_1, item.box_1, item.theta_1))))
-    images, failed_images, load_errors = _load_images(wanted, settings)
+    images, failed_images, load_errors = _load_images(wanted, settings, loaded_model.preprocessing.size)
     errors.extend(load_errors)
     summary.seconds["decode"] += time.perf_counter() - started
 

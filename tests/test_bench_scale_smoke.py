@@ -1,0 +1,36 @@
+"""Smoke tests of bench/decode.py and bench/gallery.py: tiny settings, valid JSON, work checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> list[dict]:
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+
+
+def test_decode_bench_uses_draft_scales():
+    records = {r["mode"]: r for r in _run("decode.py", "--width", "1600", "--height", "1200", "--size", "96",
+                                             "--picture-long-side", "512", "--repeats", "1", "--batch", "2")}
+    assert records["full"]["decode_scale"] == 1 and records["full"]["decoded_chip_size"] == [1600, 1200]
+    assert records["draft"]["decode_scale"] == 2  # 800 >= 512 > 400: the picture floor decides
+    assert records["draft_model_only"]["decode_scale"] == 8  # 150 >= 96: only the model input bounds it
+    assert all(r["ms_decode_preprocess"] > 0 and r["batch_images_per_s"] > 0 for r in records.values())
+
+
+def test_gallery_bench_counts_files_and_compacts():
+    records = _run("gallery.py", "--galleries", "300", "--uploads", "20", "--dim", "64", "--nights", "2",
+                   "--batch-pairs", "8", "--embed-batch", "10", "--repeats", "1")
+    retrieval, growth, compaction = records
+    assert retrieval["gallery"] == 300 and retrieval["matrix_bytes"] == 300 * 64 * 4 and retrieval["same_top_k"]
+    # per night: 100 pairs / 8 -> 13 pairs + 13 matches files, 2 images, 1 candidates, 1 runs
+    assert growth["files_per_night"] == 30 and growth["files_total"] == 60
+    assert compaction["files_after"] == 2 * 5 and compaction["pairs_rows"] == 200

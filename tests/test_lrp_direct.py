@@ -1,0 +1,121 @@
+"""The engine's direct LRP backward: same numbers as zennit's hooks, without their wasted work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet
+from pairx_core import engine as engine_module
+from pairx_core import explain
+from pairx_core.canonizers import select_canonizers
+from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten calls by name (e.g. ``convolution_backward``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _graph_node_names(tensor: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _pixel_relevance(model, composite, x, layer):
+    """Relevance at the input of a seed at one cell of ``layer``, plus the op counts of the backward."""
+    store = {}
+    with composite.context(model) as modified, torch.enable_grad():
+        handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.update(out=o))
+        try:
+            x = x.clone().requires_grad_(True)
+            modified(x)
+        finally:
+            handle.remove()
+        out = store["out"]
+        seed = torch.zeros_like(out)
+        seed[:, :, 1, 1] = out[:, :, 1, 1].detach()
+        nodes = _graph_node_names(out)
+        with _OpCounter() as counter:
+            (grad,) = torch.autograd.grad(out, x, seed)
+    return grad, nodes, counter.counts
+
+
+@pytest.mark.parametrize(
+    "make_model,layer",
+    [(tiny_timm_efficientnet, "backbone.blocks.3"), (tiny_timm_resnet, "backbone.layer2"), (plain_stack, "features.4")],
+    ids=["timm-effnet", "timm-resnet", "plain"],
+)
+def test_direct_equals_hooks_without_ordinary_conv_backward(make_model, layer):
+    model = make_model()
+    x = random_images(2, seed=3)
+    canonizers = select_canonizers(model)
+    direct, direct_nodes, direct_ops = _pixel_relevance(model, EngineEpsilonPlus(canonizers=canonizers), x, layer)
+    hooked, hooked_nodes, hooked_ops = _pixel_relevance(model, HookedEpsilonPlus(canonizers=canonizers), x, layer)
+    assert torch.isfinite(direct).all() and direct.abs().sum() > 0
+    torch.testing.assert_close(direct, hooked, rtol=1e-10, atol=1e-12 * float(hooked.abs().max()))
+    # the ordinary convolution backward is not in the graph any more, and no activation derivative
+    assert "ConvolutionBackward0" in hooked_nodes and "ConvolutionBackward0" not in direct_nodes
+    assert not any(name.startswith(("SiluBackward", "ReluBackward", "NativeBatchNormBackward")) for name in direct_nodes)
+    # zennit runs the ordinary input gradient and two modified ones per convolution; direct: the two
+    n_hooked = hooked_ops.get("convolution_backward", 0)
+    n_direct = direct_ops.get("convolution_backward", 0)
+    assert n_hooked > 0 and n_direct * 3 == n_hooked * 2
+
+
+def test_engine_results_equal_on_both_paths_float64():
+    model = tiny_timm_efficientnet()
+    x0, x1 = random_images(2, seed=5), random_images(2, seed=6)
+    layers = ["backbone.blocks.2", "backbone.blocks.3"]
+    direct = explain(model, x0, x1, layers, k_colors=3, batch_size=2)
+    original = engine_module.EngineEpsilonPlus
+    engine_module.EngineEpsilonPlus = HookedEpsilonPlus
+    try:
+        hooked = explain(model, x0, x1, layers, k_colors=3, batch_size=2)
+    finally:
+        engine_module.EngineEpsilonPlus = original
+    for a, b in zip(direct, hooked):
+        for layer in layers:
+            la, lb = a.layers[layer], b.layers[layer]
+            np.testing.assert_allclose(la.relevance_0, lb.relevance_0, rtol=1e-9, atol=1e-12 * np.abs(lb.relevance_0).max())
+            assert la.matches[["row_0", "col_0", "row_1", "col_1"]].equals(lb.matches[["row_0", "col_0", "row_1", "col_1"]])
+            np.testing.assert_allclose(la.pixel_relevance_1, lb.pixel_relevance_1, rtol=1e-9,
+                                       atol=1e-12 * np.abs(lb.pixel_relevance_1).max())
+
+
+class _SameConv(nn.Conv2d):
+    """A convolution with its own forward (like timm's dynamic 'same' padding): not computed directly."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_custom_convolution_forward_falls_back_to_zennit_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(_SameConv(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 4, 1)).double().eval()
+    x = random_images(2, size=12, seed=1)
+    direct, nodes, _ = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, "4")
+    hooked, _, _ = _pixel_relevance(model, HookedEpsilonPlus(canonizers=[]), x, "4")
+    torch.testing.assert_close(direct, hooked, rtol=1e-10, atol=1e-14)
+    assert nodes.count("ConvolutionBackward0") == 1  # the custom one only (zennit's hook is on it)
+    # the in-place ReLU did not change its input (it got a copy): the graph stayed valid
+    assert torch.isfinite(direct).all()
