@@ -173,7 +173,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("individual", pa.string(), "individual id of the gallery image, if known"),
             _f("similarity", pa.float64(), "cosine similarity of the embeddings"),
             _f("irm", pa.float64(), "IRM of the pair at the first layer (null if not explained)"),
-            _f("rerank_score", pa.float64(), "score used for the final ranking (similarity alone when irm is null)"),
+            _f("rerank_score", pa.float64(), "score used for the final ranking (similarity alone for every candidate of a query when any irm is null)"),
             _f("pair_id", pa.string(), "pair explained for this candidate (joins `pairs` and `matches`)"),
             _f("layer", pa.string(), "layer whose IRM ranked the candidate (the first explained layer)"),
             _f("viz_uri", pa.string(), "URI of the pair's PAIR-X picture at `layer` (a URL under `public_url` when set)"),
