@@ -68,7 +68,8 @@ __all__ = [
 
 #: Default decompression-bomb guard: images with more pixels than this are refused.
 DEFAULT_MAX_PIXELS = 50_000_000
-#: Default smallest usable image: shorter side in pixels (a 1 x 1 "photo" is an error, not a match).
+#: The pipeline's smallest usable image: shorter side in pixels (a 1 x 1 "photo" is an error, not a
+#: match). The decoding functions themselves accept any size unless given ``min_side``.
 DEFAULT_MIN_SIDE = 32
 
 #: Pillow formats we try to decode; anything else is "not a recognised image format".
@@ -334,7 +335,7 @@ def decode_image(
     box: Sequence[float] | None = None,
     theta: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = DEFAULT_MIN_SIDE,
+    min_side: int = 1,
     target_size: tuple[int, int] | None = None,
     picture_long_side: int = PICTURE_LONG_SIDE,
 ) -> LoadedImage:
@@ -463,7 +464,7 @@ def load_image(
     box: Sequence[float] | None = None,
     theta: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = DEFAULT_MIN_SIDE,
+    min_side: int = 1,
     uri: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     target_size: tuple[int, int] | None = None,

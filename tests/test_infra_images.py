@@ -271,3 +271,20 @@ def test_load_image_from_storage_and_urls(tmp_path):
         load_image("a/empty.jpg", storage=memory)
     assert bad.value.uri == memory.join("a/empty.jpg")
     memory.delete("", recursive=True)
+
+
+def test_too_small_and_undecodable_errors_carry_the_content_hash():
+    """Errors about the file itself name its content (for quarantine); box errors do not."""
+    from infra.images import content_hash
+
+    tiny = _encode(Image.new("RGB", (1, 1)))
+    with pytest.raises(ImageError, match="too small: 1 x 1 px") as raised:
+        decode_image(tiny, "tiny.png", min_side=32)
+    assert raised.value.content_hash == content_hash(tiny)
+    assert decode_image(tiny, "tiny.png").image.size == (1, 1)  # no minimum unless asked
+    with pytest.raises(ImageError) as raised:
+        decode_image(b"\xff\xd8\xff\xe0 truncated", "broken.jpg")
+    assert raised.value.content_hash == content_hash(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageError) as raised:
+        decode_image(_encode(Image.new("RGB", (40, 40))), "ok.png", box=(100, 100, 10, 10))
+    assert getattr(raised.value, "content_hash", None) is None
