@@ -46,7 +46,7 @@ if str(_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from infra.cache import ActivationCache  # noqa: E402
-from infra.tables import compact_table, write_table  # noqa: E402
+from infra.tables import compact_table, with_nulls, write_table  # noqa: E402
 
 DASHBOARD_QUERY = """
 SELECT date, model, layer, count(*) AS pairs, avg(similarity) AS mean_similarity,
@@ -188,7 +188,7 @@ def bench_tables(args: argparse.Namespace, work: Path) -> None:
     for night in range(args.nights):
         day = (first_night + timedelta(days=night)).isoformat()
         for run_id, table, rows in _night_rows(args, night, rng):
-            write_table(str(out), table, rows, "miewid-v4", run_id, date=day)
+            write_table(str(out), table, with_nulls(table, rows), "miewid-v4", run_id, date=day)
         files, size = _tree(out / "tables")
         per_night.append((files - previous[0], size - previous[1]))
         previous = (files, size)

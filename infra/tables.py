@@ -48,6 +48,7 @@ __all__ = [
     "ensure_table",
     "schema_markdown",
     "table_url",
+    "with_nulls",
     "write_table",
 ]
 
@@ -379,6 +380,16 @@ def ensure_table(
     partition = f"{_model_segment(model_id)}/{_date_segment(None)}"
     filename = f"part-{safe_segment(run_id)}-empty.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+
+
+def with_nulls(name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """``rows`` with every nullable column of table ``name`` they lack set to None.
+
+    :func:`write_table` wants every column named (a forgotten column is a bug it reports); use
+    this where leaving the optional columns empty is what you mean (benchmarks, fixtures).
+    """
+    nullable = [f.name for f in _schema(name) if f.nullable]
+    return [{**{column: None for column in nullable}, **row} for row in rows]
 
 
 def _dataset_schema(schema: pa.Schema) -> pa.Schema:
