@@ -56,8 +56,10 @@ def test_round_trip_keeps_type_message_and_fields(error):
 
 def test_storage_error_raised_in_a_dask_worker_reaches_the_client(tmp_path):
     """A real worker process: the client sees the StorageError with its own message."""
+    import dask
     from distributed import Client, LocalCluster
 
+    from infra.cluster import local_cluster_config
     from infra.tables import write_table
 
     blocker = tmp_path / "a-file"
@@ -67,7 +69,10 @@ def test_storage_error_raised_in_a_dask_worker_reaches_the_client(tmp_path):
         write_table(str(blocker / "out"), "errors", [{"item": "x", "stage": "load", "error_type": "E",
                                                       "message": "m", "content_hash": None}], "model", "run")
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    # the project's worker settings: the first cluster of a process fixes the environment that later
+    # workers inherit (tests/test_infra_cluster.py checks it)
+    with dask.config.set(local_cluster_config()), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         future = client.submit(write)
         with pytest.raises(StorageError) as raised:
