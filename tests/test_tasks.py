@@ -18,7 +18,7 @@ SETTINGS = RunSettings(out="memory://unused", model="unused", layers=("l",), run
 def _fake_loader(monkeypatch, behaviour):
     threads = set()
 
-    def load_image(uri, box=None, theta=0.0, storage_options=None):
+    def load_image(uri, box=None, theta=0.0, storage_options=None, target_size=None):
         threads.add(threading.get_ident())
         time.sleep(0.05)
         outcome = behaviour[uri]
