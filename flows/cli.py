@@ -394,13 +394,16 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     from .outcome import ItemsFailedError
     from .preflight import check_inputs, check_model_spec, resolve_model
 
+    clock = PhaseClock()
     api = TemporaryAPI()
     try:
         plan = check_inputs(flow, config)
         typer.echo(plan.describe(config), err=True)
+        clock.mark("checks")
         check_model_spec(config.model, config.allow_random_weights)
         api.start_soon()  # the server starts while torch and the model load
         resolve_model(config)
+        clock.mark("model")
     except Exception as error:  # noqa: BLE001 - any problem found here is the input's
         api.stop()
         _preflight_error(error)
@@ -408,13 +411,44 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     failed = False
     with reported_errors(), sigterm_as_interrupt():
         with api.active(), progress_display(not json_output):
+            clock.mark("prefect_api")
             try:
                 summary = entry(config)
             except ItemsFailedError as error:
                 summary, failed = error.summary, True
+            clock.mark("flow")
+        clock.mark("shutdown")
+    summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
     typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
     if failed:
         raise typer.Exit(code=EXIT_FAILED)
+
+
+class PhaseClock:
+    """Wall seconds of a command's phases, from the process start (imports included).
+
+    ``phases()``: imports (process start to the first mark), then each marked phase; with the
+    flow's own seconds, ``flow`` is split into ``flow_run`` (the flow's own work) and ``flow_overhead``.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.started = psutil.Process().create_time()
+        self.marks: list[tuple[str, float]] = [("imports", time.time())]
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def phases(self, flow_seconds: float | None = None) -> dict[str, float]:
+        result, previous = {}, self.started
+        for name, stamp in self.marks:
+            result[name] = round(stamp - previous, 2)
+            previous = stamp
+        if flow_seconds is not None and "flow" in result:
+            result["flow_overhead"] = round(result["flow"] - flow_seconds, 2)
+        result["total"] = round(previous - self.started, 2)
+        return result
 
 
 # ------------------------------------------------------------------------------ options

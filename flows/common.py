@@ -133,10 +133,12 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:2000]
 
 
-def run_recorded(flow_name: str, config, work_flow) -> dict:
+def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     """Run ``work_flow(config, run_id)`` on the config's task runner and record the run.
 
-    The ``runs`` row (and the run-summary artifact) is written whatever happens. Raises
+    ``prepare(config, summary) -> bool``, when given, runs first in this process and says whether
+    there is work at all: without work no task runner (no Dask cluster) is started. The ``runs``
+    row (and the run-summary artifact) is written whatever happens. Raises
     :class:`ItemsFailedError` when items failed, and re-raises whatever stopped the run.
     """
     started = datetime.now(timezone.utc)
@@ -146,7 +148,8 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
     try:
         with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
                           storage_options=config.storage_options or None):
-            work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
+            if prepare is None or prepare(config, summary):
+                work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
             summary.status = "failed" if summary.failed else "completed"
             _review_page(config, summary, started)
     except BaseException as error:
@@ -167,8 +170,8 @@ def run_recorded(flow_name: str, config, work_flow) -> dict:
 
 def _review_page(config, summary: FlowSummary, started: datetime) -> None:
     """Write or update the night's pages of the review site; a failure is logged, not fatal."""
-    if not config.report:
-        return
+    if not config.report or not (summary.done or summary.failed):
+        return  # nothing new was written: the site is current
     from tasks.report import write_report_task
 
     try:

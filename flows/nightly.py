@@ -7,6 +7,7 @@ runner the config asks for (see ``flows.common``).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
@@ -22,7 +23,7 @@ from tasks.embed import embed_images_task, top_k
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .preflight import resolve_model
+from .preflight import ModelPlan, resolve_model
 
 
 
@@ -48,20 +49,35 @@ def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_opti
     return {u for u in suspects if content_hash(contents[storage.url(u)]) in failed[u]}
 
 
-@flow(name="nightly-work", log_prints=True)
-def nightly_work(config: NightlyConfig, run_id: str) -> None:
-    """Identify new uploads: candidates, their PAIR-X pictures, and a re-ranked candidates table."""
+@dataclass
+class NightPlan:
+    """What tonight will work on, decided before any cluster starts."""
+
+    model: ModelPlan
+    gallery: dict[str, str]
+    uploads: list[str]
+    new_uploads: list[str]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.new_uploads and self.gallery)
+
+
+#: plans made by the entry flow for its work flow, by run id (same process)
+_PLANS: dict[str, NightPlan] = {}
+
+
+def plan_night(config: NightlyConfig, summary) -> NightPlan:
+    """List uploads and gallery, drop what earlier nights did or quarantined; count the skips."""
     logger = get_run_logger()
-    summary = active_summary(run_id)
     so = config.storage_options or None
-    plan = resolve_model(config)
-    summary.model_id, summary.model_facts = plan.model_id, plan.facts
-    model_id, layers = plan.model_id, plan.layers
+    model = resolve_model(config)
+    summary.model_id, summary.model_facts = model.model_id, model.facts
     gallery = list_gallery(config.gallery, so)
     uploads = list_uploads(config.uploads, so)
-    done_queries = set(read_table(config.out, "candidates", model_id=model_id, columns=["query"],
+    done_queries = set(read_table(config.out, "candidates", model_id=model.model_id, columns=["query"],
                                   storage_options=so)["query"])
-    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model_id, uploads, so)
+    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model.model_id, uploads, so)
     new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
     summary.skipped += len(uploads) - len(new_uploads)
     summary.planned = {"uploads": len(uploads), "new_uploads": len(new_uploads), "gallery": len(gallery),
@@ -70,12 +86,30 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     if not uploads:
         logger.info("no uploads in %s: a quiet night", config.uploads)
     logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(uploads), len(new_uploads),
-                len(gallery), plan.facts["model_spec"], ",".join(layers))
+                len(gallery), model.facts["model_spec"], ",".join(model.layers))
     quarantined = failed_before.intersection(uploads)
     if quarantined:
-        logger.warning("skipping %d upload(s) that failed to load on an earlier night (see the errors table; "
-                       "--retry-failed tries them again): %s", len(quarantined), sorted(quarantined)[:5])
-    if not (new_uploads and gallery):
+        logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
+                       "table; --retry-failed tries them again): %s", len(quarantined), sorted(quarantined)[:5])
+    return NightPlan(model, gallery, uploads, new_uploads)
+
+
+def _prepare(config: NightlyConfig, summary) -> bool:
+    """Plan the night in the entry flow; a night with nothing new starts no cluster."""
+    night = plan_night(config, summary)
+    _PLANS[summary.run_id] = night
+    return night.has_work
+
+
+@flow(name="nightly-work", log_prints=True)
+def nightly_work(config: NightlyConfig, run_id: str) -> None:
+    """Embed, retrieve, explain and rank tonight's new uploads (as planned by :func:`plan_night`)."""
+    summary = active_summary(run_id)
+    so = config.storage_options or None
+    night = _PLANS.pop(run_id, None) or plan_night(config, summary)
+    model_id, layers = night.model.model_id, night.model.layers
+    gallery, new_uploads = night.gallery, night.new_uploads
+    if not night.has_work:
         return
     annotations = gpu_annotation(config.device)
     import dask
@@ -129,4 +163,4 @@ def nightly(config: NightlyConfig) -> dict:
     Ends ``Failed`` when any item failed (:class:`flows.common.ItemsFailedError`); the ``runs``
     row is written whatever happens.
     """
-    return run_recorded("nightly", config, nightly_work)
+    return run_recorded("nightly", config, nightly_work, prepare=_prepare)
