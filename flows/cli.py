@@ -481,6 +481,9 @@ def nightly_cmd(
     out: str = Out,
     model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k",
+                                           help="candidates per upload judged by PAIR-X from the activation cache and "
+                                                "re-ranked before the top-k are explained (default 20; 0: off)"),
     layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
@@ -494,7 +497,7 @@ def nightly_cmd(
     with storage_credentials(storage_option or []):
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
-            workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k,
+            workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,
             allow_random_weights=allow_random_weights, public_url=public_url))
         run_command("nightly", config, "nightly", json_output)
 
