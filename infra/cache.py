@@ -648,6 +648,30 @@ class ActivationCache:
             self._maps.clear()
         return freed
 
+    def prep_fingerprints(self, model_fingerprint: str | None = None) -> list[str]:
+        """Preprocessing fingerprints with entries under a model (default: this instance's)."""
+        model_dir = f"model={_check_fingerprint('model_fingerprint', model_fingerprint or self.model_fingerprint)}"
+        return [n[len("prep="):] for n in self.target.list_dir(model_dir) if n.startswith("prep=")]
+
+    def prune_older_than(self, age_s: float) -> list[str]:
+        """Delete committed batches of this model + preprocessing written more than ``age_s`` ago.
+
+        Index files go first (entries vanish from lookups), then the arrays; an image whose
+        newest batch is removed is simply embedded again by the next run. Returns the batch ids.
+        """
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=age_s)
+        removed = []
+        for batch in self.batches():
+            stamp = _batch_time(batch.batch_id)
+            if stamp is None or stamp > cutoff:
+                continue
+            self.target.delete(self._index_path(batch.batch_id))
+            self.target.delete(f"{self.zarr_prefix}/{batch.batch_id}", recursive=True)
+            removed.append(batch.batch_id)
+        self._known = {k: v for k, v in self._known.items() if k not in removed}
+        self._maps.clear()
+        return removed
+
     def collect_garbage(self, min_age_s: float = 24 * 3600.0) -> list[str]:
         """Delete batches of this model + preprocessing that never got an index file.
 
