@@ -1,4 +1,8 @@
-"""Flow: new uploads vs. a gallery: embed (cached), retrieve top-k, explain, rank candidates.
+"""Flow: new uploads vs. a gallery: embed (cached), retrieve, re-rank from the cache, explain, rank.
+
+With ``rerank_k`` > 0 (default) each upload's ``rerank_k`` most similar gallery images are judged
+by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
+(``flows.rerank``); with ``rerank_k`` 0 the ``top_k`` by similarity are explained.
 
 ``nightly`` is the entry flow (CLI and deployments); ``nightly_work`` runs on the Dask task
 runner the config asks for (see ``flows.common``).
@@ -15,9 +19,8 @@ from infra.images import content_hash
 from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
 from infra.storage import StorageTarget, with_retries
 from infra.tables import read_table, write_table
-from pairx_core.retrieval import Candidate
+from pairx_core.retrieval import Candidate, top_k
 from tasks.candidates import candidate_rows
-from pairx_core.retrieval import top_k
 from tasks.embed import activation_cache, embed_images_task
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
