@@ -35,7 +35,6 @@ def _config(photos, out, **kwargs):
 
 
 def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, photos, tmp_path, monkeypatch):
-    import infra.images
     import tasks.explain
     import tasks.stage1
     from flows.nightly import nightly
