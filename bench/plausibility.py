@@ -43,9 +43,10 @@ def hard_pairs(model, images, owner: np.ndarray, false_per_true: int) -> tuple[l
     would actually hand to a reviewer, so both classes meet at the same similarities."""
     import torch
 
+    from pairx_core.retrieval import top_k
+
     with torch.no_grad():
-        embeddings = torch.nn.functional.normalize(model(images), dim=1).numpy()
-    similarity = embeddings @ embeddings.T
+        embeddings = model(images).numpy()
     pairs, truth, seen = [], [], set()
     for a in range(len(owner)):
         for b in range(a + 1, len(owner)):
@@ -53,7 +54,8 @@ def hard_pairs(model, images, owner: np.ndarray, false_per_true: int) -> tuple[l
                 pairs.append((a, b))
                 truth.append(True)
         others = np.flatnonzero(owner != owner[a])
-        for b in others[np.argsort(-similarity[a, others])[:false_per_true]]:
+        nearest, _ = top_k(embeddings[a:a + 1], embeddings[others], false_per_true)
+        for b in others[nearest[0]]:
             key = (min(a, b), max(a, b))
             if key not in seen:
                 seen.add(key)

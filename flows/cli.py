@@ -517,6 +517,9 @@ def nightly_cmd(
     out: str = Out,
     model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k",
+                                           help="candidates per upload judged by PAIR-X from the activation cache and "
+                                                "re-ranked before the top-k are explained (default 20; 0: off)"),
     layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
@@ -530,7 +533,7 @@ def nightly_cmd(
     with storage_credentials(storage_option or []):
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
-            workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k,
+            workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,
             allow_random_weights=allow_random_weights, public_url=public_url))
         run_command("nightly", config, "nightly", json_output)
 
@@ -599,6 +602,58 @@ def gc_cmd(
                f"picture(s), {len(report.temp_files)} temporary file(s)")
     for url in report.matches_files + report.pictures + report.temp_files:
         typer.echo(f"  {url}")
+
+
+cache_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Inspect and prune the activation cache (embeddings and feature maps).")
+app.add_typer(cache_app, name="cache")
+CacheOut = typer.Argument(..., help="output root: folder or URL (its cache is OUT/cache unless --cache says)")
+
+
+def _cache_url(out: str, cache: Optional[str]) -> str:
+    return cache or f"{out.rstrip('/')}/cache"
+
+
+@cache_app.command("info")
+def cache_info_cmd(out: str = CacheOut, cache: Optional[str] = Cache, json_output: bool = JsonOut) -> None:
+    """Models in the cache, with images, batches, layers and bytes."""
+    try:
+        from infra.cache_admin import cache_info
+
+        infos = cache_info(_cache_url(out, cache))
+    except Exception as error:  # noqa: BLE001
+        _preflight_error(error)
+    if json_output:
+        typer.echo(json.dumps([vars(info) for info in infos], indent=2))
+        return
+    typer.echo(f"cache {_cache_url(out, cache)}: {len(infos)} model(s), "
+               f"{sum(i.bytes for i in infos) / 1e6:.1f} MB")
+    for info in infos:
+        typer.echo(f"  {info.model}: {info.images} image(s), {info.batches} batch(es), "
+                   f"{info.bytes / 1e6:.1f} MB, layers {', '.join(info.layers) or '-'}")
+
+
+@cache_app.command("prune")
+def cache_prune_cmd(
+    out: str = CacheOut, cache: Optional[str] = Cache,
+    model: Optional[str] = typer.Option(None, "--model", help="model fingerprint (model_id) whose entries to delete"),
+    older_than: Optional[float] = typer.Option(None, "--older-than", help="delete entries written more than DAYS ago"),
+) -> None:
+    """Delete a model's entries (--model FP), or entries older than --older-than DAYS (of --model only, if given)."""
+    if model is None and older_than is None:
+        fail("give --model FP and/or --older-than DAYS")
+    try:
+        from infra.cache_admin import prune_model, prune_older_than
+
+        url = _cache_url(out, cache)
+        if older_than is not None:
+            removed, freed = prune_older_than(url, older_than, model=model)
+            typer.echo(f"removed {removed} batch(es) older than {older_than:g} day(s), {freed / 1e6:.1f} MB freed")
+        else:
+            freed = prune_model(url, model)
+            typer.echo(f"removed model {model}: {freed / 1e6:.1f} MB freed")
+    except Exception as error:  # noqa: BLE001
+        _preflight_error(error)
 
 
 from .report_cmd import report_cmd  # noqa: E402 - a light module (typer only)

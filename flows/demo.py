@@ -32,6 +32,8 @@ class DemoSettings:
     individuals: int = 12
     gallery_photos: int = 2
     top_k: int = 3
+    #: candidates per upload judged from the activation cache before the top_k are explained
+    rerank_k: int = 20
     seed: int = 2024
     k_lines: int = 10
     k_colors: int = 5
@@ -74,6 +76,7 @@ def run_demo(settings: DemoSettings) -> dict:
     truth = write_dataset(settings, size)
     config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"), gallery=str(settings.out / "data" / "gallery"),
                            out=str(settings.out / "results"), model=DEMO_MODEL, layers=[layer], top_k=settings.top_k,
+                           rerank_k=settings.rerank_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
                            workers=settings.workers, device="cpu")
     flow_summary = nightly(config)
@@ -149,6 +152,8 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
              f"<p>Layer <code>{html.escape(layer)}</code>. Candidates ranked by "
              "0.5 &times; similarity + 0.5 &times; IRM. Green: same individual as the upload (ground truth).</p>"]
     for query, group in candidates.groupby("query", sort=True):
+        judged = len(group)
+        group = group[group["explained"].fillna(True).astype(bool)]  # pictures exist for these
         true_id = truth.get(query, {}).get("individual", "?")
         parts.append(f"<div class='q'><h3>{html.escape(os.path.basename(query))} "
                      f"(truly {html.escape(true_id)})</h3><img src='{rel(query)}' style='width:128px'><br>")
@@ -158,6 +163,9 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
             image = f"<img src='{rel(picture)}'>" if picture else "(no picture)"
             parts.append(f"<div class='c'><span class='{ok}'>#{row.rank + 1} {html.escape(str(row.individual))}</span>"
                          f" sim {row.similarity:.3f} IRM {_fmt(row.irm)}<br>{image}</div>")
+        if judged > len(group):
+            parts.append(f"<p>{judged - len(group)} more candidate(s) judged from cached activations, "
+                         "ranked lower (see the candidates table).</p>")
         parts.append("</div>")
     parts.append("</body></html>")
     (root / "index.html").write_text("\n".join(parts))

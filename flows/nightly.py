@@ -1,4 +1,8 @@
-"""Flow: new uploads vs. a gallery: embed (cached), retrieve top-k, explain, rank candidates.
+"""Flow: new uploads vs. a gallery: embed (cached), retrieve, re-rank from the cache, explain, rank.
+
+With ``rerank_k`` > 0 (default) each upload's ``rerank_k`` most similar gallery images are judged
+by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
+(``flows.rerank``); with ``rerank_k`` 0 the ``top_k`` by similarity are explained.
 
 ``nightly`` is the entry flow (CLI and deployments); ``nightly_work`` runs on the Dask task
 runner the config asks for (see ``flows.common``).
@@ -11,19 +15,19 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
-from infra.cache import ActivationCache
 from infra.cluster import gpu_annotation
 from infra.images import content_hash
 from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
 from infra.storage import StorageTarget, with_retries
 from infra.tables import read_table, write_table
-from pairx_core.retrieval import Candidate
+from pairx_core.retrieval import Candidate, top_k
 from tasks.candidates import candidate_rows
-from tasks.embed import embed_images_task, top_k
+from tasks.embed import activation_cache, embed_images_task
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
 from .preflight import ModelPlan, resolve_model
+from .rerank import plan_reranked, reranked_rows
 
 
 
@@ -127,13 +131,23 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         summary.cache["hits"] += result.cached
         summary.cache["misses"] += result.computed
         summary.cache["damaged"] += result.damaged
-    cache = ActivationCache(config.cache_url, model_id, _prep_fingerprint(config), storage_options=so)
+    cache = activation_cache(config.cache_url, model_id, _prep_fingerprint(config), layers, so)
     gallery_uris = [g for g in gallery if g in hashes]
     query_uris = [u for u in new_uploads if u in hashes]
     items, candidates = [], []
     if query_uris and gallery_uris:
         gallery_matrix = with_retries(cache.get_embeddings, [hashes[g] for g in gallery_uris])
         query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
+        if config.rerank_k:  # stage 1 for rerank_k candidates from the cache, full PAIR-X for top_k
+            reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
+                                     gallery, hashes, summary, annotations)
+            summary.planned["pairs_planned"] = len(reranked.items)
+            summary.planned["stage1_pairs"] = len(reranked.candidates)
+            explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary,
+                          annotations)
+            rows = reranked_rows(config.out, model_id, config.model, layers[0], reranked, so)
+            write_table(config.out, "candidates", rows, model_id, run_id, so)
+            return
         order, scores = top_k(query_matrix, gallery_matrix, config.top_k)
     else:
         order, scores = [], []

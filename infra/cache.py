@@ -148,6 +148,8 @@ class BatchIndex:
     created_at: str
     #: array path -> per-row checksums (empty for format-1 batches, written before checksums)
     checksums: Mapping[str, tuple[str, ...]] = None  # type: ignore[assignment]
+    #: layer name -> stored dtype of its feature maps
+    layer_dtypes: Mapping[str, str] = None  # type: ignore[assignment]
 
     @classmethod
     def from_json(cls, raw: bytes) -> BatchIndex:
@@ -168,6 +170,7 @@ class BatchIndex:
             layers=layers,
             created_at=doc["created_at"],
             checksums=checksums,
+            layer_dtypes={name: spec.get("dtype", "float16") for name, spec in doc["layers"].items()},
         )
 
 
@@ -209,6 +212,9 @@ class ActivationCache:
         embedding_dtype: stored dtype of embeddings (float32 by default: similarity scores are
             reported to 1e-6; float16 halves the size at ~1e-3 relative error).
         feature_dtype: stored dtype of feature maps (float16 by default).
+        layer_dtypes: per-layer override of ``feature_dtype``. The layers that PAIR-X re-ranking
+            reads back (stage 1 runs the network above the layer from the cached maps) are
+            stored float32 so that stage 1 equals the full path; see ``docs/rerank.md``.
 
     Getters always return float32.
     """
@@ -222,6 +228,7 @@ class ActivationCache:
         storage_options: Mapping[str, Any] | None = None,
         embedding_dtype: str = "float32",
         feature_dtype: str = "float16",
+        layer_dtypes: Mapping[str, str] | None = None,
     ) -> None:
         self.target = StorageTarget.from_url(url, storage_options)
         self.model_fingerprint = _check_fingerprint("model_fingerprint", model_fingerprint)
@@ -231,6 +238,11 @@ class ActivationCache:
                 raise ConfigError(f"{name} must be a float dtype, got {dtype!r}")
         self.embedding_dtype = np.dtype(embedding_dtype).name
         self.feature_dtype = np.dtype(feature_dtype).name
+        self.layer_dtypes = {}
+        for layer, dtype in (layer_dtypes or {}).items():
+            if np.dtype(dtype).kind != "f":
+                raise ConfigError(f"layer_dtypes[{layer!r}] must be a float dtype, got {dtype!r}")
+            self.layer_dtypes[layer] = np.dtype(dtype).name
         self._known: dict[str, BatchIndex] = {}
         self.last_damaged: list[str] = []
         self._maps: dict[tuple[tuple[str, ...], str | None], dict[str, CacheLocation]] = {}
@@ -304,6 +316,16 @@ class ActivationCache:
         """
         mapping = self._location_map(self.batches(), layer)
         return {h: mapping[h] for h in hashes if h in mapping}
+
+    def dtype_for(self, layer: str) -> str:
+        """The dtype this instance stores ``layer``'s feature maps in."""
+        return self.layer_dtypes.get(layer, self.feature_dtype)
+
+    def stored_layer_dtypes(self, hashes: Sequence[str], layer: str) -> dict[str, str]:
+        """Per cached hash (with ``layer``), the dtype its ``layer`` feature map is stored in."""
+        batches = {b.batch_id: b for b in self.batches()}
+        found = self.lookup(hashes, layer)
+        return {h: (batches[loc.batch_id].layer_dtypes or {}).get(layer, "float16") for h, loc in found.items()}
 
     def __contains__(self, content_hash: str) -> bool:
         return content_hash in self.lookup([content_hash])
@@ -520,7 +542,7 @@ class ActivationCache:
 
         emb_stored = self._cast(emb, self.embedding_dtype, "embeddings")
         feats_stored = {
-            layer: self._cast(a, self.feature_dtype, f"features[{layer!r}]")
+            layer: self._cast(a, self.dtype_for(layer), f"features[{layer!r}]")
             for layer, a in feats.items()
         }
         for name, values, embeddings in [("embeddings", emb_stored, True)] + [
@@ -625,6 +647,30 @@ class ActivationCache:
             self._known.clear()
             self._maps.clear()
         return freed
+
+    def prep_fingerprints(self, model_fingerprint: str | None = None) -> list[str]:
+        """Preprocessing fingerprints with entries under a model (default: this instance's)."""
+        model_dir = f"model={_check_fingerprint('model_fingerprint', model_fingerprint or self.model_fingerprint)}"
+        return [n[len("prep="):] for n in self.target.list_dir(model_dir) if n.startswith("prep=")]
+
+    def prune_older_than(self, age_s: float) -> list[str]:
+        """Delete committed batches of this model + preprocessing written more than ``age_s`` ago.
+
+        Index files go first (entries vanish from lookups), then the arrays; an image whose
+        newest batch is removed is simply embedded again by the next run. Returns the batch ids.
+        """
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=age_s)
+        removed = []
+        for batch in self.batches():
+            stamp = _batch_time(batch.batch_id)
+            if stamp is None or stamp > cutoff:
+                continue
+            self.target.delete(self._index_path(batch.batch_id))
+            self.target.delete(f"{self.zarr_prefix}/{batch.batch_id}", recursive=True)
+            removed.append(batch.batch_id)
+        self._known = {k: v for k, v in self._known.items() if k not in removed}
+        self._maps.clear()
+        return removed
 
     def collect_garbage(self, min_age_s: float = 24 * 3600.0) -> list[str]:
         """Delete batches of this model + preprocessing that never got an index file.

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pairx_core.retrieval import top_k
 from pairx_core.models import MiewIdNet, save_checkpoint
 from pairx_core.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from pairx_core.synthetic import make_individuals, render_photo
@@ -145,11 +146,11 @@ def top1_accuracy(model: nn.Module, preprocessing: Preprocessing, gallery, query
     was_training = model.training
     model.eval()
     try:
-        g = F.normalize(model(preprocessing.batch(gallery)), dim=1)
-        q = F.normalize(model(preprocessing.batch(query)), dim=1)
+        g = model(preprocessing.batch(gallery)).numpy()
+        q = model(preprocessing.batch(query)).numpy()
     finally:
         model.train(was_training)
-    predicted = (q @ g.T).argmax(dim=1).numpy()
+    predicted = top_k(q, g, 1)[0][:, 0]
     return float((predicted == labels).mean())
 
 

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
+
 #: weight of plausibility (IRM) against similarity in the re-ranking score
 RERANK_IRM_WEIGHT = 0.5
 
@@ -46,6 +48,34 @@ class PairOutcome:
     irm: float | None = None
     viz_uri: str | None = None
     output_key: str | None = None
+
+
+def cosine_similarities(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Cosine similarities ``(Q, G)`` of embeddings ``query (Q, D)`` and ``gallery (G, D)``.
+
+    Zero vectors get similarity 0 with everything (their norm is clamped, not divided by zero).
+    """
+    query = np.asarray(query, dtype=np.float64 if np.asarray(query).dtype == np.float64 else np.float32)
+    gallery = np.asarray(gallery, dtype=query.dtype)
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    return q @ g.T
+
+
+def top_k(query: np.ndarray, gallery: np.ndarray, k: int, *,
+          exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k: indices and similarities ``(Q, k')`` with ``k' = min(k, G)``, best first.
+
+    Ties keep gallery order (stable sort). ``exclude``: optional ``(Q, G)`` bool mask of gallery
+    entries a query must not retrieve (e.g. itself, or photos of its own individual); when fewer
+    than ``k`` remain, the excluded ones fill the tail with similarity ``-inf``.
+    """
+    scores = cosine_similarities(query, gallery)
+    if exclude is not None:
+        scores = np.where(np.asarray(exclude, dtype=bool), -np.inf, scores)
+    k = max(0, min(int(k), scores.shape[1]))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
 
 
 def _defined(value: float | None) -> bool:

@@ -10,6 +10,11 @@ from infra.tables import read_table
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
 
 
+#: columns only a re-ranked night fills (stage-1 metrics, retrieval rank, explained flag): null otherwise
+RERANK_ONLY_COLUMNS = ("retrieval_rank", "explained", "n_matches", "inliers", "residual_px", "match_coverage",
+                       "relevance_share", "match_share")
+
+
 def explained_outcomes(out: str, model_id: str, layer: str, pair_ids: set[str],
                        storage_options: Mapping[str, Any] | None = None) -> dict[str, PairOutcome]:
     """Per pair id, the latest ``pairs`` row of ``model_id`` at ``layer`` (this run's or an earlier one's)."""
@@ -29,4 +34,5 @@ def candidate_rows(out: str, model_id: str, model_spec: str, layer: str, candida
                    storage_options: Mapping[str, Any] | None = None) -> list[dict]:
     """Rows for the ``candidates`` table (see :func:`pairx_core.retrieval.rank_candidates`)."""
     outcomes = explained_outcomes(out, model_id, layer, {c.pair_id for c in candidates}, storage_options)
-    return rank_candidates(candidates, outcomes, model_spec=redact_model_spec(model_spec))
+    rows = rank_candidates(candidates, outcomes, model_spec=redact_model_spec(model_spec))
+    return [{**dict.fromkeys(RERANK_ONLY_COLUMNS), **row} for row in rows]

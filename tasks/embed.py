@@ -1,4 +1,9 @@
-"""Embed images (cache-aware) and retrieve each query's top-k gallery images."""
+"""Embed images (cache-aware): embeddings and the explained layers' feature maps.
+
+The explained layers are cached float32 (``EXACT_FEATURE_DTYPE``): re-ranking runs PAIR-X's
+stage 1 from them, and only exact activations give the full path's matches and relevance. An
+entry cached earlier in a narrower dtype is embedded again.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,16 @@ from .runtime import get_model
 
 logger = logging.getLogger("pairx.tasks")
 
+#: dtype of the explained layers' cached feature maps (stage 1 reads them back)
+EXACT_FEATURE_DTYPE = "float32"
+
+
+def activation_cache(cache_url: str, model_fingerprint: str, prep_fingerprint: str, layers: Sequence[str],
+                     storage_options: Mapping[str, Any] | None = None) -> ActivationCache:
+    """The pipeline's cache: explained layers stored float32."""
+    return ActivationCache(cache_url, model_fingerprint, prep_fingerprint, storage_options=storage_options,
+                           layer_dtypes={layer: EXACT_FEATURE_DTYPE for layer in layers})
+
 
 @dataclass
 class EmbedSummary:
@@ -37,7 +52,7 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     """Hash every image; embed those missing from the cache (embedding + feature maps) and put them."""
     loaded_model = get_model(model, device, storage_options)
     prep = loaded_model.preprocessing
-    cache = ActivationCache(cache_url, loaded_model.fingerprint, prep.fingerprint(), storage_options=storage_options)
+    cache = activation_cache(cache_url, loaded_model.fingerprint, prep.fingerprint(), layers, storage_options)
     summary = EmbedSummary(hashes={})
     loaded, errors = {}, []
     for uri in uris:
@@ -55,7 +70,12 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     if damaged:
         logger.warning("%d damaged activation-cache entr%s (checksum, NaN or zero): recomputing them",
                        len(damaged), "y" if len(damaged) == 1 else "ies")
-    missing = [h for h in loaded if h not in known or h in damaged]
+    narrow = set()
+    for layer in layers:
+        stored = cache.stored_layer_dtypes(list(known), layer)
+        narrow |= {h for h in known if h not in stored or
+                   np.dtype(stored[h]).itemsize < np.dtype(EXACT_FEATURE_DTYPE).itemsize}
+    missing = [h for h in loaded if h not in known or h in damaged or h in narrow]
     summary.cached = len(loaded) - len(missing)
     summary.damaged = len(damaged)
     if missing:
@@ -77,13 +97,3 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
       persist_result=False, cache_policy=NO_CACHE)
 def embed_images_task(uris: list[str], **kwargs) -> EmbedSummary:
     return embed_images(uris, **kwargs)
-
-
-def top_k(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k: ``query (Q, D)``, ``gallery (G, D)`` -> indices and similarities ``(Q, k')``."""
-    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
-    scores = q @ g.T
-    k = min(k, gallery.shape[0])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, axis=1)

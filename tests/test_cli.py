@@ -140,3 +140,24 @@ def test_preflight_in_a_real_process_is_quick_and_quiet(photos, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'gone'}: the uploads folder does not exist "
                                                 "(not mounted? wrong path?)"]
+
+
+def test_cache_info_and_prune_commands(tmp_path):
+    import numpy as np
+
+    from flows.cli import app
+    from infra.cache import ActivationCache
+
+    out = tmp_path / "out"
+    ActivationCache(str(out / "cache"), "model-a", "prep1").put(["h1", "h2"], np.ones((2, 4), np.float32))
+    runner = CliRunner()
+    result = runner.invoke(app, ["cache", "info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "model-a: 2 image(s), 1 batch(es)" in result.output
+    result = runner.invoke(app, ["cache", "prune", str(out)])
+    assert result.exit_code != 0  # nothing to prune said
+    result = runner.invoke(app, ["cache", "prune", str(out), "--older-than", "1"])
+    assert result.exit_code == 0 and "removed 0 batch(es)" in result.output
+    result = runner.invoke(app, ["cache", "prune", str(out), "--model", "model-a"])
+    assert result.exit_code == 0 and "removed model model-a" in result.output
+    assert "0 model(s)" in runner.invoke(app, ["cache", "info", str(out)]).output

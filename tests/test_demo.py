@@ -43,7 +43,8 @@ def test_pairx_demo_end_to_end(tmp_path):
     results = str(out / "results")
     candidates = read_table(results, "candidates")
     pairs = read_table(results, "pairs")
-    assert len(candidates) == 8 and len(pairs) == 8
+    # 4 uploads x 8 gallery photos judged by stage 1, the top 2 of each explained in full
+    assert len(candidates) == 32 and len(pairs) == 8 and candidates["explained"].sum() == 8
     # one picture per pair, named by layer and the batch write that committed it
     assert all(Path(u).name == f"{layer}-{commit}.png" for u, layer, commit in zip(pairs.viz_uri, pairs.layer,
                                                                                   pairs.commit_id))

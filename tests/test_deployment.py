@@ -122,7 +122,8 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
         worker = services.start("prefect-worker", str(BIN / "prefect"), "worker", "start", "--pool", "pairx-process")
         out = tmp_path / "out"
         config = {"uploads": str(photo_night / "uploads"), "gallery": str(photo_night / "gallery"),
-                  "out": str(out), "model": "demo", "top_k": 2, "k_colors": 2, "cluster": scheduler}
+                  "out": str(out), "model": "demo", "top_k": 2, "rerank_k": 0, "k_colors": 2,
+                  "cluster": scheduler}
         created = services.run(str(BIN / "prefect"), "deployment", "run", "nightly/nightly",
                                "--params", json.dumps({"config": config}))
         flow_run_id = next(line.split()[-1] for line in created.splitlines() if "UUID" in line)

@@ -46,7 +46,7 @@ def _config(night, out, **kwargs):
     from flows.config import NightlyConfig
 
     values = dict(uploads=str(night / "uploads"), gallery=str(night / "gallery"), out=str(out), model=MODEL,
-                  layers=[LAYER], k_colors=2, k_lines=5, top_k=TOP_K, batch_pairs=4, workers=0,
+                  layers=[LAYER], k_colors=2, k_lines=5, top_k=TOP_K, rerank_k=0, batch_pairs=4, workers=0,
                   allow_random_weights=True)
     return NightlyConfig(**{**values, **kwargs})
 
@@ -82,7 +82,7 @@ def _cli(night, out, tmp_path, *extra, api_url=None, uploads=None):
     return subprocess.Popen(
         [str(PAIRX), "nightly", "--uploads", str(uploads or night / "uploads"), "--gallery", str(night / "gallery"),
          "--out", str(out), "--model", MODEL, "--layers", LAYER, "--allow-random-weights", "--k-colors", "2",
-         "--k-lines", "5", "--top-k", str(TOP_K), "--batch-pairs", "4", *extra],
+         "--k-lines", "5", "--top-k", str(TOP_K), "--rerank-k", "0", "--batch-pairs", "4", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -118,7 +118,9 @@ def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo
     assert first["done"] == 6 and first["failed"] == 1  # the broken upload
     assert len(first["workers"]) >= 1 and all(w.startswith("tcp://127.0.0.1:") for w in first["workers"])
     candidates = read_table(str(out), "candidates")
-    assert len(candidates) == 6 and set(candidates["rank"]) == {0, 1}
+    # re-ranking (default rerank_k 20): all 3 gallery images judged per upload, the best 2 explained
+    assert len(candidates) == 9 and set(candidates["rank"]) == {0, 1, 2}
+    assert set(candidates.loc[candidates.explained, "rank"]) == {0, 1} and candidates.explained.sum() == 6
     assert set(candidates.individual) <= {"ind-0000", "ind-0001", "ind-0002"}
     count = duckdb.sql(
         f"SELECT count(*) FROM read_parquet('{out}/tables/pairs/**/*.parquet', hive_partitioning=true)"

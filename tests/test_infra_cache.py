@@ -315,3 +315,43 @@ def test_nan_and_zero_embeddings_are_refused(tmp_path):
     with pytest.raises(ConfigError):
         cache.put(hashes, emb, feats)
     assert cache.batches() == []
+
+
+def test_layer_dtypes_store_explained_layers_exactly(tmp_path):
+    cache = ActivationCache(str(tmp_path / "c"), "model-a", "prep1", layer_dtypes={"blocks.3": "float32"})
+    hashes, emb, feats = _batch(3)
+    feats = feats + 1e-4  # values float16 cannot hold
+    cache.put(hashes, emb, {"blocks.3": feats, "other": feats})
+    assert np.array_equal(cache.get_features(hashes, "blocks.3"), feats)
+    assert not np.array_equal(cache.get_features(hashes, "other"), feats)  # float16 by default
+    assert cache.stored_layer_dtypes(hashes, "blocks.3") == {h: "float32" for h in hashes}
+    assert cache.stored_layer_dtypes(hashes, "other") == {h: "float16" for h in hashes}
+    with pytest.raises(ConfigError):
+        ActivationCache(str(tmp_path / "c"), "model-a", "prep1", layer_dtypes={"x": "int8"})
+
+
+def test_prune_older_than_and_cache_info(tmp_path, monkeypatch):
+    import infra.cache as cache_module
+    from infra.cache_admin import cache_info, prune_model, prune_older_than
+
+    url = str(tmp_path / "c")
+    old_id = "20200101T000000000000Z-0123456789abcdef"
+    monkeypatch.setattr(cache_module, "_new_batch_id", lambda: old_id)
+    cache = ActivationCache(url, "model-a", "prep1")
+    old, emb, feats = _batch(2, seed=1)
+    cache.put(old, emb, {"blocks.3": feats})
+    monkeypatch.undo()
+    new, emb, feats = _batch(3, seed=2)
+    cache.put(new, emb, {"blocks.3": feats})
+    ActivationCache(url, "model-b", "prep1").put(*_batch(1, seed=3)[:2])
+    infos = {i.model: i for i in cache_info(url)}
+    assert set(infos) == {"model-a", "model-b"}
+    assert infos["model-a"].images == 5 and infos["model-a"].batches == 2 and infos["model-a"].bytes > 0
+    assert infos["model-a"].layers == ["blocks.3"]
+    removed, freed = prune_older_than(url, days=30)
+    assert removed == 1 and freed > 0
+    fresh = ActivationCache(url, "model-a", "prep1")
+    assert set(fresh.lookup(old + new)) == set(new)  # the old batch is gone, the new one kept
+    assert fresh.get_features(new, "blocks.3").shape == (3, 3, 4, 4)
+    assert prune_model(url, "model-b") > 0
+    assert [i.model for i in cache_info(url)] == ["model-a"]

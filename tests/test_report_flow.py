@@ -37,7 +37,7 @@ def night(prefect_harness, tmp_path_factory):
     (root / "uploads" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = root / "out"
     config = NightlyConfig(uploads=str(root / "uploads"), gallery=str(root / "gallery"), out=str(out), model=MODEL,
-                           layers=[LAYER], top_k=TOP_K, k_colors=2, k_lines=5, batch_pairs=3, workers=0,
+                           layers=[LAYER], top_k=TOP_K, rerank_k=0, k_colors=2, k_lines=5, batch_pairs=3, workers=0,
                            allow_random_weights=True)
     from flows.common import ItemsFailedError
 

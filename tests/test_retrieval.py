@@ -77,3 +77,24 @@ def test_public_link(tmp_path):
     assert public_link(out, picture, "https://cdn.example/night/") == "https://cdn.example/night/viz/model=ab12/p1/blocks.3.png"
     assert public_link(out, picture, None) == picture
     assert public_link(out, "/elsewhere/x.png", "https://cdn.example") == "/elsewhere/x.png"
+
+
+def test_top_k_is_cosine_and_stable():
+    import numpy as np
+
+    from pairx_core.retrieval import cosine_similarities, top_k
+
+    gallery = np.array([[1.0, 0.0], [10.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    query = np.array([[2.0, 0.1], [0.0, -1.0]], dtype=np.float32)
+    order, scores = top_k(query, gallery, 3)
+    # scale does not matter (cosine), ties keep gallery order: rows 0 and 1 are equal
+    assert order[0].tolist() == [0, 1, 3]
+    assert scores[0, 0] == pytest.approx(2.0 / math.hypot(2.0, 0.1), rel=1e-6)
+    assert order[1, -1] != 2 and scores[1, 0] == pytest.approx(0.0)  # the zero vector scores 0, not NaN
+    assert np.isfinite(cosine_similarities(query, gallery)).all()
+    order, _ = top_k(query, gallery, 10)  # k larger than the gallery
+    assert order.shape == (2, 5)
+    exclude = np.zeros((2, 5), dtype=bool)
+    exclude[0, 0] = True
+    order, scores = top_k(query, gallery, 2, exclude=exclude)
+    assert order[0].tolist() == [1, 3]

@@ -157,6 +157,7 @@ def _start_cli(photos, uploads, out, tmp_path) -> subprocess.Popen:
     return subprocess.Popen([str(PAIRX), "nightly", "--uploads", str(uploads), "--gallery",
                              str(photos / "gallery"), "--out", str(out), "--model", MODEL, "--layers", LAYER,
                              "--allow-random-weights", "--workers", "0", "--k-colors", "10", "--top-k", "3",
+                             "--rerank-k", "0",  # pairs start at once (stage 1 of 40 x 20 pairs would come first)
                              "--batch-pairs", "4"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..storage import safe_segment
@@ -21,7 +22,7 @@ from ..tables import read_table
 PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "n_matches", "inliers", "box_0",
                 "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
-                     "layer", "output_key", "model_id", "model_spec", "date"]
+                     "layer", "output_key", "model_id", "model_spec", "date", "explained"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
 
 
@@ -149,9 +150,16 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
     return nights
 
 
+def _judged_only(explained: Any) -> bool:
+    """True for candidates rows marked not explained (null, as before re-ranking existed: shown)."""
+    return isinstance(explained, (bool, np.bool_)) and not bool(explained)
+
+
 def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id: str) -> list[Upload]:
     uploads: dict[str, Upload] = {}
     for row in frame.sort_values(["query", "rank"], kind="stable").itertuples(index=False):
+        if _judged_only(row.explained):  # re-ranked by stage 1 but not explained in full: no picture
+            continue
         pair = by_key.get(row.output_key) if _text(row.output_key) else None
         if pair is None and _text(row.pair_id) and _text(row.layer):
             pair = by_pair.get((model_id, row.pair_id, row.layer))

@@ -1,0 +1,123 @@
+"""Two-stage re-ranking for the nightly flow.
+
+Stage 1: every upload's ``rerank_k`` most similar gallery images are judged from the activation
+cache (``tasks.stage1``: relevance at the layer, mutual matches, IRM; no pixel maps, no decode,
+nothing below the layer). The candidates are re-ranked by ``rerank_score``.
+Stage 2: only the ``top_k`` best of each upload are explained in full (pixel maps, pictures) by
+the usual explain tasks. The ``candidates`` table keeps all ``rerank_k`` rows, with their stage-1
+metrics, retrieval rank, final rank and whether they were explained in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from infra.inputs import PairItem, derive_pair_id
+from infra.model_store import redact_model_spec
+from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, top_k
+from tasks.candidates import explained_outcomes
+from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_batch_task
+
+from .common import FlowSummary, chunks, notify
+
+#: pairs per stage-1 task (one forward and one backward of the upper network for 2x this many rows)
+STAGE1_BATCH_PAIRS = 40
+#: stage-1 metrics copied into the candidates table
+STAGE1_COLUMNS = ("n_matches", "inliers", "residual_px", "match_coverage", "relevance_share", "match_share")
+
+
+@dataclass
+class Reranked:
+    """What stage 1 decided: the pairs to explain in full and the facts for the candidates rows."""
+
+    items: list[PairItem]
+    candidates: list[Candidate]
+    retrieval_rank: dict[str, int]
+    metrics: dict[str, dict]
+    explained: set[str]
+
+
+def retrieve(query_matrix: np.ndarray, gallery_matrix: np.ndarray, query_uris: Sequence[str],
+             gallery_uris: Sequence[str], gallery: Mapping[str, str | None], k: int
+             ) -> tuple[list[Candidate], dict[str, int]]:
+    """Each query's ``k`` most similar gallery images, and their retrieval ranks by pair id."""
+    order, scores = top_k(query_matrix, gallery_matrix, k)
+    candidates, ranks = [], {}
+    for qi, query in enumerate(query_uris):
+        for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
+            image = gallery_uris[gi]
+            pair_id = derive_pair_id(query, image)
+            candidates.append(Candidate(query, image, float(score), pair_id, gallery[image] or None))
+            ranks[pair_id] = rank
+    return candidates, ranks
+
+
+def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: Mapping[str, str],
+                  summary: FlowSummary, annotations: dict) -> tuple[dict[str, dict], list[str]]:
+    """Stage 1 for every candidate as Dask tasks; returns metrics by pair id and the pair ids to
+    explain in full (each upload's ``top_k`` best by ``rerank_score``)."""
+    import dask
+    from prefect.futures import as_completed
+
+    settings = Stage1Settings(model=config.model, cache_url=config.cache_url, layer=layer, k_lines=config.k_lines,
+                              device=config.device, storage_options=config.storage_options or None,
+                              min_image_side=config.min_image_side)
+    pairs = [Stage1Pair(c.pair_id, c.query, hashes[c.query], c.gallery_image, hashes[c.gallery_image])
+             for c in candidates]
+    started = time.perf_counter()
+    with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
+        futures = [stage1_batch_task.submit(batch, settings) for batch in chunks(pairs, STAGE1_BATCH_PAIRS)]
+    metrics: dict[str, dict] = {}
+    for future in as_completed(futures):
+        result = future.result()
+        metrics.update(result.metrics)
+        for stage, seconds in result.seconds.items():
+            summary.stage_seconds[f"stage1_{stage}"] = summary.stage_seconds.get(f"stage1_{stage}", 0.0) + seconds
+        summary.planned["stage1_decoded"] = summary.planned.get("stage1_decoded", 0) + result.images_decoded
+        notify(summary)
+    summary.stage_seconds["stage1_wall"] = summary.stage_seconds.get("stage1_wall", 0.0) + time.perf_counter() - started
+    outcomes = {pid: PairOutcome(layer=layer, irm=m.get("irm")) for pid, m in metrics.items()}
+    ranked = rank_candidates(candidates, outcomes)
+    chosen = [row["pair_id"] for row in ranked if row["rank"] < config.top_k]
+    return metrics, chosen
+
+
+def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: np.ndarray,
+                  query_uris: Sequence[str], gallery_uris: Sequence[str], gallery: Mapping[str, str | None],
+                  hashes: Mapping[str, str], summary: FlowSummary, annotations: dict) -> Reranked:
+    """Retrieve ``rerank_k`` per upload, run stage 1, choose the ``top_k`` to explain in full."""
+    candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k)
+    metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations)
+    by_id = {c.pair_id: c for c in candidates}
+    items = [PairItem(pid, by_id[pid].query, by_id[pid].gallery_image, individual_1=by_id[pid].individual)
+             for pid in chosen]
+    return Reranked(items, candidates, ranks, metrics, set(chosen))
+
+
+def reranked_rows(out: str, model_id: str, model_spec: str, layer: str, plan: Reranked,
+                  storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """``candidates`` rows: all ``rerank_k`` per upload, ranked by stage-1 ``rerank_score``.
+
+    Explained rows carry the picture and output key of their full explanation (this run's or an
+    earlier run's, read back from ``pairs``).
+    """
+    explained = explained_outcomes(out, model_id, layer, plan.explained, storage_options)
+    outcomes = {}
+    for candidate in plan.candidates:
+        found = explained.get(candidate.pair_id) if candidate.pair_id in plan.explained else None
+        outcomes[candidate.pair_id] = PairOutcome(
+            layer=layer, irm=(plan.metrics.get(candidate.pair_id) or {}).get("irm"),
+            viz_uri=found.viz_uri if found else None, output_key=found.output_key if found else None)
+    rows = rank_candidates(plan.candidates, outcomes, model_spec=redact_model_spec(model_spec))
+    for row in rows:
+        metrics = plan.metrics.get(row["pair_id"]) or {}
+        row["retrieval_rank"] = plan.retrieval_rank[row["pair_id"]]
+        row["explained"] = row["pair_id"] in plan.explained
+        for column in STAGE1_COLUMNS:
+            row[column] = metrics.get(column)
+    return rows

@@ -1,0 +1,205 @@
+"""Stage 1 of re-ranking: PAIR-X without pixel maps, from a layer's activations.
+
+Given the activations ``(N, C, h, w)`` of images at one layer (read from the activation cache),
+compute for pairs of them what the engine computes with ``k_colors=0`` (spec steps 1-4): the
+embeddings and their cosine similarity, the intermediate relevance at the layer under the same
+composite and canonizers, the mutual matches ranked by relevance, and (via
+:func:`pairx_core.metrics.plausibility`) the plausibility metrics. Only the network above the
+layer runs (:mod:`pairx_core.split`); no image is needed.
+
+Batching differs from the engine: each pair contributes two rows (its query and its candidate
+activations), so one forward and ONE relevance backward of ``2 P`` rows serve ``P`` pairs, even
+when one query appears in all of them (the engine would need one backward round per
+appearance). Rows are independent in eval mode, so the numbers are the same up to float
+rounding.
+
+A model that cannot be split at the layer raises :class:`SplitUnsupportedError`; callers then
+decode the images and use :func:`stage1_from_images` (the engine's full path, ``k_colors=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .canonizers import select_canonizers
+from .engine import ExplainConfig, explain_indexed
+from .errors import ConfigError, NumericalError, PairXError, ShapeError
+from .lrp import EngineEpsilonPlus
+from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
+from .results import LayerExplanation, PairExplanation, matches_frame
+from .split import can_split, split_forward
+
+#: pairs per forward/backward of the upper network (2 rows each)
+DEFAULT_STAGE1_BATCH = 16
+
+
+class SplitUnsupportedError(PairXError):
+    """The model cannot be run from this layer upward; use the full path (images needed)."""
+
+
+@dataclass
+class Stage1Stats:
+    """Counters of one :func:`stage1` call (tests and benchmarks)."""
+
+    batches: int = 0
+    rows_forwarded: int = 0
+    relevance_backwards: int = 0
+
+
+def stage1(
+    model: nn.Module,
+    activations: torch.Tensor | np.ndarray,
+    pairs: np.ndarray | Sequence[tuple[int, int]],
+    layer: str,
+    input_size: tuple[int, int],
+    config: ExplainConfig = ExplainConfig(k_colors=0),
+    *,
+    batch_pairs: int = DEFAULT_STAGE1_BATCH,
+    device: torch.device | str | None = None,
+    canonizers=None,
+    stats: Stage1Stats | None = None,
+) -> list[PairExplanation]:
+    """PAIR-X steps 1-4 for pairs of images given their activations at ``layer``.
+
+    Args:
+        model: the embedding model ``(B, 3, H, W) -> (B, D)``.
+        activations: ``(N, C, h, w)`` outputs of ``layer`` for N images (float32 or float64;
+            converted to the model's dtype).
+        pairs: ``(P, 2)`` indices into ``activations``.
+        layer: module name of the layer.
+        input_size: ``(H, W)`` of the model input the activations came from (pixel positions of
+            cells, and the split check's probe).
+        config: ``k_lines``, ``channel_reduction``, ``strict_lrp``, ``epsilon``, ``stabilizer``
+            are used; pixel maps are never computed.
+        batch_pairs: pairs per forward/backward.
+
+    Returns:
+        one :class:`PairExplanation` per pair (one layer, empty pixel maps), in order.
+
+    Raises:
+        SplitUnsupportedError: the model cannot be split at ``layer`` (see :func:`can_split`).
+    """
+    if batch_pairs < 1:
+        raise ConfigError(f"batch_pairs must be >= 1, got {batch_pairs}")
+    stats = stats if stats is not None else Stage1Stats()
+    parameter = next(iter(model.parameters()))
+    dtype = parameter.dtype
+    target = torch.device(device) if device is not None else parameter.device
+    values = torch.as_tensor(activations)
+    if values.ndim != 4:
+        raise ShapeError("activations", tuple(values.shape), "(N, C, h, w)")
+    values = values.to(dtype)
+    pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if pair_array.size and (pair_array.min() < 0 or pair_array.max() >= values.shape[0]):
+        raise ConfigError(f"pair indices must lie in [0, {values.shape[0]})")
+    if len(pair_array) == 0:
+        return []
+    if target.type == "cpu":
+        torch.set_flush_denormal(True)
+    results: list[PairExplanation] = []
+    with _inference_ready(model, target):
+        plan = can_split(model, layer, input_size, dtype, target)
+        if plan is None:
+            raise SplitUnsupportedError(f"{type(model).__name__} cannot be run from layer {layer!r} upward")
+        probe = torch.zeros((1, 3, *input_size), dtype=dtype, device=target)
+        chosen = (list(canonizers) if canonizers is not None
+                  else select_canonizers(model, strict=config.strict_lrp, example_input=probe))
+        composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
+        for start in range(0, len(pair_array), batch_pairs):
+            batch = pair_array[start:start + batch_pairs]
+            results.extend(_stage1_batch(model, composite, plan, values, batch, layer, input_size, config, target,
+                                         stats, first_index=start))
+    return results
+
+
+def stage1_from_images(model: nn.Module, images: torch.Tensor, pairs, layer: str,
+                       config: ExplainConfig = ExplainConfig(k_colors=0), *, device=None) -> list[PairExplanation]:
+    """The full path for models that cannot be split: the engine with ``k_colors=0``."""
+    return explain_indexed(model, images, pairs, [layer], replace(config, k_colors=0), device=device)
+
+
+@contextlib.contextmanager
+def _inference_ready(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, no parameter gradients, on ``device``; all restored on exit."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    original = next(iter(model.parameters())).device
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if original != device:
+            model.to(device)
+        yield
+    finally:
+        if original != device:
+            model.to(original)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _cosine_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Similarities ``(P,)`` and ``d cos / d e0``, ``d cos / d e1`` ``(P, D)``."""
+    with torch.enable_grad():
+        a = e0.detach().clone().requires_grad_(True)
+        b = e1.detach().clone().requires_grad_(True)
+        similarity = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        grad_a, grad_b = torch.autograd.grad(similarity.sum(), (a, b))
+    return similarity.detach(), grad_a, grad_b
+
+
+def _stage1_batch(model, composite, plan, values, batch, layer, input_size, config, device, stats,
+                  first_index: int) -> list[PairExplanation]:
+    n = len(batch)
+    rows = torch.as_tensor(np.concatenate([batch[:, 0], batch[:, 1]]))
+    leaf = values[rows].to(device).detach().clone().requires_grad_(True)  # (2P, C, h, w)
+    with composite.context(model), torch.enable_grad():
+        embeddings = split_forward(model, plan, leaf)
+        stats.rows_forwarded += leaf.shape[0]
+        similarity, seed_0, seed_1 = _cosine_seeds(embeddings[:n], embeddings[n:])
+        (relevance,) = torch.autograd.grad(embeddings, leaf, torch.cat([seed_0, seed_1]))
+        stats.relevance_backwards += 1
+    stats.batches += 1
+    reduced = reduce_channels(relevance, config.channel_reduction)  # (2P, h, w)
+    if not torch.isfinite(reduced).all():
+        raise NumericalError(f"LRP relevance at layer {layer!r} is not finite (NaN or inf)")
+    fm = leaf.detach()
+    _, c, h, w = fm.shape
+    descriptors = fm.reshape(2 * n, c, h * w).transpose(1, 2)  # (2P, hw, C)
+    mnn = mutual_nearest_neighbours(descriptors[:n], descriptors[n:])
+    empty = np.zeros((0, *input_size), dtype=torch.empty((), dtype=fm.dtype).numpy().dtype)
+    results = []
+    for p, (c0, c1, dist) in enumerate(mnn):
+        ranked = rank_matches(c0, c1, dist, reduced[p], reduced[n + p])
+        explanation = PairExplanation(index=first_index + p, similarity=float(similarity[p]),
+                                      embedding_0=embeddings[p].detach().cpu().numpy(),
+                                      embedding_1=embeddings[n + p].detach().cpu().numpy())
+        explanation.layers[layer] = LayerExplanation(
+            layer=layer, relevance_0=reduced[p].cpu().numpy(), relevance_1=reduced[n + p].cpu().numpy(),
+            matches=_matches(ranked, (h, w), input_size), pixel_relevance_0=empty, pixel_relevance_1=empty,
+            feature_shape=(int(c), int(h), int(w)), input_size=tuple(input_size), k_lines=config.k_lines)
+        results.append(explanation)
+    return results
+
+
+def _matches(matches, grid: tuple[int, int], input_size: tuple[int, int]):
+    """The matches table (``pairx_core.results.MATCH_COLUMNS``) of ranked matches."""
+    w = grid[1]
+    x_0, y_0 = cell_centres(matches.cell_0, grid, input_size)
+    x_1, y_1 = cell_centres(matches.cell_1, grid, input_size)
+    cells_0 = matches.cell_0.cpu().numpy()
+    cells_1 = matches.cell_1.cpu().numpy()
+    return matches_frame({
+        "rank": np.arange(len(cells_0)), "row_0": cells_0 // w, "col_0": cells_0 % w,
+        "row_1": cells_1 // w, "col_1": cells_1 % w,
+        "x_0": x_0.cpu().numpy(), "y_0": y_0.cpu().numpy(), "x_1": x_1.cpu().numpy(), "y_1": y_1.cpu().numpy(),
+        "distance": matches.distance.detach().cpu().numpy().astype(np.float64),
+        "relevance": matches.relevance.detach().cpu().numpy().astype(np.float64),
+    })
