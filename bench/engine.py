@@ -22,7 +22,7 @@ Examples::
     python bench/engine.py                                  # CPU, efficientnet_b0 at 128 px
     python bench/engine.py --batch-sizes 1,4,8,16 --pairs 16 --repeats 3
     python bench/engine.py --model miewid-arch --device cuda --memory-budget-gib 40
-    python bench/engine.py --images /work/shared/data/mantas --shared-gallery 2
+    python bench/engine.py --images PATH/TO/mantas --shared-gallery 2
     python bench/engine.py --soak 200 --batch-sizes 8
     python bench/engine.py --quick                          # seconds: smoke test
 """

@@ -7,7 +7,7 @@ vectors (``--dim``, MiewID's 2152 by default) stored in the real ``infra.cache.A
 
 - ``load_s``: ``ActivationCache.embedding_matrix()``; ``matrix_bytes`` and ``load_peak_bytes``
   (tracemalloc peak during the load: the matrix plus decode buffers); ``cache_bytes`` on disk;
-- ``retrieval_s``: ``tasks.embed.top_k`` of ``--uploads`` queries (default 1,000) against the
+- ``retrieval_s``: ``pairx_core.retrieval.top_k`` of ``--uploads`` queries (default 1,000) against the
   matrix (the task's own function) and ``retrieval_argpartition_s``, the same top-k selected
   with ``numpy.argpartition`` (identical results are checked).
 
@@ -89,7 +89,7 @@ def _top_k_argpartition(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple
 
 # ------------------------------------------------------------------------------------ retrieval
 def bench_retrieval(args: argparse.Namespace, work: Path) -> None:
-    from tasks.embed import top_k  # the task's own retrieval
+    from pairx_core.retrieval import top_k  # the pipeline's own retrieval
 
     rng = np.random.default_rng(args.seed)
     queries = rng.standard_normal((args.uploads, args.dim)).astype(np.float32)

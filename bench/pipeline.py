@@ -7,7 +7,7 @@ time against the same work (embed, then the same explain batches) run by calling
 functions directly in this process, both for the whole run and for the explain fan-out alone.
 
     python bench/pipeline.py                      # synthetic: 8 individuals, top-3
-    python bench/pipeline.py --mantas ../shared/data/mantas
+    python bench/pipeline.py --mantas PATH/TO/mantas
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--individuals", type=int, default=8)
-    parser.add_argument("--mantas", help="folder with uploads/, gallery/ and manifest.csv (e.g. ../shared/data/mantas)")
+    parser.add_argument("--mantas", help="folder with uploads/, gallery/ and manifest.csv (uploads/, gallery/, manifest.csv)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,6 +1,6 @@
 """Batched PAIR-X: one forward pass of a batch's unique images serves every step of the spec.
 
-Per batch of pairs (``shared/docs/PAIRX_SPEC.md`` steps 1-5):
+Per batch of pairs (the PAIR-X steps 1-5 of ``docs/engine.md``):
 
 1. one forward of the batch's unique images under the LRP composite gives embeddings and the
    requested feature maps. The deepest requested layer's output is replaced by a detached leaf,
