@@ -14,6 +14,7 @@ quiet .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
 # headless Chromium for the review-site browser test (Debian package; needs root, so CI or a root shell)
 if ! command -v chromium >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ "${CI:-}" = true ]; }; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y -q chromium >/dev/null || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
 fi
 echo "setup done: .venv ready"
