@@ -530,8 +530,9 @@ def compact_table(
     Each ``model=/date=`` folder is rebuilt beside itself (a hidden ``.compact-*`` folder with one
     Parquet file: the rows of all files, in file-name order, cast to the current schema) and the
     two folders are then exchanged in ONE atomic rename, so a reader lists either all the old
-    files or the single new one: never duplicates, never a gap. A read that listed the old files
-    just before the swap fails with a missing-file error and can simply be retried. Files that a
+    files or the single new one: never duplicates. A read that listed the old files just before the
+    swap fails with a missing-file error, and rarely (once in ~10 test runs on a loaded machine) one
+    racing the swap sees the partition empty: readers that run during a compaction retry both. Files that a
     writer added to the partition while it was being compacted are moved back, not lost; by
     default only past dates are compacted (``before`` = today, UTC), which nightly runs no longer
     write to.
