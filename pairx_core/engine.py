@@ -500,7 +500,7 @@ def _rounds(slots: Sequence[int]) -> list[list[int]]:
     return rounds
 
 
-def _similarity_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def similarity_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cosine similarities ``(P,)`` and their gradients w.r.t. each side ``(P, D)`` (analytic)."""
     with torch.enable_grad():
         a = e0.detach().clone().requires_grad_(True)
@@ -581,7 +581,7 @@ def _relevance_and_matches(
     n_pairs = pairs.shape[0]
     pair_t = torch.as_tensor(pairs, device=embeddings.device)
     e0, e1 = embeddings[pair_t[:, 0]], embeddings[pair_t[:, 1]]
-    similarity, seed_0, seed_1 = _similarity_seeds(e0, e1)
+    similarity, seed_0, seed_1 = similarity_seeds(e0, e1)
 
     # --- relevance at every layer, per (pair, side); rounds keep one seed per image per backward
     requests = [(p, side, int(pairs[p, side])) for p in range(n_pairs) for side in (0, 1)]

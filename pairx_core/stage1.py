@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .canonizers import select_canonizers
-from .engine import ExplainConfig, explain_indexed
+from .engine import ExplainConfig, explain_indexed, similarity_seeds
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
 from .lrp import EngineEpsilonPlus
 from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
@@ -145,16 +145,6 @@ def _inference_ready(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.train(was_training)
 
 
-def _cosine_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Similarities ``(P,)`` and ``d cos / d e0``, ``d cos / d e1`` ``(P, D)``."""
-    with torch.enable_grad():
-        a = e0.detach().clone().requires_grad_(True)
-        b = e1.detach().clone().requires_grad_(True)
-        similarity = torch.nn.functional.cosine_similarity(a, b, dim=1)
-        grad_a, grad_b = torch.autograd.grad(similarity.sum(), (a, b))
-    return similarity.detach(), grad_a, grad_b
-
-
 def _stage1_batch(model, composite, plan, values, batch, layer, input_size, config, device, stats,
                   first_index: int) -> list[PairExplanation]:
     n = len(batch)
@@ -163,7 +153,7 @@ def _stage1_batch(model, composite, plan, values, batch, layer, input_size, conf
     with composite.context(model), torch.enable_grad():
         embeddings = split_forward(model, plan, leaf)
         stats.rows_forwarded += leaf.shape[0]
-        similarity, seed_0, seed_1 = _cosine_seeds(embeddings[:n], embeddings[n:])
+        similarity, seed_0, seed_1 = similarity_seeds(embeddings[:n], embeddings[n:])
         (relevance,) = torch.autograd.grad(embeddings, leaf, torch.cat([seed_0, seed_1]))
         stats.relevance_backwards += 1
     stats.batches += 1

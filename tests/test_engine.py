@@ -225,11 +225,11 @@ def test_k_colors_zero_skips_pixel_work(effnet):
 def test_relevance_linear_in_seed_and_finite(effnet):
     """Relevance is linear in its seed: scaling an image's embedding side doesn't matter, but
     the LRP backward is linear, so pixel maps of a scaled cell scale exactly."""
-    from pairx_core.engine import _similarity_seeds
+    from pairx_core.engine import similarity_seeds
 
     e0, e1 = torch.randn(2, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
-    s, g0, g1 = _similarity_seeds(e0, e1)
-    s2, g0b, _ = _similarity_seeds(3 * e0, e1)
+    s, g0, g1 = similarity_seeds(e0, e1)
+    s2, g0b, _ = similarity_seeds(3 * e0, e1)
     np.testing.assert_allclose(s, s2, rtol=1e-12)
     np.testing.assert_allclose(g0, 3 * g0b, rtol=1e-9)  # d cos / d e0 scales as 1/|e0|
     x0, x1 = random_images(1, seed=15), random_images(1, seed=16)
