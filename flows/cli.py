@@ -400,9 +400,18 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
         plan = check_inputs(flow, config)
         typer.echo(plan.describe(config), err=True)
         clock.mark("checks")
+        # before the model spec's own check, which imports torch: only a spec that passed every
+        # check on an earlier run of this output is remembered
+        quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
+        if quiet is not None:
+            clock.mark("quiet_night")
+            _print_summary(flow, quiet, clock, config, json_output)
+            return
         check_model_spec(config.model, config.allow_random_weights)
         api.start_soon()  # the server starts while torch and the model load
-        resolve_model(config)
+        model = resolve_model(config)
+        if flow == "nightly":
+            _remember_model(config, model)
         clock.mark("model")
     except Exception as error:  # noqa: BLE001 - any problem found here is the input's
         api.stop()
@@ -418,10 +427,32 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
                 summary, failed = error.summary, True
             clock.mark("flow")
         clock.mark("shutdown")
-    summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
-    typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
+    _print_summary(flow, summary, clock, config, json_output)
     if failed:
         raise typer.Exit(code=EXIT_FAILED)
+
+
+def _print_summary(flow: str, summary: dict, clock: "PhaseClock", config, json_output: bool) -> None:
+    summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
+    typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
+
+
+def _quiet_night(config) -> dict | None:
+    """A night with nothing new for a model seen before on this output, recorded without Prefect
+    or torch (``flows.night_plan``); ``None``: take the normal path (which reports any problem)."""
+    from .night_plan import record_quiet_night
+
+    try:
+        return record_quiet_night(config)
+    except Exception as error:  # noqa: BLE001 - the normal path checks and reports properly
+        logging.getLogger("pairx.cli").debug("quiet-night short path not taken: %s", error)
+        return None
+
+
+def _remember_model(config, model) -> None:
+    from .night_plan import remember_model
+
+    remember_model(config, model)
 
 
 class PhaseClock:
