@@ -388,7 +388,7 @@ class Runner:
         with _hooked_composite() if hooks else contextlib.nullcontext():
             _sync(self.device)
             start = time.perf_counter()
-            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, self.args.k_lines, k_colors,
+            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines, k_colors=k_colors,
                     batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
                     memory_format=self.args.memory_format)
             _sync(self.device)

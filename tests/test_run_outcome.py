@@ -116,12 +116,12 @@ def test_crash_before_the_first_batch_is_recorded(prefect_harness, photos, tmp_p
 
 
 def test_interrupt_is_recorded_as_cancelled(prefect_harness, photos, tmp_path, monkeypatch):
-    import flows.nightly as nightly_module
+    import flows.night_plan as night_plan_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nightly_module, "list_uploads", interrupted)
+    monkeypatch.setattr(night_plan_module, "list_uploads", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         nightly_module.nightly(_config(photos, out))
