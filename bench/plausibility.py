@@ -82,10 +82,11 @@ def main() -> None:
 
     torch.set_flush_denormal(True)
     from pairx_core import ExplainConfig, explain_indexed
-    from pairx_core.ground_truth import match_accuracy, random_baseline
+    from pairx_core.synthetic.ground_truth import match_accuracy, random_baseline
     from pairx_core.metrics import plausibility
     from pairx_core.models import WEIGHTS_DIR, load_model
-    from pairx_core.synthetic import make_individuals, render_photo
+    from pairx_core.geometry import cell_size
+    from pairx_core.synthetic import make_individuals, render_photo, true_mapping
 
     model, prep = load_model(args.model)
     layer = args.layer or json.loads((WEIGHTS_DIR / "demo.json").read_text()).get("layer", "backbone.blocks.3")
@@ -107,9 +108,9 @@ def main() -> None:
         if is_true:
             pa = photos[a // args.photos][a % args.photos]
             pb = photos[b // args.photos][b % args.photos]
-            mapping = pb.transform @ np.linalg.inv(pa.transform)
+            mapping = true_mapping(pa, pb)
             grid = explanation.feature_shape[1:]
-            cell = (size[1] / grid[1], size[0] / grid[0])
+            cell = cell_size(grid, size)
             top = explanation.matches.head(10)
             row["match_accuracy"] = match_accuracy(top[["x_0", "y_0"]].to_numpy(), top[["x_1", "y_1"]].to_numpy(),
                                                    mapping, cell, image_size=size)
