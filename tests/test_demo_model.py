@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from infra.train_demo_model import EVAL_SEED, evaluation_photos, random_model, top1_accuracy
+from pairx_core.demo_model.config import EVAL_SEED
+from pairx_core.demo_model.evaluation import evaluation_photos, random_model, top1_accuracy
 from pairx_core.models import WEIGHTS_DIR, MiewIdNet, load_model
 
 CONFIG = json.loads((WEIGHTS_DIR / "demo.json").read_text())
