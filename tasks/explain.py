@@ -104,9 +104,9 @@ def _load_images(keys: Sequence[ImageKey], settings: RunSettings, target_size=No
     return images, failed, errors
 
 
-def _image_keys(items: Sequence[PairItem] | Sequence[PlannedPair]) -> list[ImageKey]:
+def _image_keys(items: Sequence[PairItem]) -> list[ImageKey]:
     """The distinct image decodes of ``items``, in order of first use."""
-    return list(dict.fromkeys(key for item in items for key in getattr(item, "item", item).image_keys))
+    return list(dict.fromkeys(key for item in items for key in item.image_keys))
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
                 settings: RunSettings, errors: list[dict]) -> list[PairExplanation] | None:
     """One ``explain_indexed`` call for all of ``todo``; a ``PairXError`` fails every pair of it
     (``errors`` rows, None)."""
-    order = _image_keys(todo)
+    order = _image_keys([p.item for p in todo])
     position = {key: i for i, key in enumerate(order)}
     tensors = torch.stack([model.preprocessing.to_tensor(images[key].image) for key in order])
     if model.device.type == "cuda":
@@ -193,8 +193,9 @@ def _explain_planned(todo: Sequence[PlannedPair], images: Mapping[ImageKey, Load
         summary.similarity[item.pair_id] = result.similarity
         summary.done += 1
     outputs.pictures += pictures.written
-    outputs.tables["images"] = new_image_rows([images[key] for key in _image_keys(todo)], settings.out,
-                                              model.model_id, settings.run_id, settings.storage_options)
+    used = [images[key] for key in _image_keys([p.item for p in todo])]
+    outputs.tables["images"] = new_image_rows(used, settings.out, model.model_id, settings.run_id,
+                                              settings.storage_options)
 
 
 class _Pictures:
