@@ -62,16 +62,26 @@ def write_dataset(settings: DemoSettings, size: tuple[int, int]) -> dict:
     return truth
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    """Run the demo; returns the summary printed by ``pairx demo``."""
-    from pairx_core.models import WEIGHTS_DIR
-    from tasks.runtime import get_model
+@dataclass(frozen=True)
+class PreparedDemo:
+    """The demo's photos on disk, their ground truth, and the nightly config that will run them."""
 
-    from .nightly import nightly
+    config: NightlyConfig
+    truth: dict
+    layer: str
+    size: tuple[int, int]
+    seconds: float
+
+
+def prepare_demo(settings: DemoSettings) -> PreparedDemo:
+    """Draw and write the photos and load the demo model into this process (no Prefect needed:
+    the CLI does this while its temporary server starts)."""
+    from pairx_core.specs import BUNDLED_WEIGHTS_DIR
+    from tasks.runtime import get_model
 
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
-    demo_info = json.loads((WEIGHTS_DIR / "demo.json").read_text())
+    demo_info = json.loads((BUNDLED_WEIGHTS_DIR / "demo.json").read_text())
     layer = demo_info["layer"]
     size = tuple(demo_info["size"])
     truth = write_dataset(settings, size)
@@ -80,6 +90,19 @@ def run_demo(settings: DemoSettings) -> dict:
                            rerank_k=settings.rerank_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
                            workers=settings.workers, device="cpu")
+    get_model(DEMO_MODEL, "cpu")  # the flow's checks reuse it
+    return PreparedDemo(config, truth, layer, size, time.perf_counter() - started)
+
+
+def run_demo(settings: DemoSettings, prepared: PreparedDemo | None = None) -> dict:
+    """Run the demo (preparing it first unless done); returns the summary printed by ``pairx demo``."""
+    from tasks.runtime import get_model
+
+    from .nightly import nightly
+
+    prepared = prepared or prepare_demo(settings)
+    started = time.perf_counter() - prepared.seconds
+    config, truth, layer, size = prepared.config, prepared.truth, prepared.layer, prepared.size
     flow_summary = nightly(config)
     loaded = get_model(DEMO_MODEL, "cpu")
     scores = score_results(config.out, truth, layer, loaded.model, size, k=10)

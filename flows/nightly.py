@@ -11,91 +11,45 @@ runner the config asks for (see ``flows.common``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
-from infra.images import content_hash
-from infra.inputs import PairItem, derive_pair_id, list_gallery, list_uploads
-from infra.storage import StorageTarget, with_retries
-from infra.tables import read_table, write_table
+from infra.inputs import PairItem, derive_pair_id
+from infra.storage import with_retries
+from infra.tables import write_table
 from pairx_core.retrieval import retrieve
 from tasks.candidates import candidate_rows
 from tasks.embed import activation_cache, embed_images_task
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .preflight import ModelPlan, resolve_model
+from .night_plan import NightPlan, plan_uploads
+from .preflight import resolve_model
 from .rerank import plan_reranked, reranked_rows
-
-
-
-def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
-    """Uploads whose current content failed to decode on an earlier night (skipped tonight).
-
-    Quarantine is about the file's content: an ``errors`` row of stage ``load`` with the
-    ``content_hash`` of bytes that could not be decoded (or were too small). An upload replaced
-    by a good file under the same name has another hash and is tried again; a crop or rotation
-    problem of a pairs table (no content hash) never quarantines an image.
-    """
-    errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage", "content_hash"],
-                        storage_options=storage_options)
-    errors = errors[(errors.stage == "load") & errors.content_hash.notna()]
-    failed = {}
-    for item, digest in zip(errors["item"], errors["content_hash"]):
-        failed.setdefault(item, set()).add(digest)
-    suspects = [u for u in uploads if u in failed]
-    if not suspects:
-        return set()
-    storage = StorageTarget.from_url(out, storage_options)
-    contents = storage.read_many(suspects)
-    return {u for u in suspects if content_hash(contents[storage.url(u)]) in failed[u]}
-
-
-@dataclass
-class NightPlan:
-    """What tonight will work on, decided before any cluster starts."""
-
-    model: ModelPlan
-    gallery: dict[str, str]
-    uploads: list[str]
-    new_uploads: list[str]
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.new_uploads and self.gallery)
-
 
 #: plans made by the entry flow for its work flow, by run id (same process)
 _PLANS: dict[str, NightPlan] = {}
 
 
 def plan_night(config: NightlyConfig, summary) -> NightPlan:
-    """List uploads and gallery, drop what earlier nights did or quarantined; count the skips."""
+    """Resolve the model and plan the night (:func:`flows.night_plan.plan_uploads`); count the skips."""
     logger = get_run_logger()
-    so = config.storage_options or None
     model = resolve_model(config)
     summary.model_id, summary.model_facts = model.model_id, model.facts
-    gallery = list_gallery(config.gallery, so)
-    uploads = list_uploads(config.uploads, so)
-    done_queries = set(read_table(config.out, "candidates", model_id=model.model_id, columns=["query"],
-                                  storage_options=so)["query"])
-    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model.model_id, uploads, so)
-    new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
-    summary.skipped += len(uploads) - len(new_uploads)
-    summary.planned = {"uploads": len(uploads), "new_uploads": len(new_uploads), "gallery": len(gallery),
-                       "pairs_planned": len(new_uploads) * min(config.top_k, len(gallery))}
+    night = plan_uploads(config, model)
+    summary.skipped += len(night.uploads) - len(night.new_uploads)
+    summary.planned = night.counts(config.top_k)
     notify(summary)
-    if not uploads:
+    if not night.uploads:
         logger.info("no uploads in %s: a quiet night", config.uploads)
-    logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(uploads), len(new_uploads),
-                len(gallery), model.facts["model_spec"], ",".join(model.layers))
-    quarantined = failed_before.intersection(uploads)
-    if quarantined:
+    logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(night.uploads),
+                len(night.new_uploads), len(night.gallery), model.facts["model_spec"], ",".join(model.layers))
+    if night.quarantined:
         logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
-                       "table; --retry-failed tries them again): %s", len(quarantined), sorted(quarantined)[:5])
-    return NightPlan(model, gallery, uploads, new_uploads)
+                       "table; --retry-failed tries them again): %s", len(night.quarantined),
+                       sorted(night.quarantined)[:5])
+    return night
 
 
 def _prepare(config: NightlyConfig, summary) -> bool:

@@ -25,14 +25,15 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import EngineStats, ExplainConfig, embed, explain, explain_indexed
+    from .config import EngineStats, ExplainConfig
+    from .engine import embed, explain, explain_indexed
     from .preprocess import Preprocessing
     from .results import LayerExplanation, PairExplanation
 
 ENGINE_VERSION = "1"
 
 _LAZY = {
-    "EngineStats": "engine", "ExplainConfig": "engine", "embed": "engine", "explain": "engine",
+    "EngineStats": "config", "ExplainConfig": "config", "embed": "engine", "explain": "engine",
     "explain_indexed": "engine", "Preprocessing": "preprocess", "LayerExplanation": "results",
     "PairExplanation": "results",
 }

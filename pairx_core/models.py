@@ -24,10 +24,8 @@ import hashlib
 import importlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar, Union
-from urllib.parse import parse_qsl
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +35,7 @@ from .canonizers import register_safe_module
 from .errors import ConfigError, ModelLoadError, RandomWeightsError
 from .layers import DEFAULT_LAYER_ATTRIBUTE
 from .preprocess import Preprocessing
-from .specs import public_spec
+from .specs import BUNDLED_WEIGHTS_DIR, ModelSpec, public_spec
 
 WeightsSource = Union[str, Path, bytes, Mapping[str, torch.Tensor], None]
 Opener = Callable[[str], bytes]
@@ -46,7 +44,7 @@ MIEWID_ARCH = "efficientnetv2_rw_m"
 MIEWID_SIZE = 440
 #: keys of training heads found in MiewID checkpoints; not part of the embedding model
 IGNORED_CHECKPOINT_PREFIXES = ("final.", "temperature", "fc.", "dropout.")
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = BUNDLED_WEIGHTS_DIR
 
 
 class RandomWeightsWarning(UserWarning):
@@ -99,26 +97,6 @@ class HeadlessClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed spec: ``kind``, ``name`` and options from the query string."""
-
-    kind: str
-    name: str
-    options: Mapping[str, str]
-
-    @classmethod
-    def parse(cls, spec: str) -> "ModelSpec":
-        if not spec or not isinstance(spec, str):
-            raise ConfigError(f"model spec must be a non-empty string, got {spec!r}")
-        base, _, query = spec.partition("?")
-        options = dict(parse_qsl(query, keep_blank_values=False))
-        if base.startswith("hf://"):
-            return cls("miewid", "", {**options, "weights": base})
-        kind, _, name = base.partition(":")
-        return cls(kind, name, options)
 
 
 _REGISTRY: dict[str, Callable[[ModelSpec, WeightsSource, Opener | None], tuple[nn.Module, Preprocessing]]] = {}

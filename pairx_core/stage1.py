@@ -19,9 +19,8 @@ decode the images and use :func:`stage1_from_images` (the engine's full path, ``
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +30,13 @@ from .canonizers import select_canonizers
 from .engine import ExplainConfig, explain_indexed, similarity_seeds
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
 from .lrp import EngineEpsilonPlus
-from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
+from .matching import (
+    cell_centres,
+    mutual_nearest_neighbours,
+    rank_matches,
+    reduce_channels,
+)
+from .model_context import prepared_model
 from .results import LayerExplanation, PairExplanation, matches_frame
 from .split import can_split, split_forward
 
@@ -100,10 +105,8 @@ def stage1(
         raise ConfigError(f"pair indices must lie in [0, {values.shape[0]})")
     if len(pair_array) == 0:
         return []
-    if target.type == "cpu":
-        torch.set_flush_denormal(True)
     results: list[PairExplanation] = []
-    with _inference_ready(model, target):
+    with prepared_model(model, target):
         plan = can_split(model, layer, input_size, dtype, target)
         if plan is None:
             raise SplitUnsupportedError(f"{type(model).__name__} cannot be run from layer {layer!r} upward")
@@ -122,27 +125,6 @@ def stage1_from_images(model: nn.Module, images: torch.Tensor, pairs, layer: str
                        config: ExplainConfig = ExplainConfig(k_colors=0), *, device=None) -> list[PairExplanation]:
     """The full path for models that cannot be split: the engine with ``k_colors=0``."""
     return explain_indexed(model, images, pairs, [layer], replace(config, k_colors=0), device=device)
-
-
-@contextlib.contextmanager
-def _inference_ready(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no parameter gradients, on ``device``; all restored on exit."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    original = next(iter(model.parameters())).device
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if original != device:
-            model.to(device)
-        yield
-    finally:
-        if original != device:
-            model.to(original)
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _stage1_batch(model, composite, plan, values, batch, layer, input_size, config, device, stats,

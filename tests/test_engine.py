@@ -407,3 +407,39 @@ def test_torchvision_mobilenet_v3_is_reported_unsupported():
     x = random_images(1, size=32, dtype=torch.float32)
     with pytest.raises(UnsupportedModelError, match="MobileNetV3|InvertedResidual"):
         explain(model, x, x, "network.features.3")
+
+
+def test_one_configuration_path(effnet):
+    """``explain`` takes an ExplainConfig, keyword settings override it, every field is reachable
+    (the rules' epsilon and stabilizer included), and unknown names are refused with the valid ones listed."""
+    from pairx_core import ExplainConfig
+
+    x0, x1 = random_images(1, seed=31).double(), random_images(1, seed=32).double()
+    model = tiny_timm_efficientnet().double()
+    layer = "backbone.blocks.3"
+    by_config = explain(model, x0, x1, layer, ExplainConfig(k_colors=0, stabilizer=1e-3))[0].layers[layer]
+    by_keyword = explain(model, x0, x1, layer, k_colors=0, stabilizer=1e-3)[0].layers[layer]
+    default_stabilizer = explain(model, x0, x1, layer, ExplainConfig(k_colors=0))[0].layers[layer]
+    overridden = explain(model, x0, x1, layer, ExplainConfig(k_colors=5, stabilizer=1e-3), k_colors=0)[0].layers[layer]
+    np.testing.assert_array_equal(by_config.relevance_0, by_keyword.relevance_0)
+    np.testing.assert_array_equal(by_config.relevance_0, overridden.relevance_0)
+    assert overridden.pixel_relevance_0.shape[0] == 0  # the keyword won
+    # the stabilizer sits in every z+ denominator: another value gives other relevance
+    assert not np.allclose(by_config.relevance_0, default_stabilizer.relevance_0, rtol=1e-9, atol=0)
+    with pytest.raises(ConfigError, match="k_colour.*ExplainConfig fields are"):
+        explain(model, x0, x1, layer, k_colour=3)
+
+
+def test_denormal_flushing_is_scoped(effnet):
+    """The engine flushes denormals on CPU while it runs and puts the process setting back."""
+    from pairx_core.model_context import _flushing_denormals
+
+    x0, x1 = random_images(1, seed=33), random_images(1, seed=34)
+    previous = _flushing_denormals()
+    try:
+        for setting in (False, True):
+            torch.set_flush_denormal(setting)
+            explain(effnet, x0, x1, "backbone.blocks.3", k_colors=1)
+            assert _flushing_denormals() is setting
+    finally:
+        torch.set_flush_denormal(previous)

@@ -11,7 +11,7 @@ from torch import nn
 
 from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet
 from pairx_core import explain
-from pairx_core.engine import _check_cut
+from pairx_core.layer_plan import check_cut as _check_cut
 from pairx_core.errors import ConfigError, LayerError, RandomWeightsError, UnsupportedModelError
 from pairx_core.layers import (
     check_layer_names,

@@ -1,0 +1,184 @@
+"""What a night will work on, decided from listings and tables, and the quiet night's short path.
+
+:func:`plan_uploads` lists uploads and gallery and drops what earlier nights did (a ``candidates``
+row for the model) or quarantined (an upload whose current content failed to decode). The entry
+flow calls it before any cluster starts.
+
+A night with nothing new costs listings and one table read, but starting Prefect's temporary
+server and building the model cost several seconds each. So the CLI, when it would start that
+server (no ``PREFECT_API_URL``), first asks :func:`record_quiet_night`: with the model's facts
+remembered from an earlier run on the same output (:func:`remember_model`, keyed by the spec,
+the layers, the weights files' size and modification time and the library versions) it plans the
+night here; if nothing is new it writes the night's ``runs`` row (status ``completed``, every
+upload skipped) and returns the summary, without Prefect, torch or a cluster. Anything else
+(work to do, a model it has not seen, weights it cannot stat) takes the normal path.
+
+Nothing here imports Prefect, Dask or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+
+from infra.images import content_hash
+from infra.inputs import list_gallery, list_uploads
+from infra.storage import StorageTarget
+from infra.tables import ensure_table, read_table
+from pairx_core import ENGINE_VERSION
+from pairx_core.specs import weights_files
+
+from .preflight import ModelPlan
+from .run_record import FlowSummary, new_run_id, write_run
+
+logger = logging.getLogger("pairx.flows")
+
+#: where remembered model facts live, relative to the output
+MODELS_FILE = "_pairx/models.json"
+
+
+@dataclass
+class NightPlan:
+    """What tonight will work on, decided before any cluster starts."""
+
+    model: ModelPlan
+    gallery: dict[str, str]
+    uploads: list[str]
+    new_uploads: list[str]
+    quarantined: set[str]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.new_uploads and self.gallery)
+
+    def counts(self, top_k: int) -> dict[str, int]:
+        return {"uploads": len(self.uploads), "new_uploads": len(self.new_uploads), "gallery": len(self.gallery),
+                "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
+
+
+def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
+    """Uploads whose current content failed to decode on an earlier night (skipped tonight).
+
+    Quarantine is about the file's content: an ``errors`` row of stage ``load`` with the
+    ``content_hash`` of bytes that could not be decoded (or were too small). An upload replaced
+    by a good file under the same name has another hash and is tried again; a crop or rotation
+    problem of a pairs table (no content hash) never quarantines an image.
+    """
+    errors = read_table(out, "errors", model_id=model_id, columns=["item", "stage", "content_hash"],
+                        storage_options=storage_options)
+    errors = errors[(errors.stage == "load") & errors.content_hash.notna()]
+    failed: dict[str, set[str]] = {}
+    for item, digest in zip(errors["item"], errors["content_hash"]):
+        failed.setdefault(item, set()).add(digest)
+    suspects = [u for u in uploads if u in failed]
+    if not suspects:
+        return set()
+    storage = StorageTarget.from_url(out, storage_options)
+    contents = storage.read_many(suspects)
+    return {u for u in suspects if content_hash(contents[storage.url(u)]) in failed[u]}
+
+
+def plan_uploads(config, model: ModelPlan) -> NightPlan:
+    """List uploads and gallery; drop uploads done by earlier nights or quarantined."""
+    so = config.storage_options or None
+    gallery = list_gallery(config.gallery, so)
+    uploads = list_uploads(config.uploads, so)
+    done_queries = set(read_table(config.out, "candidates", model_id=model.model_id, columns=["query"],
+                                  storage_options=so)["query"])
+    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model.model_id, uploads, so)
+    new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
+    return NightPlan(model, gallery, uploads, new_uploads, failed_before.intersection(uploads))
+
+
+# ------------------------------------------------------------------------ remembered model facts
+def model_key(config) -> str | None:
+    """What decides a run's model facts, as a digest; ``None`` when the weights are not local files."""
+    files = weights_files(config.model)
+    if files is None:
+        return None
+    try:
+        stats = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    except OSError:
+        return None
+    versions = {name: _version(name) for name in ("pairx-pipeline", "torch", "timm", "zennit")}
+    identity = {"spec": config.model, "layers": list(config.layers or []), "files": stats,
+                "versions": versions, "engine": ENGINE_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _read_models(config) -> dict:
+    storage = StorageTarget.from_url(config.out, config.storage_options or None)
+    try:
+        if not storage.exists(MODELS_FILE):
+            return {}
+        remembered = json.loads(storage.read_bytes(MODELS_FILE))
+    except (OSError, ValueError) as error:
+        logger.debug("remembered model facts unreadable (%s); resolving the model", error)
+        return {}
+    return remembered if isinstance(remembered, dict) else {}
+
+
+def remembered_model(config) -> ModelPlan | None:
+    """The model facts an earlier run on this output resolved for the same model, if any."""
+    key = model_key(config)
+    entry = _read_models(config).get(key) if key else None
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return ModelPlan(str(entry["model_id"]), tuple(entry["layers"]), dict(entry["facts"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def remember_model(config, model: ModelPlan) -> None:
+    """Keep ``model``'s facts for later runs on this output (best effort: a failure only costs
+    the next quiet night its short path)."""
+    key = model_key(config)
+    if key is None:
+        return
+    try:
+        remembered = _read_models(config)
+        remembered[key] = {"model_id": model.model_id, "layers": list(model.layers), "facts": model.facts}
+        storage = StorageTarget.from_url(config.out, config.storage_options or None)
+        storage.write_bytes_atomic(MODELS_FILE, json.dumps(remembered, indent=1, sort_keys=True).encode())
+    except Exception as error:  # noqa: BLE001 - an optimisation only
+        logger.debug("could not remember the model's facts: %s", error)
+
+
+# ------------------------------------------------------------------------------ the quiet night
+def record_quiet_night(config) -> dict | None:
+    """If tonight has nothing new for a remembered model, record it and return its summary.
+
+    Returns ``None`` (nothing written) when the model is not remembered or there is work.
+    """
+    model = remembered_model(config)
+    if model is None or (model.facts.get("random_weights") and not config.allow_random_weights):
+        return None  # unknown here, or to be refused by the normal path's checks
+    started = datetime.now(timezone.utc)
+    night = plan_uploads(config, model)
+    if night.has_work:
+        return None
+    summary = FlowSummary(run_id=new_run_id(), model_id=model.model_id, model_facts=model.facts)
+    summary.skipped = len(night.uploads) - len(night.new_uploads)
+    summary.planned = {**night.counts(config.top_k), "short_path": "nothing new: recorded without Prefect"}
+    summary.status = "completed"
+    summary.seconds = (datetime.now(timezone.utc) - started).total_seconds()
+    so = config.storage_options or None
+    write_run(config.out, "nightly", config, summary, started)
+    ensure_table(config.out, "errors", summary.model_id, summary.run_id, so)
+    if night.quarantined:
+        logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
+                       "table; --retry-failed tries them again): %s", len(night.quarantined),
+                       sorted(night.quarantined)[:5])
+    return summary.as_dict()

@@ -1,0 +1,93 @@
+"""What a run records about itself: the in-process summary and its ``runs`` row.
+
+Light on purpose (no Prefect, Dask or torch imports): the CLI records a night with nothing new
+through this module without starting any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from infra.tables import write_table
+
+#: model_id partition for runs that ended before their model was known
+UNRESOLVED_MODEL = "unresolved"
+
+
+@dataclass
+class FlowSummary:
+    run_id: str
+    model_id: str = UNRESOLVED_MODEL
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: wall time of the explain fan-out (submit to last result), for overhead measurements
+    explain_seconds: float = 0.0
+    irm: dict[str, float] = field(default_factory=dict)
+    workers: set[str] = field(default_factory=set)
+    status: str = "running"
+    error: str | None = None
+    #: what the run will do (set by the work flow as soon as it knows; drives the CLI's progress)
+    planned: dict[str, Any] = field(default_factory=dict)
+    #: model facts for the runs table (spec as typed without credentials, digest, random weights)
+    model_facts: dict[str, Any] = field(default_factory=dict)
+    #: activation cache: images found, computed, and damaged entries recomputed
+    cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "damaged": 0})
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def add(self, batch) -> None:
+        """Add one explain batch's counts (a ``tasks.explain.BatchSummary``)."""
+        self.done += batch.done
+        self.skipped += batch.skipped
+        self.failed += batch.failed
+        self.irm.update(batch.irm)
+        self.workers.add(batch.worker)
+        for stage, seconds in batch.seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def as_dict(self) -> dict:
+        return {"run_id": self.run_id, "model_id": self.model_id, "status": self.status, "done": self.done,
+                "skipped": self.skipped, "failed": self.failed, "seconds": round(self.seconds, 3),
+                "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "explain_seconds": round(self.explain_seconds, 3), "workers": sorted(self.workers),
+                "cache": dict(self.cache),
+                **({"error": self.error} if self.error else {}), **self.planned}
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def public_parameters(config) -> dict:
+    """The config as stored in the ``runs`` table: no storage options (they may hold credentials)."""
+    parameters = config.model_dump(mode="json")
+    parameters.pop("storage_options", None)
+    return parameters
+
+
+def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime) -> None:
+    finished = datetime.now(timezone.utc)
+    facts = summary.model_facts
+    write_table(out, "runs", [{
+        "run_id": summary.run_id, "flow": flow, "parameters": json.dumps(public_parameters(config), sort_keys=True),
+        "status": summary.status, "error": summary.error,
+        "n_done": summary.done, "n_skipped": summary.skipped, "n_failed": summary.failed,
+        "duration_s": summary.seconds, "started_at": started, "finished_at": finished,
+        "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),
+        "random_weights": facts.get("random_weights"), "workers": sorted(summary.workers),
+        "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
+        "cache_damaged": summary.cache["damaged"],
+    }], summary.model_id, summary.run_id, config.storage_options or None)

@@ -1,0 +1,81 @@
+"""How many pairs go into one batch: the memory budget and the greedy batch plan.
+
+A batch's memory is dominated by the retained graph of one forward of its unique images, so the
+budget is turned into a number of images from one probe forward (bytes of every leaf module's
+output, times an overhead factor for the graph, zennit's stored inputs and the rules' caches).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+#: default fraction of free accelerator memory / available RAM the engine plans to use
+DEFAULT_MEMORY_FRACTION_CUDA = 0.8
+DEFAULT_MEMORY_FRACTION_CPU = 0.4
+#: retained graph + zennit's stored inputs + cloned inputs, relative to the plain activations
+GRAPH_OVERHEAD = 4.0
+
+_ACTIVATION_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
+
+
+def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device) -> int:
+    """Images per batch allowed by the memory budget (estimated from one probe forward)."""
+    key = ("activation_bytes", tuple(probe.shape[1:]), probe.dtype)
+    cached = _ACTIVATION_BYTES.setdefault(model, {})
+    if key not in cached:
+        cached[key] = _activation_bytes(model, probe)
+    per_image = max(1, int(cached[key] * GRAPH_OVERHEAD))
+    budget = memory_budget or _default_budget(device)
+    return max(2, budget // per_image)
+
+
+def _activation_bytes(model: nn.Module, probe: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs for one image (plain forward)."""
+    activation_bytes = 0
+
+    def count(module: nn.Module, inputs: tuple, output) -> None:
+        nonlocal activation_bytes
+        if isinstance(output, torch.Tensor):
+            activation_bytes += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return activation_bytes
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_MEMORY_FRACTION_CUDA)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        available = 8 << 30
+    return int(available * DEFAULT_MEMORY_FRACTION_CPU)
+
+
+def plan_batches(pairs: np.ndarray, batch_size: int | None, max_images: int) -> Iterator[list[int]]:
+    """Greedy, in order: add pairs while the batch's unique images fit (and ``batch_size`` holds)."""
+    current: list[int] = []
+    current_images: set[int] = set()
+    for position, (a, b) in enumerate(pairs.tolist()):
+        grown = current_images | {a, b}
+        too_many_pairs = batch_size is not None and len(current) >= batch_size
+        if current and (too_many_pairs or len(grown) > max_images):
+            yield current
+            current, grown = [], {a, b}
+        current.append(position)
+        current_images = grown
+    if current:
+        yield current
