@@ -64,6 +64,20 @@ def hard_pairs(model, images, owner: np.ndarray, false_per_true: int) -> tuple[l
     return pairs, truth
 
 
+def ground_truth_scores(explanation, photo_0, photo_1, size, seed: int, k: int = 10) -> dict:
+    """Share of the top-``k`` matches within one cell of the truth, and that of random cell pairs."""
+    from pairx_core.geometry import cell_size
+    from pairx_core.synthetic import true_mapping
+    from pairx_core.synthetic.ground_truth import match_accuracy, random_baseline
+
+    mapping = true_mapping(photo_0, photo_1)
+    grid = explanation.feature_shape[1:]
+    top = explanation.matches.head(k)
+    return {"match_accuracy": match_accuracy(top[["x_0", "y_0"]].to_numpy(), top[["x_1", "y_1"]].to_numpy(),
+                                             mapping, cell_size(grid, size), image_size=size),
+            "random_accuracy": random_baseline(grid, size, mapping, k, seed=seed, n_trials=200)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -82,7 +96,6 @@ def main() -> None:
 
     torch.set_flush_denormal(True)
     from pairx_core import ExplainConfig, explain_indexed
-    from pairx_core.ground_truth import match_accuracy, random_baseline
     from pairx_core.metrics import plausibility
     from pairx_core.models import WEIGHTS_DIR, load_model
     from pairx_core.synthetic import make_individuals, render_photo
@@ -105,15 +118,8 @@ def main() -> None:
         metrics = plausibility(explanation).as_dict()
         row = {"true": is_true, "similarity": result.similarity, **metrics}
         if is_true:
-            pa = photos[a // args.photos][a % args.photos]
-            pb = photos[b // args.photos][b % args.photos]
-            mapping = pb.transform @ np.linalg.inv(pa.transform)
-            grid = explanation.feature_shape[1:]
-            cell = (size[1] / grid[1], size[0] / grid[0])
-            top = explanation.matches.head(10)
-            row["match_accuracy"] = match_accuracy(top[["x_0", "y_0"]].to_numpy(), top[["x_1", "y_1"]].to_numpy(),
-                                                   mapping, cell, image_size=size)
-            row["random_accuracy"] = random_baseline(grid, size, mapping, 10, seed=a, n_trials=200)
+            row.update(ground_truth_scores(explanation, photos[a // args.photos][a % args.photos],
+                                           photos[b // args.photos][b % args.photos], size, seed=a))
         rows.append(row)
 
     similarity = np.array([r["similarity"] for r in rows])

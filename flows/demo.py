@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pairx_core.ground_truth import match_accuracy, random_baseline
-from pairx_core.synthetic import make_individuals, render_photo
+from pairx_core.geometry import cell_size
+from pairx_core.synthetic.ground_truth import match_accuracy, random_baseline
+from pairx_core.synthetic import make_individuals, render_photo, true_mapping
 
 from .config import NightlyConfig
 
@@ -130,13 +131,13 @@ def score_results(out: str, truth: dict, layer: str, model, size: tuple[int, int
     matches = read_table(out, "matches")
     pairs = read_table(out, "pairs")
     grid = _grid(model, layer, size)
-    cell = (size[1] / grid[1], size[0] / grid[0])
+    cell = cell_size(grid, size)
     accuracy, baseline = [], []
     for pair in pairs.itertuples(index=False):
         a, b = truth.get(pair.image_0), truth.get(pair.image_1)
         if a is None or b is None or a["individual"] != b["individual"]:
             continue
-        mapping = np.asarray(b["transform"]) @ np.linalg.inv(np.asarray(a["transform"]))
+        mapping = true_mapping(np.asarray(a["transform"]), np.asarray(b["transform"]))
         mine = matches[(matches.pair_id == pair.pair_id) & (matches.layer == layer)].sort_values("rank").head(k)
         if mine.empty:
             continue

@@ -18,7 +18,7 @@ from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, derive_pair_id
 from infra.storage import with_retries
 from infra.tables import write_table
-from pairx_core.retrieval import Candidate, top_k
+from pairx_core.retrieval import retrieve
 from tasks.candidates import candidate_rows
 from tasks.embed import activation_cache, embed_images_task
 
@@ -88,33 +88,26 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     cache = activation_cache(config.cache_url, model_id, _prep_fingerprint(config), layers, so)
     gallery_uris = [g for g in gallery if g in hashes]
     query_uris = [u for u in new_uploads if u in hashes]
-    items, candidates = [], []
-    if query_uris and gallery_uris:
+    if not (query_uris and gallery_uris):
+        query_matrix = gallery_matrix = None
+    else:
         gallery_matrix = with_retries(cache.get_embeddings, [hashes[g] for g in gallery_uris])
         query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
-        if config.rerank_k:  # stage 1 for rerank_k candidates from the cache, full PAIR-X for top_k
-            reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
-                                     gallery, hashes, summary, annotations)
-            summary.planned["pairs_planned"] = len(reranked.items)
-            summary.planned["stage1_pairs"] = len(reranked.candidates)
-            explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary,
-                          annotations)
-            rows = reranked_rows(config.out, model_id, config.model, layers[0], reranked, so)
-            write_table(config.out, "candidates", rows, model_id, run_id, so)
-            return
-        order, scores = top_k(query_matrix, gallery_matrix, config.top_k)
+    if config.rerank_k and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
+        reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
+                                 gallery, hashes, summary, annotations)
+        summary.planned["pairs_planned"] = len(reranked.items)
+        summary.planned["stage1_pairs"] = len(reranked.candidates)
+        explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+        rows = reranked_rows(config.out, model_id, config.model, layers[0], reranked, so)
     else:
-        order, scores = [], []
-    for qi, query in enumerate(query_uris):
-        for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
-            candidate = gallery_uris[gi]
-            pair_id = derive_pair_id(query, candidate)
-            items.append(PairItem(pair_id, query, candidate, individual_1=gallery[candidate] or None))
-            candidates.append(Candidate(query, candidate, float(score), pair_id, gallery[candidate] or None))
-    summary.planned["pairs_planned"] = len(items)
-    explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
-    # this run's explanations and those of an earlier, interrupted run, read back from `pairs`
-    rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, so)
+        candidates = [] if query_matrix is None else retrieve(
+            query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.top_k, derive_pair_id)[0]
+        items = [PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual) for c in candidates]
+        summary.planned["pairs_planned"] = len(items)
+        explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+        # this run's explanations and those of an earlier, interrupted run, read back from `pairs`
+        rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, so)
     write_table(config.out, "candidates", rows, model_id, run_id, so)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from infra.inputs import PairItem, derive_pair_id
 from infra.model_store import redact_model_spec
-from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, top_k
+from pairx_core.retrieval import Candidate, PairOutcome, best_reranked, rank_candidates, retrieve
 from tasks.candidates import explained_outcomes
 from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_batch_task
 
@@ -40,21 +40,6 @@ class Reranked:
     retrieval_rank: dict[str, int]
     metrics: dict[str, dict]
     explained: set[str]
-
-
-def retrieve(query_matrix: np.ndarray, gallery_matrix: np.ndarray, query_uris: Sequence[str],
-             gallery_uris: Sequence[str], gallery: Mapping[str, str | None], k: int
-             ) -> tuple[list[Candidate], dict[str, int]]:
-    """Each query's ``k`` most similar gallery images, and their retrieval ranks by pair id."""
-    order, scores = top_k(query_matrix, gallery_matrix, k)
-    candidates, ranks = [], {}
-    for qi, query in enumerate(query_uris):
-        for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
-            image = gallery_uris[gi]
-            pair_id = derive_pair_id(query, image)
-            candidates.append(Candidate(query, image, float(score), pair_id, gallery[image] or None))
-            ranks[pair_id] = rank
-    return candidates, ranks
 
 
 def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: Mapping[str, str],
@@ -81,17 +66,15 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
         summary.planned["stage1_decoded"] = summary.planned.get("stage1_decoded", 0) + result.images_decoded
         notify(summary)
     summary.stage_seconds["stage1_wall"] = summary.stage_seconds.get("stage1_wall", 0.0) + time.perf_counter() - started
-    outcomes = {pid: PairOutcome(layer=layer, irm=m.get("irm")) for pid, m in metrics.items()}
-    ranked = rank_candidates(candidates, outcomes)
-    chosen = [row["pair_id"] for row in ranked if row["rank"] < config.top_k]
-    return metrics, chosen
+    return metrics, best_reranked(candidates, {pid: m.get("irm") for pid, m in metrics.items()}, config.top_k)
 
 
 def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: np.ndarray,
                   query_uris: Sequence[str], gallery_uris: Sequence[str], gallery: Mapping[str, str | None],
                   hashes: Mapping[str, str], summary: FlowSummary, annotations: dict) -> Reranked:
     """Retrieve ``rerank_k`` per upload, run stage 1, choose the ``top_k`` to explain in full."""
-    candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k)
+    candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k,
+                                 derive_pair_id)
     metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations)
     by_id = {c.pair_id: c for c in candidates}
     items = [PairItem(pid, by_id[pid].query, by_id[pid].gallery_image, individual_1=by_id[pid].individual)

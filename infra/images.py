@@ -18,9 +18,10 @@ Geometry (all in pixels of the *original* image, i.e. after the EXIF orientation
   resampling is bilinear. Unlike MiewID we do not ignore ``|theta| < 0.1``: any non-zero theta
   rotates. With ``theta != 0`` the box is not clipped (the rotated region may leave the image).
 
-Coordinates follow the pixel-index convention: pixel ``(i, j)`` has its centre at ``x = i``,
-``y = j``. Resizing to the model input (no aspect preservation, see
-``pairx_core.preprocess.Preprocessing``) scales about pixel edges, as Pillow does.
+Coordinates follow :mod:`pairx_core.geometry` (continuous: pixel ``(row i, column j)`` covers
+``[j, j + 1) x [i, i + 1)``, its centre is ``(j + 0.5, i + 0.5)``), in the chip, in the model
+input and in the original alike. Resizing to the model input (no aspect preservation, see
+``pairx_core.preprocess.Preprocessing``) is then a plain scaling, as in Pillow.
 
 Modes: everything becomes 8-bit RGB. Alpha is dropped (not composited), like MiewID's
 ``cv2.imread``. ``I;16*`` is divided by 257. ``I`` (32-bit int) is used as is when its values fit
@@ -34,7 +35,7 @@ factor that divides both stored dimensions, so that decoded pixel ``j`` is exact
 ``[j s, (j + 1) s)``) when the chip stays at least ``target_size`` AND its long side at least
 ``min(picture_long_side, its full-resolution long side)`` (pictures are drawn from the chip;
 1024 px by default). The chip's mapping to original pixels is then stored as an affine
-(:attr:`LoadedImage.chip_affine`): :meth:`LoadedImage.to_original` keeps answering in pixels of
+(:attr:`LoadedImage.chip_affine`): :meth:`LoadedImage.to_original` keeps answering in coordinates of
 the full-resolution, EXIF-upright image, and ``original_size``/``box`` stay full-resolution too.
 Other formats, and calls without ``target_size``, decode at full size.
 """
@@ -52,6 +53,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pairx_core.errors import ImageError, ShapeError
+from pairx_core.geometry import as_transform, compose, invert, map_points, rotation, scaling, translation
 
 from .storage import StorageTarget
 
@@ -105,8 +107,9 @@ class LoadedImage:
             None when the whole image was used.
         theta: rotation in radians (see the module docstring).
         decode_scale: original pixels per decoded pixel (1: full decode; 2, 4, 8: JPEG draft).
-        chip_affine: ``(2, 3)`` chip -> original affine when the chip was not cut at full
-            resolution (reduced-scale decode), else None (computed from ``box`` and ``theta``).
+        chip_affine: ``(2, 3)`` chip -> original affine (continuous coordinates) when the chip
+            was not cut at full resolution (reduced-scale decode), else None (computed from
+            ``box`` and ``theta``).
     """
 
     uri: str
@@ -128,63 +131,55 @@ class LoadedImage:
             return self.box
         return (0, 0, self.original_size[0], self.original_size[1])
 
-    def chip_to_original_affine(self) -> np.ndarray:
-        """``(2, 3)`` float64 affine mapping continuous chip coordinates to original ones.
+    def chip_to_original(self) -> np.ndarray:
+        """``(3, 3)`` transform from chip coordinates to original coordinates (both continuous).
 
-        Continuous coordinates put pixel ``i`` on ``[i, i + 1)``; ``p = A[:, :2] @ q + A[:, 2]``.
+        The crop box rotated by ``theta`` about its centre (module docstring), or the stored
+        :attr:`chip_affine` of a reduced-scale decode.
         """
         if self.chip_affine is not None:
-            return np.array(self.chip_affine, dtype=np.float64)
+            return as_transform(self.chip_affine)
         x0, y0, w, h = self._frame()
-        cos, sin = math.cos(self.theta), math.sin(self.theta)
-        cx, cy = x0 + w / 2.0, y0 + h / 2.0
-        return np.array(
-            [
-                [cos, -sin, cx - cos * w / 2.0 + sin * h / 2.0],
-                [sin, cos, cy - sin * w / 2.0 - cos * h / 2.0],
-            ],
-            dtype=np.float64,
-        )
+        return compose(translation(x0 + w / 2.0, y0 + h / 2.0), rotation(self.theta), translation(-w / 2.0, -h / 2.0))
 
-    def _scale(self, input_size: tuple[int, int] | None) -> np.ndarray:
-        chip_w, chip_h = self.image.size
+    def model_to_original(self, input_size: tuple[int, int] | None = None) -> np.ndarray:
+        """``(3, 3)`` transform from model-input coordinates to original coordinates.
+
+        ``input_size``: ``(H, W)`` the chip was resized to (no aspect preservation); None means
+        model-input coordinates are chip coordinates.
+        """
         if input_size is None:
-            return np.ones(2)
+            return self.chip_to_original()
         if len(input_size) != 2 or min(input_size) <= 0:
             raise ShapeError("input_size", tuple(input_size), "(H, W) with H, W > 0")
-        in_h, in_w = input_size
-        return np.array([chip_w / in_w, chip_h / in_h], dtype=np.float64)
+        (in_h, in_w), (chip_w, chip_h) = input_size, self.image.size
+        return compose(self.chip_to_original(), scaling(chip_w / in_w, chip_h / in_h))
 
     def to_original(self, xy: np.ndarray, input_size: tuple[int, int] | None = None) -> np.ndarray:
-        """Map model-input pixel coordinates to original-image pixel coordinates.
+        """Map model-input points to the original (EXIF-upright, full-resolution) image.
 
         Args:
-            xy: ``(N, 2)`` points ``(x, y)`` in pixels of the model input (pixel-index
-                convention).
-            input_size: ``(H, W)`` the chip was resized to (no aspect preservation); None means
-                ``xy`` is already in chip pixels.
+            xy: ``(N, 2)`` points ``(x, y)`` in model-input coordinates (continuous, as the
+                engine's cell centres are).
+            input_size: ``(H, W)`` the chip was resized to; None means ``xy`` is in chip
+                coordinates.
 
         Returns:
-            ``(N, 2)`` float64 ``(x, y)`` in pixels of the original (EXIF-upright) image: undoes
-            the resize, the rotation and the crop offset.
+            ``(N, 2)`` float64 ``(x, y)`` in original coordinates: undoes the resize, the
+            rotation and the crop offset (and a reduced-scale decode).
         """
-        points = np.asarray(xy, dtype=np.float64)
-        if points.ndim != 2 or points.shape[1] != 2:
-            raise ShapeError("xy", points.shape, "(N, 2)")
-        chip = (points + 0.5) * self._scale(input_size)
-        affine = self.chip_to_original_affine()
-        original = chip @ affine[:, :2].T + affine[:, 2]
-        return original - 0.5
+        return map_points(self.model_to_original(input_size), _checked_points(xy))
 
     def from_original(self, xy: np.ndarray, input_size: tuple[int, int] | None = None) -> np.ndarray:
-        """Inverse of :meth:`to_original`: ``(N, 2)`` original pixels -> ``(N, 2)`` model input."""
-        points = np.asarray(xy, dtype=np.float64)
-        if points.ndim != 2 or points.shape[1] != 2:
-            raise ShapeError("xy", points.shape, "(N, 2)")
-        affine = self.chip_to_original_affine()
-        rot = affine[:, :2]
-        chip = (points + 0.5 - affine[:, 2]) @ np.linalg.inv(rot).T
-        return chip / self._scale(input_size) - 0.5
+        """Inverse of :meth:`to_original`: ``(N, 2)`` original -> ``(N, 2)`` model input."""
+        return map_points(invert(self.model_to_original(input_size)), _checked_points(xy))
+
+
+def _checked_points(xy: np.ndarray) -> np.ndarray:
+    points = np.asarray(xy, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ShapeError("xy", points.shape, "(N, 2)")
+    return points
 
 
 # ---------------------------------------------------------------------- mode conversion
@@ -376,85 +371,62 @@ def decode_image(
     except ImageError as error:
         error.content_hash = digest  # about the file itself: later nights skip this content
         raise
+    return _cut_chip(to_rgb(_upright(image)), scale, uri, digest, box, theta)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` with its EXIF orientation applied (as stored when the EXIF block is broken)."""
     try:
         upright = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
         upright = image
-    if upright is None:
-        upright = image
-    rgb = to_rgb(upright)
-    if scale != 1:
-        return _reduced_scale_chip(rgb, scale, uri, digest, box, theta)
-    width, height = rgb.size
-
-    pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
-    loaded = LoadedImage(
-        uri=uri,
-        content_hash=digest,
-        image=rgb,
-        original_size=(width, height),
-        box=pixel_box,
-        theta=theta,
-    )
-    if theta == 0.0:
-        if pixel_box is None:
-            return loaded
-        x, y, w, h = pixel_box
-        chip = rgb.crop((x, y, x + w, y + h))
-    else:
-        _, _, w, h = loaded._frame()
-        affine = loaded.chip_to_original_affine()
-        chip = rgb.transform(
-            (w, h),
-            Image.Transform.AFFINE,
-            data=tuple(float(v) for v in affine.reshape(-1)),
-            resample=Image.Resampling.BILINEAR,
-            fillcolor=_WHITE,
-        )
-    return LoadedImage(
-        uri=uri,
-        content_hash=digest,
-        image=chip,
-        original_size=(width, height),
-        box=pixel_box,
-        theta=theta,
-    )
+    return image if upright is None else upright
 
 
-def _reduced_scale_chip(
+def _cut_chip(
     rgb: Image.Image, scale: int, uri: str, digest: str, box: Sequence[float] | None, theta: float
 ) -> LoadedImage:
-    """Crop/rotate from an image decoded at ``1/scale``; geometry in full-resolution pixels."""
+    """Crop/rotate the chip from ``rgb``, decoded at ``1/scale`` of the full resolution (1: full).
+
+    Geometry (``original_size``, ``box``, the chip's mapping) stays in full-resolution pixels.
+    """
     width, height = rgb.size[0] * scale, rgb.size[1] * scale  # exact: the scale divides both sides
     pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
+    full = LoadedImage(uri=uri, content_hash=digest, image=rgb, original_size=(width, height), box=pixel_box,
+                       theta=theta)
     if theta == 0.0:
-        if pixel_box is None:
-            left = top = 0
-            chip = rgb
-        else:
-            x, y, w, h = pixel_box
-            left, top = x // scale, y // scale
-            right, bottom = -(-(x + w) // scale), -(-(y + h) // scale)
-            chip = rgb.crop((left, top, right, bottom))
-        affine = np.array([[scale, 0.0, left * scale], [0.0, scale, top * scale]], dtype=np.float64)
+        chip, affine = _crop_chip(rgb, pixel_box, scale)
     else:
-        full = LoadedImage(uri=uri, content_hash=digest, image=rgb, original_size=(width, height),
-                           box=pixel_box, theta=theta)
-        _, _, w, h = full._frame()
-        chip_w, chip_h = max(1, round(w / scale)), max(1, round(h / scale))
-        # chip -> original: the full-resolution affine with chip pixels stretched to w/chip_w, h/chip_h
-        affine = full.chip_to_original_affine()
-        affine[:, 0] *= w / chip_w
-        affine[:, 1] *= h / chip_h
-        chip = rgb.transform(
-            (chip_w, chip_h),
-            Image.Transform.AFFINE,
-            data=tuple(float(v) for v in (affine / scale).reshape(-1)),  # chip -> decoded pixels
-            resample=Image.Resampling.BILINEAR,
-            fillcolor=_WHITE,
-        )
+        chip, affine = _rotated_chip(rgb, full, scale)
     return LoadedImage(uri=uri, content_hash=digest, image=chip, original_size=(width, height), box=pixel_box,
-                       theta=theta, decode_scale=scale, chip_affine=affine)
+                       theta=theta, decode_scale=scale, chip_affine=None if scale == 1 else affine[:2])
+
+
+def _crop_chip(rgb: Image.Image, pixel_box, scale: int) -> tuple[Image.Image, np.ndarray]:
+    """The decoded pixels covering ``pixel_box`` (whole pixels at ``1/scale``) and chip -> original."""
+    if pixel_box is None:
+        return rgb, scaling(scale)
+    x, y, w, h = pixel_box
+    left, top = x // scale, y // scale
+    right, bottom = -(-(x + w) // scale), -(-(y + h) // scale)
+    return rgb.crop((left, top, right, bottom)), compose(translation(left * scale, top * scale), scaling(scale))
+
+
+def _rotated_chip(rgb: Image.Image, full: LoadedImage, scale: int) -> tuple[Image.Image, np.ndarray]:
+    """The rotated box sampled (bilinear, white outside) at ``1/scale``, and chip -> original."""
+    _, _, w, h = full._frame()
+    chip_w, chip_h = max(1, round(w / scale)), max(1, round(h / scale))
+    # chip -> original: the full-resolution mapping with chip pixels stretched to w/chip_w, h/chip_h
+    affine = compose(full.chip_to_original(), scaling(w / chip_w, h / chip_h))
+    to_decoded = compose(scaling(1.0 / scale), affine)  # chip -> decoded pixels, as Pillow wants it
+    chip = rgb.transform(
+        (chip_w, chip_h),
+        Image.Transform.AFFINE,
+        data=tuple(float(v) for v in to_decoded[:2].reshape(-1)),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=_WHITE,
+    )
+    return chip, affine
 
 
 def load_image(

@@ -20,6 +20,7 @@ from .storage import StorageTarget
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ImageKey",
     "InputError",
     "PairItem",
     "derive_pair_id",
@@ -34,6 +35,10 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 PAIRS_COLUMNS = ("image_0", "image_1")
 OPTIONAL_PAIRS_COLUMNS = ("pair_id", "box_0", "box_1", "theta_0", "theta_1")
+
+
+#: one decode of an image: ``(uri, box, theta)``
+ImageKey = tuple[str, "tuple[float, float, float, float] | None", float]
 
 
 class InputError(ConfigError):
@@ -58,6 +63,11 @@ class PairItem:
     theta_1: float = 0.0
     #: individual of image_1 when known (gallery candidates): named on the picture
     individual_1: str | None = None
+
+    @property
+    def image_keys(self) -> tuple[ImageKey, ImageKey]:
+        """``(uri, box, theta)`` of each side: what one decode of an image depends on."""
+        return (self.image_0, self.box_0, self.theta_0), (self.image_1, self.box_1, self.theta_1)
 
 
 def derive_pair_id(image_0: str, image_1: str) -> str:

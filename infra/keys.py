@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pairx_core.errors import ConfigError
 
+from .inputs import ImageKey, PairItem
 from .tables import read_table
 
-__all__ = ["KEY_VERSION", "existing_output_keys", "pair_output_key"]
+__all__ = ["KEY_VERSION", "OutputSettings", "PairPlan", "PlannedPair", "existing_output_keys", "pair_output_key",
+           "plan_pairs"]
 
 #: Bumped when the key recipe changes (every key then changes too).
 KEY_VERSION = 1
@@ -80,3 +83,66 @@ def existing_output_keys(
         out_url, "pairs", model_id=model_id, columns=["output_key"], storage_options=storage_options
     )
     return {str(k) for k in frame["output_key"].dropna()}
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Everything besides the two images that decides a pair's outputs (its key)."""
+
+    model_id: str
+    layers: tuple[str, ...]
+    k_lines: int
+    k_colors: int
+    engine_version: str
+    #: further settings that change the output (preprocessing, picture layout), JSON-serialisable
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def output_keys(self, item: PairItem, hash_0: str, hash_1: str) -> dict[str, str]:
+        """Per layer, the output key of ``item`` whose images have contents ``hash_0``, ``hash_1``."""
+        extra = {**self.extra, "box_0": item.box_0, "box_1": item.box_1, "theta_0": item.theta_0,
+                 "theta_1": item.theta_1}
+        return {layer: pair_output_key(hash_0, hash_1, self.model_id, layer, self.k_lines, self.k_colors,
+                                       self.engine_version, extra)
+                for layer in self.layers}
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """A pair to compute and, per layer, the output key its rows will carry."""
+
+    item: PairItem
+    output_keys: dict[str, str]
+
+
+@dataclass
+class PairPlan:
+    """What a batch does with its pairs: compute, skip (all outputs exist) or fail (an image did
+    not load)."""
+
+    todo: list[PlannedPair] = field(default_factory=list)
+    skipped: list[PairItem] = field(default_factory=list)
+    unloadable: list[PairItem] = field(default_factory=list)
+
+
+def plan_pairs(items: Sequence[PairItem], hashes: Mapping[ImageKey, str], existing: set[str],
+               settings: OutputSettings) -> PairPlan:
+    """Sort ``items`` by what is left to do.
+
+    Args:
+        hashes: content hash of every image decode that succeeded (a side missing here did not load).
+        existing: output keys already committed (:func:`existing_output_keys`).
+
+    A pair is skipped only when the outputs of every layer exist.
+    """
+    plan = PairPlan()
+    for item in items:
+        key_0, key_1 = item.image_keys
+        if key_0 not in hashes or key_1 not in hashes:
+            plan.unloadable.append(item)
+            continue
+        keys = settings.output_keys(item, hashes[key_0], hashes[key_1])
+        if all(k in existing for k in keys.values()):
+            plan.skipped.append(item)
+        else:
+            plan.todo.append(PlannedPair(item, keys))
+    return plan

@@ -20,7 +20,10 @@ from pairx_core.errors import ConfigError
 
 from .storage import StorageTarget, safe_segment
 
-__all__ = ["encode_png", "public_link", "relative_to_out", "viz_uri", "write_png"]
+__all__ = ["PICTURE_VERSION", "encode_png", "public_link", "relative_to_out", "viz_uri", "write_png"]
+
+#: version of the picture layout (part of the output key when pictures are rendered)
+PICTURE_VERSION = "p2"
 
 
 def viz_uri(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .geometry import cell_index_centres
 
 
 @dataclass
@@ -80,11 +83,10 @@ def rank_matches(
 
 
 def cell_centres(cells: torch.Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel centres ``(x, y)`` of flat cell indices on an ``(h, w)`` grid over an ``(H, W)`` input."""
-    h, w = grid
-    height, width = input_size
-    rows = torch.div(cells, w, rounding_mode="floor")
-    cols = cells - rows * w
-    x = (cols.to(torch.float64) + 0.5) * width / w
-    y = (rows.to(torch.float64) + 0.5) * height / h
-    return x, y
+    """Centres ``(x, y)`` of flat cell indices ``(M,)`` on an ``(h, w)`` grid over an ``(H, W)`` input.
+
+    Tensor front of :func:`pairx_core.geometry.cell_index_centres` (its pixel convention):
+    ``(M,)`` float64 CPU tensors each.
+    """
+    xy = cell_index_centres(cells.detach().cpu().numpy(), grid, input_size)
+    return torch.from_numpy(np.ascontiguousarray(xy[:, 0])), torch.from_numpy(np.ascontiguousarray(xy[:, 1]))

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .geometry import map_points
 from .results import LayerExplanation
 
 RANSAC_THRESHOLD_PX = 5.0
@@ -54,9 +55,7 @@ def homography_residual(points_0: np.ndarray, points_1: np.ndarray, threshold: f
     homography, mask = cv2.findHomography(points_0, points_1, cv2.RANSAC, threshold)
     if homography is None:
         return float("nan"), 0
-    projected = np.c_[points_0, np.ones(len(points_0))] @ homography.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        projected = projected[:, :2] / projected[:, 2:3]
+    projected = map_points(homography, points_0)
     errors = np.linalg.norm(projected - points_1, axis=1)
     if not np.isfinite(errors).all():
         return float("nan"), int(mask.sum())

@@ -25,7 +25,7 @@ import importlib
 import io
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,17 @@ _REGISTRY: dict[str, Callable[[ModelSpec, WeightsSource, Opener | None], tuple[n
 _RANDOM_WEIGHTS: dict[str, str] = {}
 
 
+_Built = TypeVar("_Built")
+
+
+def seeded(build: Callable[[], _Built], seed: int = 0) -> _Built:
+    """``build()`` with torch's CPU random generator seeded to ``seed`` during the call and
+    restored afterwards: the same random initialisation every time, nothing else disturbed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build()
+
+
 def register_model(kind: str, *, random_weights: str = "never"):
     """Register a model family under ``kind`` (decorator, like timm's ``register_model``).
 
@@ -172,9 +183,7 @@ def _miewid(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
 
 @register_model("miewid-arch", random_weights="always")
 def _miewid_arch(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(parsed.options.get("seed", 0)))
-        model = MiewIdNet(MIEWID_ARCH)
+    model = seeded(lambda: MiewIdNet(MIEWID_ARCH), int(parsed.options.get("seed", 0)))
     return model, Preprocessing(_size(parsed, MIEWID_SIZE))
 
 
@@ -183,9 +192,7 @@ def _timm(parsed: ModelSpec, weights: WeightsSource, opener: Opener | None):
     if not parsed.name:
         raise ModelLoadError("timm:", "give an architecture, e.g. timm:efficientnet_b0")
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(parsed.options.get("seed", 0)))
-            model = MiewIdNet(parsed.name)
+        model = seeded(lambda: MiewIdNet(parsed.name), int(parsed.options.get("seed", 0)))
     except RuntimeError as error:  # timm: unknown model
         raise ModelLoadError(f"timm:{parsed.name}", str(error)) from error
     _load_or_warn(model, weights, opener, f"timm:{parsed.name}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .geometry import map_points, scaling
 from .results import LayerExplanation
 
 LINE_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -168,9 +169,10 @@ def render(
     """Draw the explanation.
 
     Args:
-        layer: the explanation; match positions are in model-input pixels (``layer.input_size``)
-            and are scaled to each photo's display size (the model resized without keeping the
-            aspect ratio, so x and y scale independently).
+        layer: the explanation; match positions are in model-input coordinates
+            (``layer.input_size``, :mod:`pairx_core.geometry`'s convention) and are scaled to each
+            photo's display size (the model resized without keeping the aspect ratio, so x and y
+            scale independently).
         image_0, image_1: ``(H, W, 3)`` uint8 photos at display resolution (:func:`fit_display`
             of the chip), any size and aspect; the model-input size works too.
         label_0, label_1: names of the two sides (a label strip is drawn when either is given).
@@ -186,55 +188,65 @@ def render(
             raise ValueError(f"{name} must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     height = min(image_0.shape[0], image_1.shape[0])
     photo_0, photo_1 = _to_height(image_0, height), _to_height(image_1, height)
-    width_0, width_1 = photo_0.shape[1], photo_1.shape[1]
-    top = np.concatenate([_overlay(photo_0, layer.relevance_0, opacity),
-                          _overlay(photo_1, layer.relevance_1, opacity)], axis=1)
-    panels = [top]
-    if not compact:
-        panels.append(np.concatenate([_regions(photo_0, layer.pixel_relevance_0),
-                                      _regions(photo_1, layer.pixel_relevance_1)], axis=1))
-    body = Image.fromarray(np.concatenate(panels, axis=0))
-
-    side = max(height, width_0, width_1)
+    body = Image.fromarray(_panels(layer, photo_0, photo_1, opacity, compact))
+    widths = (photo_0.shape[1], photo_1.shape[1])
+    side = max(height, *widths)
     size = font_px(side)
-    font = _font(size)
-    pad = max(4, size // 3)
-    strip = size + 2 * pad
-    labelled = label_0 is not None or label_1 is not None
-    label_height = strip if labelled else 0
-    lines: list[str] = []
-    if caption:
-        parts = []
-        if similarity is not None:
-            parts.append(f"similarity {similarity:.3f}")
-        parts.append("IRM n/a" if irm is None or not np.isfinite(irm) else f"IRM {irm:.3f}")
-        parts.append(f"{layer.n_matches} matches")
-        parts.append(f"layer {layer.layer}")
-        lines = _wrap(ImageDraw.Draw(body), parts, font, body.width - 2 * pad)
+    font, pad = _font(size), max(4, size // 3)
+    label_height = size + 2 * pad if (label_0 is not None or label_1 is not None) else 0
+    lines = _wrap(ImageDraw.Draw(body), _caption_parts(layer, similarity, irm), font, body.width - 2 * pad) \
+        if caption else []
     line_height = size + pad
     caption_height = len(lines) * line_height + pad if lines else 0
     picture = Image.new("RGB", (body.width, label_height + body.height + caption_height), "white")
     picture.paste(body, (0, label_height))
     draw = ImageDraw.Draw(picture)
+    _draw_matches(draw, layer, widths, height, label_height, line_width or max(2, round(side / 400)))
+    if label_height:
+        _draw_labels(draw, (label_0, label_1), widths, label_height, font, pad)
+    for number, line in enumerate(lines):
+        draw.text((pad, label_height + body.height + pad + number * line_height), line, fill=(0, 0, 0), font=font)
+    return picture
 
+
+def _panels(layer: LayerExplanation, photo_0: np.ndarray, photo_1: np.ndarray, opacity: float,
+            compact: bool) -> np.ndarray:
+    """Top panel (relevance overlays) and, unless ``compact``, the pixel-map panel: ``(H', W', 3)``."""
+    panels = [np.concatenate([_overlay(photo_0, layer.relevance_0, opacity),
+                              _overlay(photo_1, layer.relevance_1, opacity)], axis=1)]
+    if not compact:
+        panels.append(np.concatenate([_regions(photo_0, layer.pixel_relevance_0),
+                                      _regions(photo_1, layer.pixel_relevance_1)], axis=1))
+    return np.concatenate(panels, axis=0)
+
+
+def _caption_parts(layer: LayerExplanation, similarity: float | None, irm: float | None) -> list[str]:
+    parts = [] if similarity is None else [f"similarity {similarity:.3f}"]
+    parts.append("IRM n/a" if irm is None or not np.isfinite(irm) else f"IRM {irm:.3f}")
+    return parts + [f"{layer.n_matches} matches", f"layer {layer.layer}"]
+
+
+def _draw_matches(draw: ImageDraw.ImageDraw, layer: LayerExplanation, widths: tuple[int, int], height: int,
+                  top: int, width: int) -> None:
+    """The top ``k_lines`` matches as lines between the photos (drawn ``top`` px below the edge)."""
     in_h, in_w = layer.input_size
-    scale_0 = (width_0 / in_w, height / in_h)
-    scale_1 = (width_1 / in_w, height / in_h)
-    width = line_width or max(2, round(side / 400))
+    matches = layer.matches.head(layer.k_lines)
+    # model input -> display (continuous), then to Pillow's drawing grid (integers at pixel centres)
+    ends_0 = map_points(scaling(widths[0] / in_w, height / in_h), matches[["x_0", "y_0"]].to_numpy()) - 0.5
+    ends_1 = map_points(scaling(widths[1] / in_w, height / in_h), matches[["x_1", "y_1"]].to_numpy()) - 0.5
     dot = width + 1
-    for j, row in enumerate(layer.matches.head(layer.k_lines).itertuples(index=False)):
+    for j, (end_0, end_1) in enumerate(zip(ends_0, ends_1)):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-        start = ((row.x_0 + 0.5) * scale_0[0] - 0.5, (row.y_0 + 0.5) * scale_0[1] - 0.5 + label_height)
-        end = (width_0 + (row.x_1 + 0.5) * scale_1[0] - 0.5, (row.y_1 + 0.5) * scale_1[1] - 0.5 + label_height)
+        start = (float(end_0[0]), float(end_0[1]) + top)
+        end = (widths[0] + float(end_1[0]), float(end_1[1]) + top)
         draw.line([start, end], fill=colour, width=width)
         for cx, cy in (start, end):
             draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], outline=colour, width=max(1, width // 2))
 
-    if labelled:
-        for text, x0, span in ((label_0, 0, width_0), (label_1, width_0, width_1)):
-            if text:
-                draw.text((x0 + pad, pad), _fit_text(draw, text, font, span - 2 * pad), fill=(0, 0, 0), font=font)
-        draw.line([(width_0, 0), (width_0, label_height)], fill=(160, 160, 160), width=1)
-    for number, line in enumerate(lines):
-        draw.text((pad, label_height + body.height + pad + number * line_height), line, fill=(0, 0, 0), font=font)
-    return picture
+
+def _draw_labels(draw: ImageDraw.ImageDraw, labels: tuple[str | None, str | None], widths: tuple[int, int],
+                 label_height: int, font, pad: int) -> None:
+    for text, x0, span in ((labels[0], 0, widths[0]), (labels[1], widths[0], widths[1])):
+        if text:
+            draw.text((x0 + pad, pad), _fit_text(draw, text, font, span - 2 * pad), fill=(0, 0, 0), font=font)
+    draw.line([(widths[0], 0), (widths[0], label_height)], fill=(160, 160, 160), width=1)

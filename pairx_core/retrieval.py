@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -76,6 +76,37 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, *,
     k = max(0, min(int(k), scores.shape[1]))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def retrieve(query: np.ndarray, gallery: np.ndarray, query_uris: Sequence[str], gallery_uris: Sequence[str],
+             individuals: Mapping[str, str | None], k: int, pair_id: Callable[[str, str], str]
+             ) -> tuple[list[Candidate], dict[str, int]]:
+    """Each query's ``k`` most similar gallery images (:func:`top_k`), as candidates.
+
+    Args:
+        query, gallery: ``(Q, D)`` and ``(G, D)`` embeddings of ``query_uris`` and ``gallery_uris``.
+        individuals: individual of each gallery image (None or "" when unknown).
+        pair_id: the id of a (query, gallery image) pair.
+
+    Returns:
+        the candidates (query by query, best first) and each one's retrieval rank by pair id.
+    """
+    order, scores = top_k(query, gallery, k)
+    candidates, ranks = [], {}
+    for qi, uri in enumerate(query_uris):
+        for rank, (gi, score) in enumerate(zip(order[qi], scores[qi])):
+            image = gallery_uris[gi]
+            candidate = Candidate(uri, image, float(score), pair_id(uri, image), individuals[image] or None)
+            candidates.append(candidate)
+            ranks[candidate.pair_id] = rank
+    return candidates, ranks
+
+
+def best_reranked(candidates: Sequence[Candidate], irm: Mapping[str, float | None], k: int) -> list[str]:
+    """Pair ids of each query's ``k`` best candidates by :func:`rerank_score` (rules of
+    :func:`rank_candidates`), given each pair's IRM by pair id."""
+    outcomes = {pid: PairOutcome(layer="", irm=value) for pid, value in irm.items()}
+    return [row["pair_id"] for row in rank_candidates(candidates, outcomes) if row["rank"] < k]
 
 
 def _defined(value: float | None) -> bool:

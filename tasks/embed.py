@@ -16,12 +16,13 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import ActivationCache
-from infra.images import DEFAULT_MIN_SIDE, load_image
+from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
+from infra.records import error_row, new_image_rows
 from infra.storage import is_transient
 from infra.tables import write_table
 from pairx_core import PairXError, embed
 
-from .explain import error_row, image_rows_to_record, retry_transient
+from .explain import retry_transient
 from .runtime import get_model
 
 logger = logging.getLogger("pairx.tasks")
@@ -53,19 +54,45 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     loaded_model = get_model(model, device, storage_options)
     prep = loaded_model.preprocessing
     cache = activation_cache(cache_url, loaded_model.fingerprint, prep.fingerprint(), layers, storage_options)
-    summary = EmbedSummary(hashes={})
-    loaded, errors = {}, []
+    hashes, loaded, errors = _load_all(uris, min_image_side, storage_options, run_id)
+    summary = EmbedSummary(hashes=hashes, errors=len(errors))
+    missing, damaged = _to_embed(cache, list(loaded), layers)
+    summary.cached, summary.damaged = len(loaded) - len(missing), len(damaged)
+    if missing:
+        tensors = prep.batch([loaded[h].image for h in missing])
+        with loaded_model.lock:
+            embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
+        cache.put(missing, embeddings, features)
+        summary.computed = len(missing)
+    rows = new_image_rows(list(loaded.values()), out, loaded_model.model_id, run_id, storage_options)
+    if rows:
+        write_table(out, "images", rows, loaded_model.model_id, run_id, storage_options)
+    if errors:
+        write_table(out, "errors", errors, loaded_model.model_id, run_id, storage_options)
+    return summary
+
+
+def _load_all(uris: Sequence[str], min_side: int, storage_options: Mapping[str, Any] | None,
+              run_id: str) -> tuple[dict[str, str], dict[str, LoadedImage], list[dict]]:
+    """``(content hash by URI, one image per content, errors rows)``; transient errors raise."""
+    hashes, loaded, errors = {}, {}, []
     for uri in uris:
         try:
-            image = load_image(uri, min_side=min_image_side, storage_options=storage_options)
+            image = load_image(uri, min_side=min_side, storage_options=storage_options)
         except Exception as error:
             if not isinstance(error, PairXError) and is_transient(error):
                 raise
             errors.append(error_row(uri, "load", error, run_id))
             continue
-        summary.hashes[uri] = image.content_hash
+        hashes[uri] = image.content_hash
         loaded.setdefault(image.content_hash, image)
-    known = cache.lookup(list(loaded))
+    return hashes, loaded, errors
+
+
+def _to_embed(cache: ActivationCache, hashes: list[str], layers: Sequence[str]) -> tuple[list[str], set[str]]:
+    """``(contents to embed, damaged cache entries)``: contents not cached, cached damaged
+    (checksum, NaN or zero), or cached in a narrower dtype than :data:`EXACT_FEATURE_DTYPE`."""
+    known = cache.lookup(hashes)
     damaged = set(cache.damaged(list(known)))
     if damaged:
         logger.warning("%d damaged activation-cache entr%s (checksum, NaN or zero): recomputing them",
@@ -75,22 +102,7 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
         stored = cache.stored_layer_dtypes(list(known), layer)
         narrow |= {h for h in known if h not in stored or
                    np.dtype(stored[h]).itemsize < np.dtype(EXACT_FEATURE_DTYPE).itemsize}
-    missing = [h for h in loaded if h not in known or h in damaged or h in narrow]
-    summary.cached = len(loaded) - len(missing)
-    summary.damaged = len(damaged)
-    if missing:
-        tensors = prep.batch([loaded[h].image for h in missing])
-        with loaded_model.lock:
-            embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
-        cache.put(missing, embeddings, features)
-        summary.computed = len(missing)
-    rows = image_rows_to_record(list(loaded.values()), out, loaded_model.model_id, run_id, storage_options)
-    if rows:
-        write_table(out, "images", rows, loaded_model.model_id, run_id, storage_options)
-    if errors:
-        write_table(out, "errors", errors, loaded_model.model_id, run_id, storage_options)
-    summary.errors = len(errors)
-    return summary
+    return [h for h in hashes if h not in known or h in damaged or h in narrow], damaged
 
 
 @task(name="embed_images", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,

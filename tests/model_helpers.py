@@ -7,24 +7,16 @@ import warnings
 import torch
 from torch import nn
 
-from pairx_core.models import MiewIdNet
+from pairx_core.models import MiewIdNet, seeded
 
 
 def tiny_timm_efficientnet(dtype=torch.float64, seed: int = 0) -> MiewIdNet:
     """MiewID-shaped model (timm EfficientNet backbone, GeM, BatchNorm1d neck), random weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MiewIdNet("efficientnet_b0")
-        _randomise_batch_norms(model)
-    return model.to(dtype).eval()
+    return seeded(lambda: _randomise_batch_norms(MiewIdNet("efficientnet_b0")), seed).to(dtype).eval()
 
 
 def tiny_timm_resnet(dtype=torch.float64, seed: int = 0) -> MiewIdNet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MiewIdNet("resnet18")
-        _randomise_batch_norms(model)
-    return model.to(dtype).eval()
+    return seeded(lambda: _randomise_batch_norms(MiewIdNet("resnet18")), seed).to(dtype).eval()
 
 
 class PlainStack(nn.Module):
@@ -46,14 +38,10 @@ class PlainStack(nn.Module):
 
 
 def plain_stack(dtype=torch.float64, seed: int = 0) -> PlainStack:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PlainStack()
-        _randomise_batch_norms(model)
-    return model.to(dtype).eval()
+    return seeded(lambda: _randomise_batch_norms(PlainStack()), seed).to(dtype).eval()
 
 
-def _randomise_batch_norms(model: nn.Module) -> None:
+def _randomise_batch_norms(model: nn.Module) -> nn.Module:
     """Non-trivial running statistics, so batch-norm merging is really exercised."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -62,6 +50,7 @@ def _randomise_batch_norms(model: nn.Module) -> None:
             if module.weight is not None:
                 module.weight.data.uniform_(0.5, 1.5)
                 module.bias.data.uniform_(-0.2, 0.2)
+    return model
 
 
 def random_images(n: int, size: int = 64, dtype=torch.float64, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests of ground-truth match accuracy (pairx_core.ground_truth)."""
+"""Tests of ground-truth match accuracy (pairx_core.synthetic.ground_truth)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 
 from pairx_core.errors import ConfigError
-from pairx_core.ground_truth import (
-    cell_centres,
-    cell_index_centres,
-    cell_size,
-    match_accuracy,
-    match_hits,
-    random_baseline,
-    resized_mapping,
-)
-from pairx_core.synthetic import make_individuals, map_points, render_photo, true_mapping
+from pairx_core.geometry import cell_centres, cell_index_centres, cell_size, map_points
+from pairx_core.synthetic import make_individuals, render_photo, true_mapping
+from pairx_core.synthetic.ground_truth import match_accuracy, match_hits, random_baseline, resized_mapping
 
 SIZE = (128, 128)
 GRID = (16, 16)

@@ -27,9 +27,10 @@ def _jpeg_with_marker(size=(1600, 1200), marker=(1003, 421), radius=12, orientat
 
 
 def _dark_centroid(image: Image.Image) -> np.ndarray:
+    """Centroid of the dark disc, continuous coordinates (pixel ``j`` covers ``[j, j + 1)``)."""
     gray = np.asarray(image.convert("L"), dtype=np.float64)
     weight = np.clip(110.0 - gray, 0, None)
-    yy, xx = np.mgrid[0 : gray.shape[0], 0 : gray.shape[1]]
+    yy, xx = np.mgrid[0 : gray.shape[0], 0 : gray.shape[1]] + 0.5
     return np.array([(xx * weight).sum() / weight.sum(), (yy * weight).sum() / weight.sum()])
 
 
@@ -39,8 +40,8 @@ def _dark_centroid(image: Image.Image) -> np.ndarray:
     ids=["whole", "box", "odd-box", "rotated"],
 )
 def test_reduced_scale_maps_back_to_full_resolution(box, theta):
-    marker = (1003, 421)
-    data = _jpeg_with_marker(marker=marker)
+    data = _jpeg_with_marker(marker=(1003, 421))
+    marker = (1003.5, 421.5)  # the disc's centre pixel, continuous
     full = decode_image(data, box=box, theta=theta)
     small = decode_image(data, box=box, theta=theta, target_size=(32, 32), picture_long_side=0)
     assert full.decode_scale == 1 and small.decode_scale > 1  # the draft was really used
@@ -88,4 +89,6 @@ def test_scale_must_divide_stored_size():
     data = _jpeg_with_marker(size=(1602, 1200))  # 1602 = 2 x 801: only 1/2 divides both sides
     small = decode_image(data, target_size=(32, 32), picture_long_side=0)
     assert small.decode_scale == 2 and small.size == (801, 600)
-    assert math.isclose(small.to_original(np.array([[800.5, 0.0]]))[0, 0], 1601.5)
+    # the decoded image's right edge is the full image's right edge; its last pixel centre covers 2 px
+    assert math.isclose(small.to_original(np.array([[801.0, 0.0]]))[0, 0], 1602.0)
+    assert math.isclose(small.to_original(np.array([[800.5, 0.0]]))[0, 0], 1601.0)

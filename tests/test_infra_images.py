@@ -35,12 +35,13 @@ def _marker_image(width: int, height: int, point: tuple[int, int]) -> bytes:
 
 
 def _centroid(image: Image.Image, near: np.ndarray, radius: int = 4) -> np.ndarray:
-    """Intensity-weighted centroid (x, y) of the bright marker around ``near``."""
+    """Intensity-weighted centroid (x, y) of the bright marker around ``near``, both in continuous
+    coordinates (pixel ``j`` covers ``[j, j + 1)``)."""
     gray = np.asarray(image.convert("L"), dtype=np.float64)
-    cx, cy = (int(round(v)) for v in near)
+    cx, cy = (int(math.floor(v)) for v in near)
     y0, x0 = max(cy - radius, 0), max(cx - radius, 0)
     window = gray[y0 : cy + radius + 1, x0 : cx + radius + 1]
-    ys, xs = np.mgrid[0 : window.shape[0], 0 : window.shape[1]]
+    ys, xs = np.mgrid[0 : window.shape[0], 0 : window.shape[1]] + 0.5  # pixel centres
     return np.array([(xs * window).sum() / window.sum() + x0, (ys * window).sum() / window.sum() + y0])
 
 
@@ -156,29 +157,39 @@ def test_to_original_maps_chip_pixels_to_original_pixels():
 
 
 def test_to_original_undoes_the_resize_to_model_input():
-    point = (47, 23)
+    point = (47, 23)  # the marker's centre pixel: continuous centre (47.5, 23.5)
+    centre = np.array([point], float) + 0.5
     loaded = decode_image(_marker_image(80, 60, point), "r.png", box=(20, 10, 40, 30))
     input_size = (45, 100)  # (H, W): different aspect ratio, upscaled
     resized = loaded.image.resize((input_size[1], input_size[0]), Image.BILINEAR)  # as Preprocessing does
-    expected = loaded.from_original(np.array([point], float), input_size)[0]
+    expected = loaded.from_original(centre, input_size)[0]
     found = _centroid(resized, expected)
     assert np.abs(found - expected).max() < 0.3
     back = loaded.to_original(found[None], input_size)[0]
-    assert np.abs(back - point).max() < 0.3
+    assert np.abs(back - centre[0]).max() < 0.3
+
+
+def test_resize_is_a_plain_scaling():
+    # continuous coordinates: the model input's edges are the chip's edges, whatever the scale
+    loaded = decode_image(_encode(Image.fromarray(_random_rgb(60, 40))), "s.png", box=(10, 5, 30, 20))
+    corners = np.array([[0.0, 0.0], [300.0, 100.0]])  # model input 100 x 300 (H, W)
+    np.testing.assert_allclose(loaded.to_original(corners, (100, 300)), [[10.0, 5.0], [40.0, 25.0]], atol=1e-12)
+    np.testing.assert_allclose(loaded.to_original(np.array([[150.0, 50.0]]), (100, 300)), [[25.0, 15.0]])
 
 
 @pytest.mark.parametrize("theta", [0.5, -1.2, math.pi / 2, 3.0])
 def test_rotation_follows_the_box_and_maps_back(theta):
     point = (120, 60)
+    centre = np.array([point], float) + 0.5
     loaded = decode_image(_marker_image(200, 150, point), "rot.png", box=(90, 30, 80, 60), theta=theta)
     assert loaded.image.size == (80, 60) and loaded.box == (90, 30, 80, 60) and loaded.theta == theta
-    expected = loaded.from_original(np.array([point], float))[0]
+    expected = loaded.from_original(centre)[0]
     found = _centroid(loaded.image, expected)
     assert np.abs(found - expected).max() < 0.2  # the chip really shows the point there
-    np.testing.assert_allclose(loaded.to_original(found[None])[0], point, atol=0.3)
+    np.testing.assert_allclose(loaded.to_original(found[None])[0], centre[0], atol=0.3)
     input_size = (32, 48)
-    model_point = loaded.from_original(np.array([point], float), input_size)
-    np.testing.assert_allclose(loaded.to_original(model_point, input_size)[0], point, atol=1e-9)
+    model_point = loaded.from_original(centre, input_size)
+    np.testing.assert_allclose(loaded.to_original(model_point, input_size)[0], centre[0], atol=1e-9)
 
 
 def test_rotation_convention_matches_miewid_rotated_box():
@@ -189,9 +200,8 @@ def test_rotation_convention_matches_miewid_rotated_box():
     centre = np.array([x + w / 2, y + h / 2])
     corners = np.array([[x, y], [x, y + h], [x + w, y + h], [x + w, y]], float)
     miewid_corners = (corners - centre) @ rot.T + centre
-    # chip corners in continuous coordinates (pixel-index convention: subtract 0.5)
-    chip_corners = np.array([[0, 0], [0, h], [w, h], [w, 0]], float) - 0.5
-    np.testing.assert_allclose(loaded.to_original(chip_corners), miewid_corners - 0.5, atol=1e-9)
+    chip_corners = np.array([[0, 0], [0, h], [w, h], [w, 0]], float)  # continuous: the chip's outer corners
+    np.testing.assert_allclose(loaded.to_original(chip_corners), miewid_corners, atol=1e-9)
 
 
 def test_rotation_fills_outside_with_white():

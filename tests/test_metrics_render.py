@@ -119,8 +119,8 @@ def test_rendered_picture_size_and_content():
     # matches are drawn: some pixels differ from the plain overlay
     plain = render(LayerExplanation(**{**layer.__dict__, "k_lines": 0}), photo_0, photo_1, caption=False, compact=True)
     assert (np.asarray(plain) != np.asarray(compact)).any()
-    first = layer.matches.iloc[0]  # model-input pixels, scaled to the 200 x 300 photo
-    x, y = (first.x_0 + 0.5) * 200 / 64 - 0.5, (first.y_0 + 0.5) * 300 / 64 - 0.5
+    first = layer.matches.iloc[0]  # model-input coordinates, scaled to the 200 x 300 photo
+    x, y = first.x_0 * 200 / 64, first.y_0 * 300 / 64  # continuous: the pixel holding it is (int(y), int(x))
     near_start = np.asarray(compact)[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3]
     assert any((near_start == colour).all(axis=-1).any() for colour in LINE_COLOURS)
     with pytest.raises(ValueError):

@@ -8,7 +8,9 @@ import pytest
 
 from infra.model_store import redact_model_spec
 from infra.viz import public_link
-from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, rerank_score
+import numpy as np
+
+from pairx_core.retrieval import Candidate, PairOutcome, best_reranked, rank_candidates, rerank_score, retrieve
 
 
 def test_rerank_score_falls_back_to_similarity_without_irm():
@@ -98,3 +100,18 @@ def test_top_k_is_cosine_and_stable():
     exclude[0, 0] = True
     order, scores = top_k(query, gallery, 2, exclude=exclude)
     assert order[0].tolist() == [1, 3]
+
+
+def test_retrieve_builds_candidates_and_best_reranked_chooses_by_score():
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    query = np.array([[1.0, 0.1], [0.1, 1.0]])
+    individuals = {"g0": "A", "g1": "", "g2": "C"}
+    candidates, ranks = retrieve(query, gallery, ["q0", "q1"], ["g0", "g1", "g2"], individuals, 2,
+                                 lambda a, b: f"{a}|{b}")
+    assert [(c.query, c.gallery_image, c.individual) for c in candidates] == [
+        ("q0", "g0", "A"), ("q0", "g2", "C"), ("q1", "g1", None), ("q1", "g2", "C")]
+    assert ranks == {"q0|g0": 0, "q0|g2": 1, "q1|g1": 0, "q1|g2": 1}
+    assert candidates[0].similarity == pytest.approx(1 / math.hypot(1.0, 0.1))
+    # a strong IRM lifts q0's second candidate above its first; q1 lacks an IRM: similarity order
+    irm = {"q0|g0": 0.0, "q0|g2": 1.0, "q1|g1": None, "q1|g2": 1.0}
+    assert best_reranked(candidates, irm, 1) == ["q0|g2", "q1|g1"]

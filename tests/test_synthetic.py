@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from pairx_core.errors import ConfigError
+from pairx_core.geometry import map_points
 from pairx_core.synthetic import (
     BodyShape,
     Individual,
     Spot,
     make_dataset,
     make_individuals,
-    map_points,
     render_canonical,
     render_photo,
     true_mapping,

@@ -1,13 +1,14 @@
 """Ground-truth accuracy of feature matches when the true image-to-image mapping is known.
 
 A match pairs a feature cell of image 0 with one of image 1; both are given by a position in pixel
-coordinates (usually the cell centre, see :func:`cell_centres`). A match is *correct* when its
+coordinates (usually the cell centre, :func:`pairx_core.geometry.cell_centres`). A match is *correct* when its
 image-1 position lies within one feature cell of where its image-0 position really goes:
 ``|dx| <= sx`` and ``|dy| <= sy``, with ``(sx, sy)`` the cell size in pixels (Chebyshev distance of
 at most one cell, i.e. the true cell or one of its 8 neighbours when positions are cell centres).
 
-Pixel coordinates follow :mod:`pairx_core.synthetic`: pixel ``(i, j)`` covers
-``[j, j + 1) x [i, i + 1)``, so an image of width ``W`` spans ``0 <= x < W``.
+Pixel coordinates, cell sizes and cell centres are those of :mod:`pairx_core.geometry`
+(continuous: pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, so an image of width ``W``
+spans ``0 <= x < W``).
 """
 
 from __future__ import annotations
@@ -16,26 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-
-
-def _size_hw(value: Sequence[int], name: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be (H, W), got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise ConfigError(f"{name} must be positive, got {value!r}")
-    return h, w
-
-
-def _mapping(mapping: np.ndarray) -> np.ndarray:
-    array = np.asarray(mapping, dtype=np.float64)
-    if array.shape != (3, 3):
-        raise ConfigError(f"mapping must be a 3x3 matrix, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ConfigError("mapping contains NaN or infinite values")
-    return array
+from ..errors import ConfigError
+from ..geometry import as_transform, cell_index_centres, cell_size, compose, map_homogeneous, scaling, size_hw
 
 
 def _points(xy: np.ndarray, name: str) -> np.ndarray:
@@ -45,42 +28,6 @@ def _points(xy: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != 2:
         raise ConfigError(f"{name} must have shape (N, 2), got {array.shape}")
     return array
-
-
-def cell_size(n_cells_hw: Sequence[int], input_size: Sequence[int]) -> tuple[float, float]:
-    """``(sx, sy) = (W / w, H / h)``: the size in pixels of one feature cell."""
-    h, w = _size_hw(n_cells_hw, "n_cells_hw")
-    height, width = _size_hw(input_size, "input_size")
-    return (width / w, height / h)
-
-
-def cell_centres(
-    cells_xy: np.ndarray, n_cells_hw: Sequence[int], input_size: Sequence[int]
-) -> np.ndarray:
-    """Pixel centres of cells given as integer ``(x, y)`` = (column, row) rows of ``(N, 2)``.
-
-    ``((x + 0.5) * W / w, (y + 0.5) * H / h)``.
-    """
-    sx, sy = cell_size(n_cells_hw, input_size)
-    cells = _points(cells_xy, "cells_xy")
-    return np.stack([(cells[:, 0] + 0.5) * sx, (cells[:, 1] + 0.5) * sy], axis=1)
-
-
-def cell_index_centres(
-    flat_index: np.ndarray, n_cells_hw: Sequence[int], input_size: Sequence[int]
-) -> np.ndarray:
-    """Pixel centres of cells given by row-major flat index ``y * w + x``. Returns ``(N, 2)``."""
-    h, w = _size_hw(n_cells_hw, "n_cells_hw")
-    flat = np.asarray(flat_index, dtype=np.int64).reshape(-1)
-    if flat.size and (flat.min() < 0 or flat.max() >= h * w):
-        raise ConfigError(f"flat cell index out of range for a {h}x{w} grid")
-    return cell_centres(np.stack([flat % w, flat // w], axis=1), n_cells_hw, input_size)
-
-
-def _map(mapping: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    homog = xy @ mapping[:, :2].T + mapping[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return homog[:, :2] / homog[:, 2:3]
 
 
 def match_hits(
@@ -96,19 +43,21 @@ def match_hits(
     p1 = _points(xy_1, "xy_1")
     if p0.shape != p1.shape:
         raise ConfigError(f"xy_0 and xy_1 must have the same shape, got {p0.shape} and {p1.shape}")
-    mapping = _mapping(mapping_0_to_1)
+    mapping = as_transform(mapping_0_to_1)
     sx, sy = _cell_xy(cell_size)
     if len(p0) == 0:
         return np.zeros(0, dtype=bool)
-    true_1 = _map(mapping, p0)
+    homog = map_homogeneous(mapping, p0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        true_1 = homog[:, :2] / homog[:, 2:3]
     finite = np.all(np.isfinite(true_1), axis=1)
     # the homogeneous coordinate must stay positive for the point to be in front of "camera" 1
-    w_ok = (p0 @ mapping[2, :2] + mapping[2, 2]) > 0
+    w_ok = homog[:, 2] > 0
     with np.errstate(invalid="ignore"):
         hits = (np.abs(p1[:, 0] - true_1[:, 0]) <= sx) & (np.abs(p1[:, 1] - true_1[:, 1]) <= sy)
     hits &= finite & w_ok
     if image_size is not None:
-        height, width = _size_hw(image_size, "image_size")
+        height, width = size_hw(image_size, "image_size")
         with np.errstate(invalid="ignore"):
             inside = (
                 (true_1[:, 0] >= 0) & (true_1[:, 0] < width) & (true_1[:, 1] >= 0) & (true_1[:, 1] < height)
@@ -191,13 +140,13 @@ def random_baseline(
     the same setting for the matcher you compare against). Its expectation does not depend on
     ``k``; ``k`` and ``n_trials`` only set how many random pairs are averaged.
     """
-    h, w = _size_hw(n_cells_hw, "n_cells_hw")
-    _size_hw(input_size, "input_size")
+    h, w = size_hw(n_cells_hw, "n_cells_hw")
+    size_hw(input_size, "input_size")
     if int(k) != k or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
     if int(n_trials) != n_trials or n_trials < 1:
         raise ConfigError(f"n_trials must be a positive integer, got {n_trials!r}")
-    mapping = _mapping(mapping)
+    mapping = as_transform(mapping)
     rng = np.random.default_rng(int(seed))
     total = int(k) * int(n_trials)
     cells_0 = rng.integers(0, h * w, size=total)
@@ -222,11 +171,8 @@ def resized_mapping(
     """Re-express a pixel mapping after resizing image 0 from ``size_0`` to ``new_size_0`` and
     image 1 from ``size_1`` to ``new_size_1`` (all ``(H, W)``, resizing without keeping the
     aspect ratio, ``x' = x * W' / W``)."""
-    mapping = _mapping(mapping)
-    h0, w0 = _size_hw(size_0, "size_0")
-    nh0, nw0 = _size_hw(new_size_0, "new_size_0")
-    h1, w1 = _size_hw(size_1, "size_1")
-    nh1, nw1 = _size_hw(new_size_1, "new_size_1")
-    undo_0 = np.diag([w0 / nw0, h0 / nh0, 1.0])
-    apply_1 = np.diag([nw1 / w1, nh1 / h1, 1.0])
-    return apply_1 @ mapping @ undo_0
+    h0, w0 = size_hw(size_0, "size_0")
+    nh0, nw0 = size_hw(new_size_0, "new_size_0")
+    h1, w1 = size_hw(size_1, "size_1")
+    nh1, nw1 = size_hw(new_size_1, "new_size_1")
+    return compose(scaling(nw1 / w1, nh1 / h1), mapping, scaling(w0 / nw0, h0 / nh0))

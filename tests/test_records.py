@@ -1,0 +1,113 @@
+"""Output rows: matches stored in original photo coordinates, skip planning, images rows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infra.images import decode_image
+from infra.inputs import PairItem
+from infra.keys import OutputSettings, plan_pairs
+from infra.records import RowContext, explanation_rows, image_rows
+from infra.tables import read_table
+from pairx_core.metrics import PlausibilityMetrics
+from pairx_core.results import LayerExplanation, PairExplanation, matches_frame
+from pairx_core.synthetic import make_individuals, render_photo
+from tasks.explain import RunSettings, commit_batch
+
+MODEL_INPUT = (440, 440)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _centroid(model_input: np.ndarray, colour, near: np.ndarray, radius: float) -> np.ndarray:
+    """Where the model input shows a spot of ``colour`` near ``near``: centroid of its pixels,
+    continuous coordinates (pixel j covers [j, j + 1))."""
+    ys, xs = np.mgrid[0:model_input.shape[0], 0:model_input.shape[1]] + 0.5
+    close = np.abs(model_input.astype(int) - np.asarray(colour)).max(axis=-1) <= 24
+    window = (xs - near[0]) ** 2 + (ys - near[1]) ** 2 <= radius**2
+    mask = close & window
+    assert mask.sum() >= 20, "the spot is not visible in the model input"
+    return np.array([xs[mask].mean(), ys[mask].mean()])
+
+
+@pytest.fixture(scope="module")
+def photos():
+    individual = make_individuals(1, seed=3)[0]
+    big = render_photo(individual, 1, (3000, 4000), clean=True, supersample=1)   # 4000 px wide
+    small = render_photo(individual, 2, (600, 800), clean=True, supersample=1)
+    return individual, big, small
+
+
+def test_stored_matches_land_on_the_feature_in_a_4000_px_photo(photos, tmp_path):
+    individual, big, small = photos
+    # decoded as the pipeline decodes it: a reduced-scale JPEG decode, then resized to the model input
+    images = [decode_image(_jpeg(p.image), f"{name}.jpg", target_size=MODEL_INPUT) for name, p in
+              (("big", big), ("small", small))]
+    assert images[0].decode_scale > 1 and images[0].original_size == (4000, 3000)
+    inputs = [np.asarray(im.image.resize(MODEL_INPUT[::-1], Image.BILINEAR)) for im in images]
+    spots = [i for i in range(len(individual.spots)) if all(
+        p.visible_mask[int(y), int(x)] for p in (big, small)
+        for x, y in [p.spot_pixels()[i]] if 0 <= x < p.size[1] and 0 <= y < p.size[0])][:3]
+    assert len(spots) == 3
+    ends = []  # per spot: where each model input shows it (the match an engine would draw)
+    for i in spots:
+        colour, row = individual.spots[i].colour, []
+        for photo, model_input in zip((big, small), inputs):
+            factor = np.array([MODEL_INPUT[1] / photo.size[1], MODEL_INPUT[0] / photo.size[0]])
+            radius = individual.spots[i].radius * np.linalg.norm(photo.transform[:2, :2], 2) * factor.min()
+            row.append(_centroid(model_input, colour, photo.spot_pixels()[i] * factor, 0.8 * radius))
+        ends.append(np.concatenate(row))
+    ends = np.array(ends)
+    n = len(ends)
+    frame = matches_frame({"rank": np.arange(n), "row_0": np.zeros(n), "col_0": np.zeros(n), "row_1": np.zeros(n),
+                           "col_1": np.zeros(n), "x_0": ends[:, 0], "y_0": ends[:, 1], "x_1": ends[:, 2],
+                           "y_1": ends[:, 3], "distance": np.ones(n), "relevance": np.linspace(1, 0.5, n)})
+    layer = LayerExplanation("l", np.ones((2, 2)), np.ones((2, 2)), frame, np.zeros((0, 2, 2)),
+                             np.zeros((0, 2, 2)), (8, 14, 14), MODEL_INPUT, k_lines=10)
+    result = PairExplanation(0, 0.9, np.zeros(3), np.zeros(3), {"l": layer})
+    metrics = PlausibilityMetrics(n, 0.0, n, 1.0, 0.5, 0.5, 0.1)
+    item = PairItem("p", "big.jpg", "small.jpg")
+    context = RowContext("run", "commit", "spec", 10)
+    pairs, matches = explanation_rows(item, result, tuple(images), {"l": metrics}, {"l": "key"}, {"l": None}, context)
+    settings = RunSettings(out=str(tmp_path / "out"), model="spec", layers=("l",), run_id="run")
+    commit_batch(settings, "m", {"matches": matches}, pairs, [])
+    stored = read_table(settings.out, "matches").sort_values("rank")
+    truth_0 = big.spot_pixels()[spots]
+    truth_1 = small.spot_pixels()[spots]
+    # within a pixel of the feature at full resolution (a half-pixel shift would put the 4000 px
+    # photo's ends about 4 px right and 3 px down)
+    assert np.abs(stored[["x_0", "y_0"]].to_numpy() - truth_0).max() < 1.0
+    assert np.abs(stored[["x_1", "y_1"]].to_numpy() - truth_1).max() < 0.5
+    assert list(read_table(settings.out, "pairs")["output_key"]) == ["key"]
+
+
+def test_plan_pairs_skips_existing_and_fails_unloadable_pairs():
+    items = [PairItem("new", "a", "b"), PairItem("done", "a", "c"), PairItem("broken", "a", "x"),
+             PairItem("cropped", "a", "c", box_1=(1, 2, 3, 4))]
+    hashes = {("a", None, 0.0): "ha", ("b", None, 0.0): "hb", ("c", None, 0.0): "hc", ("c", (1, 2, 3, 4), 0.0): "hc"}
+    settings = OutputSettings("model", ("l1", "l2"), 20, 10, "engine-1", {"prep": "p"})
+    existing = set(settings.output_keys(items[1], "ha", "hc").values())
+    plan = plan_pairs(items, hashes, existing, settings)
+    assert [p.item.pair_id for p in plan.todo] == ["new", "cropped"]  # the crop changes the key
+    assert [i.pair_id for i in plan.skipped] == ["done"] and [i.pair_id for i in plan.unloadable] == ["broken"]
+    assert set(plan.todo[0].output_keys) == {"l1", "l2"}
+    # one layer missing: the pair is computed again
+    partial = {settings.output_keys(items[1], "ha", "hc")["l1"]}
+    assert [p.item.pair_id for p in plan_pairs(items[1:2], hashes, partial, settings).todo] == ["done"]
+
+
+def test_image_rows_one_per_new_content():
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "PNG")
+    same = [decode_image(buffer.getvalue(), uri) for uri in ("u1.png", "u2.png")]
+    rows = image_rows(same, set(), "run")
+    assert [(r["image_uri"], r["width"], r["height"]) for r in rows] == [("u1.png", 40, 30)]
+    assert image_rows(same, {same[0].content_hash}, "run") == []
