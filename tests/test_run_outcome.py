@@ -117,6 +117,7 @@ def test_crash_before_the_first_batch_is_recorded(prefect_harness, photos, tmp_p
 
 def test_interrupt_is_recorded_as_cancelled(prefect_harness, photos, tmp_path, monkeypatch):
     import flows.night_plan as night_plan_module
+    import flows.nightly as nightly_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
