@@ -42,9 +42,9 @@ from .errors import ConfigError, NumericalError, ShapeError
 from .layer_plan import LayerPlan, capture_hook, plan_layers
 from .layers import check_layer_names
 from .lrp import EngineEpsilonPlus, reuse_modified_forwards
-from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
+from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .model_context import prepared_model, resolve_device
-from .results import LayerExplanation, PairExplanation, matches_frame
+from .results import LayerExplanation, PairExplanation
 
 __all__ = [
     "ChannelReduction", "EngineStats", "ExplainConfig", "MemoryFormat", "ProgressCallback",
@@ -53,19 +53,10 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ public API
-def explain(
-    model: nn.Module,
-    x0: torch.Tensor,
-    x1: torch.Tensor,
-    layers: str | Sequence[str],
-    config: ExplainConfig | None = None,
-    *,
-    device: torch.device | str | None = None,
-    canonizers: Sequence[Canonizer] | None = None,
-    progress: ProgressCallback | None = None,
-    stats: EngineStats | None = None,
-    **settings: Any,
-) -> list[PairExplanation]:
+def explain(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, layers: str | Sequence[str],
+            config: ExplainConfig | None = None, *, device: torch.device | str | None = None,
+            canonizers: Sequence[Canonizer] | None = None, progress: ProgressCallback | None = None,
+            stats: EngineStats | None = None, **settings: Any) -> list[PairExplanation]:
     """Explain pairs ``(x0[i], x1[i])`` with PAIR-X.
 
     Args:
@@ -446,7 +437,7 @@ def _layer_explanation(
         layer=name,
         relevance_0=relevance[0].to("cpu").numpy(),
         relevance_1=relevance[1].to("cpu").numpy(),
-        matches=_matches_table(matches, grid, input_size),
+        matches=matches_table(matches, grid, input_size),
         pixel_relevance_0=pixels(images[0], matches.cell_0),
         pixel_relevance_1=pixels(images[1], matches.cell_1),
         feature_shape=(int(feature_map.shape[1]), *grid),
@@ -499,26 +490,3 @@ def _pixel_maps(
         for image, cell in active:
             maps[(image, cell)] = reduced[image].clone()
     return maps
-
-
-def _matches_table(matches, grid: tuple[int, int], input_size: tuple[int, int]):
-    h, w = grid
-    x_0, y_0 = cell_centres(matches.cell_0, grid, input_size)
-    x_1, y_1 = cell_centres(matches.cell_1, grid, input_size)
-    cells_0 = matches.cell_0.to("cpu").numpy()
-    cells_1 = matches.cell_1.to("cpu").numpy()
-    return matches_frame(
-        {
-            "rank": np.arange(len(cells_0)),
-            "row_0": cells_0 // w,
-            "col_0": cells_0 % w,
-            "row_1": cells_1 // w,
-            "col_1": cells_1 % w,
-            "x_0": x_0.to("cpu").numpy(),
-            "y_0": y_0.to("cpu").numpy(),
-            "x_1": x_1.to("cpu").numpy(),
-            "y_1": y_1.to("cpu").numpy(),
-            "distance": matches.distance.detach().to("cpu").numpy().astype(np.float64),
-            "relevance": matches.relevance.detach().to("cpu").numpy().astype(np.float64),
-        }
-    )

@@ -90,3 +90,22 @@ def cell_centres(cells: torch.Tensor, grid: tuple[int, int], input_size: tuple[i
     """
     xy = cell_index_centres(cells.detach().cpu().numpy(), grid, input_size)
     return torch.from_numpy(np.ascontiguousarray(xy[:, 0])), torch.from_numpy(np.ascontiguousarray(xy[:, 1]))
+
+
+def matches_table(matches: Matches, grid: tuple[int, int], input_size: tuple[int, int]):
+    """The matches table (``pairx_core.results.MATCH_COLUMNS``) of ranked matches on an ``(h, w)``
+    grid over an ``(H, W)`` input; cell centres in the input's pixels (:mod:`pairx_core.geometry`)."""
+    from .results import matches_frame
+
+    w = grid[1]
+    x_0, y_0 = cell_centres(matches.cell_0, grid, input_size)
+    x_1, y_1 = cell_centres(matches.cell_1, grid, input_size)
+    cells_0 = matches.cell_0.cpu().numpy()
+    cells_1 = matches.cell_1.cpu().numpy()
+    return matches_frame({
+        "rank": np.arange(len(cells_0)), "row_0": cells_0 // w, "col_0": cells_0 % w,
+        "row_1": cells_1 // w, "col_1": cells_1 % w,
+        "x_0": x_0.numpy(), "y_0": y_0.numpy(), "x_1": x_1.numpy(), "y_1": y_1.numpy(),
+        "distance": matches.distance.detach().cpu().numpy().astype(np.float64),
+        "relevance": matches.relevance.detach().cpu().numpy().astype(np.float64),
+    })

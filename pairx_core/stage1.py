@@ -30,14 +30,9 @@ from .canonizers import select_canonizers
 from .engine import ExplainConfig, explain_indexed, similarity_seeds
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
 from .lrp import EngineEpsilonPlus
-from .matching import (
-    cell_centres,
-    mutual_nearest_neighbours,
-    rank_matches,
-    reduce_channels,
-)
+from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .model_context import prepared_model
-from .results import LayerExplanation, PairExplanation, matches_frame
+from .results import LayerExplanation, PairExplanation
 from .split import can_split, split_forward
 
 #: pairs per forward/backward of the upper network (2 rows each)
@@ -155,23 +150,7 @@ def _stage1_batch(model, composite, plan, values, batch, layer, input_size, conf
                                       embedding_1=embeddings[n + p].detach().cpu().numpy())
         explanation.layers[layer] = LayerExplanation(
             layer=layer, relevance_0=reduced[p].cpu().numpy(), relevance_1=reduced[n + p].cpu().numpy(),
-            matches=_matches(ranked, (h, w), input_size), pixel_relevance_0=empty, pixel_relevance_1=empty,
+            matches=matches_table(ranked, (h, w), input_size), pixel_relevance_0=empty, pixel_relevance_1=empty,
             feature_shape=(int(c), int(h), int(w)), input_size=tuple(input_size), k_lines=config.k_lines)
         results.append(explanation)
     return results
-
-
-def _matches(matches, grid: tuple[int, int], input_size: tuple[int, int]):
-    """The matches table (``pairx_core.results.MATCH_COLUMNS``) of ranked matches."""
-    w = grid[1]
-    x_0, y_0 = cell_centres(matches.cell_0, grid, input_size)
-    x_1, y_1 = cell_centres(matches.cell_1, grid, input_size)
-    cells_0 = matches.cell_0.cpu().numpy()
-    cells_1 = matches.cell_1.cpu().numpy()
-    return matches_frame({
-        "rank": np.arange(len(cells_0)), "row_0": cells_0 // w, "col_0": cells_0 % w,
-        "row_1": cells_1 // w, "col_1": cells_1 % w,
-        "x_0": x_0.cpu().numpy(), "y_0": y_0.cpu().numpy(), "x_1": x_1.cpu().numpy(), "y_1": y_1.cpu().numpy(),
-        "distance": matches.distance.detach().cpu().numpy().astype(np.float64),
-        "relevance": matches.relevance.detach().cpu().numpy().astype(np.float64),
-    })
