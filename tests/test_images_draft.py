@@ -69,9 +69,11 @@ def test_exif_rotated_jpeg_reduced_scale():
 
 def test_resolution_floors_model_input_and_picture():
     data = _jpeg_with_marker(size=(4000, 3000))
-    # picture floor: long side >= 1024 -> 1/2 (2000 x 1500), not 1/4 (1000 x 750)
+    # picture floor: long side >= 90 % of 1024 -> 1/4 (1000 x 750), not 1/8 (500 x 375)
     default = decode_image(data, target_size=(440, 440))
-    assert default.decode_scale == 2 and default.size == (2000, 1500)
+    assert default.decode_scale == 4 and default.size == (1000, 750)
+    # a larger picture asked for: 1/2 (2000 x 1500)
+    assert decode_image(data, target_size=(440, 440), picture_long_side=2000).decode_scale == 2
     # the caller asks for less: model input 440 bounds it -> 1/4 (750 >= 440, 375 < 440 at 1/8)
     assert decode_image(data, target_size=(440, 440), picture_long_side=0).decode_scale == 4
     # a small box: its own full-resolution size is all there is; never below the model input
