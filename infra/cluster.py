@@ -148,9 +148,6 @@ def make_task_runner(address: str | None = None, workers: int | None = None, dev
         if not address.startswith(("tcp://", "tls://", "ws://", "wss://", "inproc://")):
             raise ConfigError(f"--cluster must be a scheduler address like tcp://host:8786, got {address!r}")
         return DaskTaskRunner(address=address)
-    import dask
-
-    dask.config.set(local_cluster_config())  # read when DaskTaskRunner spawns the workers
     plan = ClusterPlan.for_machine(workers, device)
     cluster_kwargs = {
         "n_workers": plan.n_workers,
@@ -161,7 +158,21 @@ def make_task_runner(address: str | None = None, workers: int | None = None, dev
     }
     if plan.gpus:
         cluster_kwargs["resources"] = {GPU_RESOURCE: 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+    return DaskTaskRunner(cluster_class=quiet_local_cluster, cluster_kwargs=cluster_kwargs)
+
+
+def quiet_local_cluster(**cluster_kwargs):
+    """A ``distributed.LocalCluster`` whose workers start under :func:`local_cluster_config`.
+
+    The settings apply while the cluster starts its workers (each nanny reads its environment
+    and the workers' Dask config then) and are restored afterwards: the calling process's Dask
+    config is left as it was.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(local_cluster_config()):
+        return LocalCluster(**cluster_kwargs)
 
 
 def gpu_annotation(device: str | None) -> dict:

@@ -33,6 +33,7 @@ from .errors import ConfigError, NumericalError, PairXError, ShapeError
 from .lrp import EngineEpsilonPlus
 from .matching import cell_centres, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .results import LayerExplanation, PairExplanation, matches_frame
+from .runtime_settings import denormals_flushed
 from .split import can_split, split_forward
 
 #: pairs per forward/backward of the upper network (2 rows each)
@@ -100,10 +101,8 @@ def stage1(
         raise ConfigError(f"pair indices must lie in [0, {values.shape[0]})")
     if len(pair_array) == 0:
         return []
-    if target.type == "cpu":
-        torch.set_flush_denormal(True)
     results: list[PairExplanation] = []
-    with _inference_ready(model, target):
+    with denormals_flushed(target), _inference_ready(model, target):
         plan = can_split(model, layer, input_size, dtype, target)
         if plan is None:
             raise SplitUnsupportedError(f"{type(model).__name__} cannot be run from layer {layer!r} upward")

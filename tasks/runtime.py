@@ -32,7 +32,6 @@ class LoadedModel:
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
-LOADS = {"count": 0}  # how many times this process built a model (tests check reuse)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -51,8 +50,6 @@ def get_model(spec: str, device: str | None = None, storage_options: Mapping[str
     with _LOCK:
         if key not in _MODELS:
             tune_allocator()  # Dask workers start with a malloc setting that makes torch 3x slower
-            if target.type == "cpu":
-                torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
             threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
             if threads > 0:
                 torch.set_num_threads(threads)
@@ -62,7 +59,6 @@ def get_model(spec: str, device: str | None = None, storage_options: Mapping[str
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             _MODELS[key] = LoadedModel(model, prep, model_fingerprint(model), target)
-            LOADS["count"] += 1
         return _MODELS[key]
 
 
