@@ -13,9 +13,9 @@ from pairx_core.errors import ConfigError, NumericalError, ShapeError, Unsupport
 from pairx_core.reference import explain_pair_reference
 from pairx_core.results import MATCH_COLUMNS
 
-CASES = [
-    (tiny_timm_efficientnet, "backbone.blocks.3"),
-    (tiny_timm_resnet, "backbone.layer2"),
+CASES = [  # the timm cases take minutes in float64 on 2 cores: left out of `scripts/test.sh --quick`
+    pytest.param(tiny_timm_efficientnet, "backbone.blocks.3", marks=pytest.mark.slow),
+    pytest.param(tiny_timm_resnet, "backbone.layer2", marks=pytest.mark.slow),
     (plain_stack, "features.4"),
 ]
 
