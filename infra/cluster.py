@@ -166,13 +166,21 @@ def quiet_local_cluster(**cluster_kwargs):
 
     The settings apply while the cluster starts its workers (each nanny reads its environment
     and the workers' Dask config then) and are restored afterwards: the calling process's Dask
-    config is left as it was.
+    config is left as it was. A nanny copies its pre-spawn variables into the environment of the
+    process that runs it, so a cluster started earlier in this process with Dask's defaults left
+    ``MALLOC_TRIM_THRESHOLD_`` there for every later worker to inherit: it is also left out of this
+    process's environment while the workers start.
     """
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set(local_cluster_config()):
-        return LocalCluster(**cluster_kwargs)
+    inherited = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set(local_cluster_config()):
+            return LocalCluster(**cluster_kwargs)
+    finally:
+        if inherited is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
 
 
 def gpu_annotation(device: str | None) -> dict:

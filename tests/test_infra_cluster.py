@@ -59,9 +59,11 @@ def _worker_settings(dask_worker) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_local_workers_start_without_the_malloc_trim_setting_and_quiet():
+def test_local_workers_start_without_the_malloc_trim_setting_and_quiet(monkeypatch):
     """Dask's default MALLOC_TRIM_THRESHOLD_=65536 made the engine 3x slower in workers; its
     10 ms stack profiler and 20 ms ticks compete with the engine for the GIL."""
+    # as a cluster started earlier in this process with Dask's defaults leaves it
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     import dask
     from distributed import Client, LocalCluster
 
@@ -79,6 +81,7 @@ def test_local_workers_start_without_the_malloc_trim_setting_and_quiet():
             # the settings were scoped to the workers' start: this process keeps its own
             assert {key: dask.config.get(key) for key in dask_defaults} == dask_defaults
             assert dask.config.get("distributed.nanny.pre-spawn-environ") == spawn_environ
+            assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment restored
     assert values["malloc_trim"] is None
     assert values["config"] == cluster.QUIET_WORKER_CONFIG
     assert values["profiling"] is False
