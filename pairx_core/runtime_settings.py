@@ -1,10 +1,14 @@
-"""Process-wide torch settings, switched on for a block and restored after it.
+"""Torch settings that outlive a call, switched on for a block and restored after it.
 
 ``torch.set_flush_denormal`` has no getter and acts on the calling thread's floating-point
-control word (threads inherit it when they start, including torch's intra-op pool, which then
-keeps the state it started with). :func:`denormals_flushed` reads the current state by
+control word. Threads inherit the mode when they start, and torch's intra-op threads keep the
+mode they started with: measured here, after ``set_flush_denormal(True)`` an elementwise op on
+2 threads flushes half of its denormal inputs when the pool already existed (the calling
+thread's share), all of them when the pool started under the flag; turning the flag off later
+leaves the pool flushing. :func:`denormals_flushed` reads the calling thread's state by
 multiplying a denormal, sets the flag for the block and puts the previous state back, so a
-library call never leaves the caller's thread changed.
+library call never leaves the caller's thread changed. A process that runs pipeline tasks sets
+the mode once, before its first model load (``tasks.runtime``), so that its pool flushes too.
 """
 
 from __future__ import annotations

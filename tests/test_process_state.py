@@ -1,8 +1,13 @@
-"""Process-wide state: settings the library changes are scoped, and a worker builds a model once."""
+"""Process-wide state: the library scopes the settings it changes; a task process sets its torch
+mode once, before its first model load, and builds each model once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +75,22 @@ def test_a_worker_builds_each_model_once(monkeypatch):
     assert all(item is loaded[0] for item in loaded)
     assert runtime.get_model(spec, "cpu") is loaded[0]
     assert not any(p.requires_grad for p in loaded[0].model.parameters())
+
+
+def test_a_task_process_flushes_denormals_on_all_intra_op_threads():
+    """Torch's intra-op threads keep the floating-point mode they start with: the model load of a
+    task process must set flush-to-zero before it starts them, or LRP runs slow on all but one."""
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from tasks.runtime import get_model\n"
+        "get_model('python:model_helpers:plain_stack?size=32', 'cpu')\n"
+        "values = np.full(1_000_000, 1e-310)\n"  # denormals, written without arithmetic
+        "product = (torch.from_numpy(values) * 1.0).numpy()\n"  # split over both intra-op threads
+        "print(np.mean(product.view(np.int64) == 0))\n"  # flushed: the bits are zero
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) == 1.0  # every thread's share flushed
