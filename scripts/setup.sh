@@ -29,7 +29,7 @@ if [ "${PAIRX_SETUP_PIP:-}" != 1 ] && quiet .venv/bin/python -m pip install -q -
   for place in ${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}; do
     from_pip+=(--find-links "$place")
   done
-  .venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match \
+  .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python --index-strategy unsafe-best-match \
     "${from_pip[@]+"${from_pip[@]}"}" "${PACKAGES[@]}"
 else
   quiet .venv/bin/python -m pip install -q "${PACKAGES[@]}"
