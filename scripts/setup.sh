@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv at the repository root and install the project with its dev extras.
 #
-# The installer is uv (itself installed into .venv by pip first): it resolves in about a second and
-# unpacks wheels in parallel into its cache (~/.cache/uv), then links them into .venv. torch with
-# its CUDA libraries is 3.3 GB of wheels, so this is where the time goes: ~45 s with an empty uv
-# cache, ~6 s with a warm one, against ~190 s for pip (docs/operations.md, "Setup time").
+# The installer is uv (itself installed into .venv by pip first): it resolves in about a second,
+# unpacks wheels in parallel into its cache (~/.cache/uv), links them into .venv and compiles
+# bytecode as pip does. torch with its CUDA libraries is 3.3 GB of wheels: ~50 s in all from a
+# clean clone, against 3.5 min with pip (docs/operations.md, "Setup time").
 # PAIRX_SETUP_PIP=1 uses pip alone, as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
