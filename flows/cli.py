@@ -1,4 +1,4 @@
-"""The ``pairx`` command line: explain, nightly, reprocess, demo, layers.
+"""The ``pairx`` command line: explain, nightly, reprocess, demo, layers, and upkeep (gc, compact, cache).
 
 Order of work for a run: options and inputs are checked first (missing folders, broken pairs
 tables, unknown models or layers, random weights: exit code 2 with one line, in seconds), then
@@ -633,6 +633,37 @@ def gc_cmd(
                f"picture(s), {len(report.temp_files)} temporary file(s)")
     for url in report.matches_files + report.pictures + report.temp_files:
         typer.echo(f"  {url}")
+
+
+@app.command("compact")
+def compact_cmd(
+    out: str = typer.Argument(..., help="output root (a local folder)"),
+    table: Optional[list[str]] = typer.Option(None, "--table", help="only this table (repeatable; default: all)"),
+    lease_wait: float = typer.Option(0.0, "--lease-wait", help="seconds to wait for a run holding OUT to finish "
+                                                               "(default: refuse at once)"),
+    json_output: bool = JsonOut,
+) -> None:
+    """Rewrite each table partition's small Parquet files into one file (readers see the same rows).
+
+    Refuses while a run writes OUT (it holds the output's lease); runs started meanwhile wait.
+    """
+    from infra.lease import OutputLockedError
+
+    try:
+        from infra.compaction import compact_output
+
+        results = compact_output(out, table or None, lease_wait_s=lease_wait)
+    except OutputLockedError as error:
+        fail(str(error), code=EXIT_FAILED)
+    except Exception as error:  # noqa: BLE001
+        _preflight_error(error)
+    if json_output:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    for r in results:
+        typer.echo(f"{r.table}: {r.files_before} -> {r.files_after} file(s), {r.bytes_before / 1e6:.2f} -> "
+                   f"{r.bytes_after / 1e6:.2f} MB ({len(r.partitions)} partition(s), {r.rows_rewritten} row(s) "
+                   "rewritten)")
 
 
 cache_app = typer.Typer(add_completion=False, no_args_is_help=True,

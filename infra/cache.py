@@ -182,6 +182,36 @@ def _check_fingerprint(name: str, value: str) -> str:
     return value
 
 
+def _validated_batch(hashes: Sequence[str], embeddings: Any, features: Mapping[str, Any] | None
+                     ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+    """``put``'s arguments checked and as numpy: hashes, ``(N, D)`` embeddings, feature maps
+    ``(N, C, h, w)`` by layer, and each layer's store key.
+
+    Raises:
+        ShapeError: array shapes do not match ``N``.
+        ConfigError: duplicate/empty hashes or layer names, or layer names that collide as keys.
+    """
+    hashes = [str(h) for h in hashes]
+    n = len(hashes)
+    if n == 0:
+        raise ConfigError("put() needs at least one hash")
+    if len(set(hashes)) != n or any(not h for h in hashes):
+        raise ConfigError("put() hashes must be distinct non-empty strings")
+    emb = _as_numpy(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ShapeError("embeddings", emb.shape, f"(N={n}, D)")
+    feats = {layer: _as_numpy(array) for layer, array in (features or {}).items()}
+    for layer, array in feats.items():
+        if not isinstance(layer, str) or not layer:
+            raise ConfigError(f"layer names must be non-empty strings, got {layer!r}")
+        if np.ndim(array) != 4 or np.shape(array)[0] != n:
+            raise ShapeError(f"features[{layer!r}]", np.shape(array), f"(N={n}, C, h, w)")
+    keys = {layer: safe_segment(layer) for layer in feats}
+    if len(set(keys.values())) != len(keys):
+        raise ConfigError(f"layer names collide after sanitising: {sorted(feats)}")
+    return hashes, emb, feats, keys
+
+
 def _as_numpy(values: Any) -> np.ndarray:
     """numpy view of an array-like; torch tensors (any device, with grad) are detached and moved."""
     if hasattr(values, "detach") and hasattr(values, "cpu"):
@@ -519,47 +549,52 @@ class ActivationCache:
             ShapeError: array shapes do not match ``N``.
             ConfigError: duplicate/empty hashes, or values that overflow the stored dtype.
         """
-        import zarr
-
-        hashes = [str(h) for h in hashes]
-        n = len(hashes)
-        if n == 0:
-            raise ConfigError("put() needs at least one hash")
-        if len(set(hashes)) != n or any(not h for h in hashes):
-            raise ConfigError("put() hashes must be distinct non-empty strings")
-        emb = _as_numpy(embeddings)
-        if emb.ndim != 2 or emb.shape[0] != n:
-            raise ShapeError("embeddings", emb.shape, f"(N={n}, D)")
-        feats = {layer: _as_numpy(array) for layer, array in (features or {}).items()}
-        for layer, array in feats.items():
-            if not isinstance(layer, str) or not layer:
-                raise ConfigError(f"layer names must be non-empty strings, got {layer!r}")
-            if np.ndim(array) != 4 or np.shape(array)[0] != n:
-                raise ShapeError(f"features[{layer!r}]", np.shape(array), f"(N={n}, C, h, w)")
-        keys = {layer: safe_segment(layer) for layer in feats}
-        if len(set(keys.values())) != len(keys):
-            raise ConfigError(f"layer names collide after sanitising: {sorted(feats)}")
-
+        hashes, emb, feats, keys = _validated_batch(hashes, embeddings, features)
         emb_stored = self._cast(emb, self.embedding_dtype, "embeddings")
         feats_stored = {
             layer: self._cast(a, self.dtype_for(layer), f"features[{layer!r}]")
             for layer, a in feats.items()
         }
-        for name, values, embeddings in [("embeddings", emb_stored, True)] + [
+        for name, values, is_embedding in [("embeddings", emb_stored, True)] + [
                 (f"features[{layer!r}]", v, False) for layer, v in feats_stored.items()]:
-            bad = _bad_values(values, embeddings)
+            bad = _bad_values(values, is_embedding)
             if bad.any():
-                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are NaN/Inf" + (" or all zero" if embeddings else "")
+                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are NaN/Inf" + (" or all zero" if is_embedding else "")
                                   + "; refusing to cache them")
 
         batch_id = _new_batch_id()
         created_at = datetime.now(timezone.utc).isoformat()
-        base = batch_id
+        layer_specs = self._write_arrays(batch_id, hashes, keys, emb_stored, feats_stored, created_at)
+        index = {
+            "format": _INDEX_FORMAT,
+            "batch_id": batch_id,
+            "model_fingerprint": self.model_fingerprint,
+            "prep_fingerprint": self.prep_fingerprint,
+            "created_at": created_at,
+            "hashes": hashes,
+            "embeddings": {
+                "path": f"{batch_id}/embeddings",
+                "shape": list(emb_stored.shape),
+                "dtype": emb_stored.dtype.name,
+            },
+            "layers": layer_specs,
+            "checksums": {"embeddings": row_checksums(emb_stored),
+                          "layers": {layer: row_checksums(v) for layer, v in feats_stored.items()}},
+        }
+        self._commit_index(batch_id, json.dumps(index, indent=1).encode())
+        return batch_id
+
+    def _write_arrays(self, batch_id: str, hashes: list[str], keys: Mapping[str, str], emb_stored: np.ndarray,
+                      feats_stored: Mapping[str, np.ndarray], created_at: str) -> dict[str, dict[str, Any]]:
+        """Write a batch's Zarr group (embeddings whole, feature maps one chunk per row); the
+        index entries of its feature arrays by layer."""
+        import zarr
+
         store = self.target.zarr_store(self.zarr_prefix)
         group = zarr.create_group(
             store,
-            path=base,
-            attributes={"hashes": hashes, "layers": keys, "created_at": created_at},
+            path=batch_id,
+            attributes={"hashes": hashes, "layers": dict(keys), "created_at": created_at},
         )
         array = group.create_array(
             "embeddings",
@@ -583,28 +618,11 @@ class ActivationCache:
                 )
                 fmap[...] = values
                 layer_specs[layer] = {
-                    "path": f"{base}/features/{keys[layer]}",
+                    "path": f"{batch_id}/features/{keys[layer]}",
                     "shape": list(values.shape),
                     "dtype": values.dtype.name,
                 }
-        index = {
-            "format": _INDEX_FORMAT,
-            "batch_id": batch_id,
-            "model_fingerprint": self.model_fingerprint,
-            "prep_fingerprint": self.prep_fingerprint,
-            "created_at": created_at,
-            "hashes": hashes,
-            "embeddings": {
-                "path": f"{base}/embeddings",
-                "shape": list(emb_stored.shape),
-                "dtype": emb_stored.dtype.name,
-            },
-            "layers": layer_specs,
-            "checksums": {"embeddings": row_checksums(emb_stored),
-                          "layers": {layer: row_checksums(v) for layer, v in feats_stored.items()}},
-        }
-        self._commit_index(batch_id, json.dumps(index, indent=1).encode())
-        return batch_id
+        return layer_specs
 
     def _commit_index(self, batch_id: str, payload: bytes) -> None:
         """Write the index file: the step that makes a batch visible (tests patch it)."""

@@ -148,9 +148,6 @@ def make_task_runner(address: str | None = None, workers: int | None = None, dev
         if not address.startswith(("tcp://", "tls://", "ws://", "wss://", "inproc://")):
             raise ConfigError(f"--cluster must be a scheduler address like tcp://host:8786, got {address!r}")
         return DaskTaskRunner(address=address)
-    import dask
-
-    dask.config.set(local_cluster_config())  # read when DaskTaskRunner spawns the workers
     plan = ClusterPlan.for_machine(workers, device)
     cluster_kwargs = {
         "n_workers": plan.n_workers,
@@ -161,7 +158,29 @@ def make_task_runner(address: str | None = None, workers: int | None = None, dev
     }
     if plan.gpus:
         cluster_kwargs["resources"] = {GPU_RESOURCE: 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+    return DaskTaskRunner(cluster_class=quiet_local_cluster, cluster_kwargs=cluster_kwargs)
+
+
+def quiet_local_cluster(**cluster_kwargs):
+    """A ``distributed.LocalCluster`` whose workers start under :func:`local_cluster_config`.
+
+    The settings apply while the cluster starts its workers (each nanny reads its environment
+    and the workers' Dask config then) and are restored afterwards: the calling process's Dask
+    config is left as it was. A nanny copies its pre-spawn variables into the environment of the
+    process that runs it, so a cluster started earlier in this process with Dask's defaults left
+    ``MALLOC_TRIM_THRESHOLD_`` there for every later worker to inherit: it is also left out of this
+    process's environment while the workers start.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    inherited = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set(local_cluster_config()):
+            return LocalCluster(**cluster_kwargs)
+    finally:
+        if inherited is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
 
 
 def gpu_annotation(device: str | None) -> dict:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -217,8 +217,31 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None = None)
             raise UnsupportedModelError(*cached[2])
         return dict(cached[2])
 
-    known = _known_types()
     modules = list(model.named_modules())
+    findings = _read_forwards(model, modules, example_input)
+    by_name = dict(modules)
+    refused = [(name, findings[name]) for name, _ in modules if name in findings and findings[name].combination]
+    if refused:
+        (name, finding), *others = refused
+        hint = "; ".join(f"also {f.combination} in {n!r} ({type(by_name[n]).__qualname__})" for n, f in others[:4])
+        arguments = (_type_name(by_name[name]), name, hint, finding.combination)
+        _CHECKED[model] = (signature, "refused", arguments)
+        raise UnsupportedModelError(*arguments)
+
+    passed = {
+        name: type(by_name[name]).__qualname__ for name, _ in modules if name in findings and findings[name].computes
+    }
+    _CHECKED[model] = (signature, "passed", passed)
+    if passed:
+        _warn_run_by_gradient(passed)
+    return passed
+
+
+def _read_forwards(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], example_input: torch.Tensor | None
+) -> dict[str, ForwardFinding]:
+    """What the forward of every module of unknown type does, by name (fx first, then by running)."""
+    known = _known_types()
     if not any(True for _ in model.children()) and not _is_generic_safe(model) and not isinstance(model, known):
         raise UnsupportedModelError(_type_name(model), "", "the model has no submodules")
     findings: dict[str, ForwardFinding] = {}
@@ -239,33 +262,22 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None = None)
             pointwise.add(id(module))
     if unreadable:
         findings.update(_read_by_running(model, modules, unreadable, pointwise, example_input))
+    return findings
 
-    by_name = dict(modules)
-    refused = [(name, findings[name]) for name, _ in modules if name in findings and findings[name].combination]
-    if refused:
-        (name, finding), *others = refused
-        hint = "; ".join(f"also {f.combination} in {n!r} ({type(by_name[n]).__qualname__})" for n, f in others[:4])
-        arguments = (_type_name(by_name[name]), name, hint, finding.combination)
-        _CHECKED[model] = (signature, "refused", arguments)
-        raise UnsupportedModelError(*arguments)
 
-    passed = {
-        name: type(by_name[name]).__qualname__ for name, _ in modules if name in findings and findings[name].computes
-    }
-    _CHECKED[model] = (signature, "passed", passed)
-    if passed:
-        listed = ", ".join(f"{type_name} ({name!r})" for name, type_name in list(passed.items())[:8])
-        more = f" and {len(passed) - 8} more" if len(passed) > 8 else ""
-        warnings.warn(
-            UnknownModuleWarning(
-                f"no LRP rule for {listed}{more}: each transforms a single activation, so relevance "
-                "passes through it by its gradient, as in the published PAIR-X method (declare a type "
-                "with pairx_core.canonizers.register_safe_module to silence this)",
-                passed,
-            ),
-            stacklevel=3,
-        )
-    return passed
+def _warn_run_by_gradient(passed: dict[str, str]) -> None:
+    """One :class:`UnknownModuleWarning` naming the modules relevance passes by their gradient."""
+    listed = ", ".join(f"{type_name} ({name!r})" for name, type_name in list(passed.items())[:8])
+    more = f" and {len(passed) - 8} more" if len(passed) > 8 else ""
+    warnings.warn(
+        UnknownModuleWarning(
+            f"no LRP rule for {listed}{more}: each transforms a single activation, so relevance "
+            "passes through it by its gradient, as in the published PAIR-X method (declare a type "
+            "with pairx_core.canonizers.register_safe_module to silence this)",
+            passed,
+        ),
+        stacklevel=4,
+    )
 
 
 def _read_by_running(
@@ -326,11 +338,22 @@ def _read_by_running(
 
 
 # ------------------------------------------------------------------------------ the canonizers
-class _SqueezeExciteCanonizer(AttributeCanonizer):
-    """Rewrites the SE product of timm and torchvision blocks (published PAIR-X behaviour)."""
+class _FixedMapCanonizer(AttributeCanonizer):
+    """An attribute canonizer whose map takes no settings: subclasses define ``_attribute_map``."""
 
     def __init__(self) -> None:
         super().__init__(self._attribute_map)
+
+    @staticmethod
+    def _attribute_map(name: str, module: nn.Module) -> dict | None:
+        raise NotImplementedError
+
+    def copy(self) -> "_FixedMapCanonizer":
+        return type(self)()
+
+
+class _SqueezeExciteCanonizer(_FixedMapCanonizer):
+    """Rewrites the SE product of timm and torchvision blocks (published PAIR-X behaviour)."""
 
     @staticmethod
     def _attribute_map(name: str, module: nn.Module) -> dict | None:
@@ -341,9 +364,6 @@ class _SqueezeExciteCanonizer(AttributeCanonizer):
         if isinstance(module, tv_se):
             return {"forward": types.MethodType(_torchvision_se_forward, module)}
         return None
-
-    def copy(self) -> "_SqueezeExciteCanonizer":
-        return _SqueezeExciteCanonizer()
 
 
 def _timm_se_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -399,11 +419,8 @@ class _ResidualSplitCanonizer(AttributeCanonizer):
         return _ResidualSplitCanonizer(self.block_types, self.flag, self.drop_attr)
 
 
-class _TimmResNetBlockCanonizer(AttributeCanonizer):
+class _TimmResNetBlockCanonizer(_FixedMapCanonizer):
     """Explicit residual split for timm ``BasicBlock``/``Bottleneck`` (their forward adds in place)."""
-
-    def __init__(self) -> None:
-        super().__init__(self._attribute_map)
 
     @staticmethod
     def _attribute_map(name: str, module: nn.Module) -> dict | None:
@@ -415,9 +432,6 @@ class _TimmResNetBlockCanonizer(AttributeCanonizer):
             "forward": types.MethodType(_timm_basic_forward if basic else _timm_bottleneck_forward, module),
             "canonizer_sum": Sum(),
         }
-
-    def copy(self) -> "_TimmResNetBlockCanonizer":
-        return _TimmResNetBlockCanonizer()
 
 
 def _timm_block_tail(block: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, last_act: nn.Module) -> torch.Tensor:
@@ -554,5 +568,3 @@ def select_canonizers(
         canonizers.append(_ExactSequentialMergeBatchNorm())
     return canonizers
 
-
-CanonizerFactory = Callable[[nn.Module], list[Canonizer]]

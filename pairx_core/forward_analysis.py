@@ -145,55 +145,65 @@ def analyse_fx(module: nn.Module, pointwise_children: Iterable[str] = ()) -> For
         if node.op == "placeholder":
             placeholders.append(node)
             root[node] = node
-            continue
-        if node.op == "get_attr":
-            continue
-        if node.op == "output":
+        elif node.op == "output":
             result = node.args[0]
-            continue
-        args = _flatten_nodes((node.args, node.kwargs))
-        active = [a for a in args if a in root]
-        if not active:
-            continue
-        if node.op == "call_module":
-            root[node] = root[active[0]] if node.target in pointwise_children and len(active) == 1 else node
-            continue
-        raw_name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_function" and node.target is getattr:
-            attribute = node.args[1] if len(node.args) > 1 else None
-            if attribute in _METADATA_ATTRIBUTES:
-                continue
-            root[node] = node  # an attribute of an activation we do not know: keep it an activation
-            continue
-        if node.op == "call_function" and node.target is operator.getitem:
-            root[node] = node  # indexing moves values (a new lineage: positions change)
-            continue
-        if raw_name in _METADATA_METHODS or raw_name in _VALUE_FREE:
-            continue
-        if raw_name in _SHAPE_FROM_ARGUMENT:
-            active = [a for a in active if a is node.args[0]]
-            if not active:
-                continue
-        op = normalise_op(raw_name)
-        kind = _kind(op)
-        roots = {root[a] for a in active}
-        if kind == "elementwise":
-            if len(roots) > 1:
-                return ForwardFinding(op, True, False, "fx")
-            root[node] = roots.pop()
-            computes = True
-        elif kind == "routing":
-            root[node] = node
-        else:
-            if len(roots) > 1:
-                return ForwardFinding(op, True, False, "fx")
-            root[node] = node
-            computes = True
+        elif node.op != "get_attr":
+            step = _fx_lineage(node, root, pointwise_children)
+            if isinstance(step, str):
+                return ForwardFinding(step, True, False, "fx")
+            if step is not None:
+                root[node], did_compute = step
+                computes = computes or did_compute
     pointwise = (
         len(placeholders) == 1 and isinstance(result, torch.fx.Node) and root.get(result) is placeholders[0]
         and result is not placeholders[0]
     )
     return ForwardFinding(None, computes, pointwise, "fx")
+
+
+def _fx_lineage(node: torch.fx.Node, root: dict, pointwise_children: set[str]) -> tuple[Any, bool] | str | None:
+    """What one traced call does with activations (``root``: activation node -> elementwise root).
+
+    Returns ``None`` when the call's result is not an activation, ``(its root, whether it
+    computes)`` when it is, or the operation's name when it combines two activations.
+    """
+    active = [a for a in _flatten_nodes((node.args, node.kwargs)) if a in root]
+    if not active:
+        return None
+    if node.op == "call_module":
+        keeps_lineage = node.target in pointwise_children and len(active) == 1
+        return (root[active[0]] if keeps_lineage else node), False
+    if node.op == "call_function" and node.target is getattr:
+        attribute = node.args[1] if len(node.args) > 1 else None
+        # an attribute of an activation we do not know: keep it an activation
+        return None if attribute in _METADATA_ATTRIBUTES else (node, False)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node, False  # indexing moves values (a new lineage: positions change)
+    raw_name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if raw_name in _METADATA_METHODS or raw_name in _VALUE_FREE:
+        return None
+    if raw_name in _SHAPE_FROM_ARGUMENT:
+        active = [a for a in active if a is node.args[0]]
+        if not active:
+            return None
+    op = normalise_op(raw_name)
+    step = _follow(op, {root[a] for a in active}, node)
+    return op if step is None else step
+
+
+def _follow(op: str, active_roots: set, node: Any) -> tuple[Any, bool] | None:
+    """How ``node``, computing ``op`` from activations with elementwise roots ``active_roots``,
+    continues their lineage: ``(its root, whether it computes)``; ``None`` when it combines two.
+
+    Shared by both readers: an elementwise op keeps its input's root, routing starts a new
+    lineage without computing, anything else starts a new lineage and computes.
+    """
+    kind = _kind(op)
+    if kind == "routing":
+        return node, False
+    if len(active_roots) > 1:
+        return None
+    return (next(iter(active_roots)) if kind == "elementwise" else node), True
 
 
 def _default_arguments(module: nn.Module) -> dict[str, Any]:
@@ -317,19 +327,11 @@ def _walk(outputs: list[torch.Tensor], leaf_index: dict[int, int], single_input:
             roots[node] = None
             continue
         op = normalise_op(name)
-        kind = _kind(op)
-        if kind == "elementwise":
-            if len(active) > 1:
-                return ForwardFinding(op, True, False, "autograd")
-            roots[node] = active.pop()
-            computes = True
-        elif kind == "routing":
-            roots[node] = node
-        else:
-            if len(active) > 1:
-                return ForwardFinding(op, True, False, "autograd")
-            roots[node] = node
-            computes = True
+        step = _follow(op, active, node)
+        if step is None:
+            return ForwardFinding(op, True, False, "autograd")
+        roots[node], did_compute = step
+        computes = computes or did_compute
     pointwise = single_input and len(outputs) == 1 and roots.get(outputs[0].grad_fn) == ("input", 0)
     return ForwardFinding(None, computes, pointwise, "autograd")
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import LayerError
+from .runtime_settings import denormals_flushed
 
 __all__ = [
     "DEFAULT_LAYER_ATTRIBUTE",
@@ -218,11 +219,32 @@ def _scan(model: nn.Module, input_size: tuple[int, int]) -> list[LayerInfo]:
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     device = first.device if first is not None else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as the engine does: random weights make denormals
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 3, height, width, generator=generator, dtype=dtype).to(device)
+    with denormals_flushed(device):  # as the engine does: random weights make denormals
+        records, order, x, output = _record_forward(model, probe)
+    outputs = [output] if isinstance(output, torch.Tensor) else [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
+    on_every_path = _dominators_of_input([t.grad_fn for t in outputs if t.grad_fn is not None], x)
+    layers = []
+    for name in order:
+        record = records[name]
+        if record.calls != 1 or record.node is None or record.passes_input_on or id(record.node) not in on_every_path:
+            continue
+        if record.tensor._version != record.version:
+            continue  # changed in place later (an in-place activation): the engine cannot cut there
+        channels, h, w = record.shape
+        layers.append(LayerInfo(name, (int(channels), int(h), int(w)), type(record.module).__name__,
+                                stride=height / max(int(h), 1)))
+    return layers
 
+
+def _record_forward(model: nn.Module, probe: torch.Tensor) -> tuple[dict[str, _Record], list[str], torch.Tensor, Any]:
+    """One eval-mode forward of ``probe`` with hooks on every named module.
+
+    Returns the per-module records, the module names in first-call order, the input leaf and the
+    model output (its autograd graph kept). The model's mode and ``requires_grad`` flags are
+    restored, and the hooks removed, even on error.
+    """
     records: dict[str, _Record] = {}
     order: list[str] = []
     input_nodes: dict[str, list] = {}  # the nodes themselves (kept alive, so ids stay unique)
@@ -270,20 +292,7 @@ def _scan(model: nn.Module, input_size: tuple[int, int]) -> list[LayerInfo]:
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
         model.train(was_training)
-    outputs = [output] if isinstance(output, torch.Tensor) else [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
-    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    on_every_path = _dominators_of_input(roots, x)
-    layers = []
-    for name in order:
-        record = records[name]
-        if record.calls != 1 or record.node is None or record.passes_input_on or id(record.node) not in on_every_path:
-            continue
-        if record.tensor._version != record.version:
-            continue  # changed in place later (an in-place activation): the engine cannot cut there
-        channels, h, w = record.shape
-        layers.append(LayerInfo(name, (int(channels), int(h), int(w)), type(record.module).__name__,
-                                stride=height / max(int(h), 1)))
-    return layers
+    return records, order, x, output
 
 
 def _flatten(value: Any) -> list:
@@ -297,46 +306,68 @@ def _flatten(value: Any) -> list:
 def _dominators_of_input(roots: list, x: torch.Tensor) -> set[int]:
     """Ids of the autograd nodes that lie on every path from the outputs back to ``x``."""
     virtual_root = object()
-    successors: dict[int, list] = {id(virtual_root): list(roots)}
-    nodes: dict[int, Any] = {id(virtual_root): virtual_root}
+    successors, target = _autograd_graph(virtual_root, roots, x)
+    if target is None:
+        return set()
+    predecessors: dict[int, list[int]] = {key: [] for key in successors}
+    for key, nexts in successors.items():
+        for n in nexts:
+            predecessors[n].append(key)
+    reaches = _reachable(target, predecessors)  # keep only nodes that reach the input
+    root_key = id(virtual_root)
+    postorder = _postorder(root_key, {key: [n for n in nexts if n in reaches] for key, nexts in successors.items()})
+    idom = _immediate_dominators(root_key, postorder, predecessors)
+    dominators: set[int] = set()
+    key = target
+    while key != root_key:
+        dominators.add(key)
+        key = idom[key]
+    return dominators
+
+
+def _autograd_graph(virtual_root: object, roots: list, x: torch.Tensor) -> tuple[dict[int, list[int]], int | None]:
+    """The graph behind ``roots`` as ``{node id: [next node ids]}`` with ``virtual_root`` above
+    all roots, and the id of ``x``'s gradient accumulator (None when ``x`` is not reached)."""
+    successors: dict[int, list[int]] = {id(virtual_root): [id(r) for r in roots]}
+    seen: dict[int, Any] = {id(virtual_root): virtual_root}  # the nodes themselves keep ids unique
     target = None
     stack = list(roots)
     while stack:
         node = stack.pop()
-        if id(node) in nodes:
+        if id(node) in seen:
             continue
-        nodes[id(node)] = node
+        seen[id(node)] = node
         if type(node).__name__ == "AccumulateGrad":
             if getattr(node, "variable", None) is x:
-                target = node
+                target = id(node)
             successors[id(node)] = []
             continue
         nexts = [n for n, _ in node.next_functions if n is not None]
-        successors[id(node)] = nexts
+        successors[id(node)] = [id(n) for n in nexts]
         stack.extend(nexts)
-    if target is None:
-        return set()
-    # keep only nodes that reach the input
-    predecessors: dict[int, list[int]] = {key: [] for key in nodes}
-    for key, nexts in successors.items():
-        for n in nexts:
-            predecessors[id(n)].append(key)
-    reaches: set[int] = set()
-    stack_ids = [id(target)]
-    while stack_ids:
-        key = stack_ids.pop()
-        if key in reaches:
-            continue
-        reaches.add(key)
-        stack_ids.extend(predecessors[key])
-    # postorder from the virtual root over nodes that reach the input (iterative DFS)
+    return successors, target
+
+
+def _reachable(start: int, edges: dict[int, list[int]]) -> set[int]:
+    """Every key reachable from ``start`` along ``edges`` (``start`` included)."""
+    found: set[int] = set()
+    stack = [start]
+    while stack:
+        key = stack.pop()
+        if key not in found:
+            found.add(key)
+            stack.extend(edges[key])
+    return found
+
+
+def _postorder(root: int, successors: dict[int, list[int]]) -> list[int]:
+    """Depth-first postorder from ``root`` (iterative: autograd graphs are deep)."""
     postorder: list[int] = []
-    visited: set[int] = set()
-    dfs: list[tuple[int, int]] = [(id(virtual_root), 0)]
-    visited.add(id(virtual_root))
+    visited = {root}
+    dfs: list[tuple[int, int]] = [(root, 0)]
     while dfs:
         key, index = dfs[-1]
-        nexts = [id(n) for n in successors[key] if id(n) in reaches]
+        nexts = successors[key]
         if index < len(nexts):
             dfs[-1] = (key, index + 1)
             child = nexts[index]
@@ -346,10 +377,14 @@ def _dominators_of_input(roots: list, x: torch.Tensor) -> set[int]:
         else:
             postorder.append(key)
             dfs.pop()
+    return postorder
+
+
+def _immediate_dominators(root: int, postorder: list[int], predecessors: dict[int, list[int]]) -> dict[int, int]:
+    """Cooper, Harvey and Kennedy's iteration over the nodes in ``postorder``."""
     number = {key: i for i, key in enumerate(postorder)}
     preds_in = {key: [p for p in predecessors[key] if p in number] for key in number}
-    root_key = id(virtual_root)
-    idom: dict[int, int] = {root_key: root_key}
+    idom: dict[int, int] = {root: root}
 
     def intersect(a: int, b: int) -> int:
         while a != b:
@@ -360,7 +395,7 @@ def _dominators_of_input(roots: list, x: torch.Tensor) -> set[int]:
         return a
 
     changed = True
-    reverse_postorder = [key for key in reversed(postorder) if key != root_key]
+    reverse_postorder = [key for key in reversed(postorder) if key != root]
     while changed:
         changed = False
         for key in reverse_postorder:
@@ -373,12 +408,7 @@ def _dominators_of_input(roots: list, x: torch.Tensor) -> set[int]:
             if idom.get(key) != new:
                 idom[key] = new
                 changed = True
-    dominators: set[int] = set()
-    key = id(target)
-    while key != root_key:
-        dominators.add(key)
-        key = idom[key]
-    return dominators
+    return idom
 
 
 # --------------------------------------------------------------------------------------- checks

@@ -1,9 +1,8 @@
 """Running a model for a while under settings of our own, and putting everything back afterwards.
 
 The engine and stage 1 change the model (eval mode, frozen parameters, device, weight layout) and
-one process-wide switch (flushing denormal floats on CPU: LRP produces denormals, which slow
-x86 CPUs badly). Both are scoped here: whatever was in place before a call is in place after it,
-errors included.
+the calling thread's denormal flushing on CPU (:mod:`pairx_core.runtime_settings`). Both are
+scoped here: whatever was in place before a call is in place after it, errors included.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .runtime_settings import denormals_flushed
+
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
     """``device`` if given, else where the model's first parameter lives (CPU for none)."""
@@ -21,29 +22,6 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
         return torch.device(device)
     first = next(iter(model.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def flush_denormals(device: torch.device | str = "cpu") -> Iterator[None]:
-    """Flush denormal floats to zero within the block when computing on CPU; restore on exit.
-
-    ``torch.set_flush_denormal`` is process-wide and has no getter; the previous state is read
-    by setting it and looking at what a denormal becomes.
-    """
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    previous = _flushing_denormals()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(previous)
-
-
-def _flushing_denormals() -> bool:
-    tiny = torch.tensor([1e-310], dtype=torch.float64)  # a denormal double
-    return bool((tiny * 1.0).item() == 0.0)
 
 
 @contextlib.contextmanager
@@ -65,7 +43,7 @@ def prepared_model(model: nn.Module, device: torch.device, channels_last: bool =
                 if parameter.ndim == 4:
                     original_layout.append((parameter, parameter.data))
                     parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-        with flush_denormals(device):
+        with denormals_flushed(device):
             yield
     finally:
         for parameter, data in original_layout:

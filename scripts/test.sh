@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite inside .venv (set up on first use). CPU only; the GPU check is bench/gpu_check.sh.
 #   bash scripts/test.sh            everything (what CI runs)
-#   bash scripts/test.sh --quick    the fast inner loop: no end-to-end runs (-m "not slow")
+#   bash scripts/test.sh --quick    the inner loop: no end-to-end runs, no float64 reference comparisons (-m "not slow")
 #   bash scripts/test.sh -k lease   any pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."

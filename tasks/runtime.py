@@ -32,7 +32,6 @@ class LoadedModel:
 
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
-LOADS = {"count": 0}  # how many times this process built a model (tests check reuse)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -51,19 +50,32 @@ def get_model(spec: str, device: str | None = None, storage_options: Mapping[str
     with _LOCK:
         if key not in _MODELS:
             tune_allocator()  # Dask workers start with a malloc setting that makes torch 3x slower
-            if target.type == "cpu":
-                torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
-            threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
-            if threads > 0:
-                torch.set_num_threads(threads)
+            _configure_torch(target)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 model, prep = load_model(spec, storage_options=storage_options, device=target)
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             _MODELS[key] = LoadedModel(model, prep, model_fingerprint(model), target)
-            LOADS["count"] += 1
         return _MODELS[key]
+
+
+def _configure_torch(target: torch.device) -> None:
+    """Torch settings of a process that runs pipeline tasks, made before its first model load.
+
+    - intra-op threads: ``PAIRX_TORCH_THREADS`` when set (the cluster factory gives each local
+      worker cores / workers);
+    - on CPU, denormals flushed to zero for the whole process, on purpose and once: LRP's relevance
+      products reach denormal magnitudes, which slow CPU arithmetic many times. The engine flushes
+      them for its own calls too (``pairx_core.runtime_settings.denormals_flushed``), but that
+      reaches only the calling thread: torch's intra-op threads keep the floating-point mode they
+      started with, so the mode must be set before the model load starts them.
+    """
+    threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if target.type == "cpu":
+        torch.set_flush_denormal(True)
 
 
 def model_identity(spec: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, Preprocessing]:

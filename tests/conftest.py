@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -29,13 +30,14 @@ def _test_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     patch.setenv("HF_HUB_OFFLINE", "1")
     patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
     patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is not None:
-        torch.set_flush_denormal(True)
-    yield
+    with contextlib.ExitStack() as scoped:
+        try:
+            from pairx_core.runtime_settings import denormals_flushed
+        except ImportError:  # no torch
+            pass
+        else:
+            scoped.enter_context(denormals_flushed())
+        yield
     patch.undo()
 
 

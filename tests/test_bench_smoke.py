@@ -20,6 +20,7 @@ MEASUREMENT_KEYS = {
 ENGINE_KEYS = {"batches", "images_per_batch", "forward_passes", "relevance_backwards", "pixel_backwards"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(100)
 def test_quick_benchmark_prints_json_lines() -> None:
     """Tiny model (timm test_efficientnet, 64 px), 2 pairs: about 20 s on 2 shared cores."""
@@ -58,6 +59,7 @@ def test_quick_benchmark_prints_json_lines() -> None:
     assert summaries[0]["groups"][0]["seconds_per_pair"]["engine_bs1"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_plausibility_benchmark_table_and_plot(tmp_path: Path) -> None:
     """Demo model, 8 held-out identities: JSON per bin, an overall line, a PNG plot."""

@@ -48,6 +48,7 @@ def _unknown_warnings(caught) -> list:
     return [w for w in caught if issubclass(w.category, UnknownModuleWarning)]
 
 
+@pytest.mark.slow
 def test_own_gem_model_equals_the_zoo_miewid_path():
     zoo = tiny_timm_efficientnet()
     own = OwnReIdModel().double().eval()

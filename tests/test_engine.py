@@ -13,9 +13,9 @@ from pairx_core.errors import ConfigError, NumericalError, ShapeError, Unsupport
 from pairx_core.reference import explain_pair_reference
 from pairx_core.results import MATCH_COLUMNS
 
-CASES = [
-    (tiny_timm_efficientnet, "backbone.blocks.3"),
-    (tiny_timm_resnet, "backbone.layer2"),
+CASES = [  # the timm cases take minutes in float64 on 2 cores: left out of `scripts/test.sh --quick`
+    pytest.param(tiny_timm_efficientnet, "backbone.blocks.3", marks=pytest.mark.slow),
+    pytest.param(tiny_timm_resnet, "backbone.layer2", marks=pytest.mark.slow),
     (plain_stack, "features.4"),
 ]
 
@@ -432,7 +432,7 @@ def test_one_configuration_path(effnet):
 
 def test_denormal_flushing_is_scoped(effnet):
     """The engine flushes denormals on CPU while it runs and puts the process setting back."""
-    from pairx_core.model_context import _flushing_denormals
+    from pairx_core.runtime_settings import denormals_are_flushed as _flushing_denormals
 
     x0, x1 = random_images(1, seed=33), random_images(1, seed=34)
     previous = _flushing_denormals()

@@ -59,9 +59,11 @@ def _worker_settings(dask_worker) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_local_workers_start_without_the_malloc_trim_setting_and_quiet():
+def test_local_workers_start_without_the_malloc_trim_setting_and_quiet(monkeypatch):
     """Dask's default MALLOC_TRIM_THRESHOLD_=65536 made the engine 3x slower in workers; its
     10 ms stack profiler and 20 ms ticks compete with the engine for the GIL."""
+    # as a cluster started earlier in this process with Dask's defaults leaves it
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     import dask
     from distributed import Client, LocalCluster
 
@@ -70,10 +72,16 @@ def test_local_workers_start_without_the_malloc_trim_setting_and_quiet():
                      "distributed.worker.memory.monitor-interval": "100ms"}
     assert set(dask_defaults) == set(cluster.QUIET_WORKER_CONFIG)
     with dask.config.set(dask_defaults):  # as if nothing had set them before
+        spawn_environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
         runner = make_task_runner(workers=1, device="cpu")
         kwargs = {**runner.cluster_kwargs, "n_workers": 1}
-        with LocalCluster(**kwargs) as local, Client(local) as client:
+        with runner.cluster_class(**kwargs) as local, Client(local) as client:
+            assert isinstance(local, LocalCluster)
             (values,) = client.run(_worker_settings).values()
+            # the settings were scoped to the workers' start: this process keeps its own
+            assert {key: dask.config.get(key) for key in dask_defaults} == dask_defaults
+            assert dask.config.get("distributed.nanny.pre-spawn-environ") == spawn_environ
+            assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment restored
     assert values["malloc_trim"] is None
     assert values["config"] == cluster.QUIET_WORKER_CONFIG
     assert values["profiling"] is False

@@ -81,6 +81,7 @@ def test_direct_equals_hooks_without_ordinary_conv_backward(make_model, layer):
     assert n_hooked > 0 and n_direct * 3 == n_hooked * 2
 
 
+@pytest.mark.slow
 def test_engine_results_equal_on_both_paths_float64():
     model = tiny_timm_efficientnet()
     x0, x1 = random_images(2, seed=5), random_images(2, seed=6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -98,3 +99,43 @@ def test_readers_never_see_duplicates_or_gaps_during_compaction(tmp_path):
 def test_compaction_refuses_remote_tables():
     with pytest.raises(ConfigError, match="atomic"):
         compact_table("memory://compaction-test", "pairs")
+
+
+def test_pairx_compact_command_same_rows_fewer_files_and_refused_during_a_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from infra.lease import output_lease
+
+    out = str(tmp_path)
+    for i, date in enumerate(["2024-05-01"] * 4 + ["2024-05-02"] * 3):
+        write_table(out, "pairs", _pair_rows(10 * i, 10), "m1", f"run{i}", date=date)
+    write_table(out, "errors", [{"item": "x", "stage": "load", "error_type": "E", "message": "m",
+                                 "content_hash": None}], "m1", "run0")  # today: compacted too (one file: kept)
+    before = read_table(out, "pairs").sort_values("pair_id").reset_index(drop=True)
+    runner = CliRunner()
+
+    with output_lease(out, "night-1", "nightly"):
+        refused = runner.invoke(app, ["compact", out])
+    assert refused.exit_code == 1 and "night-1" in refused.output
+    assert len(_files(out)) == 4  # nothing touched while the run held the output
+
+    result = runner.invoke(app, ["compact", out, "--table", "pairs", "--json"])
+    assert result.exit_code == 0, result.output
+    (summary,) = json.loads(result.output)
+    assert (summary["table"], summary["files_before"], summary["files_after"], summary["rows_rewritten"],
+            summary["partitions"]) == ("pairs", 7, 2, 70, 2)
+    assert 0 < summary["bytes_after"] < summary["bytes_before"]
+    assert len(_files(out)) == 1 and len(_files(out, date="2024-05-02")) == 1
+    after = read_table(out, "pairs").sort_values("pair_id").reset_index(drop=True)
+    assert after.equals(before)
+    import pyarrow.dataset as ds
+
+    glob_rows = ds.dataset(os.path.join(out, "tables", "pairs"), format="parquet", partitioning="hive").count_rows()
+    assert glob_rows == len(before) == 70
+
+    again = runner.invoke(app, ["compact", out])
+    assert again.exit_code == 0 and "pairs: 2 -> 2 file(s)" in again.output and "errors: 1 -> 1 file(s)" in again.output
+    assert runner.invoke(app, ["compact", out, "--table", "nope"]).exit_code == 2
+    remote = runner.invoke(app, ["compact", "memory://compaction-cli"])
+    assert remote.exit_code == 2 and "local output root" in remote.output

@@ -1,0 +1,96 @@
+"""Process-wide state: the library scopes the settings it changes; a task process sets its torch
+mode once, before its first model load, and builds each model once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import model_helpers
+from model_helpers import plain_stack
+from pairx_core.layers import list_layers
+from pairx_core.runtime_settings import denormals_are_flushed, denormals_flushed
+
+
+@pytest.fixture
+def denormals_kept():
+    """Denormals kept (torch's default) for the test; the session's setting restored after."""
+    before = denormals_are_flushed()
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(before)
+
+
+def test_denormals_flushed_inside_the_block_and_restored_after(denormals_kept):
+    tiny = torch.full((4,), 1e-310, dtype=torch.float64)
+    assert not denormals_are_flushed() and (tiny * 1.0).ne(0).all()
+    with denormals_flushed("cpu"):
+        assert denormals_are_flushed() and (tiny * 1.0).eq(0).all()
+        with denormals_flushed():
+            assert denormals_are_flushed()
+        assert denormals_are_flushed()  # the inner block restored the outer block's state
+    assert not denormals_are_flushed()
+    with pytest.raises(RuntimeError), denormals_flushed("cpu"):
+        raise RuntimeError("restored on error too")
+    assert not denormals_are_flushed()
+
+
+def test_a_caller_that_flushes_keeps_flushing(denormals_kept):
+    torch.set_flush_denormal(True)
+    with denormals_flushed("cpu"):
+        pass
+    assert denormals_are_flushed()
+
+
+def test_layer_scan_leaves_the_callers_setting_alone(denormals_kept):
+    assert list_layers(plain_stack(), (32, 32))
+    assert not denormals_are_flushed()
+
+
+def test_a_worker_builds_each_model_once(monkeypatch):
+    from tasks import runtime
+
+    built = []
+
+    def counting_factory():
+        built.append(threading.get_ident())
+        return plain_stack(dtype=torch.float32)
+
+    monkeypatch.setattr(model_helpers, "counting_factory", counting_factory, raising=False)
+    monkeypatch.setattr(runtime, "_MODELS", {})
+    spec = "python:model_helpers:counting_factory?size=32"
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(runtime.get_model(spec, "cpu"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1  # four concurrent first calls, one build
+    assert all(item is loaded[0] for item in loaded)
+    assert runtime.get_model(spec, "cpu") is loaded[0]
+    assert not any(p.requires_grad for p in loaded[0].model.parameters())
+
+
+def test_a_task_process_flushes_denormals_on_all_intra_op_threads():
+    """Torch's intra-op threads keep the floating-point mode they start with: the model load of a
+    task process must set flush-to-zero before it starts them, or LRP runs slow on all but one."""
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from tasks.runtime import get_model\n"
+        "get_model('python:model_helpers:plain_stack?size=32', 'cpu')\n"
+        "values = np.full(1_000_000, 1e-310)\n"  # denormals, written without arithmetic
+        "product = (torch.from_numpy(values) * 1.0).numpy()\n"  # split over both intra-op threads
+        "print(np.mean(product.view(np.int64) == 0))\n"  # flushed: the bits are zero
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) == 1.0  # every thread's share flushed
