@@ -69,6 +69,7 @@ def _night(photos: Path, out: Path, weights: Path, home: Path) -> tuple[dict, st
     return json.loads(done.stdout), done.stderr
 
 
+@pytest.mark.slow
 def test_rerun_with_nothing_new_takes_the_short_path(photos, weights, tmp_path):
     out = tmp_path / "out"
     first, _ = _night(photos, out, weights, tmp_path / "prefect")
