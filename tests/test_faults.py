@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from night_helpers import write_night
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,16 +31,7 @@ TOP_K = 2
 @pytest.fixture(scope="module")
 def night(tmp_path_factory):
     """A 3-individual gallery and 24 uploads: 48 pairs, long enough to interrupt mid-way."""
-    from pairx_core.synthetic import make_individuals, render_photo
-
-    root = tmp_path_factory.mktemp("fault-night")
-    for ind in make_individuals(3, seed=11):
-        (root / "gallery" / ind.id).mkdir(parents=True)
-        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
-        (root / "uploads").mkdir(exist_ok=True)
-        for seed in range(1, 9):
-            render_photo(ind, seed=seed, size=(64, 64)).image.save(root / "uploads" / f"{ind.id}-{seed}.png")
-    return root
+    return write_night(tmp_path_factory.mktemp("fault-night"), 3, seed=11, upload_seeds=range(1, 9))
 
 
 def _config(night, out, **kwargs):

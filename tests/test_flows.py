@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from night_helpers import write_night
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -13,14 +14,7 @@ LAYER = "backbone.blocks.3"
 
 @pytest.fixture(scope="module")
 def photo_folders(tmp_path_factory):
-    from pairx_core.synthetic import make_individuals, render_photo
-
-    root = tmp_path_factory.mktemp("photos")
-    for ind in make_individuals(3, seed=1):
-        (root / "gallery" / ind.id).mkdir(parents=True)
-        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
-        (root / "uploads").mkdir(exist_ok=True)
-        render_photo(ind, seed=1, size=(64, 64)).image.save(root / "uploads" / f"{ind.id}.png")
+    root = write_night(tmp_path_factory.mktemp("photos"), 3, seed=1)
     (root / "uploads" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from night_helpers import write_night
 
 from flows.config import NightlyConfig
 from flows.night_plan import MODELS_FILE, model_key, record_quiet_night, remember_model, remembered_model
@@ -25,15 +26,7 @@ LAYER = "backbone.blocks.3"
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from pairx_core.synthetic import make_individuals, render_photo
-
-    root = tmp_path_factory.mktemp("quiet")
-    for ind in make_individuals(2, seed=5):
-        (root / "gallery" / ind.id).mkdir(parents=True)
-        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
-    (root / "uploads").mkdir()
-    render_photo(make_individuals(2, seed=5)[0], seed=1, size=(64, 64)).image.save(root / "uploads" / "u1.png")
-    return root
+    return write_night(tmp_path_factory.mktemp("quiet"), 2, seed=5, uploaders=1)
 
 
 @pytest.fixture(scope="module")

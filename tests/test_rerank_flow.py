@@ -4,6 +4,7 @@ for the top_k only (flows run with ``workers=0`` on the session's Prefect test s
 from __future__ import annotations
 
 import pytest
+from night_helpers import write_night
 
 pytestmark = [pytest.mark.integration]
 
@@ -13,15 +14,7 @@ LAYER = "backbone.blocks.3"
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from pairx_core.synthetic import make_individuals, render_photo
-
-    root = tmp_path_factory.mktemp("rerank-photos")
-    for ind in make_individuals(5, seed=3):
-        (root / "gallery" / ind.id).mkdir(parents=True)
-        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
-    for ind in make_individuals(5, seed=3)[:2]:
-        (root / "uploads").mkdir(exist_ok=True)
-        render_photo(ind, seed=1, size=(64, 64)).image.save(root / "uploads" / f"{ind.id}.png")
+    root = write_night(tmp_path_factory.mktemp("rerank-photos"), 5, seed=3, uploaders=2)
     return root
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from night_helpers import write_night
 
 pytestmark = [pytest.mark.integration]
 
@@ -24,15 +25,7 @@ PAIRX = Path(sys.executable).parent / "pairx"
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from pairx_core.synthetic import make_individuals, render_photo
-
-    root = tmp_path_factory.mktemp("outcome-photos")
-    for ind in make_individuals(3, seed=7):
-        (root / "gallery" / ind.id).mkdir(parents=True)
-        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
-        (root / "uploads").mkdir(exist_ok=True)
-        render_photo(ind, seed=1, size=(64, 64)).image.save(root / "uploads" / f"{ind.id}.png")
-    return root
+    return write_night(tmp_path_factory.mktemp("outcome-photos"), 3, seed=7)
 
 
 def _config(photos, out, **kwargs):
