@@ -42,12 +42,7 @@ def synthetic_workload(folder: Path, individuals: int, size: int) -> tuple[str, 
 
 
 def main() -> None:
-    """Run the benchmark and print its figures.
-
-    Longer than 80 lines on purpose: it is the measurement protocol, read top to bottom
-    (options, warm-up, timed rounds, printed figures); splitting it would scatter the order that
-    makes the figures comparable.
-    """
+    """Run the benchmark; one function on purpose: the protocol reads top to bottom."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timm:efficientnet_b0?size=128")
     parser.add_argument("--layer", default="backbone.blocks.3")

@@ -38,12 +38,7 @@ def emit(**fields) -> None:
 
 
 def main() -> None:
-    """Run the benchmark and print its figures.
-
-    Longer than 80 lines on purpose: it is the measurement protocol, read top to bottom
-    (options, warm-up, timed rounds, printed figures); splitting it would scatter the order that
-    makes the figures comparable.
-    """
+    """Run the benchmark; one function on purpose: the protocol reads top to bottom."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--layer", default=None, help="default: the demo model's layer")

@@ -392,6 +392,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     from importlib import import_module
 
     from .outcome import ItemsFailedError
+    from .night_plan import remember_model
     from .preflight import check_inputs, check_model_spec, resolve_model
 
     clock = PhaseClock()
@@ -411,7 +412,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
         api.start_soon()  # the server starts while torch and the model load
         model = resolve_model(config)
         if flow == "nightly":
-            _remember_model(config, model)
+            remember_model(config, model)
         clock.mark("model")
     except Exception as error:  # noqa: BLE001 - any problem found here is the input's
         api.stop()
@@ -448,11 +449,6 @@ def _quiet_night(config) -> dict | None:
         logging.getLogger("pairx.cli").debug("quiet-night short path not taken: %s", error)
         return None
 
-
-def _remember_model(config, model) -> None:
-    from .night_plan import remember_model
-
-    remember_model(config, model)
 
 
 class PhaseClock:

@@ -101,13 +101,18 @@ def model_key(config) -> str | None:
     if files is None:
         return None
     try:
-        stats = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+        stats = [(str(path.resolve()), *_size_and_mtime(path)) for path in files]
     except OSError:
         return None
     versions = {name: _version(name) for name in ("pairx-pipeline", "torch", "timm", "zennit")}
     identity = {"spec": config.model, "layers": list(config.layers or []), "files": stats,
                 "versions": versions, "engine": ENGINE_VERSION}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _size_and_mtime(path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def _version(distribution: str) -> str | None:
