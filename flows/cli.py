@@ -135,6 +135,25 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+#: the temporary server lives for one command and never holds deployments, schedules or paused
+#: runs: the services that poll for those are off (they only take CPU from the run's workers)
+TEMPORARY_SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+    **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
+        "SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CANCELLATION_CLEANUP")},
+}
+
+
+def _settings_in_this_process() -> dict[str, str]:
+    """Prefect settings changed in this process (``temporary_settings``), as environment variables;
+    none when Prefect is not imported yet (the server then reads the same profile and environment)."""
+    if "prefect.settings" not in sys.modules:
+        return {}
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().to_environment_variables(exclude_unset=True)
+
+
 class OwnedServer:
     """Prefect's API server (uvicorn, SQLite under ``PREFECT_HOME``) as a child of this process.
 
@@ -156,16 +175,17 @@ class OwnedServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def spawn(self) -> None:
+        """Start the server process now; it imports Prefect's server on its own core while this
+        process goes on (so this process does not import Prefect first)."""
+        import importlib.util
         import subprocess
+        from pathlib import Path
 
-        import prefect
-        from prefect.settings import get_current_settings
-
-        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = {**os.environ, **_settings_in_this_process(), **TEMPORARY_SERVER_ENV}
         env.pop("PREFECT_API_URL", None)
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
@@ -243,7 +263,7 @@ class TemporaryAPI:
         if not self.needed and self.server is None:
             yield
             return
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         self.start_soon()
         self.thread.join()
@@ -251,7 +271,10 @@ class TemporaryAPI:
             raise self.error
         os.environ["PREFECT_API_URL"] = self.server.api_url
         try:
-            with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
+            # no heartbeats: they serve a long-lived server's crash detection, and each flow's
+            # exit waits up to 1 s for the heartbeat thread to wake up and stop
+            with temporary_settings(updates={PREFECT_API_URL: self.server.api_url,
+                                             PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 yield
         finally:
             _flush_logs()
@@ -408,8 +431,8 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             clock.mark("quiet_night")
             _print_summary(flow, quiet, clock, config, json_output)
             return
+        api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
         check_model_spec(config.model, config.allow_random_weights)
-        api.start_soon()  # the server starts while torch and the model load
         model = resolve_model(config)
         if flow == "nightly":
             remember_model(config, model)

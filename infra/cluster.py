@@ -87,6 +87,10 @@ QUIET_WORKER_CONFIG = {
 }
 
 
+#: see :mod:`infra.worker_exit`: a closed worker process skips the interpreter's teardown
+WORKER_EXIT_PRELOAD = "infra.worker_exit"
+
+
 def local_cluster_config() -> dict:
     """Dask config for local workers.
 
@@ -94,9 +98,17 @@ def local_cluster_config() -> dict:
     - :data:`QUIET_WORKER_CONFIG`: each periodic callback wakes the worker's event loop, which
       must take the GIL from the engine's thread (zennit's hooks run Python between torch ops).
       Measured with 120 pairs: the worker's event-loop thread used ~8 CPU-s per 70 s run (6 %
-      of this 2-core machine) with Dask's defaults.
+      of this 2-core machine) with Dask's defaults;
+    - the :data:`WORKER_EXIT_PRELOAD` preload (after any preloads configured already): closing a
+      cluster then waits ~0.1 s per worker instead of 1.3-2 s of interpreter teardown.
     """
-    return {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_WORKER_CONFIG}
+    import dask
+
+    preloads = list(dask.config.get("distributed.worker.preload", None) or [])
+    if WORKER_EXIT_PRELOAD not in preloads:
+        preloads.append(WORKER_EXIT_PRELOAD)
+    return {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_WORKER_CONFIG,
+            "distributed.worker.preload": preloads}
 
 
 def _cuda_devices() -> int:

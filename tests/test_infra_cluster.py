@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,32 @@ def test_local_workers_start_without_the_malloc_trim_setting_and_quiet(monkeypat
     assert values["malloc_trim"] is None
     assert values["config"] == cluster.QUIET_WORKER_CONFIG
     assert values["profiling"] is False
+
+
+def _register_late_exit_handler() -> int:
+    import atexit
+
+    from tests.exit_marks_preload import _mark
+
+    atexit.register(_mark, "registered_after_the_exit_hook")
+    return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_local_worker_runs_later_exit_handlers_then_skips_teardown(tmp_path):
+    """Closing a LocalCluster waited 1.3-2 s per worker for Python to free torch and friends."""
+    import dask
+    from distributed import Client
+
+    preload = str(Path(__file__).with_name("exit_marks_preload.py"))
+    runner = make_task_runner(workers=1, device="cpu")
+    env = {**runner.cluster_kwargs["env"], "EXIT_MARKS": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    with dask.config.set({"distributed.worker.preload": [preload]}):
+        local = runner.cluster_class(**{**runner.cluster_kwargs, "n_workers": 1, "env": env})
+    with local, Client(local) as client:
+        (preloads,) = client.run(lambda: dask.config.get("distributed.worker.preload")).values()
+        (pid,) = client.run(_register_late_exit_handler).values()
+    assert preloads == [preload, cluster.WORKER_EXIT_PRELOAD]  # a user's preloads are kept, in order
+    assert (tmp_path / "registered_after_the_exit_hook").read_text() == str(pid)  # Prefect's log flush, e.g.
+    assert not (tmp_path / "registered_before_the_exit_hook").exists()  # os._exit came first
