@@ -58,6 +58,7 @@ from pairx_core import EngineStats, explain  # noqa: E402
 from pairx_core import engine as engine_module  # noqa: E402
 from pairx_core.engine import MemoryFormat  # noqa: E402
 from pairx_core.lrp import HookedEpsilonPlus  # noqa: E402
+from pairx_core.runtime_settings import keep_freed_memory  # noqa: E402
 from pairx_core import reference as reference_module  # noqa: E402
 from pairx_core.models import load_model  # noqa: E402
 
@@ -102,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-format", choices=get_args(MemoryFormat), default="auto",
                         help="engine layout (auto: channels_last for float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="kept: freed memory stays mapped, as in the pipeline's task processes "
+                             "(pairx_core.runtime_settings.keep_freed_memory); default: glibc's own thresholds")
     parser.add_argument("--skip-reference", action="store_true", help="do not run the reference baseline")
     parser.add_argument("--compare-hooks", action="store_true",
                         help="also run the engine at the largest batch size on zennit's hooks (the previous LRP "
@@ -685,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
     if args.threads:
         torch.set_num_threads(args.threads)
+    freed_memory_kept = args.malloc == "kept" and keep_freed_memory()
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
 
     with warnings.catch_warnings():
@@ -693,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(device=device, dtype=dtype).eval()
     size = tuple(preprocessing.size)
     photos = _load_photos(args.images, preprocessing, dtype) if args.images else None
-    environment = _environment(args, device, size, dtype)
+    environment = {**_environment(args, device, size, dtype), "freed_memory_kept": freed_memory_kept}
     LOG.info("model %s on %s (%s, %s px), %d threads", args.model, device, environment["dtype"], size,
              environment["threads"])
 

@@ -14,14 +14,15 @@ Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any g
 threshold turns off glibc's adaptive mmap threshold, so every tensor over 128 KiB becomes a
 fresh ``mmap`` with page faults on first touch: measured here, the engine ran 3x slower in a
 worker than in a plain process (alloc-heavy loop 6.5x, conv 1.7x; most of the extra time in the
-kernel). Local clusters are started without the variable; workers of external clusters fix it
-for themselves on first model load (:func:`tune_allocator`).
+kernel). Local clusters are started without the variable; every task process sets glibc's
+thresholds itself before its first model load
+(``pairx_core.runtime_settings.keep_freed_memory``), which also undoes the variable on workers
+of external clusters.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 from pairx_core.errors import ConfigError
@@ -51,31 +52,6 @@ class ClusterPlan:
         # one thread per worker: a worker runs one engine call at a time (torch uses the cores)
         n = max(1, min(workers or 1, cores))
         return cls(n, 1, 0)
-
-
-#: glibc ``mallopt`` parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: the largest mmap threshold glibc accepts on 64-bit (its adaptive ceiling)
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-
-
-def tune_allocator() -> bool:
-    """Undo the effect of an explicit ``MALLOC_TRIM_THRESHOLD_`` in this process (glibc only).
-
-    Raises glibc's mmap threshold to its adaptive ceiling and keeps freed memory up to 256 MiB
-    before trimming, as glibc's own defaults would after a few large frees. Returns whether it
-    changed anything.
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 8 * _MMAP_THRESHOLD_MAX))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to undo
-        return False
 
 
 #: Dask's periodic worker callbacks, slowed down for workers that run long GIL-heavy tasks

@@ -13,6 +13,7 @@ from torch import nn
 
 from pairx_core.models import RandomWeightsWarning, model_fingerprint
 from pairx_core.preprocess import Preprocessing
+from pairx_core.runtime_settings import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 def get_model(spec: str, device: str | None = None, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     """The model for ``spec`` on ``device``, built at most once per process."""
-    from infra.cluster import tune_allocator
     from infra.model_store import load_model
 
     target = resolve_device(device)
     key = (spec, str(target))
     with _LOCK:
         if key not in _MODELS:
-            tune_allocator()  # Dask workers start with a malloc setting that makes torch 3x slower
             _configure_torch(target)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -69,8 +68,12 @@ def _configure_torch(target: torch.device) -> None:
       products reach denormal magnitudes, which slow CPU arithmetic many times. The engine flushes
       them for its own calls too (``pairx_core.runtime_settings.denormals_flushed``), but that
       reaches only the calling thread: torch's intra-op threads keep the floating-point mode they
-      started with, so the mode must be set before the model load starts them.
+      started with, so the mode must be set before the model load starts them;
+    - glibc keeps the memory torch frees for reuse instead of faulting it in again on every
+      pixel-map pass (``pairx_core.runtime_settings.keep_freed_memory``; it also undoes the
+      ``MALLOC_TRIM_THRESHOLD_`` Dask's nanny gives workers, which made them 3x slower).
     """
+    keep_freed_memory()
     threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from infra import cluster
-from infra.cluster import ClusterPlan, gpu_annotation, make_task_runner, tune_allocator, worker_env
+from infra.cluster import ClusterPlan, gpu_annotation, make_task_runner, worker_env
 from pairx_core.errors import ConfigError
 
 
@@ -42,13 +41,6 @@ def test_worker_env_carries_api_url_and_threads(monkeypatch):
         env = worker_env(torch_threads=2)
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
     assert env["PAIRX_TORCH_THREADS"] == "2"
-
-
-def test_tune_allocator_only_acts_under_the_dask_malloc_setting(monkeypatch):
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert tune_allocator() is False
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    assert tune_allocator() is sys.platform.startswith("linux")
 
 
 def _worker_settings(dask_worker) -> dict:

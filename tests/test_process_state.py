@@ -94,3 +94,38 @@ def test_a_task_process_flushes_denormals_on_all_intra_op_threads():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip().splitlines()[-1]) == 1.0  # every thread's share flushed
+
+
+def test_a_task_process_keeps_freed_memory_for_the_next_pass():
+    """Each pixel-map pass frees and re-allocates the same large tensors, which came back as
+    fresh, faulting pages: always under Dask's MALLOC_TRIM_THRESHOLD_, and for the engine's mix
+    of sizes with glibc's defaults too (50,000-90,000 faults per 8-pair batch, bench/engine.py)."""
+    script = (
+        "import resource, torch\n"
+        "torch.set_num_threads(1)\n"
+        "def churn():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(5):\n"
+        "        blocks = [torch.ones(2_000_000) for _ in range(16)]\n"  # 16 x 8 MB, freed together
+        "        del blocks\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "churn()\n"
+        "default = churn()\n"
+        "from tasks.runtime import get_model\n"
+        "get_model('python:model_helpers:plain_stack?size=32', 'cpu')\n"
+        "churn()\n"
+        "print(default, churn())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    for dask_setting in (None, "65536"):
+        if dask_setting:
+            env["MALLOC_TRIM_THRESHOLD_"] = dask_setting
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        default, kept = map(int, done.stdout.split()[-2:])
+        if not sys.platform.startswith("linux"):
+            continue  # glibc only
+        if dask_setting:  # glibc's adaptive thresholds are off: 5 x 128 MB faulted in again
+            assert default > 100_000, default
+        assert kept < 2_000, (dask_setting, default, kept)
