@@ -12,7 +12,8 @@ module's output, whose backward is the rule itself:
   runs without a graph; the modified forwards and the stabilised denominator are computed once
   per forward, at the first backward that reaches the module, and every backward then costs one
   input-gradient convolution (or matrix product) per modified branch, a division and the
-  reducer. The ordinary convolution backward is never run.
+  reducer. The ordinary convolution backward is never run, and z+'s negative branch is skipped
+  for an input without negative values (after a ReLU), where its product is an exact zero.
 - pass-through on activations and batch norms (:class:`DirectPass`): the module's forward runs
   without a graph and its backward hands the incoming relevance to the input untouched (zennit
   computes the activation's derivative and then discards it).
@@ -279,12 +280,13 @@ class _RuleState:
     """Per-forward cache of one direct rule: modified inputs (z+: x+ and x-), modified
     weights, denominator."""
 
-    __slots__ = ("hook", "module", "cache")
+    __slots__ = ("hook", "module", "cache", "signed_input")
 
     def __init__(self, hook: DirectRule, module: nn.Module) -> None:
         self.hook = hook
         self.module = module
         self.cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
+        self.signed_input = True
 
     def _prepare(self, x: torch.Tensor):
         rule, module = self.hook.rule, self.module
@@ -302,11 +304,16 @@ class _RuleState:
         if self.cache is None:
             with torch.no_grad():
                 self.cache = self._prepare(x)
+                # z+ on an input without negative values (after a ReLU): x- is an exact zero and
+                # so is the product of its branch, whose input gradient is then skipped
+                self.signed_input = not self.hook.sign_split or bool(self.cache[0][1].any())
         inputs, weights, denominator = self.cache
         scaled = relevance / denominator
         if self.hook.sign_split:  # the input gradient depends on the input's shape only
-            positive, negative = (_input_gradient(self.module, scaled, x, weight) for weight in weights)
-            return positive.mul_(inputs[0]).addcmul_(inputs[1], negative)
+            positive = _input_gradient(self.module, scaled, x, weights[0]).mul_(inputs[0])
+            if not self.signed_input:
+                return positive
+            return positive.addcmul_(inputs[1], _input_gradient(self.module, scaled, x, weights[1]))
         gradients = [_input_gradient(self.module, scaled, inp, weight) for inp, weight in zip(inputs, weights)]
         return self.hook.rule.reducer(inputs, gradients)
 
