@@ -59,7 +59,7 @@ def test_storage_credentials_stay_out_of_prefect_logs_and_tables(prefect_harness
         assert secret not in _api_dump(api)
         for name in TABLE_SCHEMAS:
             frame = read_table(out, name)
-            assert secret not in frame.to_json(default_handler=str), name
+            assert secret not in frame.to_json(default_handler=str, date_format="iso"), name
     # the run really used storage: its runs row is there, with the parameters (without credentials)
     runs = read_table(out, "runs")
     assert len(runs) == 1 and json.loads(runs.parameters.iloc[0])["model"] == "demo"
