@@ -648,7 +648,8 @@ def _slope(values: list[int]) -> float:
 
 
 # -------------------------------------------------------------------------------------- main
-def _environment(args: argparse.Namespace, device: torch.device, size, dtype) -> dict[str, Any]:
+def _environment(args: argparse.Namespace, device: torch.device, size, dtype,
+                 freed_memory_kept: bool) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -663,6 +664,7 @@ def _environment(args: argparse.Namespace, device: torch.device, size, dtype) ->
         "memory_budget_bytes": int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None,
         "inputs": f"photos:{args.images}" if args.images else "random_normal",
         "memory_format": args.memory_format,
+        "freed_memory_kept": freed_memory_kept,
     }
     if device.type == "cuda":
         env["tf32"] = bool(args.tf32)
@@ -698,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(device=device, dtype=dtype).eval()
     size = tuple(preprocessing.size)
     photos = _load_photos(args.images, preprocessing, dtype) if args.images else None
-    environment = {**_environment(args, device, size, dtype), "freed_memory_kept": freed_memory_kept}
+    environment = _environment(args, device, size, dtype, freed_memory_kept)
     LOG.info("model %s on %s (%s, %s px), %d threads", args.model, device, environment["dtype"], size,
              environment["threads"])
 

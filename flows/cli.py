@@ -473,7 +473,6 @@ def _quiet_night(config) -> dict | None:
         return None
 
 
-
 class PhaseClock:
     """Wall seconds of a command's phases, from the process start (imports included).
 

@@ -91,7 +91,7 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
                            workers=settings.workers, device="cpu")
     get_model(DEMO_MODEL, "cpu")  # the flow's checks reuse it
-    import flows.nightly  # noqa: F401 - Prefect's flow machinery, imported while the server starts
+    from . import nightly  # noqa: F401 - Prefect's flow machinery, imported while the server starts
     return PreparedDemo(config, truth, layer, size, time.perf_counter() - started)
 
 

@@ -64,7 +64,7 @@ def keep_freed_memory() -> bool:
     glibc's defaults the heap top is handed back to the kernel whenever more than 2x the
     adaptive mmap threshold (at most 64 MiB) is free, and the next pass faults those pages in
     again, zeroed: measured on a 2-core CPU (efficientnet_b0, 128 px, 8 pairs per batch,
-    k_colors=10), 50,000-90,000 minor page faults per batch and 5-8 % of its time. This sets the
+    k_colors=10), 50,000-90,000 minor page faults per batch and about 5 % of its time. This sets the
     mmap threshold to glibc's 64-bit ceiling (32 MiB; larger tensors are still mapped and
     unmapped one by one) and never trims the heap on free: after the first batch, no faults.
     The cost: the process keeps its peak heap mapped (it is reused, not leaked). A process that
