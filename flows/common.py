@@ -26,7 +26,7 @@ from typing import Sequence
 
 from infra.cluster import make_task_runner
 from infra.lease import OutputLockedError, output_lease
-from infra.tables import ensure_table, table_url
+from infra.tables import count_run_rows, ensure_table, table_url
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
 from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
@@ -97,6 +97,7 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     except BaseException as error:
         summary.status = _status_of(error)
         summary.error = _describe(error)
+        _count_written_pairs(config, summary)
         raise
     finally:
         with _ACTIVE_LOCK:
@@ -108,6 +109,19 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     if summary.failed:
         raise ItemsFailedError(result, table_url(config.out, "errors"))
     return result
+
+
+def _count_written_pairs(config, summary: FlowSummary) -> None:
+    """A run that stopped early counts the pairs its batches wrote, gathered by the flow or not."""
+    if summary.model_id == UNRESOLVED_MODEL:
+        return
+    try:
+        written = count_run_rows(config.out, "pairs", summary.model_id, summary.run_id,
+                                 config.storage_options or None)
+    except Exception as error:  # noqa: BLE001 - the counts gathered so far are still recorded
+        logger.warning("could not count the pairs this run wrote: %s", error)
+        return
+    summary.done = max(summary.done, written)
 
 
 def _review_page(config, summary: FlowSummary, started: datetime) -> None:

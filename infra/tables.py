@@ -146,7 +146,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("flow", pa.string(), "flow name", False),
             _f("parameters", pa.string(), "flow parameters as a JSON object"),
             _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
-            _f("n_done", pa.int64(), "items processed"),
+            _f("n_done", pa.int64(), "pairs explained (a run stopped early: every pair its batches wrote)"),
             _f("n_skipped", pa.int64(), "items skipped (output already present)"),
             _f("n_failed", pa.int64(), "items that failed (see the errors table)"),
             _f("duration_s", pa.float64(), "wall-clock duration, seconds"),
@@ -369,6 +369,27 @@ def write_table(
     target = StorageTarget.from_url(out_url, storage_options)
     filename = f"part-{safe_segment(run_id)}-{uuid.uuid4().hex[:12]}.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+
+
+def count_run_rows(
+    out_url: str, name: str, model_id: str, run_id: str, storage_options: Mapping[str, Any] | None = None
+) -> int:
+    """Rows that run ``run_id`` has written to table ``name`` so far (Parquet footers only).
+
+    A run stopped mid-way (Ctrl-C, SIGTERM, a crash) records this as its ``n_done``: batches that
+    finished writing before the flow gathered their results still count.
+    """
+    _schema(name)
+    target = StorageTarget.from_url(out_url, storage_options)
+    prefix = f"part-{safe_segment(run_id)}-"
+    files = target.glob(f"tables/{name}/{_model_segment(model_id)}/*/{prefix}*.parquet")
+    total = 0
+    for url in files:
+        if "-" in url.rsplit("/", 1)[-1][len(prefix):]:
+            continue  # another run whose id starts with this one's
+        with target.open(url) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
 
 
 def ensure_table(

@@ -18,7 +18,7 @@ from PIL import Image
 import infra.storage as storage
 from infra.keys import existing_output_keys, pair_output_key
 from infra.storage import StorageTarget
-from infra.tables import TABLE_SCHEMAS, read_table, schema_markdown, table_url, write_table
+from infra.tables import TABLE_SCHEMAS, count_run_rows, read_table, schema_markdown, table_url, write_table
 from infra.viz import viz_uri, write_png
 from pairx_core.errors import ConfigError
 
@@ -120,6 +120,18 @@ def test_partitions_models_and_dates_and_filters(tmp_path):
     assert table.num_rows == 6 and {"model", "date", "model_id"} <= set(table.column_names)
     assert set(table["model"].to_pylist()) == {"m1", odd}  # URL-decoded partition value
     assert len(pd.read_parquet(folder)) == 6
+
+
+def test_count_run_rows_counts_one_run_of_one_model(out_url):
+    write_table(out_url, "pairs", _rows("pairs", 2, "m1"), "m1", "run-a", date="2024-01-01")
+    write_table(out_url, "pairs", _rows("pairs", 3, "m1"), "m1", "run-a", date="2024-01-02")  # across midnight
+    write_table(out_url, "pairs", _rows("pairs", 4, "m1"), "m1", "run-b")
+    write_table(out_url, "pairs", _rows("pairs", 6, "m1"), "m1", "run-a-2")  # same prefix, another run
+    write_table(out_url, "pairs", _rows("pairs", 5, "m2"), "m2", "run-a")
+    assert count_run_rows(out_url, "pairs", "m1", "run-a") == 5
+    assert count_run_rows(out_url, "pairs", "m1", "run-c") == 0
+    with pytest.raises(ConfigError, match="unknown table"):
+        count_run_rows(out_url, "nope", "m1", "run-a")
 
 
 def test_duckdb_reads_the_dataset(tmp_path):

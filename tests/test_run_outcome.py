@@ -123,6 +123,27 @@ def test_interrupt_is_recorded_as_cancelled(prefect_harness, photos, tmp_path, m
     assert list(runs.status) == ["cancelled"] and runs.error.iloc[0].startswith("KeyboardInterrupt")
 
 
+def test_interrupt_counts_the_pairs_batches_wrote_before_they_were_gathered(prefect_harness, photos, tmp_path,
+                                                                             monkeypatch):
+    """A stop between a batch's write and the flow's gathering of its result loses no count."""
+    from flows.nightly import nightly
+    from flows.run_record import FlowSummary
+    from infra.tables import read_table
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt  # the first result comes back: its pairs are written, not yet added
+
+    monkeypatch.setattr(FlowSummary, "add", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        nightly(_config(photos, out, batch_pairs=1))
+    runs = _runs(out)
+    written = read_table(str(out), "pairs")
+    assert list(runs.status) == ["cancelled"]
+    assert len(written) >= 1 and set(written.run_id) == set(runs.run_id)
+    assert runs.n_done.iloc[0] == len(written)
+
+
 # ------------------------------------------------------------------------------ real processes
 def _children(pid: int) -> list:
     import psutil
@@ -171,12 +192,14 @@ def _server_of(proc: subprocess.Popen, timeout: float = 120):
 def test_sigterm_records_cancelled_and_sigkill_leaves_no_server(photos, long_night, tmp_path):
     import psutil
 
+    from infra.tables import read_table
+
     out = tmp_path / "out"
     proc = _start_cli(photos, long_night, out, tmp_path)
     server = _server_of(proc)
     deadline = time.monotonic() + 180
-    while not (out / "tables" / "pairs").exists() and time.monotonic() < deadline:  # first batches are in
-        assert proc.poll() is None, proc.stdout.read()
+    while not list((out / "tables").glob("pairs/*/*/part-*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()  # until a first batch has written its pairs
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
@@ -184,7 +207,8 @@ def test_sigterm_records_cancelled_and_sigkill_leaves_no_server(photos, long_nig
     assert "recorded as cancelled" in output
     runs = _runs(out)
     assert list(runs.status) == ["cancelled"] and "SIGTERM" in runs.error.iloc[0]
-    assert 0 < runs.n_done.iloc[0] < 120  # the counts so far
+    written = len(read_table(str(out), "pairs"))
+    assert 0 < runs.n_done.iloc[0] <= written < 120  # the counts so far, written pairs included
     psutil.wait_procs([server], timeout=30)
     assert not server.is_running()
 
