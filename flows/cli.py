@@ -298,11 +298,22 @@ def _flush_logs() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            worker.drain_all(timeout=10)
-        except Exception:  # noqa: BLE001 - losing the last log lines must never fail the run
-            pass
+    workers = (APILogWorker, EventsWorker)
+    # a drain with items queued logs "Still processing items" at WARNING (under the service's class
+    # name, whichever class's drain_all stops it): expected here, not news for the user
+    service_loggers = [logging.getLogger(worker.__name__) for worker in workers]
+    levels = [service_logger.level for service_logger in service_loggers]
+    for service_logger in service_loggers:
+        service_logger.setLevel(logging.ERROR)
+    try:
+        for worker in workers:
+            try:
+                worker.drain_all(timeout=10)
+            except Exception:  # noqa: BLE001 - losing the last log lines must never fail the run
+                pass
+    finally:
+        for service_logger, level in zip(service_loggers, levels):
+            service_logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -52,3 +52,12 @@ def test_pairx_demo_end_to_end(tmp_path):
     assert {str((out / p).resolve()) for p in viz} == {str(Path(u).resolve()) for u in pairs.viz_uri}
     # PAIR-X's top matches on true pairs land on the true spot more often than random cells
     assert summary["match_accuracy_top10"] > summary["match_accuracy_random"]
+
+    # the same night again through `pairx nightly`: nothing new, and nothing but the summary said
+    rerun = subprocess.run([str(pairx), "nightly", "--uploads", str(out / "data" / "uploads"), "--gallery",
+                            str(out / "data" / "gallery"), "--out", results, "--model", "demo"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    said = (rerun.stdout + rerun.stderr).splitlines()
+    assert any(line.startswith("nightly completed: 0 explained, 4 skipped, 0 failed") for line in said), said
+    assert not [line for line in said if "WARNING" in line or "Still processing" in line], said
