@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -18,14 +17,16 @@ SETTINGS = RunSettings(out="memory://unused", model="unused", layers=("l",), run
 def _fake_loader(monkeypatch, behaviour):
     threads = set()
     running = {"now": 0, "most": 0}
-    lock = threading.Lock()
+    lock = threading.Condition()
 
     def load_image(uri, box=None, theta=0.0, storage_options=None, **kwargs):
         threads.add(threading.get_ident())
         with lock:
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])
-        time.sleep(0.05)
+            lock.notify_all()
+            # hold this read until another is in flight (a loader reading one at a time waits out the 2 s)
+            lock.wait_for(lambda: running["most"] > 1, timeout=2)
         with lock:
             running["now"] -= 1
         threads.add(("most", running["most"]))
