@@ -74,8 +74,34 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, *,
     if exclude is not None:
         scores = np.where(np.asarray(exclude, dtype=bool), -np.inf, scores)
     k = max(0, min(int(k), scores.shape[1]))
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    order = _stable_top(scores, k)
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def _stable_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices ``(Q, k)`` of each row's ``k`` largest ``scores (Q, G)``, best first, ties in
+    column order: the first ``k`` columns of a stable descending argsort, without sorting all ``G``.
+
+    A partial partition finds each row's ``k``-th score; only the columns at or above it (the
+    ``k`` and any ties at the boundary) are sorted. Small galleries take the full sort, and so do
+    rows with NaN scores (NaN sorts last there).
+    """
+    rows, columns = scores.shape
+    if k == 0:
+        return np.empty((rows, 0), dtype=np.intp)
+    descending = -scores
+    if 4 * k >= columns:
+        return np.argsort(descending, axis=1, kind="stable")[:, :k]
+    kth = np.partition(descending, k - 1, axis=1)[:, k - 1]
+    with_nan = np.isnan(descending).any(axis=1)
+    order = np.empty((rows, k), dtype=np.intp)
+    for row in range(rows):
+        if with_nan[row]:
+            order[row] = np.argsort(descending[row], kind="stable")[:k]
+            continue
+        chosen = np.flatnonzero(descending[row] <= kth[row])  # ascending: ties stay in column order
+        order[row] = chosen[np.argsort(descending[row, chosen], kind="stable")[:k]]
+    return order
 
 
 def retrieve(query: np.ndarray, gallery: np.ndarray, query_uris: Sequence[str], gallery_uris: Sequence[str],

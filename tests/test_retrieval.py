@@ -102,6 +102,23 @@ def test_top_k_is_cosine_and_stable():
     assert order[0].tolist() == [1, 3]
 
 
+@pytest.mark.parametrize("k", [1, 3, 20, 50])
+def test_top_k_selects_exactly_what_a_full_stable_sort_would(k):
+    """The partial selection equals the first k of a stable argsort: ties (also at the k-th
+    place), excluded entries, NaN rows, k near the gallery's size."""
+    from pairx_core.retrieval import _stable_top
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 12, size=(40, 200)).astype(np.float32) / 11  # many ties everywhere
+    scores[1] = 0.5  # a row of one value
+    scores[2, rng.choice(200, 150, replace=False)] = -np.inf  # mostly excluded
+    scores[3, 7] = np.nan
+    scores[4] = rng.standard_normal(200)  # no ties
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    assert np.array_equal(_stable_top(scores, k), expected)
+    assert _stable_top(scores, 0).shape == (40, 0)
+
+
 def test_retrieve_builds_candidates_and_best_reranked_chooses_by_score():
     gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     query = np.array([[1.0, 0.1], [0.1, 1.0]])
