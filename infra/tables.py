@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -204,6 +205,15 @@ def _schema(name: str) -> pa.Schema:
         raise ConfigError(f"unknown table {name!r}; known: {sorted(TABLE_SCHEMAS)}") from None
 
 
+#: hex digits that tell apart the files one run writes to one table partition
+_PART_ID_LENGTH = 12
+
+
+def _part_prefix(run_id: str) -> str:
+    """Start of the name of every file run ``run_id`` writes to a table."""
+    return f"part-{safe_segment(run_id)}-"
+
+
 def _model_segment(model_id: str) -> str:
     if not isinstance(model_id, str) or not model_id:
         raise ConfigError(f"model_id must be a non-empty string, got {model_id!r}")
@@ -367,7 +377,7 @@ def write_table(
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     target = StorageTarget.from_url(out_url, storage_options)
-    filename = f"part-{safe_segment(run_id)}-{uuid.uuid4().hex[:12]}.parquet"
+    filename = f"{_part_prefix(run_id)}{uuid.uuid4().hex[:_PART_ID_LENGTH]}.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
 
 
@@ -381,12 +391,13 @@ def count_run_rows(
     """
     _schema(name)
     target = StorageTarget.from_url(out_url, storage_options)
-    prefix = f"part-{safe_segment(run_id)}-"
-    files = target.glob(f"tables/{name}/{_model_segment(model_id)}/*/{prefix}*.parquet")
+    prefix = _part_prefix(run_id)
+    # exactly write_table's names for this run (not those of a run whose id starts with this one's)
+    written = re.compile(re.escape(prefix) + f"[0-9a-f]{{{_PART_ID_LENGTH}}}\\.parquet")
     total = 0
-    for url in files:
-        if "-" in url.rsplit("/", 1)[-1][len(prefix):]:
-            continue  # another run whose id starts with this one's
+    for url in target.glob(f"tables/{name}/{_model_segment(model_id)}/*/{prefix}*.parquet"):
+        if not written.fullmatch(url.rsplit("/", 1)[-1]):
+            continue
         with target.open(url) as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
@@ -407,7 +418,7 @@ def ensure_table(
     buffer = io.BytesIO()
     pq.write_table(schema.empty_table(), buffer, compression="zstd")
     partition = f"{_model_segment(model_id)}/{_date_segment(None)}"
-    filename = f"part-{safe_segment(run_id)}-empty.parquet"
+    filename = f"{_part_prefix(run_id)}empty.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
 
 
