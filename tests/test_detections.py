@@ -366,6 +366,25 @@ def test_normalised_box_round_trips_to_pixels():
     assert detection.pixel_box((320, 240)) == (14, 79, 96, 96)
 
 
+def test_a_failure_wins_over_detections_and_needs_none():
+    document = _document()
+    document["images"][3]["failure"] = "Failure image access"  # detections kept in the entry
+    del document["images"][4]["detections"]
+    counts = _select(document).counts
+    assert (counts.n_frames, counts.n_empty, counts.n_detections, counts.n_failures) == (5, 2, 2, 2)
+
+
+def test_errors_survive_pickling_with_their_location():
+    import pickle
+
+    document = _document()
+    document["images"][3]["detections"][0]["bbox"] = [0.1, 0.2, 0.3]
+    error = pickle.loads(pickle.dumps(_raises(document)))
+    assert isinstance(error, DetectionFileError)
+    assert (error.uri, error.image, error.detection) == (URL, "cam2/IMG_0004.JPG", 0)
+    assert str(error).startswith(f"{URL}: image 'cam2/IMG_0004.JPG', detection 0: bbox must be 4 numbers")
+
+
 def test_document_is_not_changed_by_reading():
     document = _document()
     before = copy.deepcopy(document)
