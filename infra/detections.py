@@ -275,13 +275,20 @@ def parse_detector_output(data: bytes | str, url: str) -> DetectorOutput:
     try:
         output = DetectorOutput.model_validate(document)
     except ValidationError as error:
-        raise _located(url, document, error) from None
+        located = _located(url, document, error)
+        loc = error.errors()[0]["loc"]
+        if len(loc) >= 2 and loc[0] == "images" and isinstance(loc[1], int):
+            # the entries before the first malformed one are well-formed: a wrong reference
+            # among them comes first
+            head = DetectorOutput.model_validate({**document, "images": document["images"][:loc[1]]})
+            _check_references(url, head)
+        raise located from None
     _check_references(url, output)
     return output
 
 
 def _check_references(url: str, output: DetectorOutput) -> None:
-    """Every category id used is listed; no photo is listed twice."""
+    """Every category id used is listed; no photo is listed twice (first offending entry raised)."""
     seen: dict[str, int] = {}
     for number, entry in enumerate(output.images):
         key = entry.file.replace("\\", "/")

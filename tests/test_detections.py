@@ -153,6 +153,16 @@ def test_unknown_category_id_names_image_and_detection():
     assert "unknown classification category id '9'" in str(error)
 
 
+def test_the_first_offending_entry_is_named_whatever_the_problem():
+    document = _document()
+    document["images"][0]["detections"][1]["category"] = "7"  # a wrong reference first,
+    document["images"][3]["detections"][0]["bbox"] = [0.1, 0.2]  # a malformed entry later
+    error = _raises(document)
+    assert (error.image, error.detection) == ("cam1/IMG_0001.JPG", 1) and "unknown category id" in str(error)
+    document["images"][0]["detections"][1]["category"] = "1"
+    assert (_raises(document).image, _raises(document).detection) == ("cam2/IMG_0004.JPG", 0)
+
+
 def test_species_that_no_classification_category_names():
     error = _raises(_document(), species="tiger")
     assert "no classification category is named 'tiger' (lion, zebra)" in str(error)
