@@ -23,7 +23,8 @@ def review_cmd(
     token: Optional[str] = typer.Option(None, "--token", envvar="PAIRX_REVIEW_TOKEN", show_envvar=True,
                                         help="secret every write must carry (Authorization: Bearer ...)"),
     flush_seconds: float = typer.Option(5.0, "--flush-seconds", help="journaled decisions go to the table at "
-                                                                     "least this often (and every 50)"),
+                                                                     "least this often (seconds)"),
+    flush_rows: int = typer.Option(50, "--flush-rows", help="... and as soon as this many are journaled"),
 ) -> None:
     """Serve OUT's review site with decision controls (keys 1 2 3 n x s u, j/k) and the decisions API."""
     from pairx_core.errors import ConfigError
@@ -40,7 +41,7 @@ def review_cmd(
     suffix = f"?token={token}" if token else ""
     typer.echo(f"review site: http://{host}:{port}/report/index.html{suffix}  (Ctrl-C to stop)")
     try:
-        serve(out, host, port, token, flush_every_s=flush_seconds)
+        serve(out, host, port, token, flush_every_s=flush_seconds, flush_rows=flush_rows)
     except ConfigError as error:
         _fail(str(error))
 

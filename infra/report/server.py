@@ -305,10 +305,11 @@ def create_app(out: str, *, token: str | None = None, storage_options: Mapping[s
 
 
 def serve(out: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, *,
-          storage_options: Mapping[str, Any] | None = None, flush_every_s: float = 5.0) -> None:
+          storage_options: Mapping[str, Any] | None = None, flush_every_s: float = 5.0, flush_rows: int = 50) -> None:
     """Run the review server until interrupted (flushes the journal on the way out)."""
     import uvicorn
 
     check_binding(host, token)
-    app = create_app(out, token=token, storage_options=storage_options, flush_every_s=flush_every_s)
+    app = create_app(out, token=token, storage_options=storage_options, flush_every_s=flush_every_s,
+                     flush_rows=flush_rows)
     uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on")
