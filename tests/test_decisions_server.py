@@ -103,3 +103,65 @@ def test_one_server_per_journal(tmp_path):
     with pytest.raises(ConfigError, match="another review server"):
         DecisionJournal(tmp_path / "journal", str(out), "b").open()
     first.close()
+
+
+CHECK_SCRIPT = """
+<script>
+document.addEventListener('pairx-review-ready', function () {
+  var press = (location.hash.match(/press=(\\w+)/) || [])[1];
+  var section = document.querySelector('section.upload');
+  var before = section.querySelector('.pairx-status').textContent;
+  document.getElementById('pairx-reviewer').value = 'robot';
+  if (press !== 'none') document.body.dispatchEvent(new KeyboardEvent('keydown', {key: press, bubbles: true}));
+  var tries = 0;
+  (function wait() {
+    var status = section.querySelector('.pairx-status').textContent;
+    if (press !== 'none' && status === before && tries++ < 100) { setTimeout(wait, 50); return; }
+    var pre = document.createElement('pre');
+    pre.id = 'pairx-check';
+    pre.textContent = JSON.stringify({decision: section.getAttribute('data-decision'), status: status,
+                                      message: document.getElementById('pairx-message').textContent});
+    document.body.appendChild(pre);
+  })();
+});
+</script>
+"""
+
+
+def test_decide_in_chromium_press_2_reload_undo(tmp_path):
+    import re
+
+    from infra.report import build_report
+    from test_report_flow import _chromium, _run_chromium
+
+    binary = _chromium()
+    out = write_output(tmp_path / "out", uploads=2)
+    build_report(str(out))
+    (night_dir,) = (out / "report" / "nights").iterdir()
+    page = night_dir / "index.html"
+    (night_dir / "browser-check.html").write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    port, log = free_port(), tmp_path / "server.log"
+    server = start_server(out, port, log, "--flush-seconds", "3600")
+
+    def visit(press: str, profile: str) -> dict:
+        url = f"http://127.0.0.1:{port}/report/nights/{night_dir.name}/browser-check.html#press={press}"
+        dumped = _run_chromium(binary, tmp_path / profile, "--virtual-time-budget=15000", "--dump-dom", url)
+        found = re.search(r'<pre id="pairx-check">(.*?)</pre>', dumped.stdout, re.S)
+        assert found, f"no check result; chromium said:\n{dumped.stderr[-2000:]}\nserver:\n{log.read_text()[-2000:]}"
+        return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+    try:
+        pressed = visit("2", "p1")
+        assert pressed["decision"] == "match" and "candidate 2" in pressed["status"], pressed
+        assert "robot" in pressed["status"]
+        reloaded = visit("none", "p2")
+        assert reloaded["decision"] == "match" and reloaded["status"] == pressed["status"]
+        undone = visit("u", "p3")
+        assert undone["decision"] is None and "pending" in undone["status"], undone
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    frame = read_decisions(str(out))
+    assert list(frame["decision"]) == ["match", "undo"] and list(frame["reviewer"]) == ["robot", "robot"]
+    assert frame["query"].tolist() == [query_uri(out, 0)] * 2 and frame["rank"].iloc[0] == 1
+    assert frame["supersedes"].iloc[1] == frame["decision_id"].iloc[0]

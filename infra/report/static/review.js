@@ -22,7 +22,7 @@
     '#pairx-bar input{font:inherit;width:12em} #pairx-message{margin-left:12px}' +
     '.pairx-decide{margin-top:6px;font-size:13px} .pairx-decide button{font:inherit;margin:2px 4px 2px 0}' +
     '.pairx-status{display:block;margin-top:4px;overflow-wrap:anywhere}' +
-    'section.upload.pairx-current{background:#fffbe8} section.upload[data-decision] .pairx-status{font-weight:600}' +
+    'section.upload{scroll-margin-top:72px} section.upload.pairx-current{background:#fffbe8} section.upload[data-decision] .pairx-status{font-weight:600}' +
     '.pairx-error{color:#a00}';
   document.head.appendChild(style);
 
