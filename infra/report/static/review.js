@@ -95,10 +95,10 @@
       .catch(function (error) { say('Not recorded: ' + error, true); });
   }
 
-  function accept(block, rank) {
-    var exists = block.upload.candidates.some(function (c) { return c.rank === rank; });
-    if (!exists) { say('This upload has no candidate ' + (rank + 1) + '.', true); return; }
-    decide(block, {decision: 'match', rank: rank});
+  function accept(block, position) {  // position: 0-based among the cards shown
+    var candidate = block.upload.candidates[position];
+    if (!candidate) { say('This upload has no candidate ' + (position + 1) + '.', true); return; }
+    decide(block, {decision: 'match', rank: candidate.rank});
   }
 
   function newIndividual(block) {
@@ -109,8 +109,9 @@
   function controls(block) {
     var box = document.createElement('div');
     box.className = 'pairx-decide';
-    var buttons = block.upload.candidates.slice(0, 3).map(function (c) {
-      return ["accept " + (c.rank + 1) + (c.individual ? ' (' + c.individual + ')' : ''), function () { accept(block, c.rank); }];
+    var buttons = block.upload.candidates.slice(0, 3).map(function (c, position) {
+      return ["accept " + (position + 1) + (c.individual ? ' (' + c.individual + ')' : ''),
+              function () { accept(block, position); }];
     }).concat([
       ['new individual', function () { newIndividual(block); }],
       ['no match', function () { decide(block, {decision: 'no_match'}); }],
