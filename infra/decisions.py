@@ -46,6 +46,7 @@ __all__ = [
     "record_decisions",
     "requests_from_csv",
     "resolve_decision",
+    "row_dicts",
     "write_decisions",
 ]
 
@@ -342,16 +343,24 @@ def read_decisions(out: str, storage_options: Mapping[str, Any] | None = None) -
     return frame.sort_values(["decided_at", "decision_id"], kind="stable").reset_index(drop=True)
 
 
-def _row_dict(row: Mapping[str, Any]) -> dict:
-    return {k: plain_value(v) if not isinstance(v, (list, tuple)) else v for k, v in row.items()}
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_pydatetime"):
+        return None if value is pd.NaT else value.to_pydatetime()
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0):
+        return value.tolist()
+    return value if isinstance(value, (list, tuple)) else plain_value(value)
+
+
+def row_dicts(frame: pd.DataFrame) -> list[dict]:
+    """The rows of a table read back, as plain Python (datetimes, lists, None for missing values)."""
+    return [{key: _plain(value) for key, value in row.items()} for row in frame.to_dict("records")]
 
 
 def latest_by_query(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[str, dict]:
     """The latest row per query of ``rows`` (ordered oldest first), undo rows included."""
-    records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    records = row_dicts(rows) if isinstance(rows, pd.DataFrame) else rows
     latest: dict[str, dict] = {}
     for row in records:
-        row = _row_dict(row)
         known = latest.get(row["query"])
         if known is None or (row["decided_at"], row["decision_id"]) >= (known["decided_at"], known["decision_id"]):
             latest[row["query"]] = row

@@ -50,7 +50,11 @@ def write_output(out: Path, uploads: int = 3) -> Path:
                 "query": query_uri(out, i), "rank": rank, "gallery_image": gallery_uri(out, individual),
                 "individual": individual, "similarity": [0.8, 0.9, 0.5][rank], "irm": [0.9, 0.3, 0.2][rank],
                 "rerank_score": [0.85, 0.6, 0.35][rank], "retrieval_rank": [1, 0, 2][rank], "explained": True,
-                "run_id": NIGHT_RUN})
+                "run_id": NIGHT_RUN, "output_key": f"key-{i}-{rank}"})
+    # upload 0 was explained on a crop: its decisions record the box
+    pairs = [{"pair_id": "p-0-0", "image_0": query_uri(out, 0), "image_1": candidates[0]["gallery_image"],
+              "layer": "blocks.3", "output_key": "key-0-0", "box_0": [2.0, 3.0, 30.0, 20.0], "run_id": NIGHT_RUN}]
+    write_table(str(out), "pairs", with_nulls("pairs", pairs), MODEL, NIGHT_RUN)
     write_table(str(out), "candidates", with_nulls("candidates", candidates), MODEL, NIGHT_RUN)
     write_table(str(out), "images", with_nulls("images", images), MODEL, NIGHT_RUN)
     return out

@@ -35,6 +35,7 @@ def test_decisions_are_appended_and_the_latest_supersedes(out):
     assert first["individual"] == "ind-b" and first["gallery_image"] == gallery_uri(out, "ind-b")
     assert (first["rank"], first["retrieval_rank"], first["similarity"], first["rerank_score"]) == (1, 0, 0.9, 0.6)
     assert first["night_run_id"] == NIGHT_RUN and first["model_id"] == MODEL and first["content_hash"] == f"{0:064x}"
+    assert first["box"] == [2.0, 3.0, 30.0, 20.0]
     second, third = record_decisions(str(out), [_request(query=q, decision="no_match"),
                                                 _request(query=q, decision="undo")])
     assert second["supersedes"] == first["decision_id"] and third["supersedes"] == second["decision_id"]
@@ -141,6 +142,11 @@ def test_api_token(out):
                            headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/api/decisions").status_code == 200  # reads need no token
     assert len(read_decisions(str(out))) == 1
+    with _client(out) as client:  # a new server lists what the table holds
+        listed = client.get("/api/decisions", params={"night": NIGHT_RUN}).json()
+    (row,) = listed["decisions"]
+    assert row["decision"] == "unsure" and row["box"] == [2.0, 3.0, 30.0, 20.0] and row["reviewer"] == "ana"
+    assert row["decided_at"].endswith("+00:00") and row["similarity"] is None
 
 
 def test_review_binds_loopback_by_default_and_needs_a_token_elsewhere(out, monkeypatch):

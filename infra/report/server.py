@@ -42,7 +42,7 @@ from pairx_core.errors import ConfigError
 
 from ..decision_journal import DecisionJournal
 from ..decisions import (DecisionError, DecisionRequest, UploadIndex, latest_by_query, plain_value, read_decisions,
-                         resolve_decision)
+                         resolve_decision, row_dicts)
 from ..storage import StorageTarget
 from .data import load_nights
 
@@ -88,15 +88,15 @@ def _jsonable(row: Mapping[str, Any]) -> dict:
     """``row`` with JSON values: ISO timestamps, lists, None for missing numbers."""
     result = {}
     for key, value in row.items():
-        if hasattr(value, "tolist") and not hasattr(value, "isoformat"):
+        if hasattr(value, "to_pydatetime"):
+            value = None if value is pd.NaT else value.to_pydatetime()
+        elif hasattr(value, "tolist") and getattr(value, "ndim", 0):
             value = value.tolist()
         if isinstance(value, (list, tuple)):
             value = [float(v) for v in value]
-        elif hasattr(value, "to_pydatetime"):
-            value = None if value is pd.NaT else value.to_pydatetime()
-        if isinstance(value, datetime):
+        elif isinstance(value, datetime):
             value = value.astimezone(timezone.utc).isoformat()
-        elif not isinstance(value, (list, str)):
+        elif not isinstance(value, str):
             value = plain_value(value)
         result[key] = value
     return result
@@ -119,9 +119,7 @@ class ReviewState:
 
     def load(self) -> None:
         frame = read_decisions(self.out, self.storage_options)
-        self._rows = [{k: plain_value(v) if not hasattr(v, "tolist") or hasattr(v, "isoformat") else v.tolist()
-                       for k, v in r.items()} | {"decided_at": r["decided_at"].to_pydatetime()}
-                      for r in frame.to_dict("records")]
+        self._rows = row_dicts(frame)
         self._latest = latest_by_query(self._rows)
 
     def _tables_signature(self) -> tuple:
