@@ -1,7 +1,7 @@
 // Decision controls for the PAIR-X review site, added by `pairx review` (infra/report/server.py).
 // Plain JavaScript, no build step. On a night page (/report/nights/<slug>/...) it asks the server
-// which upload each `section.upload` is (its id `u<N>` is the N-th upload of the night, or a
-// `data-query` attribute names it), shows the latest decision on each, and records new ones.
+// which upload each `section.upload` is (a `data-query` attribute with its URI, else its id
+// `u<N>`: the N-th upload of the night), shows the latest decision on each, and records new ones.
 // Keys on the current upload: 1 2 3 accept that candidate, n new individual, x no match,
 // s unsure, u undo, j / k next / previous upload. Opened from disk, the page never loads this file.
 (function () {
@@ -167,10 +167,11 @@
       var byNumber = {}, byQuery = {};
       night.uploads.forEach(function (u) { byNumber[u.number] = u; byQuery[u.query] = u; });
       Array.prototype.forEach.call(document.querySelectorAll('section.upload'), function (section) {
-        var upload = section.dataset.query ? byQuery[section.dataset.query] : null;
-        var number = (section.id.match(/^u(\d+)$/) || [])[1];
+        var named = section.dataset.query || section.dataset.upload || section.dataset.uri;
+        var upload = named ? byQuery[named] : null;
+        var number = (section.id.match(/^u(\d+)$/) || [])[1] || section.dataset.number;
         if (!upload && number) upload = byNumber[Number(number)];
-        if (!upload) return;
+        if (!upload || !upload.night_run_id) return;  // pairs-only nights (`explain`) have nothing to decide
         var block = {section: section, upload: upload, status: null};
         controls(block);
         section.addEventListener('focusin', function () { setCurrent(block, false); });
