@@ -129,7 +129,12 @@ def test_api_validates_and_records(out):
         assert [r["decision"] for r in listed["decisions"]] == ["match"] and q in listed["latest"]
         assert client.get("/api/decisions", params={"night": "other"}).json()["decisions"] == []
         assert client.get("/report/../tables/x").status_code == 404
-    assert list(read_decisions(str(out))["decision"]) == ["match"]  # flushed at shutdown
+        # a decision recorded by `pairx decide` while the server runs: the server sees it
+        record_decisions(str(out), [_request(query=query_uri(out, 2), decision="no_match")])
+        undo = client.post("/api/decisions", json={"query": query_uri(out, 2), "decision": "undo", "reviewer": "bo"})
+        assert undo.status_code == 200, undo.json()
+        assert undo.json()["decision"]["supersedes"] is not None
+    assert list(read_decisions(str(out))["decision"]) == ["match", "no_match", "undo"]  # flushed at shutdown
 
 
 def test_api_token(out):

@@ -116,15 +116,26 @@ class ReviewState:
         self._rows: list[dict] = []
         self._latest: dict[str, dict] = {}
         self._last_time: datetime | None = None
+        self._decisions_signature: tuple | None = None
+
+    def _files(self, table: str) -> tuple[str, ...]:
+        return tuple(sorted(self.storage.list_files(f"tables/{table}", suffixes=[".parquet"])))
 
     def load(self) -> None:
-        frame = read_decisions(self.out, self.storage_options)
-        self._rows = row_dicts(frame)
-        self._latest = latest_by_query(self._rows)
+        """(Re)read the decisions: the table's rows plus those still only in the journal. Called at
+        start and whenever the table's files change (this server's flushes, ``pairx decide``)."""
+        signature = self._files("decisions")
+        if signature == self._decisions_signature:
+            return
+        rows = row_dicts(read_decisions(self.out, self.storage_options))
+        seen = {row["decision_id"] for row in rows}
+        rows += [row for row in self.journal.unflushed() if row["decision_id"] not in seen]
+        rows.sort(key=lambda row: (row["decided_at"], row["decision_id"]))
+        self._rows, self._latest = rows, latest_by_query(rows)
+        self._decisions_signature = signature
 
     def _tables_signature(self) -> tuple:
-        return tuple(sorted(self.storage.list_files(f"tables/{name}", suffixes=[".parquet"])
-                            for name in ("candidates", "pairs", "images")))
+        return tuple(self._files(name) for name in ("candidates", "pairs", "images"))
 
     def index(self) -> UploadIndex:
         with self._load_lock:
@@ -167,6 +178,7 @@ class ReviewState:
 
     def decide(self, request: DecisionRequest) -> dict:
         with self._lock:
+            self.load()
             row = resolve_decision(request, self.index(), self._latest, out=self.out, run_id=self.journal.run_id,
                                    decided_at=self._clock())
             self.journal.append(row)
@@ -176,6 +188,7 @@ class ReviewState:
 
     def decisions(self, night: str | None) -> dict:
         with self._lock:
+            self.load()
             rows = [r for r in self._rows if night is None or r["night_run_id"] == night]
         latest = latest_by_query(rows)
         return {"night": night, "decisions": [_jsonable(r) for r in rows],
