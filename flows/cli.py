@@ -751,6 +751,10 @@ from .report_cmd import report_cmd  # noqa: E402 - a light module (typer only)
 
 app.command("report")(report_cmd)
 
+from .review_cmd import register_review_commands  # noqa: E402 - a light module (typer only)
+
+register_review_commands(app)
+
 
 @app.command("demo")
 def demo_cmd(

@@ -3,6 +3,7 @@
 
 - :func:`error_row`, :func:`unloadable_pair_row`: the ``errors`` table;
 - :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per content and model);
+- :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload);
 - :func:`explanation_rows`: one explained pair -> its ``pairs`` rows (one per layer) and its
   ``matches`` rows, with match positions in ORIGINAL photo coordinates (EXIF-upright, full
   resolution; :mod:`pairx_core.geometry`'s continuous convention).
@@ -25,6 +26,7 @@ from .tables import read_table
 
 __all__ = [
     "RowContext",
+    "decision_row",
     "error_row",
     "explanation_rows",
     "image_rows",
@@ -133,3 +135,21 @@ def explanation_rows(item: PairItem, result: PairExplanation, images: tuple[Load
         pairs.append(pair_row(item, layer, result.similarity, metrics[layer], key, viz_uris.get(layer), context))
         matches.extend(match_rows(item.pair_id, result.layers[layer], images[0], images[1], key, context))
     return pairs, matches
+
+
+# ---------------------------------------------------------------------- decisions
+def decision_row(*, decision_id: str, query: str, content_hash: str | None, box: Sequence[float] | None,
+                 decision: str, individual: str | None, candidate: Mapping[str, Any] | None, model_id: str,
+                 night_run_id: str, reviewer: str, decided_at: datetime, supersedes: str | None,
+                 note: str | None, run_id: str) -> dict:
+    """The ``decisions`` row of one decision; ``candidate`` is the accepted ``candidates`` row (its
+    ``gallery_image``, ``rank``, ``retrieval_rank``, ``similarity``, ``irm``, ``rerank_score``) or None."""
+    chosen = candidate or {}
+    return {
+        "decision_id": decision_id, "query": query, "content_hash": content_hash, "box": _box_list(box),
+        "decision": decision, "individual": individual, "gallery_image": chosen.get("gallery_image"),
+        "rank": chosen.get("rank"), "retrieval_rank": chosen.get("retrieval_rank"),
+        "similarity": chosen.get("similarity"), "irm": chosen.get("irm"), "rerank_score": chosen.get("rerank_score"),
+        "model_id": model_id, "night_run_id": night_run_id, "reviewer": reviewer, "decided_at": decided_at,
+        "supersedes": supersedes, "note": note, "run_id": run_id, "created_at": _now(),
+    }

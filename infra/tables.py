@@ -192,6 +192,30 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             *_ids(),
         ]
     ),
+    "decisions": pa.schema(
+        [
+            _f("decision_id", pa.string(), "identifier of the decision (a recovered journal entry is written once)", False),
+            _f("query", pa.string(), "URI of the upload decided on (the `candidates.query`)", False),
+            _f("content_hash", pa.string(), "SHA-256 of the upload's file (from `images`; null if not recorded)"),
+            _f("box", pa.list_(pa.float64()), "crop box x, y, w, h of the upload as explained; null: whole image"),
+            _f("decision", pa.string(), "`match`, `new_individual`, `no_match`, `unsure`, or `undo` (withdraws the "
+                                        "decision `supersedes` names: the upload is pending again)", False),
+            _f("individual", pa.string(), "the individual decided (`match`: the candidate's, `new_individual`: the new name)"),
+            _f("gallery_image", pa.string(), "`match`: URI of the accepted candidate (null when the individual was "
+                                             "named without one of the upload's candidates)"),
+            _f("rank", pa.int32(), "0-based rank of the accepted candidate after re-ranking"),
+            _f("retrieval_rank", pa.int32(), "0-based rank of the accepted candidate by similarity alone"),
+            _f("similarity", pa.float64(), "cosine similarity of the accepted candidate at decision time"),
+            _f("irm", pa.float64(), "IRM of the accepted candidate at decision time"),
+            _f("rerank_score", pa.float64(), "re-rank score of the accepted candidate at decision time"),
+            _f("night_run_id", pa.string(), "run (night) whose candidates the decision was made on", False),
+            _f("reviewer", pa.string(), "who decided", False),
+            _f("decided_at", _TS, "when the decision was made (UTC); the latest per upload counts", False),
+            _f("supersedes", pa.string(), "`decision_id` of the upload's decision this one replaces (null: first)"),
+            _f("note", pa.string(), "free text from the reviewer"),
+            *_ids(),
+        ]
+    ),
 }
 
 _AUTO_COLUMNS = ("model_id", "run_id", "created_at")

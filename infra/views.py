@@ -1,10 +1,11 @@
 """DuckDB views over the output tables (``infra/views.sql``), for dashboards and ad-hoc queries.
 
 ``create_views(duckdb.connect(), OUT)`` defines one view per table (``pairs``, ``matches``,
-``candidates``, ``errors``, ``runs``, ``images_all``) over ``OUT/tables/<name>/**/*.parquet``
+``candidates``, ``errors``, ``runs``, ``decisions``, ``images_all``) over ``OUT/tables/<name>/**/*.parquet``
 with hive partitions (``model``, ``date``) and ``union_by_name`` (older files lack newer
 columns), then the views of ``views.sql`` (``images``, ``pair_matches``, ``candidate_review``,
-``nights``). A table with no file yet becomes an empty view with the schema's columns, so the
+``nights``, and the review views ``latest_decisions``, ``review_progress``, ``model_precision``,
+``plausibility_calibration``). A table with no file yet becomes an empty view with the schema's columns, so the
 views always exist. DuckDB reads ``s3://`` through its ``httpfs`` extension (load it and create
 a secret on the connection first).
 """
@@ -25,7 +26,7 @@ __all__ = ["VIEWS_SQL", "create_views", "views_sql"]
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 #: base view names (the images table's raw rows are ``images_all``; ``images`` dedupes them)
 BASE_VIEWS = {"pairs": "pairs", "matches": "matches", "candidates": "candidates", "errors": "errors",
-              "runs": "runs", "images": "images_all"}
+              "runs": "runs", "images": "images_all", "decisions": "decisions"}
 
 
 def _duckdb_type(dtype: pa.DataType) -> str:
@@ -39,6 +40,8 @@ def _duckdb_type(dtype: pa.DataType) -> str:
         return "INTEGER"
     if pa.types.is_int64(dtype):
         return "BIGINT"
+    if pa.types.is_boolean(dtype):
+        return "BOOLEAN"
     if pa.types.is_timestamp(dtype):
         return "TIMESTAMPTZ" if dtype.tz else "TIMESTAMP"
     if pa.types.is_list(dtype):

@@ -55,3 +55,81 @@ SELECT date, model_id, coalesce(c.model_spec, p.model_spec) AS model_spec,
 FROM c
 FULL OUTER JOIN p USING (date, model_id)
 FULL OUTER JOIN e USING (date, model_id);
+
+-- ---------------------------------------------------------------- reviewer decisions
+-- decisions: every row ever recorded (pairx review / pairx decide); later rows supersede earlier
+-- ones on the same upload (query), rows are never removed. These views need only the decisions
+-- and candidates views.
+
+-- One row per decided upload: its latest decision. An upload whose latest row is an `undo` is
+-- pending again and has no row here.
+CREATE OR REPLACE VIEW latest_decisions AS
+SELECT * EXCLUDE (row_in_query)
+FROM (
+    SELECT *, row_number() OVER (PARTITION BY query ORDER BY decided_at DESC, decision_id DESC) AS row_in_query
+    FROM decisions
+)
+WHERE row_in_query = 1 AND decision <> 'undo';
+
+-- One row per night (date, model): uploads ranked, decided (match, new_individual, no_match),
+-- unsure, pending (not decided: unsure or no decision), and the median seconds from the upload's
+-- ranking to its decision.
+CREATE OR REPLACE VIEW review_progress AS
+WITH ranked AS (
+    SELECT date, model_id, query, min(created_at) AS ranked_at
+    FROM candidates GROUP BY date, model_id, query
+)
+SELECT r.date, r.model_id, count(*) AS uploads,
+       count(*) FILTER (WHERE d.decision IN ('match', 'new_individual', 'no_match')) AS decided,
+       count(*) FILTER (WHERE d.decision = 'unsure') AS unsure,
+       count(*) FILTER (WHERE d.decision IS NULL OR d.decision = 'unsure') AS pending,
+       median(greatest(0, date_diff('millisecond', r.ranked_at, d.decided_at) / 1000.0))
+           FILTER (WHERE d.decision IN ('match', 'new_individual', 'no_match')) AS median_s_to_decision
+FROM ranked AS r
+LEFT JOIN latest_decisions AS d ON d.query = r.query
+GROUP BY r.date, r.model_id;
+
+-- One row per night run and model: of the `match` decisions made on its candidates, the share
+-- whose accepted candidate was first by similarity (retrieval rank 0) and first after PAIR-X
+-- re-ranking (rank 0). A match on an individual outside the candidates counts as neither.
+CREATE OR REPLACE VIEW model_precision AS
+WITH runs_of AS (
+    SELECT run_id, model_id, min(date) AS date FROM candidates GROUP BY run_id, model_id
+)
+SELECT r.date, d.night_run_id, d.model_id, count(*) AS matches,
+       count(d.rank) AS matches_among_candidates,
+       avg(CASE WHEN coalesce(d.retrieval_rank, d.rank) = 0 THEN 1.0 ELSE 0.0 END) AS retrieval_top1_share,
+       avg(CASE WHEN d.rank = 0 THEN 1.0 ELSE 0.0 END) AS reranked_top1_share
+FROM latest_decisions AS d
+LEFT JOIN runs_of AS r ON r.run_id = d.night_run_id AND r.model_id = d.model_id
+WHERE d.decision = 'match'
+GROUP BY r.date, d.night_run_id, d.model_id;
+
+-- One row per model: over uploads whose latest decision accepted one of their candidates, how
+-- well each score picks the accepted candidate among that upload's candidates: ROC AUC = the
+-- share of (accepted, other) candidate pairs of the same upload where the accepted one scores
+-- higher (ties count one half). 0.5 is chance, 1.0 always right. `comparisons` counts the pairs.
+CREATE OR REPLACE VIEW plausibility_calibration AS
+WITH accepted AS (
+    SELECT query, night_run_id, model_id, gallery_image FROM latest_decisions
+    WHERE decision = 'match' AND gallery_image IS NOT NULL
+), scored AS (
+    SELECT c.model_id, c.query, c.rerank_score, c.similarity, c.gallery_image = a.gallery_image AS is_accepted
+    FROM candidates AS c
+    JOIN accepted AS a ON c.query = a.query AND c.run_id = a.night_run_id AND c.model_id = a.model_id
+), compared AS (
+    SELECT p.model_id,
+           CASE WHEN p.rerank_score > n.rerank_score THEN 1.0 WHEN p.rerank_score = n.rerank_score THEN 0.5
+                WHEN p.rerank_score < n.rerank_score THEN 0.0 END AS rerank_win,
+           CASE WHEN p.similarity > n.similarity THEN 1.0 WHEN p.similarity = n.similarity THEN 0.5
+                WHEN p.similarity < n.similarity THEN 0.0 END AS similarity_win
+    FROM scored AS p
+    JOIN scored AS n ON n.model_id = p.model_id AND n.query = p.query AND p.is_accepted AND NOT n.is_accepted
+), counts AS (
+    SELECT model_id, count(DISTINCT query) AS uploads, count(*) AS candidates FROM scored GROUP BY model_id
+)
+SELECT k.model_id, k.uploads, k.candidates, count(c.model_id) AS comparisons,
+       avg(c.rerank_win) AS auc_rerank_score, avg(c.similarity_win) AS auc_similarity
+FROM counts AS k
+LEFT JOIN compared AS c ON c.model_id = k.model_id
+GROUP BY k.model_id, k.uploads, k.candidates;
