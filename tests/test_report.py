@@ -286,3 +286,24 @@ def test_previews_leave_out_the_text_strips(tmp_path):
     css = re.search(r"<style>(.*?)</style>", page.read_text(), re.S).group(1)
     sizes = [int(v) for v in re.findall(r"font-size:(\d+)px", css)]
     assert min(sizes) >= 12 and "small,kbd,code{font-size:12px}" in css
+
+
+def test_reprocess_night_and_plan_name_models_and_individuals(tmp_path):
+    """A re-explained night (pairs, no candidates) names individuals and the model it re-explains."""
+    from flows.config import ReprocessConfig
+    from flows.preflight import check_inputs
+    from infra.tables import read_table
+
+    out = write_output(tmp_path)
+    config = ReprocessConfig(out=out, model="timm:resnet18?weights=/w.safetensors", layers=[LAYER])
+    line = check_inputs("reprocess", config).describe(config)
+    assert line.startswith(f"reprocess: 11 recorded pairs, 1 model(s), 3 individual(s) from {MODEL} (11);"), line
+
+    redone = read_table(out, "pairs").drop(columns=["date", "created_at", "model_id", "run_id"])
+    redone = redone[redone.pair_id.str.startswith("p")].assign(model_spec="timm:resnet18?weights=/w.safetensors")
+    write_table(out, "pairs", redone, "m-new", "run-3", date="2024-05-08")
+    build_report(out, date="2024-05-08")
+    page = (Path(out) / "report" / "nights" / "2024-05-08_m-new" / "index.html").read_text()
+    words = " ".join(parse_page(Path(out) / "report" / "nights" / "2024-05-08_m-new" / "index.html").text)
+    assert "#1 ind-0" in words and "ind-1" in words and "ind-2" in words  # individuals, not file names
+    assert f"Re-explains pairs first explained by <code>demo</code> <small>({MODEL})</small>" in page

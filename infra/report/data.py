@@ -82,6 +82,8 @@ class Night:
     random_weights: bool = False
     #: the ``demo`` model on photos that are not the demo's own synthetic ones
     demo_elsewhere: bool = False
+    #: other models that explained the same pairs first (a ``reprocess`` night): ``model_id -> spec``
+    source_models: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -139,6 +141,10 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
     pairs = read_table(out, "pairs", columns=PAIR_COLUMNS, storage_options=so)
     candidates = read_table(out, "candidates", columns=CANDIDATE_COLUMNS, storage_options=so)
     errors = read_table(out, "errors", columns=ERROR_COLUMNS, storage_options=so)
+    individuals = gallery_individuals(candidates)
+    models_of_pair = pairs.groupby("pair_id")["model_id"].agg(set).to_dict() if len(pairs) else {}
+    specs = pairs.dropna(subset=["model_spec"]).drop_duplicates("model_id", keep="last") \
+        .set_index("model_id")["model_spec"].to_dict() if len(pairs) else {}
     if model is not None:
         def keep(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[(frame["model_id"] == model) | (frame.get("model_spec", pd.Series(dtype=object)) == model)]
@@ -163,9 +169,13 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
         if len(mine_c):
             uploads = _from_candidates(mine_c, by_key, by_pair, model_id)
         else:
-            uploads = _from_pairs(mine_p)
-        nights.append(Night(night_date, model_id, _first_spec(mine_c, mine_p), uploads,
-                            mine_e.reset_index(drop=True), ranked=bool(len(mine_c))))
+            uploads = _from_pairs(mine_p, individuals)
+        night = Night(night_date, model_id, _first_spec(mine_c, mine_p), uploads, mine_e.reset_index(drop=True),
+                      ranked=bool(len(mine_c)))
+        if not len(mine_c):
+            others = set().union(*(models_of_pair.get(p, set()) for p in mine_p["pair_id"].unique())) - {model_id}
+            night.source_models = {other: specs.get(other) for other in sorted(others)}
+        nights.append(night)
     runs = read_table(out, "runs", columns=RUN_COLUMNS, storage_options=so)
     flagged = random_weight_models(runs, nights)
     for night in nights:
@@ -206,7 +216,17 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
     return list(uploads.values())
 
 
-def _from_pairs(frame: pd.DataFrame) -> list[Upload]:
+def gallery_individuals(candidates: pd.DataFrame) -> dict[str, str]:
+    """Gallery image URI -> individual, from candidates rows (``gallery_image``, ``individual``; later rows win)."""
+    named = candidates[candidates["individual"].notna()]
+    return dict(zip(named["gallery_image"], named["individual"].astype(str)))
+
+
+def _from_pairs(frame: pd.DataFrame, individuals: Mapping[str, str]) -> list[Upload]:
+    """Uploads of a night without candidates rows (``explain``, ``reprocess``): pairs by first image.
+
+    A second image some other run ranked as a gallery candidate gets that individual.
+    """
     uploads: dict[tuple, Upload] = {}
     frame = frame.drop_duplicates(["pair_id"], keep="last")  # one card per pair: its latest first-layer row
     frame = frame.sort_values(["image_0", "similarity"], ascending=[True, False], kind="stable")
@@ -215,7 +235,7 @@ def _from_pairs(frame: pd.DataFrame) -> list[Upload]:
         upload = uploads.setdefault((photo.uri, photo.box, photo.theta), Upload(photo, run_id=_text(row.run_id)))
         upload.cards.append(Card(
             rank=len(upload.cards), photo=Photo(row.image_1, _box(row.box_1), _number(row.theta_1) or 0.0),
-            individual=None, similarity=_number(row.similarity), irm=_number(row.irm), rerank_score=None,
+            individual=individuals.get(row.image_1), similarity=_number(row.similarity), irm=_number(row.irm), rerank_score=None,
             pair_id=row.pair_id, layer=row.layer, output_key=row.output_key,
             n_matches=int(row.n_matches) if _number(row.n_matches) is not None else None,
             commit_id=_text(row.commit_id),

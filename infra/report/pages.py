@@ -243,7 +243,12 @@ def _legend(night: Night) -> str:
     order = ("Candidates ranked by re-rank score = 0.5 &times; similarity + 0.5 &times; IRM (similarity alone "
              "where IRM is n/a: fewer than 5 matches or no relevance among them)." if night.ranked else
              "Pairs of each first image, by similarity.")
-    return (f"Model {_model_label(night)}. {order} Neighbours whose scores differ by 0.01 or less are marked "
+    source = ""
+    if night.source_models:
+        names = ", ".join(f"<code>{esc(spec)}</code> <small>({esc(mid)})</small>" if spec else f"<code>{esc(mid)}</code>"
+                          for mid, spec in night.source_models.items())
+        source = f" Re-explains pairs first explained by {names}."
+    return (f"Model {_model_label(night)}.{source} {order} Neighbours whose scores differ by 0.01 or less are marked "
             "<span class='tie'>near tie</span>.")
 
 
