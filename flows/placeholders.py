@@ -36,5 +36,5 @@ def refuse_placeholder(value: Any) -> Any:
         shown = _USERINFO.sub("//***@", value) if isinstance(value, str) else ", ".join(found)
         raise ValueError(
             f"still the example value from infra/prefect.yaml ({shown!r}): give the deployment its real "
-            "parameters (README: Deployments, 'Switching the nightly schedule on')")
+            "parameters (README: Deployments)")
     return value
