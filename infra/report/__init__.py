@@ -23,7 +23,6 @@ local folder, a bucket behind a static web endpoint, or a downloaded copy.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,18 +111,18 @@ def build_report(
 def _demo_dataset(out: str, night: Night, storage_options: Mapping[str, Any] | None) -> bool:
     """Whether every upload of ``night`` is one of ``pairx demo``'s synthetic photos.
 
-    The demo writes its results to ``<demo folder>/results`` and the truth of its synthetic photos
-    to ``<demo folder>/ground_truth.json``; a night whose uploads it lists is the demo's own.
+    The demo writes its results to ``<demo folder>/results``, its synthetic photos under
+    ``<demo folder>/data/`` and their truth to ``<demo folder>/ground_truth.json``.
     """
     storage = StorageTarget.from_url(out, storage_options)
     if not storage.is_local:
         return False
-    truth_file = Path(storage.root).parent / DEMO_TRUTH_FILE
-    try:
-        truth = json.loads(truth_file.read_text())
-    except (OSError, ValueError):
+    demo_root = Path(storage.root).parent
+    if not (demo_root / DEMO_TRUTH_FILE).is_file():
         return False
-    return bool(night.uploads) and all(upload.photo.uri in truth for upload in night.uploads)
+    photos = (demo_root / "data").resolve()
+    return bool(night.uploads) and all(
+        Path(upload.photo.uri.removeprefix("file://")).resolve().is_relative_to(photos) for upload in night.uploads)
 
 
 def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out: str,
