@@ -66,7 +66,7 @@ section.upload{display:flex;gap:10px;border-top:1px solid #ccc;padding:10px 0}
 small,kbd,code{font-size:12px}
 .banner{border:2px solid #b00;background:#fff0f0;color:#600;padding:8px 12px;margin:10px 0;font-weight:600;max-width:1100px}
 .banner.demo{border-color:#a66b00;background:#fff7e6;color:#5a3b00}
-.tie{display:inline-block;background:#fff3c4;border:1px solid #c9a400;border-radius:3px;padding:0 5px;font-size:12px;color:#5a4600}
+.tie,.tag{display:inline-block;background:#fff3c4;border:1px solid #c9a400;border-radius:3px;padding:0 5px;font-size:12px;color:#5a4600}
 .card.near-tie{border-color:#c9a400}
 .card .caption{font-size:13px;color:#333;margin:2px 0 0}
 nav.pair{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0} nav.pair a,nav.pair span{padding:2px 8px;border:1px solid #ccc;border-radius:3px}
@@ -98,7 +98,7 @@ document.addEventListener('keydown', function (event) {
 """
 
 
-RANDOM_WEIGHTS_BANNER = ("Random weights: this model ran without trained weights. Its similarities, IRM, "
+RANDOM_WEIGHTS_BANNER = ("Random weights: {which} ran without trained weights. Its similarities, IRM, "
                          "rankings and PAIR-X pictures look normal but mean nothing.")
 DEMO_BANNER = ("Demo model: <code>demo</code> was trained only on the synthetic animals of <code>pairx demo</code>. "
                "On other photos its rankings and pictures mean nothing; use a real model "
@@ -110,8 +110,8 @@ def banners_html(nights: Sequence[Night]) -> str:
     parts = []
     random = [n for n in nights if n.random_weights]
     if random:
-        which = "" if len(nights) == 1 else " (" + ", ".join(sorted({n.model_id for n in random})) + ")"
-        parts.append(f"<div class='banner random-weights' role='alert'>{esc(RANDOM_WEIGHTS_BANNER[:-1])}{esc(which)}."
+        which = "this model" if len(nights) == 1 else "model " + ", ".join(sorted({n.model_id for n in random}))
+        parts.append(f"<div class='banner random-weights' role='alert'>{esc(RANDOM_WEIGHTS_BANNER.format(which=which))}"
                      "</div>")
     if any(n.demo_elsewhere for n in nights):
         parts.append(f"<div class='banner demo' role='note'>{DEMO_BANNER}</div>")
@@ -135,7 +135,7 @@ def _model_label(night: Night) -> str:
 
 def _model_tags(night: Night) -> str:
     tags = (["random weights"] if night.random_weights else []) + (["demo model"] if night.demo_elsewhere else [])
-    return "".join(f" <span class='tie'>{esc(tag)}</span>" for tag in tags)
+    return "".join(f" <span class='tag'>{esc(tag)}</span>" for tag in tags)
 
 
 def index_html(nights: Sequence[Night], page_counts: dict[str, int] | None = None) -> str:
