@@ -70,7 +70,7 @@ def _base_view(view: str, table: str, target: StorageTarget) -> str:
 
 
 def views_sql(out: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """The whole SQL script for ``out``: base views, then ``views.sql``."""
+    """The whole SQL script for ``out``: base views (from the listing), then the derived views of ``views.sql``."""
     target = StorageTarget.from_url(out, storage_options)
     base = [_base_view(view, table, target) + ";" for table, view in BASE_VIEWS.items()]
     return "\n".join(base) + "\n" + derived_views_sql()
