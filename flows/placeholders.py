@@ -23,7 +23,8 @@ def placeholder_paths(value: Any, path: str = "") -> list[str]:
     if isinstance(value, str):
         return [path or "value"] if PLACEHOLDER in value else []
     if isinstance(value, dict):
-        return [p for key, item in value.items() for p in placeholder_paths(item, f"{path}.{key}" if path else str(key))]
+        return [p for key, item in value.items()
+                for p in placeholder_paths(item, f"{path}.{key}" if path else str(key))]
     if isinstance(value, (list, tuple)):
         return [p for i, item in enumerate(value) for p in placeholder_paths(item, f"{path}[{i}]")]
     return []

@@ -39,7 +39,8 @@ class RunPlan:
     detail: str = ""
 
     def describe(self, config) -> str:
-        counts = ", ".join(f"{n} {what}" for what, n in self.counts.items()) + (f" {self.detail}" if self.detail else "")
+        counts = ", ".join(f"{n} {what}" for what, n in self.counts.items())
+        counts += f" {self.detail}" if self.detail else ""
         layers = ",".join(config.layers) if config.layers else "family default"
         return (f"{self.flow}: {counts}; model {redact_model_spec(config.model)}, layer {layers}; "
                 f"output {config.out}")

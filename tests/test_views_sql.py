@@ -25,7 +25,8 @@ def standalone(out: str) -> duckdb.DuckDBPyConnection:
 
 def test_views_sql_runs_on_its_own_like_create_views(tmp_path):
     out = write_output(tmp_path)  # pairs, candidates, errors; no matches, images or runs table yet
-    write_table(out, "runs", [_complete("runs", {"flow": "nightly", "n_done": 9})], "m-0123456789abcdef", "run-1", date="2024-05-06")
+    write_table(out, "runs", [_complete("runs", {"flow": "nightly", "n_done": 9})], "m-0123456789abcdef", "run-1",
+                date="2024-05-06")
     alone, python = standalone(out), create_views(duckdb.connect(), out)
     for view in VIEWS:
         assert alone.sql(f"SELECT count(*) FROM {view}").fetchall()[0] == python.sql(

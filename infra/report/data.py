@@ -20,7 +20,8 @@ from ..storage import safe_segment
 from ..tables import read_table
 
 PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "n_matches", "inliers", "box_0",
-                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date", "run_id"]
+                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date",
+                "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
                      "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
@@ -235,7 +236,8 @@ def _from_pairs(frame: pd.DataFrame, individuals: Mapping[str, str]) -> list[Upl
         upload = uploads.setdefault((photo.uri, photo.box, photo.theta), Upload(photo, run_id=_text(row.run_id)))
         upload.cards.append(Card(
             rank=len(upload.cards), photo=Photo(row.image_1, _box(row.box_1), _number(row.theta_1) or 0.0),
-            individual=individuals.get(row.image_1), similarity=_number(row.similarity), irm=_number(row.irm), rerank_score=None,
+            individual=individuals.get(row.image_1), similarity=_number(row.similarity), irm=_number(row.irm),
+            rerank_score=None,
             pair_id=row.pair_id, layer=row.layer, output_key=row.output_key,
             n_matches=int(row.n_matches) if _number(row.n_matches) is not None else None,
             commit_id=_text(row.commit_id),

@@ -224,7 +224,8 @@ def _card(card: Card, photo: tuple[str, str] | None, picture: tuple[str, str] | 
     classes = "card" + (" top" if card.rank == 0 else "") + (" near-tie" if ties else "")
     return (f"<article class='{classes}' data-rank='{card.rank}' data-gallery='{esc(card.photo.uri)}'"
             f"{_data('pair', card.pair_id)}{_data('layer', card.layer)}>"
-            f"<div class='head'>{_img(photo, f'candidate {who}')}<div><div class='who'>#{card.rank + 1} {esc(who)}</div>"
+            f"<div class='head'>{_img(photo, f'candidate {who}')}<div>"
+            f"<div class='who'>#{card.rank + 1} {esc(who)}</div>"
             f"<div><small>{esc(name)}</small></div><dl>{dl}</dl>{_tie_badge(ties)}{more}</div></div>{pic}{caption}"
             "</article>")
 
@@ -245,8 +246,8 @@ def _legend(night: Night) -> str:
              "Pairs of each first image, by similarity.")
     source = ""
     if night.source_models:
-        names = ", ".join(f"<code>{esc(spec)}</code> <small>({esc(mid)})</small>" if spec else f"<code>{esc(mid)}</code>"
-                          for mid, spec in night.source_models.items())
+        names = ", ".join(f"<code>{esc(spec)}</code> <small>({esc(mid)})</small>" if spec
+                          else f"<code>{esc(mid)}</code>" for mid, spec in night.source_models.items())
         source = f" Re-explains pairs first explained by {names}."
     return (f"Model {_model_label(night)}.{source} {order} Neighbours whose scores differ by 0.01 or less are marked "
             "<span class='tie'>near tie</span>.")
@@ -312,7 +313,8 @@ def pair_stops(night: Night, page_size: int) -> list[PairStop]:
 
 def _full_photo(thumb: tuple[str, str] | None, alt: str, caption: str) -> str:
     if thumb is None:
-        return f"<figure><span class='missing'>{esc(alt)}: photo unavailable</span><figcaption>{caption}</figcaption></figure>"
+        return (f"<figure><span class='missing'>{esc(alt)}: photo unavailable</span>"
+                f"<figcaption>{caption}</figcaption></figure>")
     return (f"<figure><a href='{href(thumb[1], NIGHT_DEPTH)}'><img src='{href(thumb[1], NIGHT_DEPTH)}' "
             f"alt='{esc(alt)}'></a><figcaption>{caption}</figcaption></figure>")
 
