@@ -73,7 +73,7 @@ nav.pair{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0} nav.pair a,nav.pair 
 nav.pair span{color:#888}
 .pair-photos{display:flex;gap:16px;flex-wrap:wrap;margin:10px 0} .pair-photos figure{margin:0}
 .pair-photos img{display:block;max-width:420px;max-height:420px;width:auto;height:auto}
-figure.picture{margin:10px 0} figure.picture img{display:block;max-width:100%;height:auto}
+figure.picture{margin:10px 0;overflow-x:auto} figure.picture img{display:block;max-width:none;height:auto}
 figcaption{font-size:14px;color:#333}
 table.metrics th{text-align:left;font-weight:600;padding-right:16px}
 table.errors td.msg{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;max-width:800px}
