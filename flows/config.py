@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from .placeholders import refuse_placeholder
+
 #: option names that carry credentials; refused in configs (they would be stored by Prefect)
 SECRET_OPTION = re.compile(r"(secret|password|passwd|token|credential|^key$|_key$|access_key|private)", re.I)
 
@@ -66,6 +68,11 @@ class CommonConfig(BaseModel):
                 "the processes that run the flow and its workers (the CLI's --storage-option does this)")
         return value
     public_url: str | None = Field(None, description="base URL where OUT is published: viz_uri columns and report links become URLs under it")
+
+    @field_validator("*")
+    @classmethod
+    def _no_placeholders(cls, value: Any) -> Any:
+        return refuse_placeholder(value)
 
     @field_validator("out")
     @classmethod

@@ -35,9 +35,12 @@ class RunPlan:
 
     flow: str
     counts: dict[str, int] = field(default_factory=dict)
+    #: more about the inputs, printed after the counts (e.g. which models a reprocess redoes)
+    detail: str = ""
 
     def describe(self, config) -> str:
         counts = ", ".join(f"{n} {what}" for what, n in self.counts.items())
+        counts += f" {self.detail}" if self.detail else ""
         layers = ",".join(config.layers) if config.layers else "family default"
         return (f"{self.flow}: {counts}; model {redact_model_spec(config.model)}, layer {layers}; "
                 f"output {config.out}")
@@ -93,7 +96,10 @@ def check_inputs(flow: str, config) -> RunPlan:
     if flow == "reprocess":
         if not StorageTarget.from_url(config.out, so).exists("tables/pairs"):
             raise InputError(config.out, "no pairs table under this output: nothing to reprocess")
-        return RunPlan(flow, {})
+        from .reprocess_plan import recorded_pairs_summary
+
+        recorded = recorded_pairs_summary(config.out, config.old_model, so)
+        return RunPlan(flow, recorded.counts(), recorded.detail())
     raise ConfigError(f"unknown flow {flow!r}")
 
 

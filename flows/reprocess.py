@@ -14,6 +14,7 @@ from .common import run_recorded
 from .config import ReprocessConfig
 from .explain_pairs import explain_recorded_items
 from .preflight import resolve_model
+from .reprocess_plan import gallery_individuals
 
 
 def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]:
@@ -23,8 +24,9 @@ def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]
     if config.old_model:
         pairs = pairs[pairs.model_id == config.old_model]
     pairs = pairs[pairs.model_id != new_model_id].drop_duplicates("pair_id")
+    individuals = gallery_individuals(config.out, so)  # named on the new pictures, as the first run did
     return [PairItem(r.pair_id, r.image_0, r.image_1, parse_box(r.box_0), parse_box(r.box_1),
-                     parse_angle(r.theta_0), parse_angle(r.theta_1))
+                     parse_angle(r.theta_0), parse_angle(r.theta_1), individual_1=individuals.get(r.image_1))
             for r in pairs.itertuples(index=False)]
 
 

@@ -8,6 +8,9 @@ columns), then the views of ``views.sql`` (``images``, ``pair_matches``, ``candi
 ``plausibility_calibration``). A table with no file yet becomes an empty view with the schema's columns, so the
 views always exist. DuckDB reads ``s3://`` through its ``httpfs`` extension (load it and create
 a secret on the connection first).
+
+``views.sql`` also runs on its own (DuckDB CLI, any client): ``SET VARIABLE pairx_out = 'OUT';``
+then the file; its first part defines the same base views from that variable.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from .tables import TABLE_SCHEMAS
 __all__ = ["VIEWS_SQL", "create_views", "views_sql"]
 
 VIEWS_SQL = Path(__file__).with_name("views.sql")
+#: line of ``views.sql`` after its standalone base views (those read ``getvariable('pairx_out')``)
+DERIVED_MARKER = "-- derived views\n"
+#: the DuckDB variable ``views.sql`` reads the output root from when run on its own
+OUT_VARIABLE = "pairx_out"
 #: base view names (the images table's raw rows are ``images_all``; ``images`` dedupes them)
 BASE_VIEWS = {"pairs": "pairs", "matches": "matches", "candidates": "candidates", "errors": "errors",
               "runs": "runs", "images": "images_all", "decisions": "decisions"}
@@ -32,6 +39,8 @@ BASE_VIEWS = {"pairs": "pairs", "matches": "matches", "candidates": "candidates"
 def _duckdb_type(dtype: pa.DataType) -> str:
     if pa.types.is_string(dtype):
         return "VARCHAR"
+    if pa.types.is_boolean(dtype):
+        return "BOOLEAN"
     if pa.types.is_float64(dtype):
         return "DOUBLE"
     if pa.types.is_float32(dtype):
@@ -64,10 +73,15 @@ def _base_view(view: str, table: str, target: StorageTarget) -> str:
 
 
 def views_sql(out: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """The whole SQL script for ``out``: base views, then ``views.sql``."""
+    """The whole SQL script for ``out``: base views (from the listing), then the derived views of ``views.sql``."""
     target = StorageTarget.from_url(out, storage_options)
     base = [_base_view(view, table, target) + ";" for table, view in BASE_VIEWS.items()]
-    return "\n".join(base) + "\n" + VIEWS_SQL.read_text()
+    return "\n".join(base) + "\n" + derived_views_sql()
+
+
+def derived_views_sql() -> str:
+    """The part of ``views.sql`` below its base views: ``images``, ``pair_matches``, ..."""
+    return VIEWS_SQL.read_text().split(DERIVED_MARKER, 1)[1]
 
 
 def create_views(connection: Any, out: str, storage_options: Mapping[str, Any] | None = None) -> Any:

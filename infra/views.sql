@@ -1,8 +1,15 @@
--- Dashboard views over the output tables (DuckDB).
+-- Dashboard views over the output tables (DuckDB 2.0 or newer).
 --
--- infra.views.create_views(connection, OUT) first defines one view per table over its Parquet
--- files (pairs, matches, candidates, errors, runs, and images_all = every images row), with the
--- hive partition columns `model` and `date`; then runs this file. Join keys:
+-- On its own, in the DuckDB CLI or any DuckDB client: set the output root, then run this file.
+--   SET VARIABLE pairx_out = '/data/pairx-out';     -- or 's3://bucket/prefix' (load httpfs and
+--   .read infra/views.sql                           --  create a secret first)
+-- From Python, infra.views.create_views(connection, OUT) does the same (its own base views, then
+-- the derived views below the "derived views" line).
+--
+-- Base views: one per table (pairs, matches, candidates, errors, runs, and images_all = every
+-- images row) over OUT/tables/<table>/**/*.parquet with the hive partition columns `model` and
+-- `date`; a table with no file yet is an empty view with the schema's columns (files of older
+-- versions lack newer columns: union_by_name). Join keys:
 --   pairs.output_key = matches.output_key        one explanation (pair, model, layer, settings)
 --     AND pairs.commit_id = matches.commit_id    the batch write that committed it (matches of a
 --                                                batch that never wrote its pairs rows are ignored)
@@ -10,6 +17,97 @@
 --   pairs.image_0 / image_1, candidates.query / gallery_image = images.image_uri (same model_id)
 --   (date, model_id)                             a night
 -- pair_id alone is NOT a key: the same pair is explained once per model (and layer).
+
+CREATE OR REPLACE VIEW pairs AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS pair_id, NULL::VARCHAR AS image_0, NULL::VARCHAR AS image_1,
+         NULL::VARCHAR AS layer, NULL::DOUBLE AS similarity, NULL::INTEGER AS n_matches,
+         NULL::DOUBLE AS residual_px, NULL::INTEGER AS inliers, NULL::DOUBLE AS irm,
+         NULL::DOUBLE AS match_coverage, NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share,
+         NULL::VARCHAR AS viz_uri, NULL::DOUBLE[] AS box_0, NULL::DOUBLE[] AS box_1, NULL::DOUBLE AS theta_0,
+         NULL::DOUBLE AS theta_1, NULL::VARCHAR AS model_spec, NULL::VARCHAR AS model_id,
+         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS output_key,
+         NULL::VARCHAR AS commit_id, NULL::VARCHAR AS model, NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/pairs/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+CREATE OR REPLACE VIEW matches AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer, NULL::INTEGER AS rank, NULL::FLOAT AS x_0,
+         NULL::FLOAT AS y_0, NULL::FLOAT AS x_1, NULL::FLOAT AS y_1, NULL::FLOAT AS distance,
+         NULL::FLOAT AS relevance, NULL::VARCHAR AS model_id, NULL::VARCHAR AS output_key,
+         NULL::VARCHAR AS commit_id, NULL::VARCHAR AS model, NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/matches/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+CREATE OR REPLACE VIEW candidates AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS query, NULL::INTEGER AS rank, NULL::VARCHAR AS gallery_image,
+         NULL::VARCHAR AS individual, NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm,
+         NULL::DOUBLE AS rerank_score, NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer,
+         NULL::VARCHAR AS viz_uri, NULL::VARCHAR AS output_key, NULL::VARCHAR AS model_spec,
+         NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
+         NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
+         NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS model_id,
+         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
+         NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+CREATE OR REPLACE VIEW errors AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS item, NULL::VARCHAR AS stage, NULL::VARCHAR AS error_type,
+         NULL::VARCHAR AS message, NULL::VARCHAR AS content_hash, NULL::VARCHAR AS model_id,
+         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
+         NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/errors/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+CREATE OR REPLACE VIEW runs AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS run_id, NULL::VARCHAR AS flow, NULL::VARCHAR AS parameters,
+         NULL::VARCHAR AS model_id, NULL::BIGINT AS n_done, NULL::BIGINT AS n_skipped,
+         NULL::BIGINT AS n_failed, NULL::DOUBLE AS duration_s, NULL::TIMESTAMPTZ AS started_at,
+         NULL::TIMESTAMPTZ AS finished_at, NULL::VARCHAR AS status, NULL::VARCHAR AS error,
+         NULL::VARCHAR AS model_spec, NULL::VARCHAR AS weights_digest, NULL::BOOLEAN AS random_weights,
+         NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits, NULL::BIGINT AS cache_misses,
+         NULL::BIGINT AS cache_damaged, NULL::VARCHAR AS model, NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/runs/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+CREATE OR REPLACE VIEW images_all AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+         NULL::VARCHAR AS image_uri, NULL::VARCHAR AS content_hash, NULL::INTEGER AS width,
+         NULL::INTEGER AS height, NULL::VARCHAR AS model_id, NULL::TIMESTAMPTZ AS embedded_at,
+         NULL::VARCHAR AS run_id, NULL::VARCHAR AS model, NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/images/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
+-- ---------------------------------------------------------------- derived views
 
 -- One row per (model_id, image content): the first time the content was recorded.
 CREATE OR REPLACE VIEW images AS

@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pairx_core.errors import ConfigError
 
@@ -74,10 +74,16 @@ PNG_COMPRESS_LEVEL = 1
 
 def encode_png(image: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """PNG bytes of a PIL image (modes other than RGB/RGBA/L are converted to RGB)."""
+    text = {k: v for k, v in image.info.items() if k.startswith("pairx-") and isinstance(v, str)}
     if image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
+    info = None
+    if text:  # the picture's layout notes (e.g. where its panels are) travel as PNG text chunks
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    image.save(buffer, format="PNG", compress_level=compress_level, pnginfo=info)
     return buffer.getvalue()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar, Union
@@ -45,6 +46,10 @@ MIEWID_SIZE = 440
 #: keys of training heads found in MiewID checkpoints; not part of the embedding model
 IGNORED_CHECKPOINT_PREFIXES = ("final.", "temperature", "fc.", "dropout.")
 WEIGHTS_DIR = BUNDLED_WEIGHTS_DIR
+#: keys of a checkpoint file that hold the state dict (the first present wins)
+CHECKPOINT_CONTAINERS = ("state_dict", "model")
+
+logger = logging.getLogger(__name__)
 
 
 class RandomWeightsWarning(UserWarning):
@@ -291,8 +296,10 @@ def read_state_dict(source: WeightsSource, opener: Opener | None = None) -> dict
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only rejects pickled code: say so
         raise ModelLoadError(name, f"cannot read weights safely (safetensors or weights-only torch file): {error}") from error
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
+    for wrapper in CHECKPOINT_CONTAINERS:  # training scripts' {"state_dict": ...} / {"model": ...}
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
     if not isinstance(state, Mapping):
         raise ModelLoadError(name, "the file does not hold a state dict")
     return dict(state)
@@ -306,15 +313,31 @@ def _looks_like_safetensors(data: bytes) -> bool:
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -> None:
-    """Load strictly, ignoring known training-head keys; report missing and unexpected keys."""
-    cleaned = {}
+    """Load strictly, ignoring known training-head keys; report missing and unexpected keys.
+
+    Checkpoints of the bare network the wrapper holds (``timm.create_model(arch).state_dict()``,
+    a torchvision classifier's) load too: their keys get the wrapper's prefix (``backbone.``,
+    ``network.``), a classifier head the wrapper replaced is ignored, and the wrapper's own
+    layers around the network (MiewID's GeM + BatchNorm1d neck) keep their initial values (GeM
+    ``p`` = 3, an identity BatchNorm). Each is named in the log.
+    """
+    cleaned, ignored = {}, []
     for key, value in state.items():
         key = key.removeprefix("module.")
         if key.startswith(IGNORED_CHECKPOINT_PREFIXES):
+            ignored.append(key)
             continue
         cleaned[key] = value
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(cleaned))
+    cleaned, heads, kept = fit_bare_network(model, cleaned)
+    ignored += heads
+    if ignored:
+        logger.info("%s: checkpoint keys the model does not use, ignored: %s", public_spec(spec),
+                    _key_list(ignored))
+    if kept:
+        logger.info("%s: checkpoint of the bare network; the wrapper's own layers keep their initial values: %s",
+                    public_spec(spec), _key_list(kept))
+    missing = sorted(set(expected) - set(cleaned) - set(kept))
     unexpected = sorted(set(cleaned) - set(expected))
     if missing or unexpected:
         raise ModelLoadError(spec, "checkpoint keys do not match the architecture", missing, unexpected)
@@ -322,7 +345,59 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -
     if wrong_shape:
         details = ", ".join(f"{k} {tuple(cleaned[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape[:5])
         raise ModelLoadError(spec, f"shape mismatch: {details}")
-    model.load_state_dict(cleaned, strict=True)
+    model.load_state_dict(cleaned, strict=not kept)
+
+
+def _key_list(keys: list[str], shown: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+def _replaced_head(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a module the wrapper replaced by ``nn.Identity`` (a removed head)."""
+    module_path = key.rsplit(".", 1)[0] if "." in key else ""
+    while module_path:
+        try:
+            if isinstance(model.get_submodule(module_path), nn.Identity):
+                return True
+        except AttributeError:
+            pass
+        module_path = module_path.rsplit(".", 1)[0] if "." in module_path else ""
+    return False
+
+
+def fit_bare_network(model: nn.Module, state: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Map a checkpoint of the network inside ``model`` to ``model``'s keys.
+
+    The prefix is the child module of ``model`` (``backbone``, ``network``) under which most of the
+    checkpoint's keys exist, and more than without one; nothing changes when no prefix does (a
+    checkpoint of another network then fails with its own key names).
+
+    Returns:
+        ``(state, ignored, kept)``: the mapped state; the checkpoint's keys of a head the wrapper
+        replaced with ``nn.Identity``; the wrapper's keys outside the network, left as initialised
+        (only for a bare-network checkpoint).
+    """
+    expected = model.state_dict()
+    as_is = sum(key in expected for key in state)
+    best, best_hits = None, as_is
+    for name, _child in model.named_children():
+        hits = sum(f"{name}.{key}" in expected for key in state)
+        if hits > best_hits and 2 * hits > len(state):  # most of the file fits under that prefix
+            best, best_hits = name, hits
+    if best is None:
+        heads = [key for key in state if key not in expected and _replaced_head(model, key)]
+        return {k: v for k, v in state.items() if k not in heads}, heads, []
+    mapped, heads = {}, []
+    for key, value in state.items():
+        target = f"{best}.{key}"
+        if target not in expected and _replaced_head(model, target):
+            heads.append(key)
+        else:
+            mapped[target] = value
+    kept = [key for key in expected if not key.startswith(f"{best}.")]
+    return mapped, heads, kept
 
 
 def save_checkpoint(model: nn.Module, path: str | Path) -> None:

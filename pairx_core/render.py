@@ -118,6 +118,10 @@ def _to_height(image: np.ndarray, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS), dtype=np.uint8)
 
 
+#: ``Image.info`` key of a rendered picture: ``"top,bottom"`` rows of its panels (between the strips)
+PANELS_INFO_KEY = "pairx-panels"
+
+
 def font_px(picture_side: int) -> int:
     """Text size for a picture whose photos have ``picture_side`` px: >= 14, 18 px at 1024."""
     return max(MIN_FONT_PX, round(18 * picture_side / 1024))
@@ -206,6 +210,8 @@ def render(
         _draw_labels(draw, (label_0, label_1), widths, label_height, font, pad)
     for number, line in enumerate(lines):
         draw.text((pad, label_height + body.height + pad + number * line_height), line, fill=(0, 0, 0), font=font)
+    # where the panels are, for previews that show them without the text strips (saved as PNG text)
+    picture.info[PANELS_INFO_KEY] = f"{label_height},{label_height + body.height}"
     return picture
 
 

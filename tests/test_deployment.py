@@ -17,10 +17,14 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: README "Switching the nightly schedule on", second step, as written there
+RESUME_NIGHTLY = """
+SCHEDULE_ID=$(.venv/bin/prefect deployment schedule ls nightly/nightly --output json |
+              .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+.venv/bin/prefect deployment schedule resume nightly/nightly "$SCHEDULE_ID"
+""".replace(".venv/bin/", f"{BIN}/")
 
 
 def _free_port() -> int:
@@ -76,6 +80,15 @@ class Services:
                 os.killpg(proc.pid, 9)
 
 
+def _get(api: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{api}{path}", timeout=5) as response:
+        return json.load(response)
+
+
+def _flow_run_id(created: str) -> str:
+    return next(line.split()[-1] for line in created.splitlines() if "UUID" in line)
+
+
 @pytest.fixture
 def photo_night(tmp_path):
     from pairx_core.synthetic import make_individuals, render_photo
@@ -89,6 +102,8 @@ def photo_night(tmp_path):
     return root
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
     prefect_port, dask_port = _free_port(), _free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
@@ -117,24 +132,37 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
             dask_workers = set(client.scheduler_info()["workers"])
 
         services.run(str(BIN / "prefect"), "work-pool", "create", "pairx-process", "--type", "process")
-        services.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml",
-                     "--name", "nightly")
-        worker = services.start("prefect-worker", str(BIN / "prefect"), "worker", "start", "--pool", "pairx-process")
         out = tmp_path / "out"
         config = {"uploads": str(photo_night / "uploads"), "gallery": str(photo_night / "gallery"),
                   "out": str(out), "model": "demo", "top_k": 2, "rerank_k": 0, "k_colors": 2,
                   "cluster": scheduler}
-        created = services.run(str(BIN / "prefect"), "deployment", "run", "nightly/nightly",
-                               "--params", json.dumps({"config": config}))
-        flow_run_id = next(line.split()[-1] for line in created.splitlines() if "UUID" in line)
+        # README "Switching the nightly schedule on": real parameters at deploy time, then resume
+        services.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml",
+                     "--name", "nightly", "--params", json.dumps({"config": config}))
+        services.run("bash", "-c", RESUME_NIGHTLY)
+        deployment = _get(api, "/deployments/name/nightly/nightly")
+        assert deployment["parameters"] == {"config": config} and "REPLACE-ME" not in json.dumps(deployment)
+        (schedule,) = deployment["schedules"]
+        assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *"
+        # the example deployment, still with its REPLACE-ME values: refused before anything runs
+        services.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml",
+                     "--name", "reprocess")
 
-        def state() -> str:
-            with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=5) as response:
-                return json.load(response)["state"]["type"]
+        worker = services.start("prefect-worker", str(BIN / "prefect"), "worker", "start", "--pool", "pairx-process")
+        # a run with the stored parameters (what the 02:00 schedule starts), and one of the example
+        nightly_run = _flow_run_id(services.run(str(BIN / "prefect"), "deployment", "run", "nightly/nightly"))
+        example_run = _flow_run_id(services.run(str(BIN / "prefect"), "deployment", "run", "reprocess/reprocess"))
 
-        _wait(lambda: state() in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), "the deployment run", 300,
-              [server, dask_scheduler, dask_worker, worker])
-        assert state() == "COMPLETED", services.logs()
+        def state(flow_run_id: str) -> dict:
+            return _get(api, f"/flow_runs/{flow_run_id}")["state"]
+
+        for run in (nightly_run, example_run):
+            _wait(lambda: state(run)["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), "the deployment run",
+                  300, [server, dask_scheduler, dask_worker, worker])
+        assert state(nightly_run)["type"] == "COMPLETED", services.logs()
+        refused = state(example_run)
+        assert refused["type"] == "FAILED", refused
+        assert "out" in refused["message"] and "example value" in refused["message"], refused["message"]
     finally:
         services.stop()
 
@@ -145,3 +173,26 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
     assert len(read_table(str(out), "candidates")) == 6
     # the explain batches ran on the external Dask worker, not inside the Prefect worker's process
     assert set(runs.workers.iloc[0]) == dask_workers
+
+
+def test_example_parameters_are_refused_naming_the_field():
+    """Every REPLACE-ME value of infra/prefect.yaml is refused by the flow's config, by name."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.config import ExplainPairsConfig, NightlyConfig, ReprocessConfig
+
+    classes = {"nightly": NightlyConfig, "explain_pairs": ExplainPairsConfig, "reprocess": ReprocessConfig}
+    deployments = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())["deployments"]
+    for deployment in deployments:
+        example = deployment["parameters"]["config"]
+        with pytest.raises(ValidationError) as info:
+            classes[deployment["name"]](**example)
+        refused = {error["loc"][0] for error in info.value.errors()}
+        assert refused == {k for k, v in example.items() if "REPLACE-ME" in str(v)}, deployment["name"]
+        assert all("example value from infra/prefect.yaml" in e["msg"] for e in info.value.errors())
+    real = NightlyConfig(uploads="/photos/uploads", gallery="/photos/gallery", out="/out", model="demo")
+    assert real.uploads == "/photos/uploads"
+    with pytest.raises(ValidationError, match=r"storage_options[\s\S]*example value"):
+        NightlyConfig(uploads="/u", gallery="/g", out="/o", model="demo",
+                      storage_options={"client_kwargs": {"endpoint_url": "https://REPLACE-ME.example"}})

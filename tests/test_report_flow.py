@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -105,7 +106,13 @@ window.addEventListener('load', function () {
     cards: Array.prototype.map.call(document.querySelectorAll('section.upload'),
                                     function (s) { return s.querySelectorAll('article.card').length; }),
     outside: Array.prototype.filter.call(document.querySelectorAll('article.card'),
-                                         function (c) { return c.getBoundingClientRect().right > width + 0.5; }).length
+                                         function (c) { return c.getBoundingClientRect().right > width + 0.5; }).length,
+    smallest_text: Math.min.apply(null, Array.prototype.filter.call(document.querySelectorAll('main *'), function (e) {
+        return Array.prototype.some.call(e.childNodes, function (n) { return n.nodeType === 3 && n.textContent.trim(); });
+      }).map(function (e) { return parseFloat(getComputedStyle(e).fontSize); })),
+    picture_width: Array.prototype.map.call(document.querySelectorAll('figure.picture img'),
+                                            function (i) { return i.naturalWidth; }),
+    text: (document.querySelector('main') || document.body).innerText
   };
   var pre = document.createElement('pre');
   pre.id = 'pairx-check';
@@ -140,7 +147,9 @@ def test_review_site_of_a_real_night_in_chromium(night, tmp_path):
     index = Path(result.index_url)
     assert index == night / "report" / "index.html" and index.exists()
     pages = site_pages(night)
-    (night_page,) = [p for p in pages if p.parent.parent.name == "nights"]
+    (night_page,) = [p for p in pages if p.parent.parent.name == "nights" and p.name == "index.html"]
+    pair_pages = sorted(night_page.parent.glob("pair-*.html"))
+    assert len(pair_pages) == 3 * TOP_K  # one page per explained pair
 
     # browser-free: every link and image resolves, top-k candidates per upload
     for page in pages:
@@ -162,7 +171,7 @@ def test_review_site_of_a_real_night_in_chromium(night, tmp_path):
                                checked.as_uri())
         match = re.search(r'<pre id="pairx-check">(.*?)</pre>', dumped.stdout, re.S)
         assert match, f"no check result; chromium said:\n{dumped.stderr[-2000:]}"
-        report = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+        report = json.loads(html.unescape(match.group(1)))
         assert report["width"] == 1366
         assert report["images"] == 3 + 3 * TOP_K * 2 and report["broken"] == []  # uploads, candidate photos, pictures
         assert report["cards"] == [TOP_K] * 3 and report["outside"] == 0  # top-k side by side within 1366 px
@@ -173,7 +182,33 @@ def test_review_site_of_a_real_night_in_chromium(night, tmp_path):
         with Image.open(screenshot) as image:
             assert image.size == (1366, 2000)
         print(f"review page screenshot: {screenshot}")
+        assert report["smallest_text"] >= 12  # captions and names under the previews are readable
         index_dump = _run_chromium(binary, tmp_path / "profile-index", "--dump-dom", index.as_uri())
         assert night_page.parent.name in index_dump.stdout  # the index links to the night
+
+        # a pair's own page: full-resolution picture, names, metrics, links to its neighbours
+        pair_page = night_page.parent / "pair-1-1.html"
+        checked_pair = pair_page.with_name("browser-check-pair.html")
+        checked_pair.write_text(pair_page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+        pair = _browser_check(binary, tmp_path / "profile-pair", checked_pair)
+        assert pair["broken"] == [] and pair["images"] == 3  # upload, candidate, PAIR-X picture
+        (full_width,) = pair["picture_width"]
+        with Image.open(resolve(pair_page, [s for s in parse_page(pair_page).sources if s.endswith(".png")][0])) as png:
+            assert full_width == png.width  # the PNG itself, not a preview
+        for word in ("similarity", "IRM", "re-rank", "candidate individual", "next pair", "next upload", LAYER):
+            assert word in pair["text"], word
+        assert pair["smallest_text"] >= 12
+        pair_screenshot = tmp_path / "pair.png"
+        _run_chromium(binary, tmp_path / "profile-pair-shot", "--virtual-time-budget=20000",
+                      f"--screenshot={pair_screenshot}", checked_pair.as_uri())
+        print(f"pair page screenshot: {pair_screenshot}")
     finally:
         checked.unlink()
+        night_page.with_name("browser-check-pair.html").unlink(missing_ok=True)
+
+
+def _browser_check(binary: str, profile: Path, page: Path) -> dict:
+    dumped = _run_chromium(binary, profile, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+    match = re.search(r'<pre id="pairx-check">(.*?)</pre>', dumped.stdout, re.S)
+    assert match, f"no check result; chromium said:\n{dumped.stderr[-2000:]}"
+    return json.loads(html.unescape(match.group(1)))

@@ -7,7 +7,15 @@
 - ``report/nights/<date>_<model_id>/index.html`` (+ ``page-2.html`` ...): each upload with its
   clean photo and its ranked candidates side by side (clean candidate photo, individual,
   similarity, IRM, re-rank score, PAIR-X picture; click to enlarge), then the night's errors;
-- ``report/thumbs/*.jpg``: small derived images; pages never scale a full PNG.
+- ``report/nights/<date>_<model_id>/pair-<upload>-<rank>.html``: one page per explained pair for
+  reviewers: the full-resolution PAIR-X picture, both photos, individual names, the metrics, a
+  near-tie flag, links (and keys) to the next/previous pair and upload;
+- ``report/thumbs/*.jpg``: small derived images; night pages never scale a full PNG.
+
+Every page of a night whose model ran with random weights carries a banner, and so does every page
+of a night of the ``demo`` model on photos other than the demo's own synthetic ones. Upload
+blocks carry stable hooks (``id='u<n>'``, ``data-query``, ``data-run``, ``data-model``,
+``data-date``; pair pages ``id='pair'`` with ``data-gallery``, ``data-pair``, ``data-rank`` too).
 
 Links are relative, there is no server and no external resource, so the site opens from a
 local folder, a bucket behind a static web endpoint, or a downloaded copy.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..storage import StorageTarget
@@ -30,6 +39,8 @@ __all__ = ["DEFAULT_PAGE_SIZE", "ReportResult", "build_report"]
 
 logger = logging.getLogger(__name__)
 
+#: what ``pairx demo`` writes next to its output root: the truth of its synthetic photos
+DEMO_TRUTH_FILE = "ground_truth.json"
 #: uploads per night page
 DEFAULT_PAGE_SIZE = 50
 
@@ -80,16 +91,38 @@ def build_report(
     thumbs = ThumbWriter(out, storage_options)
     written: list[str] = []
 
+    for night in everything:
+        night.demo_elsewhere = night.is_demo_model and not _demo_dataset(out, night, storage_options)
     for night in chosen:
         written += _write_night(night, storage, thumbs, out, storage_options, page_size)
 
     index_nights = everything if model is None else load_nights(out, storage_options=storage_options)
+    if model is not None:
+        for night in index_nights:
+            night.demo_elsewhere = night.is_demo_model and not _demo_dataset(out, night, storage_options)
     index = storage.write_bytes_atomic(f"{pages.REPORT_DIR}/index.html", pages.index_html(index_nights).encode())
     written.append(index)
     public_index = public_link(out, index, public_url, storage_options) if public_url else None
     logger.info("report: %d night(s) written, %d thumbnail(s), index %s", len(chosen), thumbs.written, index)
     return ReportResult(index_url=index, public_index_url=public_index, nights=len(chosen), pages=written,
                         thumbs_written=thumbs.written)
+
+
+def _demo_dataset(out: str, night: Night, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether every upload of ``night`` is one of ``pairx demo``'s synthetic photos.
+
+    The demo writes its results to ``<demo folder>/results``, its synthetic photos under
+    ``<demo folder>/data/`` and their truth to ``<demo folder>/ground_truth.json``.
+    """
+    storage = StorageTarget.from_url(out, storage_options)
+    if not storage.is_local:
+        return False
+    demo_root = Path(storage.root).parent
+    if not (demo_root / DEMO_TRUTH_FILE).is_file():
+        return False
+    photos = (demo_root / "data").resolve()
+    return bool(night.uploads) and all(
+        Path(upload.photo.uri.removeprefix("file://")).resolve().is_relative_to(photos) for upload in night.uploads)
 
 
 def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out: str,
@@ -101,15 +134,21 @@ def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out:
             photo_cache[photo] = thumbs.photo(photo)
         return photo_cache[photo]
 
-    def picture_thumb(card: Card):
+    def picture_png(card: Card) -> str | None:
         if not card.pair_id or not card.layer:
             return None
-        png = relative_to_out(out, viz_uri(out, night.model_id, card.pair_id, card.layer, storage_options,
-                                           commit_id=card.commit_id), storage_options)
-        if png is None:
-            return None
-        preview = thumbs.picture(png, card.output_key)
-        return None if preview is None else (preview, png)
+        return relative_to_out(out, viz_uri(out, night.model_id, card.pair_id, card.layer, storage_options,
+                                            commit_id=card.commit_id), storage_options)
+
+    picture_cache: dict = {}
+
+    def picture_thumb(card: Card):
+        key = (card.pair_id, card.layer, card.commit_id, card.output_key)
+        if key not in picture_cache:
+            png = picture_png(card)
+            preview = None if png is None else thumbs.picture(png, card.output_key)
+            picture_cache[key] = None if preview is None else (preview, png)
+        return picture_cache[key]
 
     n_pages = max(1, -(-len(night.uploads) // page_size))
     errors = pages.errors_html(night)
@@ -119,4 +158,9 @@ def _write_night(night: Night, storage: StorageTarget, thumbs: ThumbWriter, out:
         text = pages.night_html(night, page, n_pages, night.uploads[start:start + page_size], start,
                                 photo_thumb, picture_thumb, errors)
         written.append(storage.write_bytes_atomic(pages.night_page(night, page), text.encode()))
+    stops = pages.pair_stops(night, page_size)
+    for position, stop in enumerate(stops):
+        text = pages.pair_html(night, stops, position, photo_thumb,
+                               lambda card: picture_png(card) if picture_thumb(card) else None)
+        written.append(storage.write_bytes_atomic(pages.pair_page(night, stop.number, stop.card), text.encode()))
     return written

@@ -20,10 +20,16 @@ from ..storage import safe_segment
 from ..tables import read_table
 
 PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "n_matches", "inliers", "box_0",
-                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date"]
+                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date",
+                "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
-                     "layer", "output_key", "model_id", "model_spec", "date", "explained"]
+                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
+RUN_COLUMNS = ["model_id", "model_spec", "random_weights", "flow", "date"]
+#: two neighbouring candidates whose scores differ by at most this much are flagged as a near tie
+NEAR_TIE = 0.01
+#: the model the ``pairx demo`` runs (trained on synthetic animals only)
+DEMO_SPEC = "demo"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,12 @@ class Card:
 class Upload:
     photo: Photo
     cards: list[Card] = field(default_factory=list)
+    #: run that wrote the upload's rows (the first card's)
+    run_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.photo.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -67,6 +79,12 @@ class Night:
     uploads: list[Upload]
     errors: pd.DataFrame
     ranked: bool  # from the candidates table (re-ranked) or from pairs (by similarity)
+    #: a run of this model recorded random weights (or its spec has none): scores mean nothing
+    random_weights: bool = False
+    #: the ``demo`` model on photos that are not the demo's own synthetic ones
+    demo_elsewhere: bool = False
+    #: other models that explained the same pairs first (a ``reprocess`` night): ``model_id -> spec``
+    source_models: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -75,6 +93,10 @@ class Night:
     @property
     def n_pairs(self) -> int:
         return sum(len(u.cards) for u in self.uploads)
+
+    @property
+    def is_demo_model(self) -> bool:
+        return self.model_spec == DEMO_SPEC or self.model_id == DEMO_SPEC
 
     @property
     def top_k(self) -> int:
@@ -120,6 +142,10 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
     pairs = read_table(out, "pairs", columns=PAIR_COLUMNS, storage_options=so)
     candidates = read_table(out, "candidates", columns=CANDIDATE_COLUMNS, storage_options=so)
     errors = read_table(out, "errors", columns=ERROR_COLUMNS, storage_options=so)
+    individuals = gallery_individuals(candidates)
+    models_of_pair = pairs.groupby("pair_id")["model_id"].agg(set).to_dict() if len(pairs) else {}
+    specs = pairs.dropna(subset=["model_spec"]).drop_duplicates("model_id", keep="last") \
+        .set_index("model_id")["model_spec"].to_dict() if len(pairs) else {}
     if model is not None:
         def keep(frame: pd.DataFrame) -> pd.DataFrame:
             return frame[(frame["model_id"] == model) | (frame.get("model_spec", pd.Series(dtype=object)) == model)]
@@ -144,9 +170,17 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
         if len(mine_c):
             uploads = _from_candidates(mine_c, by_key, by_pair, model_id)
         else:
-            uploads = _from_pairs(mine_p)
-        nights.append(Night(night_date, model_id, _first_spec(mine_c, mine_p), uploads,
-                            mine_e.reset_index(drop=True), ranked=bool(len(mine_c))))
+            uploads = _from_pairs(mine_p, individuals)
+        night = Night(night_date, model_id, _first_spec(mine_c, mine_p), uploads, mine_e.reset_index(drop=True),
+                      ranked=bool(len(mine_c)))
+        if not len(mine_c):
+            others = set().union(*(models_of_pair.get(p, set()) for p in mine_p["pair_id"].unique())) - {model_id}
+            night.source_models = {other: specs.get(other) for other in sorted(others)}
+        nights.append(night)
+    runs = read_table(out, "runs", columns=RUN_COLUMNS, storage_options=so)
+    flagged = random_weight_models(runs, nights)
+    for night in nights:
+        night.random_weights = night.model_id in flagged
     return nights
 
 
@@ -167,7 +201,7 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
             pair = by_pair.get((model_id, row.query, row.gallery_image))
         query_photo = Photo(row.query, _box(pair.box_0), _number(pair.theta_0) or 0.0) if pair is not None \
             else Photo(row.query)
-        upload = uploads.setdefault(row.query, Upload(query_photo))
+        upload = uploads.setdefault(row.query, Upload(query_photo, run_id=_text(row.run_id)))
         upload.cards.append(Card(
             rank=int(row.rank),
             photo=Photo(row.gallery_image, _box(pair.box_1), _number(pair.theta_1) or 0.0) if pair is not None
@@ -183,18 +217,71 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
     return list(uploads.values())
 
 
-def _from_pairs(frame: pd.DataFrame) -> list[Upload]:
+def gallery_individuals(candidates: pd.DataFrame) -> dict[str, str]:
+    """Gallery image URI -> individual, from candidates rows (``gallery_image``, ``individual``; later rows win)."""
+    named = candidates[candidates["individual"].notna()]
+    return dict(zip(named["gallery_image"], named["individual"].astype(str)))
+
+
+def _from_pairs(frame: pd.DataFrame, individuals: Mapping[str, str]) -> list[Upload]:
+    """Uploads of a night without candidates rows (``explain``, ``reprocess``): pairs by first image.
+
+    A second image some other run ranked as a gallery candidate gets that individual.
+    """
     uploads: dict[tuple, Upload] = {}
     frame = frame.drop_duplicates(["pair_id"], keep="last")  # one card per pair: its latest first-layer row
     frame = frame.sort_values(["image_0", "similarity"], ascending=[True, False], kind="stable")
     for row in frame.itertuples(index=False):
         photo = Photo(row.image_0, _box(row.box_0), _number(row.theta_0) or 0.0)
-        upload = uploads.setdefault((photo.uri, photo.box, photo.theta), Upload(photo))
+        upload = uploads.setdefault((photo.uri, photo.box, photo.theta), Upload(photo, run_id=_text(row.run_id)))
         upload.cards.append(Card(
             rank=len(upload.cards), photo=Photo(row.image_1, _box(row.box_1), _number(row.theta_1) or 0.0),
-            individual=None, similarity=_number(row.similarity), irm=_number(row.irm), rerank_score=None,
+            individual=individuals.get(row.image_1), similarity=_number(row.similarity), irm=_number(row.irm),
+            rerank_score=None,
             pair_id=row.pair_id, layer=row.layer, output_key=row.output_key,
             n_matches=int(row.n_matches) if _number(row.n_matches) is not None else None,
             commit_id=_text(row.commit_id),
         ))
     return list(uploads.values())
+
+
+def score_of(card: Card, ranked: bool) -> float | None:
+    """The score a card is ordered by: re-rank score on ranked nights, else similarity."""
+    return card.rerank_score if ranked else card.similarity
+
+
+def near_ties(cards: list[Card], ranked: bool, within: float = NEAR_TIE) -> dict[int, list[int]]:
+    """For each card's ``rank``, the ranks of its neighbours whose score is within ``within`` of its own.
+
+    Only neighbours in the order shown count (a tie is a pair of adjacent candidates a reviewer
+    could swap); a card without a score ties with nothing.
+    """
+    ties: dict[int, list[int]] = {}
+    for left, right in zip(cards, cards[1:]):
+        a, b = score_of(left, ranked), score_of(right, ranked)
+        if a is None or b is None or abs(a - b) > within + 1e-9:
+            continue
+        ties.setdefault(left.rank, []).append(right.rank)
+        ties.setdefault(right.rank, []).append(left.rank)
+    return ties
+
+
+def _spec_random(spec: str | None) -> bool:
+    if not spec:
+        return False
+    from pairx_core.models import would_use_random_weights
+
+    try:
+        return would_use_random_weights(spec)
+    except Exception:  # noqa: BLE001 - an unknown or redacted spec: the runs table decides
+        return False
+
+
+def random_weight_models(runs: pd.DataFrame, nights: list[Night]) -> set[str]:
+    """``model_id`` values that ran with random weights: from ``runs``, else from their specs."""
+    flagged = set(runs.loc[runs["random_weights"].fillna(False).astype(bool), "model_id"])
+    recorded = set(runs["model_id"])
+    for night in nights:
+        if night.model_id not in recorded and _spec_random(night.model_spec):
+            flagged.add(night.model_id)
+    return flagged

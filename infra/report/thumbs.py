@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from pairx_core.render import PANELS_INFO_KEY
+
 from ..images import load_image
 from ..storage import StorageTarget
 from .data import Photo
@@ -29,6 +31,18 @@ PHOTO_LARGE_PX = 1024
 #: width of PAIR-X picture previews in candidate cards
 PICTURE_PX = 480
 JPEG_QUALITY = 85
+
+
+def panels_only(picture: Image.Image) -> Image.Image:
+    """The picture without its text strips, from its ``PANELS_INFO_KEY`` note (else whole)."""
+    note = picture.info.get(PANELS_INFO_KEY)
+    try:
+        top, bottom = (int(v) for v in str(note).split(","))
+    except ValueError:
+        return picture
+    if not 0 <= top < bottom <= picture.height:
+        return picture
+    return picture.crop((0, top, picture.width, bottom))
 
 
 class ThumbWriter:
@@ -69,8 +83,13 @@ class ThumbWriter:
         return self._put(small, chip.copy(), PHOTO_PX), self._put(large, chip, PHOTO_LARGE_PX)
 
     def picture(self, relative_png: str, output_key: str | None) -> str | None:
-        """Preview path (relative to OUT) of the PAIR-X PNG at ``relative_png``; None if missing."""
-        name = self._name("picture", relative_png, output_key, PICTURE_PX)
+        """Preview path (relative to OUT) of the PAIR-X PNG at ``relative_png``; None if missing.
+
+        The preview shows the picture's panels only: its label and caption strips, drawn for the
+        full size, would shrink to unreadable text; the page prints names and metrics as text
+        instead. Pictures without the panel note (written before it existed) are shown whole.
+        """
+        name = self._name("picture", relative_png, output_key, PICTURE_PX, "panels")
         if name in self.existing:
             return f"{THUMBS_DIR}/{name}"
         try:
@@ -80,7 +99,7 @@ class ThumbWriter:
         except Exception as error:  # noqa: BLE001
             logger.info("report: cannot read picture %s: %s", relative_png, error)
             return None
-        return self._put_width(name, image, PICTURE_PX)
+        return self._put_width(name, panels_only(image), PICTURE_PX)
 
     def _put_width(self, name: str, image: Image.Image, width: int) -> str:
         if image.width > width:

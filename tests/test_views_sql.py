@@ -1,0 +1,53 @@
+"""``infra/views.sql`` run verbatim, as a DuckDB CLI user would, with only the output root set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from infra.tables import write_table
+from infra.views import OUT_VARIABLE, VIEWS_SQL, create_views
+from test_report import _complete, write_output
+
+VIEWS = ["pairs", "matches", "candidates", "errors", "runs", "images_all", "images", "pair_matches",
+         "candidate_review", "nights"]
+
+
+def standalone(out: str) -> duckdb.DuckDBPyConnection:
+    """What the README tells a DuckDB user to do: set the variable, run the file."""
+    con = duckdb.connect()
+    con.execute(f"SET VARIABLE {OUT_VARIABLE} = '{out}'")
+    con.execute(Path(VIEWS_SQL).read_text())
+    return con
+
+
+def test_views_sql_runs_on_its_own_like_create_views(tmp_path):
+    out = write_output(tmp_path)  # pairs, candidates, errors; no matches, images or runs table yet
+    write_table(out, "runs", [_complete("runs", {"flow": "nightly", "n_done": 9})], "m-0123456789abcdef", "run-1",
+                date="2024-05-06")
+    alone, python = standalone(out), create_views(duckdb.connect(), out)
+    for view in VIEWS:
+        assert alone.sql(f"SELECT count(*) FROM {view}").fetchall()[0] == python.sql(
+            f"SELECT count(*) FROM {view}").fetchall()[0], view
+    query = "SELECT date, model_id, uploads, pairs, candidates, failures FROM nights ORDER BY date"
+    assert alone.sql(query).fetchall() == python.sql(query).fetchall()
+    assert [row[2:] for row in alone.sql(query).fetchall()] == [(3, 9, 9, 1), (0, 2, 0, 0)]
+    review = "SELECT query, rank, individual, n_matches FROM candidate_review ORDER BY query, rank"
+    assert alone.sql(review).fetchall() == python.sql(review).fetchall()
+    assert alone.sql("SELECT count(*) FROM runs WHERE n_done = 9").fetchall()[0] == (1,)
+    # the schema's columns exist even where a table has no file yet (typed, so joins bind)
+    columns = {row[0]: row[1] for row in alone.sql("DESCRIBE images_all").fetchall()}
+    assert columns["content_hash"] == "VARCHAR" and columns["date"] == "DATE" and "empty" not in columns
+
+
+def test_views_sql_on_an_output_without_tables(tmp_path):
+    con = standalone(str(tmp_path / "fresh"))
+    for view in VIEWS:
+        assert con.sql(f"SELECT count(*) FROM {view}").fetchall()[0] == (0,), view
+
+
+def test_views_sql_needs_the_variable():
+    with pytest.raises(duckdb.Error, match=OUT_VARIABLE):
+        duckdb.connect().execute(Path(VIEWS_SQL).read_text())
