@@ -80,7 +80,7 @@ import numpy as np
 
 from pairx_core.errors import ConfigError, PairXError, ShapeError
 
-from .storage import StorageTarget, safe_segment
+from .storage import StorageTarget, is_transient, safe_segment
 
 __all__ = ["ActivationCache", "BatchIndex", "CacheIntegrityError", "CacheLocation", "CacheMissError"]
 
@@ -527,6 +527,30 @@ class ActivationCache:
             return [], np.zeros((0, 0), dtype=np.float32)
         matrix = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
         return hashes, matrix
+
+    def verify(self) -> tuple[int, list[str]]:
+        """Read every array of every committed batch: ``(rows checked, "<batch>/<array> row <i>" damaged)``.
+
+        A row is damaged when its checksum or value checks fail (a deleted chunk reads as zeros);
+        an array that cannot be opened or read at all makes all its rows damaged.
+        """
+        store = self.target.zarr_store(self.zarr_prefix, read_only=True)
+        checked, damaged = 0, []
+        for batch in self.batches():
+            rows = np.arange(len(batch.hashes))
+            arrays = [(batch.embeddings_path, True), *((path, False) for path in batch.layers.values())]
+            for path, embeddings in arrays:
+                checked += len(rows)
+                try:
+                    data = self._read_rows(store, {path: None}, whole=True)  # type: ignore[dict-item]
+                    bad = sorted(row for _, row in self._damaged_rows(data, {batch.batch_id: path},
+                                                                       {batch.batch_id: rows}, embeddings))
+                except Exception as error:  # noqa: BLE001 - unreadable metadata or chunks: all rows damaged
+                    if is_transient(error):
+                        raise
+                    bad = list(rows)
+                damaged += [f"{self.prefix}/{path} row {row}" for row in bad]
+        return checked, damaged
 
     # ------------------------------------------------------------------ writing
     def put(

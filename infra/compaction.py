@@ -25,6 +25,7 @@ from pairx_core.errors import ConfigError
 from .lease import output_lease
 from .storage import StorageTarget
 from .tables import TABLE_SCHEMAS, CompactedPartition, compact_table
+from .verify import require_output_root
 
 __all__ = ["TableCompaction", "compact_output"]
 
@@ -63,6 +64,7 @@ def compact_output(out: str, tables: Sequence[str] | None = None, *, lease_wait_
     if not target.is_local:
         raise ConfigError(f"compaction swaps partition folders atomically, which {target.protocol!r} storage "
                           "cannot do; run it on a local output root")
+    require_output_root(out, storage_options)
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date()
     results = []
     with output_lease(out, f"compact-{uuid.uuid4().hex[:12]}", "compact", wait_s=lease_wait_s,

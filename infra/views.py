@@ -3,7 +3,9 @@
 ``create_views(duckdb.connect(), OUT)`` defines one view per table (``pairs``, ``matches``,
 ``candidates``, ``errors``, ``runs``, ``images_all``) over ``OUT/tables/<name>/**/*.parquet``
 with hive partitions (``model``, ``date``) and ``union_by_name`` (older files lack newer
-columns), then the views of ``views.sql`` (``images``, ``pair_matches``, ``candidate_review``,
+columns), then the views of ``views.sql``. A file whose footer does not read (cut short) is left
+out of its view by name, with a WARNING, so that the other files stay queryable
+(``pairx verify OUT --repair`` moves it aside; the next run recomputes its rows) (``images``, ``pair_matches``, ``candidate_review``,
 ``nights``). A table with no file yet becomes an empty view with the schema's columns, so the
 views always exist. DuckDB reads ``s3://`` through its ``httpfs`` extension (load it and create
 a secret on the connection first).
@@ -11,6 +13,7 @@ a secret on the connection first).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,9 @@ from typing import Any
 import pyarrow as pa
 
 from .storage import StorageTarget
-from .tables import TABLE_SCHEMAS
+from .tables import TABLE_SCHEMAS, parquet_problem
+
+logger = logging.getLogger("pairx.views")
 
 __all__ = ["VIEWS_SQL", "create_views", "views_sql"]
 
@@ -39,6 +44,8 @@ def _duckdb_type(dtype: pa.DataType) -> str:
         return "INTEGER"
     if pa.types.is_int64(dtype):
         return "BIGINT"
+    if pa.types.is_boolean(dtype):
+        return "BOOLEAN"
     if pa.types.is_timestamp(dtype):
         return "TIMESTAMPTZ" if dtype.tz else "TIMESTAMP"
     if pa.types.is_list(dtype):
@@ -51,9 +58,15 @@ def _quote(text: str) -> str:
 
 
 def _base_view(view: str, table: str, target: StorageTarget) -> str:
-    if target.list_files(f"tables/{table}", suffixes=[".parquet"]):
+    files = target.list_files(f"tables/{table}", suffixes=[".parquet"])
+    readable = [url for url in files if parquet_problem(url, target.storage_options or None, pages=False) is None]
+    if len(readable) < len(files):
+        logger.warning("view %s leaves out %d damaged file(s) (`pairx verify OUT --repair` moves them aside): %s",
+                       view, len(files) - len(readable), sorted(set(files) - set(readable))[:5])
+    if readable:
         glob = target.join("tables", table) + "/**/*.parquet"
-        return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_quote(glob)}, "
+        source = _quote(glob) if len(readable) == len(files) else "[" + ", ".join(map(_quote, readable)) + "]"
+        return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({source}, "
                 f"hive_partitioning = true, union_by_name = true)")
     columns = [f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLE_SCHEMAS[table]]
     columns += ["CAST(NULL AS VARCHAR) AS model", "CAST(NULL AS DATE) AS date"]

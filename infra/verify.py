@@ -1,0 +1,170 @@
+"""Check an output root without changing it, and move damaged table files aside.
+
+- :func:`damaged_table_files`: every Parquet file under ``OUT/tables`` whose footer or pages do
+  not read (``infra.tables.parquet_problem``).
+- :func:`quarantine`: moves such files to ``OUT/_pairx/quarantine/<same path under OUT>``
+  (one rename on a local disk; copy then delete on object stores), keeping their names. The rows
+  they held become absent, so the next planning treats their pairs, candidates and errors as not
+  done and recomputes them; the files stay there for inspection (delete them by hand).
+- :func:`repair_tables`: both, what a run does under the output's lease before it plans.
+- :func:`verify_output`: tables, cache checksums and picture references, for ``pairx verify``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .storage import StorageTarget, storage_errors
+from .tables import TABLE_SCHEMAS, parquet_problem, read_table
+
+__all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files", "quarantine", "repair_tables",
+           "verify_output"]
+
+logger = logging.getLogger("pairx.verify")
+
+QUARANTINE_DIR = "_pairx/quarantine"
+
+
+@dataclass(frozen=True)
+class DamagedFile:
+    """A file that does not read: its URL and what the reader said."""
+
+    url: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_output` found (and, with ``repair``, moved aside)."""
+
+    table_files: int = 0
+    damaged_tables: list[DamagedFile] = field(default_factory=list)
+    cache_entries: int = 0
+    damaged_cache: list[str] = field(default_factory=list)
+    pictures: int = 0
+    missing_pictures: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged_tables or self.damaged_cache or self.missing_pictures)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "table_files": self.table_files,
+                "damaged_tables": [{"url": d.url, "reason": d.reason} for d in self.damaged_tables],
+                "cache_entries": self.cache_entries, "damaged_cache": self.damaged_cache,
+                "pictures": self.pictures, "missing_pictures": self.missing_pictures,
+                "quarantined": self.quarantined}
+
+
+def _table_files(target: StorageTarget) -> list[str]:
+    return [url for name in TABLE_SCHEMAS for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
+
+
+def damaged_table_files(out: str, storage_options: Mapping[str, Any] | None = None) -> list[DamagedFile]:
+    """Table files under ``out`` that do not read in full (footer and every page)."""
+    target = StorageTarget.from_url(out, storage_options)
+    damaged = []
+    for url in _table_files(target):
+        problem = parquet_problem(url, storage_options)
+        if problem is not None:
+            damaged.append(DamagedFile(url, problem))
+    return damaged
+
+
+def _relative(target: StorageTarget, url: str) -> str:
+    root = target.root.rstrip("/") + "/"
+    if not url.startswith(root):
+        raise ValueError(f"{url} is not under {target.root}")
+    return url[len(root):]
+
+
+def quarantine(out: str, urls: list[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Move ``urls`` (files under ``out``) to ``OUT/_pairx/quarantine/`` keeping their paths; returns the new URLs."""
+    target = StorageTarget.from_url(out, storage_options)
+    moved = []
+    for url in urls:
+        destination = target.url(f"{QUARANTINE_DIR}/{_relative(target, url)}")
+        with storage_errors(url):
+            if target.is_local:
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                os.replace(url, destination)  # same file system: atomic
+            else:
+                fs = target.filesystem()
+                fs.copy(fs._strip_protocol(url), fs._strip_protocol(destination))
+                fs.rm(fs._strip_protocol(url))
+        moved.append(destination)
+    return moved
+
+
+def repair_tables(out: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Quarantine every damaged table file under ``out``; returns the original URLs moved.
+
+    Call it holding the output's lease (a run does, before it plans): the rows those files held
+    are then absent and planned again.
+    """
+    damaged = damaged_table_files(out, storage_options)
+    if not damaged:
+        return []
+    quarantine(out, [d.url for d in damaged], storage_options)
+    logger.warning("%d damaged table file(s) moved to %s/%s; what they held is recomputed: %s", len(damaged),
+                   out.rstrip("/"), QUARANTINE_DIR, "; ".join(f"{d.url} ({d.reason[:120]})" for d in damaged[:5]))
+    return [d.url for d in damaged]
+
+
+def _picture_path(uri: str, target: StorageTarget) -> str | None:
+    """Where a ``viz_uri`` lives under OUT (``viz/...``), also when it is a URL under a public URL."""
+    root = target.root.rstrip("/") + "/"
+    if uri.startswith(root):
+        return uri[len(root):]
+    marker = uri.rfind("/viz/")
+    return "viz/" + uri[marker + len("/viz/"):] if marker >= 0 else None
+
+
+def missing_pictures(out: str, storage_options: Mapping[str, Any] | None = None) -> tuple[int, list[str]]:
+    """``(pictures referenced, references whose file is absent)`` over ``pairs`` and ``candidates``."""
+    target = StorageTarget.from_url(out, storage_options)
+    present = {_relative(target, url) for url in target.list_files("viz")}
+    referenced: set[str] = set()
+    for name in ("pairs", "candidates"):
+        frame = read_table(out, name, columns=["viz_uri"], storage_options=storage_options)
+        referenced.update(frame["viz_uri"].dropna())
+    missing = sorted(uri for uri in referenced if _picture_path(uri, target) not in present)
+    return len(referenced), missing
+
+
+def _cache_roots(target: StorageTarget, cache: str | None) -> str:
+    return cache or target.join("cache")
+
+
+def verify_output(out: str, *, repair: bool = False, cache: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check every table file, the cache's checksums and the picture references of ``out``.
+
+    Without ``repair`` nothing is changed; with it, damaged table files are quarantined (hold the
+    output's lease meanwhile: ``pairx verify`` does).
+    """
+    from .cache_admin import damaged_cache_entries
+
+    target = StorageTarget.from_url(out, storage_options)
+    report = VerifyReport()
+    report.table_files = len(_table_files(target))
+    report.damaged_tables = damaged_table_files(out, storage_options)
+    report.cache_entries, report.damaged_cache = damaged_cache_entries(_cache_roots(target, cache), storage_options)
+    report.pictures, report.missing_pictures = missing_pictures(out, storage_options)
+    if repair and report.damaged_tables:
+        report.quarantined = quarantine(out, [d.url for d in report.damaged_tables], storage_options)
+    return report
+
+
+def require_output_root(out: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ConfigError unless ``out`` holds a pairx output (``tables/`` or ``_pairx/``); creates nothing."""
+    from pairx_core.errors import ConfigError
+
+    target = StorageTarget.from_url(out, storage_options)
+    if not (target.exists("tables") or target.exists("_pairx")):
+        raise ConfigError(f"{target.root}: not a pairx output root: no tables/ or _pairx/")

@@ -1,0 +1,132 @@
+"""Damaged table files: read around, reported by `pairx verify`, moved aside by --repair; gc and views cope."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from infra.tables import TABLE_SCHEMAS, DamagedTableError, read_table, write_table
+
+
+def _pair_rows(start: int, n: int, commit: str = "c" * 16) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        row = {name: None for name in TABLE_SCHEMAS["pairs"].names if name not in ("model_id", "run_id", "created_at")}
+        row.update(pair_id=f"p{i:05d}", image_0=f"q{i}.jpg", image_1=f"g{i}.jpg", layer="blocks.3",
+                   similarity=i / 1000.0, output_key=f"k{i}", commit_id=commit)
+        rows.append(row)
+    return rows
+
+
+def truncate(path: str) -> None:
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[: len(raw) // 2])
+
+
+def zero_range(path: str) -> None:
+    raw = bytearray(Path(path).read_bytes())
+    raw[64:256] = bytes(192)  # inside the first data pages (the footer is at the end)
+    Path(path).write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def damaged_out(tmp_path):
+    """Three pairs files of 50 rows: one cut short, one with a zeroed byte range, one intact."""
+    out = str(tmp_path / "out")
+    files = [write_table(out, "pairs", _pair_rows(50 * i, 50), "m1", f"run{i}") for i in range(3)]
+    truncate(files[0])
+    zero_range(files[1])
+    return out, files
+
+
+def test_readers_skip_damaged_files_with_a_warning_or_raise(damaged_out, caplog):
+    out, files = damaged_out
+    with caplog.at_level(logging.WARNING, logger="pairx.tables"):
+        frame = read_table(out, "pairs")
+    assert sorted(frame.pair_id) == [f"p{i:05d}" for i in range(100, 150)]  # the intact file's rows
+    assert "2 damaged file(s)" in caplog.text and os.path.basename(files[0]) in caplog.text
+    # the zeroed range lies in the first columns' pages: a reader of other columns still gets them
+    assert len(read_table(out, "pairs", columns=["output_key"])) == 100
+    with pytest.raises(DamagedTableError, match="1 damaged file"):  # the cut one
+        read_table(out, "pairs", columns=["commit_id"], damaged="raise")
+
+
+def test_verify_reports_then_repair_quarantines_and_duckdb_reads_again(damaged_out):
+    import duckdb
+
+    from flows.cli import app
+    from infra.views import create_views
+
+    out, files = damaged_out
+    runner = CliRunner()
+    checked = runner.invoke(app, ["verify", out])
+    assert checked.exit_code == 1, checked.output
+    assert "tables: 3 file(s), 2 damaged" in checked.output
+    assert all(os.path.exists(f) for f in files)  # verify alone changes nothing
+    assert not os.path.exists(os.path.join(out, "_pairx", "quarantine"))
+
+    # the views leave out what DuckDB cannot open (the cut file); the zeroed one needs the repair
+    connection = create_views(duckdb.connect(), out)
+    with pytest.raises(duckdb.Error):
+        connection.execute("SELECT * FROM pairs").fetchall()
+
+    repaired = runner.invoke(app, ["verify", out, "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert "moved 2 damaged table file(s)" in repaired.output
+    for path in files[:2]:
+        assert not os.path.exists(path)
+        relative = os.path.relpath(path, out)
+        assert os.path.exists(os.path.join(out, "_pairx", "quarantine", relative))  # same name, same place
+    assert runner.invoke(app, ["verify", out]).exit_code == 0
+    connection = create_views(duckdb.connect(), out)
+    assert len(connection.execute("SELECT * FROM pairs").fetchall()) == 50
+
+
+def test_views_leave_out_a_file_cut_short(tmp_path):
+    import duckdb
+
+    from infra.views import create_views
+
+    out = str(tmp_path)
+    files = [write_table(out, "pairs", _pair_rows(10 * i, 10), "m1", f"run{i}") for i in range(2)]
+    truncate(files[0])
+    connection = create_views(duckdb.connect(), out)
+    assert connection.execute("SELECT count(*) FROM pairs").fetchone() == (10,)
+
+
+def test_gc_refuses_while_pairs_are_damaged(damaged_out):
+    from flows.cli import app
+
+    out, _ = damaged_out
+    result = CliRunner().invoke(app, ["gc", out])
+    assert result.exit_code == 1 and "damaged file" in result.output
+
+
+def test_verify_finds_damaged_cache_rows_and_missing_pictures(tmp_path):
+    import numpy as np
+
+    from flows.cli import app
+    from infra.cache import ActivationCache
+
+    out = tmp_path / "out"
+    cache = ActivationCache(str(out / "cache"), "model-a", "prep1")
+    cache.put(["h1", "h2"], np.ones((2, 4), np.float32),
+              {"blocks.3": np.ones((2, 3, 2, 2), np.float32)})
+    rows = _pair_rows(0, 2)
+    rows[0]["viz_uri"] = str(out / "viz" / "model=m1" / "p00000" / "blocks.3-cccc.png")
+    write_table(str(out), "pairs", rows, "m1", "run0")
+    runner = CliRunner()
+    assert "cache: 4 row(s) checked, 0 damaged" in runner.invoke(app, ["verify", str(out)]).output
+    chunk = next(p for p in (out / "cache").rglob("*") if p.is_file() and "/features/" in str(p) and "/c/" in str(p))
+    chunk.unlink()
+    result = runner.invoke(app, ["verify", str(out), "--json"])
+    assert result.exit_code == 1
+    import json
+
+    report = json.loads(result.output)
+    assert len(report["damaged_cache"]) == 1 and "features" in report["damaged_cache"][0]
+    assert report["pictures"] == 1 and len(report["missing_pictures"]) == 1
