@@ -6,7 +6,10 @@
   (one rename on a local disk; copy then delete on object stores), keeping their names. The rows
   they held become absent, so the next planning treats their pairs, candidates and errors as not
   done and recomputes them; the files stay there for inspection (delete them by hand).
-- :func:`repair_tables`: both, what a run does under the output's lease before it plans.
+- :func:`quarantine_damaged`: that, plus the ``candidates`` files that point to rows of a
+  quarantined ``pairs`` file (their uploads would otherwise stay "done" with pairs missing).
+- :func:`repair_tables`: find and quarantine, what a run does under the output's lease before it
+  plans; :func:`needs_repair` is the check of the quiet-night short path.
 - :func:`verify_output`: tables, cache checksums and picture references, for ``pairx verify``.
 """
 
@@ -21,8 +24,8 @@ from typing import Any
 from .storage import StorageTarget, storage_errors
 from .tables import TABLE_SCHEMAS, parquet_problem, read_table
 
-__all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files", "quarantine", "repair_tables",
-           "verify_output"]
+__all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files", "needs_repair", "quarantine",
+           "quarantine_damaged", "repair_tables", "require_output_root", "stale_candidate_files", "verify_output"]
 
 logger = logging.getLogger("pairx.verify")
 
@@ -101,19 +104,61 @@ def quarantine(out: str, urls: list[str], storage_options: Mapping[str, Any] | N
     return moved
 
 
+def stale_candidate_files(out: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """``candidates`` files with a row whose ``output_key`` no readable ``pairs`` row has.
+
+    A candidates row gets its ``output_key`` from a pairs row; when that row's file was moved aside,
+    the upload's candidates would keep it "done" and its lost pairs would never be recomputed.
+    """
+    import pyarrow.parquet as pq
+
+    target = StorageTarget.from_url(out, storage_options)
+    keys = set(read_table(out, "pairs", columns=["output_key"], storage_options=storage_options)["output_key"])
+    stale = []
+    for url in target.list_files("tables/candidates", suffixes=[".parquet"]):
+        with target.open(url) as handle:
+            used = pq.read_table(handle, columns=["output_key"])["output_key"].drop_null().to_pylist()
+        if set(used) - keys:
+            stale.append(url)
+    return stale
+
+
+def quarantine_damaged(out: str, damaged: list[DamagedFile],
+                       storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Move ``damaged`` files aside and, when pairs files were among them, the candidates files that
+    point to their rows (so that those uploads are planned again). Returns the new URLs."""
+    if not damaged:
+        return []
+    moved = quarantine(out, [d.url for d in damaged], storage_options)
+    logger.warning("%d damaged table file(s) moved to %s/%s; what they held is recomputed: %s", len(damaged),
+                   out.rstrip("/"), QUARANTINE_DIR, "; ".join(f"{d.url} ({d.reason[:120]})" for d in damaged[:5]))
+    if any("/tables/pairs/" in d.url for d in damaged):
+        stale = stale_candidate_files(out, storage_options)
+        if stale:
+            moved += quarantine(out, stale, storage_options)
+            logger.warning("%d candidates file(s) pointing to those pairs moved aside too; their uploads are planned "
+                           "again: %s", len(stale), "; ".join(stale[:5]))
+    return moved
+
+
 def repair_tables(out: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Quarantine every damaged table file under ``out``; returns the original URLs moved.
+    """Quarantine every damaged table file under ``out`` (:func:`quarantine_damaged`); returns the
+    damaged files' original URLs.
 
     Call it holding the output's lease (a run does, before it plans): the rows those files held
     are then absent and planned again.
     """
     damaged = damaged_table_files(out, storage_options)
-    if not damaged:
-        return []
-    quarantine(out, [d.url for d in damaged], storage_options)
-    logger.warning("%d damaged table file(s) moved to %s/%s; what they held is recomputed: %s", len(damaged),
-                   out.rstrip("/"), QUARANTINE_DIR, "; ".join(f"{d.url} ({d.reason[:120]})" for d in damaged[:5]))
+    quarantine_damaged(out, damaged, storage_options)
     return [d.url for d in damaged]
+
+
+def needs_repair(out: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a ``pairs`` or ``candidates`` file (the tables that say what is done) does not read in full."""
+    target = StorageTarget.from_url(out, storage_options)
+    return any(parquet_problem(url, storage_options) is not None
+               for name in ("pairs", "candidates")
+               for url in target.list_files(f"tables/{name}", suffixes=[".parquet"]))
 
 
 def _picture_path(uri: str, target: StorageTarget) -> str | None:
@@ -157,7 +202,7 @@ def verify_output(out: str, *, repair: bool = False, cache: str | None = None,
     report.cache_entries, report.damaged_cache = damaged_cache_entries(_cache_roots(target, cache), storage_options)
     report.pictures, report.missing_pictures = missing_pictures(out, storage_options)
     if repair and report.damaged_tables:
-        report.quarantined = quarantine(out, [d.url for d in report.damaged_tables], storage_options)
+        report.quarantined = quarantine_damaged(out, report.damaged_tables, storage_options)
     return report
 
 

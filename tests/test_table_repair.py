@@ -130,3 +130,73 @@ def test_verify_finds_damaged_cache_rows_and_missing_pictures(tmp_path):
     report = json.loads(result.output)
     assert len(report["damaged_cache"]) == 1 and "features" in report["damaged_cache"][0]
     assert report["pictures"] == 1 and len(report["missing_pictures"]) == 1
+
+
+# ------------------------------------------------------------------------------ a night after the damage
+MODEL = "timm:efficientnet_b0?size=64"
+LAYER = "backbone.blocks.3"
+
+
+def _night_config(photos: Path, out: Path):
+    from flows.config import NightlyConfig
+
+    return NightlyConfig(uploads=str(photos / "uploads"), gallery=str(photos / "gallery"), out=str(out), model=MODEL,
+                         layers=[LAYER], k_colors=0, k_lines=3, top_k=2, rerank_k=0, batch_pairs=2, workers=0,
+                         allow_random_weights=True)
+
+
+def _pairs_files(out: Path) -> list[str]:
+    return sorted(str(p) for p in (out / "tables" / "pairs").rglob("*.parquet"))
+
+
+def _every_pair_once(out: Path, expected: int) -> None:
+    import duckdb
+
+    from infra.views import create_views
+
+    pairs = read_table(str(out), "pairs")
+    assert pairs.output_key.nunique() == expected and not pairs.output_key.duplicated().any()
+    candidates = read_table(str(out), "candidates")
+    assert not candidates.duplicated(["query", "gallery_image"]).any()
+    assert candidates.output_key.dropna().isin(set(pairs.output_key)).all()
+    connection = create_views(duckdb.connect(), str(out))
+    for view in ("pairs", "matches", "candidates", "errors", "runs", "images_all"):
+        connection.execute(f"SELECT * FROM {view}").fetchall()  # DuckDB reads every table
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_night_after_a_cut_or_zeroed_pairs_file_recomputes_the_lost_pairs_once(prefect_harness, tmp_path):
+    from night_helpers import write_night
+
+    from flows.nightly import nightly
+
+    photos = write_night(tmp_path / "photos", 3, seed=7)
+    out = tmp_path / "out"
+    first = nightly(_night_config(photos, out))
+    assert first["done"] == 6 and len(_pairs_files(out)) == 3  # 3 uploads x top 2, 2 pairs a batch
+
+    truncate(_pairs_files(out)[0])
+    second = nightly(_night_config(photos, out))
+    assert second["status"] == "completed" and second["repaired_files"] == 1
+    assert second["done"] == 2  # the cut file's pairs, recomputed; the others skipped
+    _every_pair_once(out, 6)
+    quarantined = list((out / "_pairx" / "quarantine" / "tables" / "pairs").rglob("*.parquet"))
+    assert len(quarantined) == 1
+    runs = read_table(str(out), "runs").sort_values("started_at")
+    assert list(runs.n_repaired_files.fillna(0)) == [0, 1]
+
+    zero_range(_pairs_files(out)[-1])
+    third = nightly(_night_config(photos, out))
+    assert third["status"] == "completed" and third["repaired_files"] == 1
+    _every_pair_once(out, 6)
+
+
+def test_the_quiet_night_check_sees_damage(damaged_out, tmp_path):
+    from infra.verify import needs_repair
+
+    out, _ = damaged_out
+    assert needs_repair(out)
+    clean = str(tmp_path / "clean")
+    write_table(clean, "pairs", _pair_rows(0, 3), "m1", "run0")
+    assert not needs_repair(clean)
