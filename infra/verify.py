@@ -30,6 +30,8 @@ __all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files
 logger = logging.getLogger("pairx.verify")
 
 QUARANTINE_DIR = "_pairx/quarantine"
+#: files checked at once (reads of a remote store overlap)
+_CHECK_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,13 @@ def _table_files(target: StorageTarget) -> list[str]:
 
 def damaged_table_files(out: str, storage_options: Mapping[str, Any] | None = None) -> list[DamagedFile]:
     """Table files under ``out`` that do not read in full (footer and every page)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     target = StorageTarget.from_url(out, storage_options)
-    damaged = []
-    for url in _table_files(target):
-        problem = parquet_problem(url, storage_options)
-        if problem is not None:
-            damaged.append(DamagedFile(url, problem))
-    return damaged
+    files = _table_files(target)
+    with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:  # Arrow decodes without the GIL; S3 waits
+        problems = list(pool.map(lambda url: parquet_problem(url, storage_options), files))
+    return [DamagedFile(url, problem) for url, problem in zip(files, problems) if problem is not None]
 
 
 def _relative(target: StorageTarget, url: str) -> str:
@@ -155,10 +157,12 @@ def repair_tables(out: str, storage_options: Mapping[str, Any] | None = None) ->
 
 def needs_repair(out: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether a ``pairs`` or ``candidates`` file (the tables that say what is done) does not read in full."""
+    from concurrent.futures import ThreadPoolExecutor
+
     target = StorageTarget.from_url(out, storage_options)
-    return any(parquet_problem(url, storage_options) is not None
-               for name in ("pairs", "candidates")
-               for url in target.list_files(f"tables/{name}", suffixes=[".parquet"]))
+    files = [url for name in ("pairs", "candidates") for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
+    with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
+        return any(problem is not None for problem in pool.map(lambda url: parquet_problem(url, storage_options), files))
 
 
 def _picture_path(uri: str, target: StorageTarget) -> str | None:
