@@ -98,12 +98,14 @@ def test_views_leave_out_a_file_cut_short(tmp_path):
     assert connection.execute("SELECT count(*) FROM pairs").fetchone() == (10,)
 
 
-def test_gc_refuses_while_pairs_are_damaged(damaged_out):
+@pytest.mark.parametrize("command", ["gc", "compact"])
+def test_gc_and_compact_refuse_while_pairs_are_damaged(damaged_out, command):
     from flows.cli import app
 
-    out, _ = damaged_out
-    result = CliRunner().invoke(app, ["gc", out])
-    assert result.exit_code == 1 and "damaged file" in result.output
+    out, files = damaged_out
+    result = CliRunner().invoke(app, [command, out])
+    assert result.exit_code == 1 and "damaged file" in result.output and "--repair" in result.output
+    assert all(os.path.exists(f) for f in files)
 
 
 def test_verify_finds_damaged_cache_rows_and_missing_pictures(tmp_path):
