@@ -178,16 +178,16 @@ def verify_cmd(
         typer.echo(f"tables: {report.table_files} file(s), {len(report.damaged_tables)} damaged")
         for damaged in report.damaged_tables:
             typer.echo(f"  damaged: {damaged.url}: {damaged.reason}")
-        typer.echo(f"cache: {report.cache_entries} row(s) checked, {len(report.damaged_cache)} damaged "
-                   "(recomputed by the next run)")
+        typer.echo(f"cache: {report.cache_entries} row(s) checked, {len(report.damaged_cache)} damaged"
+                   + (" (the next run that needs them recomputes them)" if report.damaged_cache else ""))
         for entry in report.damaged_cache[:20]:
             typer.echo(f"  damaged: {entry}")
         typer.echo(f"pictures: {report.pictures} referenced, {len(report.missing_pictures)} missing")
         for uri in report.missing_pictures[:20]:
             typer.echo(f"  missing: {uri}")
         if report.quarantined:
-            typer.echo(f"moved {len(report.quarantined)} damaged table file(s) to quarantine; the next run "
-                       "recomputes what they held")
+            typer.echo(f"moved {len(report.quarantined)} table file(s) to quarantine ({len(report.damaged_tables)} "
+                       "damaged, the others depended on them); the next run recomputes what they held")
     if not report.ok and not (repair and not report.damaged_cache and not report.missing_pictures):
         raise typer.Exit(code=EXIT_FAILED)
 

@@ -6,8 +6,9 @@
   (one rename on a local disk; copy then delete on object stores), keeping their names. The rows
   they held become absent, so the next planning treats their pairs, candidates and errors as not
   done and recomputes them; the files stay there for inspection (delete them by hand).
-- :func:`quarantine_damaged`: that, plus the ``candidates`` files that point to rows of a
-  quarantined ``pairs`` file (their uploads would otherwise stay "done" with pairs missing).
+- :func:`quarantine_damaged`: that, plus what depended on them: ``pairs`` files whose matches
+  were in a quarantined ``matches`` file, and ``candidates`` files that point to rows of a
+  quarantined ``pairs`` file (their pairs and uploads would otherwise stay "done", incomplete).
 - :func:`repair_tables`: find and quarantine, what a run does under the output's lease before it
   plans; :func:`needs_repair` is the check of the quiet-night short path.
 - :func:`verify_output`: tables, cache checksums and picture references, for ``pairx verify``.
@@ -25,7 +26,8 @@ from .storage import StorageTarget, storage_errors
 from .tables import TABLE_SCHEMAS, parquet_problem, read_table
 
 __all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files", "needs_repair", "quarantine",
-           "quarantine_damaged", "repair_tables", "require_output_root", "stale_candidate_files", "verify_output"]
+           "quarantine_damaged", "repair_tables", "require_output_root", "stale_candidate_files", "stale_pairs_files",
+           "verify_output"]
 
 logger = logging.getLogger("pairx.verify")
 
@@ -125,16 +127,56 @@ def stale_candidate_files(out: str, storage_options: Mapping[str, Any] | None = 
     return stale
 
 
+def _model_folder(url: str) -> str | None:
+    """The ``model=...`` segment of a table file's URL."""
+    return next((part for part in url.split("/") if part.startswith("model=")), None)
+
+
+def stale_pairs_files(out: str, models: set[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """``pairs`` files (under the ``model=`` folders ``models``) with a row whose matches are all gone.
+
+    A batch writes its matches and its pairs rows under one ``commit_id``; a pairs row with
+    ``n_matches`` > 0 whose commit has no ``matches`` row left lost them with a quarantined
+    matches file. (A run with ``k_lines`` 0 writes no matches: its pairs are recomputed too, at
+    worst, the same.)
+    """
+    import pyarrow.parquet as pq
+
+    target = StorageTarget.from_url(out, storage_options)
+    present = set(read_table(out, "matches", columns=["commit_id"], storage_options=storage_options)
+                  ["commit_id"].dropna())
+    stale = []
+    for url in target.list_files("tables/pairs", suffixes=[".parquet"]):
+        if _model_folder(url) not in models:
+            continue
+        with target.open(url) as handle:
+            rows = pq.read_table(handle, columns=["commit_id", "n_matches"]).to_pandas()
+        rows = rows[rows.commit_id.notna() & (rows.n_matches.fillna(0) > 0)]
+        if not set(rows.commit_id) <= present:
+            stale.append(url)
+    return stale
+
+
 def quarantine_damaged(out: str, damaged: list[DamagedFile],
                        storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Move ``damaged`` files aside and, when pairs files were among them, the candidates files that
-    point to their rows (so that those uploads are planned again). Returns the new URLs."""
+    """Move ``damaged`` files aside, then what depended on them: the pairs files whose matches were in a
+    moved matches file, and the candidates files that point to rows of a moved pairs file (so that
+    those pairs are explained again and their uploads planned again). Returns the new URLs."""
     if not damaged:
         return []
     moved = quarantine(out, [d.url for d in damaged], storage_options)
     logger.warning("%d damaged table file(s) moved to %s/%s; what they held is recomputed: %s", len(damaged),
                    out.rstrip("/"), QUARANTINE_DIR, "; ".join(f"{d.url} ({d.reason[:120]})" for d in damaged[:5]))
-    if any("/tables/pairs/" in d.url for d in damaged):
+    pairs_moved = any("/tables/pairs/" in d.url for d in damaged)
+    lost_matches = {_model_folder(d.url) for d in damaged if "/tables/matches/" in d.url}
+    if lost_matches:
+        stale_pairs = stale_pairs_files(out, lost_matches, storage_options)
+        if stale_pairs:
+            moved += quarantine(out, stale_pairs, storage_options)
+            pairs_moved = True
+            logger.warning("%d pairs file(s) whose matches were in those files moved aside too; their pairs are "
+                           "recomputed: %s", len(stale_pairs), "; ".join(stale_pairs[:5]))
+    if pairs_moved:
         stale = stale_candidate_files(out, storage_options)
         if stale:
             moved += quarantine(out, stale, storage_options)

@@ -76,7 +76,7 @@ def test_verify_reports_then_repair_quarantines_and_duckdb_reads_again(damaged_o
 
     repaired = runner.invoke(app, ["verify", out, "--repair"])
     assert repaired.exit_code == 0, repaired.output
-    assert "moved 2 damaged table file(s)" in repaired.output
+    assert "moved 2 table file(s) to quarantine (2 damaged" in repaired.output
     for path in files[:2]:
         assert not os.path.exists(path)
         relative = os.path.relpath(path, out)
@@ -192,6 +192,19 @@ def test_a_night_after_a_cut_or_zeroed_pairs_file_recomputes_the_lost_pairs_once
     third = nightly(_night_config(photos, out))
     assert third["status"] == "completed" and third["repaired_files"] == 1
     _every_pair_once(out, 6)
+
+    # a matches file cut short: its pairs are explained again (their pairs rows are moved aside too)
+    import pyarrow.parquet as pq
+
+    committed = set(read_table(str(out), "pairs").commit_id)
+    in_use = [str(p) for p in sorted((out / "tables" / "matches").rglob("*.parquet"))
+              if set(pq.read_table(p, columns=["commit_id"])["commit_id"].to_pylist()) <= committed]
+    truncate(in_use[0])
+    fourth = nightly(_night_config(photos, out))
+    assert fourth["status"] == "completed" and fourth["repaired_files"] == 1 and fourth["done"] == 2
+    _every_pair_once(out, 6)
+    pairs, matches = read_table(str(out), "pairs"), read_table(str(out), "matches")
+    assert set(pairs[pairs.n_matches > 0].commit_id) <= set(matches.commit_id)
 
 
 def test_the_quiet_night_check_sees_damage(damaged_out, tmp_path):
