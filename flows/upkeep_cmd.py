@@ -48,7 +48,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextlib.contextmanager
 def _reported() -> Iterator[None]:
-    """A run holding OUT or a damaged table: exit 1 naming it; any other error: one line, exit 2 (traceback with --debug)."""
+    """A run holding OUT or a damaged table: exit 1 naming it; any other error: one line, exit 2
+    (with ``--debug``: the traceback)."""
     from infra.lease import OutputLockedError
     from infra.tables import DamagedTableError
 
@@ -252,11 +253,13 @@ def cache_prune_cmd(
         plan = plan_prune(url, model=model, older_than_days=older_than)
     what = f"model {model}" if model else "all models"
     age = f" older than {older_than:g} day(s)" if older_than is not None else ""
-    typer.echo(f"{'would delete' if dry_run else 'deleting'} {plan.batches} of {plan.total_batches} batch(es) "
+    everything = plan.batches and plan.batches == plan.total_batches
+    held_back = dry_run or (everything and not yes)
+    typer.echo(f"{'would delete' if held_back else 'deleting'} {plan.batches} of {plan.total_batches} batch(es) "
                f"of {what}{age} in {url}")
     if dry_run:
         return
-    if plan.batches and plan.batches == plan.total_batches and not yes:
+    if held_back:
         _fail("this deletes every entry of the cache; add --yes if that is what you want")
     with _holding_lease(out, "cache-prune", lease_wait), _reported():
         if older_than is not None:

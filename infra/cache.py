@@ -571,7 +571,8 @@ class ActivationCache:
         checked, damaged = 0, []
         for batch in batches:
             rows = np.arange(len(batch.hashes))
-            arrays = [(batch.embeddings_path, True, None), *((path, False, layer) for layer, path in batch.layers.items())]
+            arrays = [(batch.embeddings_path, True, None),
+                      *((path, False, layer) for layer, path in batch.layers.items())]
             for path, embeddings, layer in arrays:
                 current = self._location_map(batches, layer)
                 in_use = {row for row, h in enumerate(batch.hashes)

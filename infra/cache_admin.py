@@ -9,7 +9,8 @@ from typing import Any
 
 from .cache import ActivationCache, _batch_time
 
-__all__ = ["CacheModelInfo", "cache_info", "PrunePlan", "damaged_cache_entries", "plan_prune", "prune_model", "prune_older_than"]
+__all__ = ["CacheModelInfo", "PrunePlan", "cache_info", "damaged_cache_entries", "plan_prune", "prune_model",
+           "prune_older_than"]
 
 #: placeholder preprocessing fingerprint for root-level operations (never used as a path)
 _ANY_PREP = "any"

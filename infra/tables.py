@@ -588,7 +588,8 @@ def _read_readable_files(dataset: ds.FileSystemDataset, partitioning: Any, targe
         raise DamagedTableError(name, damaged)
     if damaged:
         logger.warning("table %s: %d damaged file(s) skipped, their rows are unreadable (`pairx verify OUT --repair` "
-                       "moves them aside; the next run recomputes them): %s", name, len(damaged), "; ".join(damaged[:5]))
+                       "moves them aside; the next run recomputes them): %s", name, len(damaged),
+                       "; ".join(damaged[:5]))
     if not tables:
         return full.empty_table().select(names)
     return pa.concat_tables(tables)

@@ -202,9 +202,11 @@ def needs_repair(out: str, storage_options: Mapping[str, Any] | None = None) -> 
     from concurrent.futures import ThreadPoolExecutor
 
     target = StorageTarget.from_url(out, storage_options)
-    files = [url for name in ("pairs", "candidates") for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
+    files = [url for name in ("pairs", "candidates")
+             for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
-        return any(problem is not None for problem in pool.map(lambda url: parquet_problem(url, storage_options), files))
+        problems = pool.map(lambda url: parquet_problem(url, storage_options), files)
+        return any(problem is not None for problem in problems)
 
 
 def _picture_path(uri: str, target: StorageTarget) -> str | None:

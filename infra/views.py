@@ -3,10 +3,10 @@
 ``create_views(duckdb.connect(), OUT)`` defines one view per table (``pairs``, ``matches``,
 ``candidates``, ``errors``, ``runs``, ``images_all``) over ``OUT/tables/<name>/**/*.parquet``
 with hive partitions (``model``, ``date``) and ``union_by_name`` (older files lack newer
-columns), then the views of ``views.sql``. A file whose footer does not read (cut short) is left
-out of its view by name, with a WARNING, so that the other files stay queryable
-(``pairx verify OUT --repair`` moves it aside; the next run recomputes its rows) (``images``, ``pair_matches``, ``candidate_review``,
-``nights``). A table with no file yet becomes an empty view with the schema's columns, so the
+columns), then the views of ``views.sql`` (``images``, ``pair_matches``, ``candidate_review``,
+``nights``). A file whose footer does not read (cut short) is left out of its view by name, with
+a WARNING, so that the other files stay queryable (``pairx verify OUT --repair`` moves it aside;
+the next run recomputes its rows). A table with no file yet becomes an empty view with the schema's columns, so the
 views always exist. DuckDB reads ``s3://`` through its ``httpfs`` extension (load it and create
 a secret on the connection first).
 """
