@@ -126,7 +126,9 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         record = json.loads(raw)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and record.get("token") else None
+    if not isinstance(record, dict) or not record.get("token"):
+        return None
+    return record if isinstance(record.get("expires_at"), (int, float)) else None
 
 
 def _read(target: StorageTarget) -> dict[str, Any] | None:
