@@ -583,6 +583,9 @@ def _read_readable_files(dataset: ds.FileSystemDataset, partitioning: Any, targe
         except Exception as error:  # noqa: BLE001
             if is_transient(error) or isinstance(error, FileNotFoundError):
                 raise
+            url = path if target.is_local else target.filesystem().unstrip_protocol(path)
+            if parquet_problem(url, target.storage_options or None) is None:
+                raise  # the file reads: not damage (e.g. a column of another type)
             damaged.append(f"{path} ({type(error).__name__}: {str(error)[:200]})")
     if damaged and on_damaged == "raise":
         raise DamagedTableError(name, damaged)
