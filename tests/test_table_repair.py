@@ -215,3 +215,16 @@ def test_the_quiet_night_check_sees_damage(damaged_out, tmp_path):
     clean = str(tmp_path / "clean")
     write_table(clean, "pairs", _pair_rows(0, 3), "m1", "run0")
     assert not needs_repair(clean)
+
+
+def test_a_file_that_reads_but_clashes_with_the_schema_is_no_damage(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path)
+    write_table(out, "pairs", _pair_rows(0, 3), "m1", "run0")
+    folder = tmp_path / "tables" / "pairs" / "model=m1" / "date=2024-05-01"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"pair_id": ["x"], "similarity": ["not a number"]}), folder / "part-odd-000000000000.parquet")
+    with pytest.raises(Exception, match="similarity|string|double"):
+        read_table(out, "pairs")
