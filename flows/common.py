@@ -27,6 +27,7 @@ from typing import Sequence
 from infra.cluster import make_task_runner
 from infra.lease import OutputLockedError, output_lease
 from infra.tables import count_run_rows, ensure_table, table_url
+from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
 from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
@@ -90,6 +91,7 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     try:
         with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
                           storage_options=config.storage_options or None):
+            summary.repaired_files = len(repair_tables(config.out, config.storage_options or None))
             if prepare is None or prepare(config, summary):
                 work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
             summary.status = "failed" if summary.failed else "completed"

@@ -29,6 +29,7 @@ from infra.images import content_hash
 from infra.inputs import list_gallery, list_uploads
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table
+from infra.verify import needs_repair
 from pairx_core import ENGINE_VERSION
 from pairx_core.specs import weights_files
 
@@ -170,6 +171,8 @@ def record_quiet_night(config) -> dict | None:
     model = remembered_model(config)
     if model is None or (model.facts.get("random_weights") and not config.allow_random_weights):
         return None  # unknown here, or to be refused by the normal path's checks
+    if needs_repair(config.out, config.storage_options or None):
+        return None  # damaged tables: the normal path moves them aside and recomputes what they held
     started = datetime.now(timezone.utc)
     night = plan_uploads(config, model)
     if night.has_work:

@@ -1,4 +1,4 @@
-"""``pairx report OUT``: the typer command function (registered in ``flows/cli.py``)."""
+"""``pairx report OUT``: the typer command function (registered by ``flows/upkeep_cmd.py``)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,20 @@ def report_cmd(
     public_url: Optional[str] = typer.Option(None, "--public-url", help="base URL where OUT is published"),
     storage_option: Optional[list[str]] = typer.Option(None, "--storage-option",
                                                        help="fsspec option KEY=VALUE (repeatable)"),
+    lease_wait: float = typer.Option(0.0, "--lease-wait", help="seconds to wait for a run holding OUT to finish "
+                                                               "(default: refuse at once)"),
 ) -> None:
-    """Write the review site OUT/report/ (static HTML: nights, uploads, ranked candidates, PAIR-X pictures)."""
+    """Write the review site OUT/report/ (static HTML: nights, uploads, ranked candidates, PAIR-X pictures).
+
+    Refuses while a run writes OUT (a run rewrites its night's pages itself).
+    """
     from infra.report import build_report
 
-    result = build_report(out, date, model, public_url=public_url, storage_options=_options(storage_option or []))
+    from .upkeep_cmd import _holding_lease, _not_negative, _output_root, _reported
+
+    _not_negative(lease_wait, "--lease-wait")
+    options = _options(storage_option or [])
+    _output_root(out, options or None)
+    with _holding_lease(out, "report", lease_wait, options or None), _reported():
+        result = build_report(out, date, model, public_url=public_url, storage_options=options)
     typer.echo(f"{result.nights} night(s) written; open {result.url}")

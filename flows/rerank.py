@@ -64,6 +64,7 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
         for stage, seconds in result.seconds.items():
             summary.stage_seconds[f"stage1_{stage}"] = summary.stage_seconds.get(f"stage1_{stage}", 0.0) + seconds
         summary.planned["stage1_decoded"] = summary.planned.get("stage1_decoded", 0) + result.images_decoded
+        summary.cache["damaged"] += result.cache_damaged
         notify(summary)
     summary.stage_seconds["stage1_wall"] = summary.stage_seconds.get("stage1_wall", 0.0) + time.perf_counter() - started
     return metrics, best_reranked(candidates, {pid: m.get("irm") for pid, m in metrics.items()}, config.top_k)

@@ -39,6 +39,8 @@ class FlowSummary:
     model_facts: dict[str, Any] = field(default_factory=dict)
     #: activation cache: images found, computed, and damaged entries recomputed
     cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "damaged": 0})
+    #: damaged table files moved to _pairx/quarantine/ before planning (their rows are recomputed)
+    repaired_files: int = 0
 
     @property
     def ok(self) -> bool:
@@ -59,7 +61,7 @@ class FlowSummary:
                 "skipped": self.skipped, "failed": self.failed, "seconds": round(self.seconds, 3),
                 "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
                 "explain_seconds": round(self.explain_seconds, 3), "workers": sorted(self.workers),
-                "cache": dict(self.cache),
+                "cache": dict(self.cache), "repaired_files": self.repaired_files,
                 **({"error": self.error} if self.error else {}), **self.planned}
 
 
@@ -89,5 +91,5 @@ def write_run(out: str, flow: str, config, summary: FlowSummary, started: dateti
         "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),
         "random_weights": facts.get("random_weights"), "workers": sorted(summary.workers),
         "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
-        "cache_damaged": summary.cache["damaged"],
+        "cache_damaged": summary.cache["damaged"], "n_repaired_files": summary.repaired_files,
     }], summary.model_id, summary.run_id, config.storage_options or None)

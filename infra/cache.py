@@ -80,7 +80,7 @@ import numpy as np
 
 from pairx_core.errors import ConfigError, PairXError, ShapeError
 
-from .storage import StorageTarget, safe_segment
+from .storage import StorageTarget, is_transient, safe_segment
 
 __all__ = ["ActivationCache", "BatchIndex", "CacheIntegrityError", "CacheLocation", "CacheMissError"]
 
@@ -110,7 +110,7 @@ class CacheIntegrityError(PairXError):
         self.what = what
         shown = ", ".join(self.hashes[:5]) + (" ..." if len(self.hashes) > 5 else "")
         super().__init__(f"{len(self.hashes)} damaged cache entr{'y' if len(self.hashes) == 1 else 'ies'} in "
-                         f"{what}: {shown}; they are recomputed on the next run")
+                         f"{what}: {shown}; the pipeline recomputes them")
 
 
 def row_checksums(values: np.ndarray) -> list[str]:
@@ -126,6 +126,20 @@ def _bad_values(values: np.ndarray, embeddings: bool) -> np.ndarray:
     if embeddings:
         bad |= ~np.any(flat != 0, axis=1)
     return bad
+
+
+def _row_by_row(array: Any, rows: np.ndarray | None) -> np.ndarray:
+    """Rows of ``array`` read one at a time; a row whose chunk does not decode becomes NaN (damaged)."""
+    wanted = np.arange(array.shape[0]) if rows is None else rows
+    dtype = array.dtype if np.dtype(array.dtype).kind == "f" else np.float32  # checksums are of stored bytes
+    out = np.full((len(wanted), *array.shape[1:]), np.nan, dtype=dtype)
+    for position, row in enumerate(wanted):
+        try:
+            out[position] = np.asarray(array[int(row)])
+        except Exception as error:  # noqa: BLE001
+            if is_transient(error):
+                raise
+    return out
 
 
 @dataclass(frozen=True)
@@ -369,17 +383,34 @@ class ActivationCache:
 
         def read(item: tuple[str, np.ndarray]) -> tuple[str, np.ndarray]:
             path, rows = item
-            array = zarr.open_array(store, path=path, mode="r")
-            if whole:
-                data = np.asarray(array[...])
-                return path, data if rows is None else data[rows]
-            return path, np.asarray(array.oindex[rows])
+            try:
+                array = zarr.open_array(store, path=path, mode="r")
+            except Exception as error:  # noqa: BLE001 - metadata gone or garbled: every row damaged
+                if is_transient(error):
+                    raise
+                return path, self._unreadable_rows(path, rows)
+            try:
+                if whole:
+                    data = np.asarray(array[...])
+                    return path, data if rows is None else data[rows]
+                return path, np.asarray(array.oindex[rows])
+            except Exception as error:  # noqa: BLE001 - a chunk cut short or garbled: find which rows
+                if is_transient(error):
+                    raise
+                return path, _row_by_row(array, rows)
 
         items = list(paths_rows.items())
         if len(items) <= 1:
             return dict(read(item) for item in items)
         with ThreadPoolExecutor(max_workers=min(_MAX_READ_THREADS, len(items))) as pool:
             return dict(pool.map(read, items))
+
+    def _unreadable_rows(self, path: str, rows: np.ndarray | None) -> np.ndarray:
+        """NaN rows (damaged by :func:`_bad_values`) for an array that cannot be opened at all."""
+        batch = self._known.get(path.split("/", 1)[0])
+        count = len(rows) if rows is not None else (len(batch.hashes) if batch else 0)
+        tail = tuple(batch.embedding_shape[1:]) if batch and path == batch.embeddings_path else (1,)
+        return np.full((count, *tail), np.nan, dtype=np.float32)
 
     def _gather(
         self, hashes: Sequence[str], layer: str | None
@@ -527,6 +558,38 @@ class ActivationCache:
             return [], np.zeros((0, 0), dtype=np.float32)
         matrix = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
         return hashes, matrix
+
+    def verify(self) -> tuple[int, list[str]]:
+        """Read every array of every committed batch: ``(rows checked, "<batch>/<array> row <i>" damaged)``.
+
+        A row is damaged when its checksum or value checks fail (a deleted chunk reads as zeros, a
+        chunk cut short or garbled does not decode). Only rows that lookups return count: a damaged
+        row that a newer batch has replaced (the pipeline recomputed it) is no longer in use.
+        """
+        store = self.target.zarr_store(self.zarr_prefix, read_only=True)
+        batches = self.batches()
+        checked, damaged = 0, []
+        for batch in batches:
+            rows = np.arange(len(batch.hashes))
+            arrays = [(batch.embeddings_path, True, None),
+                      *((path, False, layer) for layer, path in batch.layers.items())]
+            for path, embeddings, layer in arrays:
+                current = self._location_map(batches, layer)
+                in_use = {row for row, h in enumerate(batch.hashes)
+                          if current.get(h) == CacheLocation(batch.batch_id, row)}
+                if not in_use:
+                    continue
+                checked += len(in_use)
+                try:
+                    data = self._read_rows(store, {path: None}, whole=True)  # type: ignore[dict-item]
+                    bad = sorted(row for _, row in self._damaged_rows(data, {batch.batch_id: path},
+                                                                       {batch.batch_id: rows}, embeddings))
+                except Exception as error:  # noqa: BLE001 - unreadable metadata or chunks: all rows damaged
+                    if is_transient(error):
+                        raise
+                    bad = list(rows)
+                damaged += [f"{self.prefix}/{path} row {row}" for row in bad if row in in_use]
+        return checked, damaged
 
     # ------------------------------------------------------------------ writing
     def put(

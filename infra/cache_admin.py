@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .cache import ActivationCache
+from .cache import ActivationCache, _batch_time
 
-__all__ = ["CacheModelInfo", "cache_info", "prune_model", "prune_older_than"]
+__all__ = ["CacheModelInfo", "PrunePlan", "cache_info", "damaged_cache_entries", "plan_prune", "prune_model",
+           "prune_older_than"]
 
 #: placeholder preprocessing fingerprint for root-level operations (never used as a path)
 _ANY_PREP = "any"
@@ -69,3 +71,39 @@ def prune_older_than(url: str, days: float, storage_options: Mapping[str, Any] |
             removed += len(cache.prune_older_than(age_s))
             removed += len(cache.collect_garbage(min_age_s=age_s))
     return removed, max(0, before - root.size_bytes())
+
+
+def damaged_cache_entries(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[int, list[str]]:
+    """Every cached row of every model checked against its checksum: ``(rows checked, damaged rows)``."""
+    checked, damaged = 0, []
+    for model in _root(url, storage_options).model_fingerprints():
+        for prep in _root(url, storage_options, model).prep_fingerprints():
+            rows, bad = _root(url, storage_options, model, prep).verify()
+            checked += rows
+            damaged += bad
+    return checked, damaged
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune would delete: committed batches it selects, of all the cache's committed batches."""
+
+    batches: int
+    total_batches: int
+
+
+def plan_prune(url: str, *, model: str | None = None, older_than_days: float | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> PrunePlan:
+    """Count the batches :func:`prune_model` / :func:`prune_older_than` would delete, deleting nothing."""
+    cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)) if older_than_days is not None else None
+    selected = total = 0
+    for fingerprint in _root(url, storage_options).model_fingerprints():
+        for prep in _root(url, storage_options, fingerprint).prep_fingerprints():
+            for batch in _root(url, storage_options, fingerprint, prep).batches():
+                total += 1
+                if model is not None and fingerprint != model:
+                    continue
+                stamp = _batch_time(batch.batch_id)
+                if cutoff is None or (stamp is not None and stamp <= cutoff):
+                    selected += 1
+    return PrunePlan(selected, total)

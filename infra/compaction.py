@@ -24,7 +24,8 @@ from pairx_core.errors import ConfigError
 
 from .lease import output_lease
 from .storage import StorageTarget
-from .tables import TABLE_SCHEMAS, CompactedPartition, compact_table
+from .tables import TABLE_SCHEMAS, CompactedPartition, DamagedTableError, compact_table
+from .verify import damaged_table_files, require_output_root
 
 __all__ = ["TableCompaction", "compact_output"]
 
@@ -54,6 +55,7 @@ def compact_output(out: str, tables: Sequence[str] | None = None, *, lease_wait_
     Raises:
         ConfigError: an unknown table, or a remote output root.
         OutputLockedError: a run still holds the lease after ``lease_wait_s`` seconds.
+        DamagedTableError: a file of these tables does not read (``pairx verify OUT --repair`` first).
     """
     names = list(tables) if tables else list(TABLE_SCHEMAS)
     unknown = sorted(set(names) - set(TABLE_SCHEMAS))
@@ -63,10 +65,15 @@ def compact_output(out: str, tables: Sequence[str] | None = None, *, lease_wait_
     if not target.is_local:
         raise ConfigError(f"compaction swaps partition folders atomically, which {target.protocol!r} storage "
                           "cannot do; run it on a local output root")
+    require_output_root(out, storage_options)
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date()
     results = []
     with output_lease(out, f"compact-{uuid.uuid4().hex[:12]}", "compact", wait_s=lease_wait_s,
                       storage_options=storage_options):
+        damaged = [d for d in damaged_table_files(out, storage_options) if any(f"/tables/{n}/" in d.url for n in names)]
+        if damaged:  # rewriting a partition would need its rows: repair first
+            raise DamagedTableError(damaged[0].url.split("/tables/", 1)[1].split("/", 1)[0],
+                                    [f"{d.url} ({d.reason[:120]})" for d in damaged])
         for name in names:
             files_before, bytes_before = _visible_files(target, name)
             done = compact_table(out, name, before=tomorrow, storage_options=storage_options)

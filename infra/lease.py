@@ -1,13 +1,17 @@
 """One writer per output root at a time: a lease object in the output root.
 
 ``OUT/_pairx/lease.json`` holds who writes ``OUT`` now (run id, host, pid, expiry). It is
-created with an exclusive create that works on local disks (``O_EXCL``) and on S3 (a conditional
-PUT with ``If-None-Match: *``), so two runs that start together cannot both get it. The holder
-renews the expiry in a background thread; a run that finds the lease held waits (polling) until
-it is released or stale, up to ``wait_s``, then raises :class:`OutputLockedError` naming the
-holder. A lease is stale when its expiry has passed, or at once when its holder ran on this host
-and its process is gone (a SIGKILLed CLI). Taking over a stale lease deletes it after checking it
-is still the same stale lease, then creates a new one exclusively.
+created complete and exclusively: on local disks a temporary file is written and fsynced, then
+hard-linked to the lease name (the link fails if a lease exists, and a reader never sees a
+partial lease); on S3 a conditional PUT with ``If-None-Match: *`` of the whole object. So two
+runs that start together cannot both get it. The holder renews the expiry in a background thread
+(temp file + rename). A run that finds the lease held says so once (holder, time left), waits
+(polling) until it is released or stale, up to ``wait_s``, then raises
+:class:`OutputLockedError` naming the holder. A lease is stale when its expiry has passed, at
+once when its holder ran on this host and its process is gone (a SIGKILLed CLI), or when it
+cannot be read at all (empty or garbled: a disk that filled up while an older version wrote it).
+Taking over a stale lease logs a WARNING naming the old holder when known, deletes it after
+checking it is still the same stale lease, then creates a new one exclusively.
 
 Why a lease rather than only idempotent commits: two nights on the same output would each
 explain every pair (twice the work) and each write its own ranked ``candidates`` list per upload;
@@ -16,7 +20,9 @@ with the lease the second night waits and then skips everything the first one wr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -28,9 +34,11 @@ from typing import Any, Mapping
 
 from pairx_core.errors import PairXError
 
-from .storage import StorageTarget, storage_errors, with_retries
+from .storage import StorageTarget, is_transient, storage_errors, with_retries
 
-__all__ = ["LEASE_PATH", "Lease", "OutputLockedError", "output_lease"]
+logger = logging.getLogger("pairx.lease")
+
+__all__ = ["LEASE_PATH", "Lease", "OutputLockedError", "describe_holder", "output_lease"]
 
 LEASE_PATH = "_pairx/lease.json"
 DEFAULT_TTL_S = 120.0
@@ -44,9 +52,16 @@ class OutputLockedError(PairXError):
         self.holder = dict(holder)
         self.waited_s = waited_s
         super().__init__(
-            f"{out} is being written by run {holder.get('run_id')} ({holder.get('flow')}, host {holder.get('host')}, "
-            f"pid {holder.get('pid')}, since {holder.get('acquired_at')}); waited {waited_s:.0f} s. Run again "
+            f"{out} is being written by {describe_holder(holder)}; waited {waited_s:.0f} s. Run again "
             f"later, or wait longer (lease_wait_s / --lease-wait)")
+
+
+def describe_holder(holder: Mapping[str, Any]) -> str:
+    """``run <id> (<flow>, host <h>, pid <p>, since <t>)``, or what is known of it."""
+    if not holder.get("run_id"):
+        return "another run (its lease names no run)"
+    return (f"run {holder.get('run_id')} ({holder.get('flow')}, host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"since {holder.get('acquired_at')})")
 
 
 @dataclass
@@ -91,11 +106,34 @@ class Lease:
         self.release()
 
 
-def _read(target: StorageTarget) -> dict[str, Any] | None:
+#: what :func:`_read_raw` returns for a lease object that is not there
+_ABSENT = None
+
+
+def _read_raw(target: StorageTarget) -> bytes | None:
+    """The lease object's bytes, or None when there is none."""
     try:
-        return json.loads(target.read_bytes(LEASE_PATH))
-    except Exception:  # noqa: BLE001 - absent (or half-deleted): treated as free
+        return target.read_bytes(LEASE_PATH)
+    except Exception as error:  # noqa: BLE001 - absent (or deleted meanwhile): free
+        if is_transient(error):
+            raise
+        return _ABSENT
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """The lease record, or None when the bytes are no lease (empty, cut short, garbled)."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
         return None
+    if not isinstance(record, dict) or not record.get("token"):
+        return None
+    return record if isinstance(record.get("expires_at"), (int, float)) else None
+
+
+def _read(target: StorageTarget) -> dict[str, Any] | None:
+    raw = _read_raw(target)
+    return None if raw is None else _parse(raw)
 
 
 def _is_stale(record: Mapping[str, Any]) -> bool:
@@ -117,15 +155,21 @@ def _create_exclusive(target: StorageTarget, data: bytes) -> bool:
     url = target.url(LEASE_PATH)
     with storage_errors(url):
         if target.is_local:
-            os.makedirs(os.path.dirname(url), exist_ok=True)
+            folder = os.path.dirname(url)
+            os.makedirs(folder, exist_ok=True)
+            temp = os.path.join(folder, f".lease.json.tmp-{uuid.uuid4().hex}")
             try:
-                fd = os.open(url, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(temp, url)  # complete content, and only if no lease exists
+                except FileExistsError:
+                    return False
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
             return True
         fs = target.filesystem()
         path = fs._strip_protocol(url)
@@ -143,6 +187,20 @@ def _create_exclusive(target: StorageTarget, data: bytes) -> bool:
         return True
 
 
+def _take_over(target: StorageTarget, raw: bytes, holder: Mapping[str, Any] | None) -> None:
+    """Delete a stale or unreadable lease, if it is still the same one (another taker may have been first)."""
+    if with_retries(_read_raw, target) != raw:
+        return
+    if holder is None:
+        logger.warning("%s: taking over an unreadable lease (%d bytes: %r); its holder is unknown", target.root,
+                       len(raw), raw[:60])
+    else:
+        expired = float(holder.get("expires_at", 0)) < time.time()
+        why = "expired" if expired else "its process is gone"
+        logger.warning("%s: taking over the lease of %s: %s", target.root, describe_holder(holder), why)
+    target.delete(LEASE_PATH)
+
+
 def output_lease(out: str, run_id: str, flow: str, *, wait_s: float = 1800.0, ttl_s: float = DEFAULT_TTL_S,
                  poll_s: float = 1.0, storage_options: Mapping[str, Any] | None = None) -> Lease:
     """Acquire ``out``'s lease for ``run_id``, waiting up to ``wait_s`` seconds.
@@ -154,21 +212,26 @@ def output_lease(out: str, run_id: str, flow: str, *, wait_s: float = 1800.0, tt
     record = {"run_id": run_id, "flow": flow, "host": socket.gethostname(), "pid": os.getpid(),
               "token": uuid.uuid4().hex, "acquired_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     started = time.monotonic()
+    told = False
     while True:
         record["expires_at"] = time.time() + ttl_s
         if with_retries(_create_exclusive, target, json.dumps(record).encode()):
             break
-        holder = _read(target)
-        if holder is not None and holder.get("token") == record["token"]:
+        raw = with_retries(_read_raw, target)
+        holder = {} if raw is None else _parse(raw)  # {}: released meanwhile, try again after a short pause
+        if holder is not None and holder and holder.get("token") == record["token"]:
             break  # our own create went through, but its answer was lost and the retry found it
-        if holder is not None and _is_stale(holder):
-            again = _read(target)
-            if again is not None and again.get("token") == holder.get("token"):
-                target.delete(LEASE_PATH)
+        if raw is not None and (holder is None or _is_stale(holder)):
+            _take_over(target, raw, holder)
             continue
         waited = time.monotonic() - started
         if waited >= wait_s:
-            raise OutputLockedError(target.root, holder or {}, waited)
+            raise OutputLockedError(target.root, holder, waited)
+        if holder and not told:
+            left = max(0.0, float(holder.get("expires_at", 0)) - time.time())
+            logger.warning("%s is being written by %s; waiting up to %.0f s for it to finish (its lease runs %.0f s "
+                           "more unless renewed)", target.root, describe_holder(holder), wait_s, left)
+            told = True
         time.sleep(min(poll_s, max(0.05, wait_s - waited)))
     stop = threading.Event()
     lease = Lease(target, record, ttl_s, stop)

@@ -16,12 +16,19 @@ Layout::
 
 Adding a nullable column to a schema is backwards compatible: :func:`read_table` reads old files
 with the column as null.
+
+Damaged files: files are written with page checksums. A file whose footer or pages cannot be
+read (cut short, overwritten) is *damaged*, never taken for absent without a word:
+:func:`read_table` reads the other files and logs a WARNING naming it, :func:`parquet_problem`
+says what is wrong with one file, and ``infra.verify`` moves damaged files to
+``OUT/_pairx/quarantine/`` so that a run recomputes what they held.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import urllib.parse
 import uuid
@@ -36,12 +43,16 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pairx_core.errors import ConfigError
+from pairx_core.errors import ConfigError, PairXError
 
-from .storage import StorageTarget, safe_segment, with_retries
+from .storage import StorageTarget, is_transient, safe_segment, with_retries
+
+logger = logging.getLogger("pairx.tables")
 
 __all__ = [
     "CompactedPartition",
+    "DamagedTableError",
+    "parquet_problem",
     "PARTITION_COLUMNS",
     "TABLE_SCHEMAS",
     "compact_table",
@@ -52,6 +63,15 @@ __all__ = [
     "with_nulls",
     "write_table",
 ]
+
+class DamagedTableError(PairXError):
+    """Some files of a table do not read (``read_table(..., damaged="raise")``)."""
+
+    def __init__(self, table: str, damaged: Sequence[str]):
+        self.table, self.damaged = table, list(damaged)
+        super().__init__(f"table {table!r} has {len(self.damaged)} damaged file(s) ({'; '.join(self.damaged[:3])}); "
+                         "`pairx verify OUT --repair` moves them aside (the next run recomputes what they held)")
+
 
 _TS = pa.timestamp("us", tz="UTC")
 _DESC = b"description"
@@ -165,6 +185,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("cache_misses", pa.int64(), "images whose activations were computed (and cached)"),
             _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
                                             "recomputed"),
+            _f("n_repaired_files", pa.int64(), "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
         ]
     ),
     "candidates": pa.schema(
@@ -399,7 +420,7 @@ def write_table(
     table = _fill_and_cast(table, schema, name, model_id, run_id)
 
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
     target = StorageTarget.from_url(out_url, storage_options)
     filename = f"{_part_prefix(run_id)}{uuid.uuid4().hex[:_PART_ID_LENGTH]}.parquet"
     return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
@@ -422,9 +443,41 @@ def count_run_rows(
     for url in target.glob(f"tables/{name}/{_model_segment(model_id)}/*/{prefix}*.parquet"):
         if not written.fullmatch(url.rsplit("/", 1)[-1]):
             continue
-        with target.open(url) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
+        try:
+            with target.open(url) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        except Exception as error:  # noqa: BLE001 - a damaged file holds no rows anyone can read
+            if is_transient(error) or isinstance(error, FileNotFoundError):
+                raise
+            logger.warning("damaged table file (not counted): %s: %s", url, error)
     return total
+
+
+def parquet_problem(url: str, storage_options: Mapping[str, Any] | None = None, *, pages: bool = True) -> str | None:
+    """What makes the Parquet file at ``url`` unreadable, or None when it reads.
+
+    Reads the footer and, with ``pages``, every row group (page checksums verified where the file
+    has them). Transient storage errors and a file that vanished meanwhile are raised, not
+    reported: they say nothing about the file.
+    """
+    target = StorageTarget.from_url(url, storage_options)
+    try:
+        with target.open(url) as handle:
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+            if pages:
+                for group in range(parquet.num_row_groups):
+                    parquet.read_row_group(group)
+    except Exception as error:  # noqa: BLE001 - Arrow reports damage as ArrowInvalid, OSError, ...
+        if is_transient(error) or isinstance(error, FileNotFoundError) or _vanished(error):
+            raise
+        return f"{type(error).__name__}: {error}"[:500]
+    return None
+
+
+def _vanished(error: BaseException) -> bool:
+    from pairx_core.errors import StorageError
+
+    return isinstance(error, StorageError) and "not found" in str(error)
 
 
 def ensure_table(
@@ -474,6 +527,7 @@ def read_table(
     model_id: str | None = None,
     columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    damaged: str = "skip",
 ) -> pd.DataFrame:
     """Read table ``name`` under ``<OUT>`` as one DataFrame (all partitions, all files).
 
@@ -482,6 +536,8 @@ def read_table(
             ``pyarrow.compute.Expression``; may use the partition columns ``model`` and ``date``.
         model_id: only this model (prunes partitions).
         columns: columns to return (default: schema columns plus ``date``).
+        damaged: a file whose footer or pages do not read: ``"skip"`` it with a WARNING naming it
+            (its rows are absent: a run recomputes them) or ``"raise"`` :class:`DamagedTableError`.
 
     Returns:
         DataFrame with the schema's columns (+ ``date``); empty when nothing was written yet.
@@ -495,11 +551,17 @@ def read_table(
     target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
     if not target.exists():
         return _empty_frame(schema, columns)
-    return with_retries(_read_dataset, target, full, filters, model_id, columns)
+    if damaged not in ("skip", "raise"):
+        raise ConfigError(f"damaged must be 'skip' or 'raise', got {damaged!r}")
+    return with_retries(_read_dataset, target, full, filters, model_id, columns, name, damaged)
+
+
+#: verify page checksums where files have them (every file this module writes)
+_CHECKED_PAGES = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
 
 
 def _read_dataset(target: StorageTarget, full: pa.Schema, filters: Any, model_id: str | None,
-                  columns: Sequence[str] | None) -> pd.DataFrame:
+                  columns: Sequence[str] | None, name: str, damaged: str) -> pd.DataFrame:
     """One attempt at reading a table's dataset (listing + files), retried as a whole."""
     partitioning = ds.partitioning(
         pa.schema([pa.field(c, pa.string()) for c in PARTITION_COLUMNS]), flavor="hive"
@@ -523,8 +585,41 @@ def _read_dataset(target: StorageTarget, full: pa.Schema, filters: Any, model_id
         by_model = ds.field("model") == model_id
         expression = by_model if expression is None else expression & by_model
     names = list(columns) if columns is not None else [n for n in full.names if n != "model"]
-    table = dataset.to_table(columns=names, filter=expression)
+    try:
+        table = dataset.to_table(columns=names, filter=expression, fragment_scan_options=_CHECKED_PAGES)
+    except Exception as error:  # noqa: BLE001 - Arrow reports damage as ArrowInvalid, OSError, ...
+        if is_transient(error) or isinstance(error, FileNotFoundError):
+            raise
+        table = _read_readable_files(dataset, partitioning, target, full, names, expression, name, damaged)
     return table.to_pandas()
+
+
+def _read_readable_files(dataset: ds.FileSystemDataset, partitioning: Any, target: StorageTarget, full: pa.Schema,
+                         names: list[str], expression: Any, name: str, on_damaged: str) -> pa.Table:
+    """The rows of every file that reads, file by file; damaged files are named in a WARNING."""
+    base = target.root if target.is_local else target.filesystem()._strip_protocol(target.root)
+    tables, damaged = [], []
+    for path in dataset.files:
+        one = ds.dataset([path], filesystem=dataset.filesystem, format="parquet", partitioning=partitioning,
+                         partition_base_dir=base, schema=full)
+        try:
+            tables.append(one.to_table(columns=names, filter=expression, fragment_scan_options=_CHECKED_PAGES))
+        except Exception as error:  # noqa: BLE001
+            if is_transient(error) or isinstance(error, FileNotFoundError):
+                raise
+            url = path if target.is_local else target.filesystem().unstrip_protocol(path)
+            if parquet_problem(url, target.storage_options or None) is None:
+                raise  # the file reads: not damage (e.g. a column of another type)
+            damaged.append(f"{path} ({type(error).__name__}: {str(error)[:200]})")
+    if damaged and on_damaged == "raise":
+        raise DamagedTableError(name, damaged)
+    if damaged:
+        logger.warning("table %s: %d damaged file(s) skipped, their rows are unreadable (`pairx verify OUT --repair` "
+                       "moves them aside; the next run recomputes them): %s", name, len(damaged),
+                       "; ".join(damaged[:5]))
+    if not tables:
+        return full.empty_table().select(names)
+    return pa.concat_tables(tables)
 
 
 def schema_markdown() -> str:
@@ -657,7 +752,7 @@ def _compact_partition(model_path: str, date_dir: str, schema: pa.Schema, min_fi
     os.makedirs(staging)
     try:
         compacted = os.path.join(staging, f"part-compacted-{uuid.uuid4().hex[:12]}.parquet")
-        pq.write_table(table, compacted, compression="zstd")
+        pq.write_table(table, compacted, compression="zstd", write_page_checksum=True)
         with open(compacted, "rb") as handle:
             os.fsync(handle.fileno())
         _exchange_directories(staging, partition)

@@ -5,7 +5,9 @@
 with hive partitions (``model``, ``date``) and ``union_by_name`` (older files lack newer
 columns), then the views of ``views.sql`` (``images``, ``pair_matches``, ``candidate_review``,
 ``nights``, and the review views ``latest_decisions``, ``review_progress``, ``model_precision``,
-``plausibility_calibration``). A table with no file yet becomes an empty view with the schema's columns, so the
+``plausibility_calibration``). A file whose footer does not read (cut short) is left out of its view by name, with
+a WARNING, so that the other files stay queryable (``pairx verify OUT --repair`` moves it aside;
+the next run recomputes its rows). A table with no file yet becomes an empty view with the schema's columns, so the
 views always exist. DuckDB reads ``s3://`` through its ``httpfs`` extension (load it and create
 a secret on the connection first).
 
@@ -15,6 +17,7 @@ then the file; its first part defines the same base views from that variable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from typing import Any
 import pyarrow as pa
 
 from .storage import StorageTarget
-from .tables import TABLE_SCHEMAS
+from .tables import TABLE_SCHEMAS, parquet_problem
+
+logger = logging.getLogger("pairx.views")
 
 __all__ = ["VIEWS_SQL", "create_views", "views_sql"]
 
@@ -63,9 +68,15 @@ def _quote(text: str) -> str:
 
 
 def _base_view(view: str, table: str, target: StorageTarget) -> str:
-    if target.list_files(f"tables/{table}", suffixes=[".parquet"]):
+    files = target.list_files(f"tables/{table}", suffixes=[".parquet"])
+    readable = [url for url in files if parquet_problem(url, target.storage_options or None, pages=False) is None]
+    if len(readable) < len(files):
+        logger.warning("view %s leaves out %d damaged file(s) (`pairx verify OUT --repair` moves them aside): %s",
+                       view, len(files) - len(readable), sorted(set(files) - set(readable))[:5])
+    if readable:
         glob = target.join("tables", table) + "/**/*.parquet"
-        return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_quote(glob)}, "
+        source = _quote(glob) if len(readable) == len(files) else "[" + ", ".join(map(_quote, readable)) + "]"
+        return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({source}, "
                 f"hive_partitioning = true, union_by_name = true)")
     columns = [f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLE_SCHEMAS[table]]
     columns += ["CAST(NULL AS VARCHAR) AS model", "CAST(NULL AS DATE) AS date"]

@@ -8,6 +8,7 @@ runs with ``k_colors=0`` (same metrics, slower).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -17,14 +18,17 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from infra.cache import CacheIntegrityError
 from infra.images import DEFAULT_MIN_SIDE, load_image
-from pairx_core import ExplainConfig
+from pairx_core import ExplainConfig, embed
 from pairx_core.metrics import plausibility
 from pairx_core.stage1 import SplitUnsupportedError, stage1, stage1_from_images
 
 from .embed import activation_cache
 from .explain import retry_transient
 from .runtime import get_model
+
+logger = logging.getLogger("pairx.tasks")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,21 @@ class Stage1Summary:
     seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "engine": 0.0})
     images_decoded: int = 0
     full_path: bool = False
+    #: damaged cache entries (checksum, missing or garbled chunk) embedded again by this batch
+    cache_damaged: int = 0
+
+
+def _recompute(loaded, cache, uris: Sequence[str], settings: Stage1Settings) -> int:
+    """Embed ``uris`` again and cache them (embedding and ``settings.layer``): a newer batch wins."""
+    images = [load_image(uri, min_side=settings.min_image_side, storage_options=settings.storage_options)
+              for uri in uris]
+    tensors = loaded.preprocessing.batch([image.image for image in images])
+    with loaded.lock:
+        embeddings, features = embed(loaded.model, tensors, [settings.layer], device=loaded.device)
+    cache.put([image.content_hash for image in images], embeddings, features)
+    logger.warning("%d damaged activation-cache entr%s recomputed for stage 1", len(images),
+                   "y" if len(images) == 1 else "ies")
+    return len(images)
 
 
 def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage1Summary:
@@ -72,7 +91,13 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
     started = time.perf_counter()
     cache = activation_cache(settings.cache_url, loaded.fingerprint, prep.fingerprint(), [settings.layer],
                              settings.storage_options)
-    activations = torch.from_numpy(cache.get_features(hashes, settings.layer))
+    uris = {p.query_hash: p.query for p in pairs} | {p.candidate_hash: p.candidate for p in pairs}
+    try:
+        features = cache.get_features(hashes, settings.layer)
+    except CacheIntegrityError as error:  # damaged entries: embedded again now, then read
+        summary.cache_damaged = _recompute(loaded, cache, [uris[h] for h in error.hashes], settings)
+        features = cache.get_features(hashes, settings.layer)
+    activations = torch.from_numpy(features)
     summary.seconds["read"] += time.perf_counter() - started
     started = time.perf_counter()
     try:
@@ -80,7 +105,6 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
             results = stage1(loaded.model, activations, index, settings.layer, prep.size, config,
                              device=loaded.device)
     except SplitUnsupportedError:
-        uris = {p.query_hash: p.query for p in pairs} | {p.candidate_hash: p.candidate for p in pairs}
         images = [load_image(uris[h], min_side=settings.min_image_side, storage_options=settings.storage_options)
                   for h in hashes]
         summary.images_decoded = len(images)

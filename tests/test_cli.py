@@ -159,5 +159,8 @@ def test_cache_info_and_prune_commands(tmp_path):
     result = runner.invoke(app, ["cache", "prune", str(out), "--older-than", "1"])
     assert result.exit_code == 0 and "removed 0 batch(es)" in result.output
     result = runner.invoke(app, ["cache", "prune", str(out), "--model", "model-a"])
+    assert result.exit_code == 2 and "--yes" in result.output  # the only model: the whole cache
+    assert "model-a: 2 image(s)" in runner.invoke(app, ["cache", "info", str(out)]).output
+    result = runner.invoke(app, ["cache", "prune", str(out), "--model", "model-a", "--yes"])
     assert result.exit_code == 0 and "removed model model-a" in result.output
     assert "0 model(s)" in runner.invoke(app, ["cache", "info", str(out)]).output
