@@ -4,7 +4,8 @@
 --   SET VARIABLE pairx_out = '/data/pairx-out';     -- or 's3://bucket/prefix' (load httpfs and
 --   .read infra/views.sql                           --  create a secret first)
 -- From Python, infra.views.create_views(connection, OUT) does the same (its own base views, then
--- the derived views below the "derived views" line).
+-- the derived views below the "derived views" line). The base views are generated from the table
+-- schemas: infra.views.write_views_sql() rewrites them after a schema change.
 --
 -- Base views: one per table (pairs, matches, candidates, errors, runs, and images_all = every
 -- images row) over OUT/tables/<table>/**/*.parquet with the hive partition columns `model` and
@@ -18,17 +19,20 @@
 --   (date, model_id)                             a night
 -- pair_id alone is NOT a key: the same pair is explained once per model (and layer).
 
+-- base views (generated from infra.tables.TABLE_SCHEMAS)
+
 CREATE OR REPLACE VIEW pairs AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS pair_id, NULL::VARCHAR AS image_0, NULL::VARCHAR AS image_1,
-         NULL::VARCHAR AS layer, NULL::DOUBLE AS similarity, NULL::INTEGER AS n_matches,
-         NULL::DOUBLE AS residual_px, NULL::INTEGER AS inliers, NULL::DOUBLE AS irm,
-         NULL::DOUBLE AS match_coverage, NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share,
-         NULL::VARCHAR AS viz_uri, NULL::DOUBLE[] AS box_0, NULL::DOUBLE[] AS box_1, NULL::DOUBLE AS theta_0,
-         NULL::DOUBLE AS theta_1, NULL::VARCHAR AS model_spec, NULL::VARCHAR AS model_id,
-         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS output_key,
-         NULL::VARCHAR AS commit_id, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::VARCHAR AS pair_id, NULL::VARCHAR AS image_0, NULL::VARCHAR AS image_1,
+        NULL::VARCHAR AS layer, NULL::DOUBLE AS similarity, NULL::INTEGER AS n_matches,
+        NULL::DOUBLE AS residual_px, NULL::INTEGER AS inliers, NULL::DOUBLE AS irm,
+        NULL::DOUBLE AS match_coverage, NULL::DOUBLE AS relevance_share,
+        NULL::DOUBLE AS match_share, NULL::VARCHAR AS viz_uri, NULL::DOUBLE[] AS box_0,
+        NULL::DOUBLE[] AS box_1, NULL::DOUBLE AS theta_0, NULL::DOUBLE AS theta_1,
+        NULL::VARCHAR AS model_spec, NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id,
+        NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS output_key, NULL::VARCHAR AS commit_id,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/pairs/**/*.parquet',
@@ -38,10 +42,11 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 CREATE OR REPLACE VIEW matches AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer, NULL::INTEGER AS rank, NULL::FLOAT AS x_0,
-         NULL::FLOAT AS y_0, NULL::FLOAT AS x_1, NULL::FLOAT AS y_1, NULL::FLOAT AS distance,
-         NULL::FLOAT AS relevance, NULL::VARCHAR AS model_id, NULL::VARCHAR AS output_key,
-         NULL::VARCHAR AS commit_id, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer, NULL::INTEGER AS rank,
+        NULL::FLOAT AS x_0, NULL::FLOAT AS y_0, NULL::FLOAT AS x_1, NULL::FLOAT AS y_1,
+        NULL::FLOAT AS distance, NULL::FLOAT AS relevance, NULL::VARCHAR AS model_id,
+        NULL::VARCHAR AS output_key, NULL::VARCHAR AS commit_id, NULL::VARCHAR AS model,
+        NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/matches/**/*.parquet',
@@ -51,15 +56,15 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 CREATE OR REPLACE VIEW candidates AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS query, NULL::INTEGER AS rank, NULL::VARCHAR AS gallery_image,
-         NULL::VARCHAR AS individual, NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm,
-         NULL::DOUBLE AS rerank_score, NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer,
-         NULL::VARCHAR AS viz_uri, NULL::VARCHAR AS output_key, NULL::VARCHAR AS model_spec,
-         NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
-         NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
-         NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS model_id,
-         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
-         NULL::DATE AS date
+        NULL::VARCHAR AS query, NULL::INTEGER AS rank, NULL::VARCHAR AS gallery_image,
+        NULL::VARCHAR AS individual, NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm,
+        NULL::DOUBLE AS rerank_score, NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer,
+        NULL::VARCHAR AS viz_uri, NULL::VARCHAR AS output_key, NULL::VARCHAR AS model_spec,
+        NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
+        NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
+        NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS model_id,
+        NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
+        NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',
@@ -69,10 +74,10 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 CREATE OR REPLACE VIEW errors AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS item, NULL::VARCHAR AS stage, NULL::VARCHAR AS error_type,
-         NULL::VARCHAR AS message, NULL::VARCHAR AS content_hash, NULL::VARCHAR AS model_id,
-         NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
-         NULL::DATE AS date
+        NULL::VARCHAR AS item, NULL::VARCHAR AS stage, NULL::VARCHAR AS error_type,
+        NULL::VARCHAR AS message, NULL::VARCHAR AS content_hash, NULL::VARCHAR AS model_id,
+        NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
+        NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/errors/**/*.parquet',
@@ -82,13 +87,14 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 CREATE OR REPLACE VIEW runs AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS run_id, NULL::VARCHAR AS flow, NULL::VARCHAR AS parameters,
-         NULL::VARCHAR AS model_id, NULL::BIGINT AS n_done, NULL::BIGINT AS n_skipped,
-         NULL::BIGINT AS n_failed, NULL::DOUBLE AS duration_s, NULL::TIMESTAMPTZ AS started_at,
-         NULL::TIMESTAMPTZ AS finished_at, NULL::VARCHAR AS status, NULL::VARCHAR AS error,
-         NULL::VARCHAR AS model_spec, NULL::VARCHAR AS weights_digest, NULL::BOOLEAN AS random_weights,
-         NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits, NULL::BIGINT AS cache_misses,
-         NULL::BIGINT AS cache_damaged, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::VARCHAR AS run_id, NULL::VARCHAR AS flow, NULL::VARCHAR AS parameters,
+        NULL::VARCHAR AS model_id, NULL::BIGINT AS n_done, NULL::BIGINT AS n_skipped,
+        NULL::BIGINT AS n_failed, NULL::DOUBLE AS duration_s, NULL::TIMESTAMPTZ AS started_at,
+        NULL::TIMESTAMPTZ AS finished_at, NULL::VARCHAR AS status, NULL::VARCHAR AS error,
+        NULL::VARCHAR AS model_spec, NULL::VARCHAR AS weights_digest,
+        NULL::BOOLEAN AS random_weights, NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits,
+        NULL::BIGINT AS cache_misses, NULL::BIGINT AS cache_damaged,
+        NULL::BIGINT AS n_repaired_files, NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/runs/**/*.parquet',
@@ -98,14 +104,32 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 CREATE OR REPLACE VIEW images_all AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
-         NULL::VARCHAR AS image_uri, NULL::VARCHAR AS content_hash, NULL::INTEGER AS width,
-         NULL::INTEGER AS height, NULL::VARCHAR AS model_id, NULL::TIMESTAMPTZ AS embedded_at,
-         NULL::VARCHAR AS run_id, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::VARCHAR AS image_uri, NULL::VARCHAR AS content_hash, NULL::INTEGER AS width,
+        NULL::INTEGER AS height, NULL::VARCHAR AS model_id, NULL::TIMESTAMPTZ AS embedded_at,
+        NULL::VARCHAR AS run_id, NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/images/**/*.parquet',
                              hive_partitioning = true, union_by_name = true, allow_empty = true)
 );
+
+CREATE OR REPLACE VIEW decisions AS
+SELECT COLUMNS(lambda c: c <> 'empty') FROM (
+  SELECT
+        NULL::VARCHAR AS decision_id, NULL::VARCHAR AS query, NULL::VARCHAR AS content_hash,
+        NULL::DOUBLE[] AS box, NULL::VARCHAR AS decision, NULL::VARCHAR AS individual,
+        NULL::VARCHAR AS gallery_image, NULL::INTEGER AS rank, NULL::INTEGER AS retrieval_rank,
+        NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm, NULL::DOUBLE AS rerank_score,
+        NULL::VARCHAR AS night_run_id, NULL::VARCHAR AS reviewer, NULL::TIMESTAMPTZ AS decided_at,
+        NULL::VARCHAR AS supersedes, NULL::VARCHAR AS note, NULL::VARCHAR AS model_id,
+        NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
+        NULL::DATE AS date
+  WHERE false
+  UNION ALL BY NAME
+  SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/decisions/**/*.parquet',
+                             hive_partitioning = true, union_by_name = true, allow_empty = true)
+);
+
 
 -- ---------------------------------------------------------------- derived views
 

@@ -11,7 +11,7 @@ from infra.tables import write_table
 from infra.views import OUT_VARIABLE, VIEWS_SQL, create_views
 from test_report import _complete, write_output
 
-VIEWS = ["pairs", "matches", "candidates", "errors", "runs", "images_all", "images", "pair_matches",
+VIEWS = ["pairs", "matches", "candidates", "errors", "runs", "decisions", "images_all", "images", "pair_matches",
          "candidate_review", "nights"]
 
 
@@ -51,3 +51,13 @@ def test_views_sql_on_an_output_without_tables(tmp_path):
 def test_views_sql_needs_the_variable():
     with pytest.raises(duckdb.Error, match=OUT_VARIABLE):
         duckdb.connect().execute(Path(VIEWS_SQL).read_text())
+
+
+def test_views_sql_base_views_are_generated_from_the_table_schemas():
+    """A column added to a table schema is a column of its standalone view: the file's generated
+    section equals what the schemas give (``python -c 'from infra.views import write_views_sql;
+    write_views_sql()'`` rewrites it)."""
+    from infra.views import BASE_MARKER, DERIVED_MARKER, standalone_base_views_sql
+
+    section = Path(VIEWS_SQL).read_text().split(BASE_MARKER, 1)[1].split(DERIVED_MARKER, 1)[0]
+    assert standalone_base_views_sql() in section, "regenerate infra/views.sql: infra.views.write_views_sql()"
