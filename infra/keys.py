@@ -132,17 +132,21 @@ def plan_pairs(items: Sequence[PairItem], hashes: Mapping[ImageKey, str], existi
         hashes: content hash of every image decode that succeeded (a side missing here did not load).
         existing: output keys already committed (:func:`existing_output_keys`).
 
-    A pair is skipped only when the outputs of every layer exist.
+    A pair is skipped when the outputs of every layer exist, or when an earlier item of
+    ``items`` has the same keys (two names of one content are one explanation): no key is
+    planned twice.
     """
     plan = PairPlan()
+    planned: set[str] = set()
     for item in items:
         key_0, key_1 = item.image_keys
         if key_0 not in hashes or key_1 not in hashes:
             plan.unloadable.append(item)
             continue
         keys = settings.output_keys(item, hashes[key_0], hashes[key_1])
-        if all(k in existing for k in keys.values()):
+        if all(k in existing or k in planned for k in keys.values()):
             plan.skipped.append(item)
         else:
+            planned.update(keys.values())
             plan.todo.append(PlannedPair(item, keys))
     return plan

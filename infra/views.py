@@ -31,6 +31,8 @@ BASE_VIEWS = {"pairs": "pairs", "matches": "matches", "candidates": "candidates"
 def _duckdb_type(dtype: pa.DataType) -> str:
     if pa.types.is_string(dtype):
         return "VARCHAR"
+    if pa.types.is_boolean(dtype):
+        return "BOOLEAN"
     if pa.types.is_float64(dtype):
         return "DOUBLE"
     if pa.types.is_float32(dtype):
