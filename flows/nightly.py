@@ -25,7 +25,7 @@ from tasks.embed import activation_cache, embed_images_task
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .night_plan import NightPlan, plan_uploads
+from .night_plan import NightPlan, plan_uploads, warn_quarantined
 from .preflight import resolve_model
 from .rerank import plan_reranked, reranked_rows
 
@@ -46,10 +46,7 @@ def plan_night(config: NightlyConfig, summary) -> NightPlan:
         logger.info("no uploads in %s: a quiet night", config.uploads)
     logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(night.uploads),
                 len(night.new_uploads), len(night.gallery), model.facts["model_spec"], ",".join(model.layers))
-    if night.quarantined:
-        logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
-                       "table; --retry-failed tries them again): %s", len(night.quarantined),
-                       sorted(night.quarantined)[:5])
+    warn_quarantined(night)
     return night
 
 
@@ -111,6 +108,8 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
         # this run's explanations and those of earlier runs, read back from `pairs` by output key
         rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
+    for row in rows:  # an upload is done per name and content (flows.night_plan.plan_uploads)
+        row["query_hash"] = hashes[row["query"]]
     write_table(config.out, "candidates", rows, model_id, run_id, so)
 
 

@@ -189,6 +189,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("match_coverage", pa.float64(), "stage 1: normalised mean relevance of the top matches"),
             _f("relevance_share", pa.float64(), "stage 1: share of the relevance on matched cells"),
             _f("match_share", pa.float64(), "stage 1: mutual matches / cells"),
+            _f("query_hash", pa.string(), "SHA-256 of the query's bytes when ranked: an upload is done per name and content (null in rows written before this column existed)"),
             *_ids(),
         ]
     ),
