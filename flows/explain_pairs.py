@@ -10,10 +10,12 @@ from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, read_pairs
+from infra.records import refused_pair_row
+from infra.tables import write_table
 
 from .common import active_summary, explain_items, notify, run_recorded, settings_for
 from .config import ExplainPairsConfig
-from .preflight import ModelPlan, resolve_model
+from .preflight import ModelPlan, pairs_rules, resolve_model
 
 
 def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: ModelPlan | None = None) -> None:
@@ -31,7 +33,17 @@ def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: Mod
 
 @flow(name="explain-pairs-work", log_prints=True)
 def explain_pairs_work(config: ExplainPairsConfig, run_id: str) -> None:
-    explain_recorded_items(config, read_pairs(config.pairs, config.image_root, config.storage_options or None), run_id)
+    so = config.storage_options or None
+    items = read_pairs(config.pairs, config.image_root, so, pairs_rules(config))
+    refused = [item for item in items if item.refusal is not None]
+    if refused:  # URLs and paths outside the image root: an errors row each, never read
+        plan = resolve_model(config)
+        write_table(config.out, "errors", [refused_pair_row(item.pair_id, item.refusal, run_id) for item in refused],
+                    plan.model_id, run_id, so)
+        active_summary(run_id).failed += len(refused)
+    else:
+        plan = None
+    explain_recorded_items(config, [item for item in items if item.refusal is None], run_id, plan)
 
 
 @flow(name="explain_pairs", log_prints=True)

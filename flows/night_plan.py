@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from infra.images import content_hash
-from infra.inputs import list_gallery, list_uploads
+from infra.inputs import list_gallery, list_uploads_counted
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table
 from pairx_core import ENGINE_VERSION
@@ -56,14 +56,19 @@ class NightPlan:
     new_uploads: list[str]
     quarantined: set[str]
     quarantined_gallery: set[str] = field(default_factory=set)
+    #: files of the uploads folder that are not read, by suffix (HEIC, sidecars, ...)
+    unsupported: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_work(self) -> bool:
         return bool(self.new_uploads and self.gallery)
 
-    def counts(self, top_k: int) -> dict[str, int]:
-        return {"uploads": len(self.uploads), "new_uploads": len(self.new_uploads), "gallery": len(self.gallery),
-                "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
+    def counts(self, top_k: int) -> dict:
+        counts = {"uploads": len(self.uploads), "new_uploads": len(self.new_uploads), "gallery": len(self.gallery),
+                  "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
+        if self.unsupported:
+            counts["unsupported"] = dict(self.unsupported)
+        return counts
 
 
 def failed_contents(out: str, model_id: str, storage_options=None) -> dict[str, set[str]]:
@@ -120,8 +125,10 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     nothing else is read.
     """
     so = config.storage_options or None
-    gallery = list_gallery(config.gallery, so)
-    uploads = list_uploads(config.uploads, so)
+    gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                           allow_outside_root=config.allow_outside_root)
+    listing = list_uploads_counted(config.uploads, so, exclude=config.out)
+    uploads = listing.images
     done = done_contents(config.out, model.model_id, so)
     failed = {} if config.retry_failed else failed_contents(config.out, model.model_id, so)
     to_hash = [u for u in uploads if (u in done and None not in done[u]) or u in failed]
@@ -138,11 +145,16 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     quarantined_gallery = {g for g in gallery if is_quarantined(g)}
     gallery = {g: individual for g, individual in gallery.items() if g not in quarantined_gallery}
     new_uploads = [u for u in uploads if not is_done(u) and u not in gallery and u not in quarantined]
-    return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery)
+    return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, listing.unsupported)
 
 
 def warn_quarantined(night: NightPlan) -> None:
-    """One WARNING per kind of image skipped because its content failed to load before."""
+    """One WARNING per kind of image skipped because its content failed to load before, and one
+    for the files of the uploads folder that are not read."""
+    if night.unsupported:
+        logger.warning("%d file(s) in the uploads folder are not supported photos and were not read: %s",
+                       sum(night.unsupported.values()),
+                       ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in night.unsupported.items()))
     for what, images in (("upload", night.quarantined), ("gallery image", night.quarantined_gallery)):
         if images:
             logger.warning("skipping %d %s(s) whose content failed to load on an earlier night (see the errors "

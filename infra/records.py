@@ -1,7 +1,7 @@
 """Rows of the output tables, built from what the core computed (the table schemas live in
 ``infra.tables``).
 
-- :func:`error_row`, :func:`unloadable_pair_row`: the ``errors`` table;
+- :func:`error_row`, :func:`unloadable_pair_row`, :func:`refused_pair_row`: the ``errors`` table;
 - :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per name, content and model);
 - :func:`explanation_rows`: one explained pair -> its ``pairs`` rows (one per layer) and its
   ``matches`` rows, with match positions in ORIGINAL photo coordinates (EXIF-upright, full
@@ -31,6 +31,7 @@ __all__ = [
     "match_rows",
     "new_image_rows",
     "pair_row",
+    "refused_pair_row",
     "unloadable_pair_row",
 ]
 
@@ -51,6 +52,13 @@ def unloadable_pair_row(pair_id: str, run_id: str) -> dict:
     its own ``load`` row)."""
     return {"item": pair_id, "stage": "explain", "error_type": "InputImageError",
             "message": "an image of this pair could not be loaded (see its own row)",
+            "content_hash": None, "run_id": run_id, "created_at": _now()}
+
+
+def refused_pair_row(pair_id: str, reason: str, run_id: str) -> dict:
+    """The ``errors`` row of a pairs-table row refused before any read (a URL or a path outside
+    the image root)."""
+    return {"item": pair_id, "stage": "input", "error_type": "PathRefused", "message": reason[:2000],
             "content_hash": None, "run_id": run_id, "created_at": _now()}
 
 

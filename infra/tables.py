@@ -165,6 +165,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("cache_misses", pa.int64(), "images whose activations were computed (and cached)"),
             _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
                                             "recomputed"),
+            _f("n_unsupported", pa.int64(), "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
         ]
     ),
     "candidates": pa.schema(

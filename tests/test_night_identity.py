@@ -48,6 +48,8 @@ def test_a_broken_gallery_image_fails_one_night_only(prefect_harness, tmp_path):
     from pairx_core.synthetic import make_individuals, render_photo
 
     root = write_night(tmp_path / "night", 2, seed=6, uploaders=1)
+    for sidecar in ("ind-0000.png.xmp", "IMG_0002.HEIC"):  # counted, never silently dropped
+        (root / "uploads" / sidecar).write_bytes(b"x")
     broken = root / "gallery" / "ind-0001" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
@@ -55,6 +57,8 @@ def test_a_broken_gallery_image_fails_one_night_only(prefect_harness, tmp_path):
     with pytest.raises(ItemsFailedError) as first:
         nightly(config)
     assert first.value.summary["failed"] == 1 and first.value.summary["done"] == 1
+    assert first.value.summary["unsupported"] == {".heic": 1, ".xmp": 1}
+    assert read_table(str(out), "runs").n_unsupported.tolist() == [2]
     render_photo(make_individuals(2, seed=6)[1], seed=2, size=(64, 64)).image.save(root / "uploads" / "new.png")
     second = nightly(config)  # a new upload, the same broken gallery image: skipped, not failed again
     assert second["status"] == "completed" and second["done"] == 1 and second["failed"] == 0
@@ -64,3 +68,26 @@ def test_a_broken_gallery_image_fails_one_night_only(prefect_harness, tmp_path):
     render_photo(make_individuals(2, seed=6)[0], seed=3, size=(64, 64)).image.save(root / "uploads" / "newer.png")
     with pytest.raises(ItemsFailedError):  # --retry-failed tries it again
         nightly(config.model_copy(update={"retry_failed": True}))
+
+
+def test_explain_refuses_urls_and_paths_outside_the_root_per_row(prefect_harness, tmp_path):
+    """Refused rows get an errors row each and are never read; the others are explained."""
+    import pandas as pd
+
+    from flows.common import ItemsFailedError
+    from flows.config import ExplainPairsConfig
+    from flows.explain_pairs import explain_pairs
+    from infra.tables import read_table
+
+    root = write_night(tmp_path / "night", 2, seed=8)
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"image_0": ["uploads/ind-0000.png", "http://127.0.0.1:9/x.png", "../night/uploads/ind-0001.png"],
+                  "image_1": ["gallery/ind-0000/a.png"] * 3, "pair_id": ["ok", "url", "outside"]}).to_csv(pairs, index=False)
+    config = ExplainPairsConfig(pairs=str(pairs), image_root=str(root), out=str(tmp_path / "out"), model=MODEL,
+                                layers=[LAYER], k_colors=0, k_lines=3, workers=0, allow_random_weights=True)
+    with pytest.raises(ItemsFailedError) as raised:
+        explain_pairs(config)
+    assert raised.value.summary["done"] == 1 and raised.value.summary["failed"] == 2
+    errors = read_table(str(tmp_path / "out"), "errors")
+    assert sorted(errors["item"]) == ["outside", "url"] and set(errors["stage"]) == {"input"}
+    assert read_table(str(tmp_path / "out"), "pairs").pair_id.tolist() == ["ok"]
