@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, read_pairs
+from infra.keys import once_per_content
 from infra.records import refused_pair_row
 from infra.tables import write_table
 
@@ -43,7 +44,12 @@ def explain_pairs_work(config: ExplainPairsConfig, run_id: str) -> None:
         active_summary(run_id).failed += len(refused)
     else:
         plan = None
-    explain_recorded_items(config, [item for item in items if item.refusal is None], run_id, plan)
+    unique, duplicates = once_per_content([item for item in items if item.refusal is None], so)
+    if duplicates:  # two names of one content: one explanation, whichever batches they would land in
+        active_summary(run_id).skipped += len(duplicates)
+        get_run_logger().info("%d pair(s) repeat the contents of another pair: explained once (%s)",
+                              len(duplicates), ", ".join(item.pair_id for item in duplicates[:5]))
+    explain_recorded_items(config, unique, run_id, plan)
 
 
 @flow(name="explain_pairs", log_prints=True)

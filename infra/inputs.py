@@ -30,6 +30,7 @@ __all__ = [
     "UploadListing",
     "list_uploads",
     "list_uploads_counted",
+    "listed_sizes",
     "missing_paths",
     "parse_angle",
     "parse_box",
@@ -310,27 +311,36 @@ def read_pairs(url: str, image_root: str | None = None, storage_options: Mapping
     return items
 
 
-def missing_paths(uris: list[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Those of ``uris`` that do not exist, found with one listing per folder (not a stat per file).
-
-    URLs other than storage URLs (``http://``...) are not checked.
-    """
+def listed_sizes(uris: list[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, int | None]:
+    """Byte size of each of ``uris`` (None: it does not exist), from one listing per folder (not a
+    stat per file). ``http(s)://`` URLs are left out (nothing to list)."""
     by_folder: dict[str, list[str]] = {}
     for uri in dict.fromkeys(uris):
         if uri.startswith(("http://", "https://")):
             continue
         by_folder.setdefault(uri.rsplit("/", 1)[0] if "/" in uri else ".", []).append(uri)
-    missing = []
+    sizes: dict[str, int | None] = {}
     for folder, members in by_folder.items():
         target = StorageTarget.from_url(folder, storage_options)
         fs = target.filesystem()
-        fs.invalidate_cache(fs._strip_protocol(target.root))
+        path = fs._strip_protocol(target.root)
+        fs.invalidate_cache(path)
         try:
-            present = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(fs._strip_protocol(target.root), detail=False)}
+            entries = fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
-            present = set()
-        missing += [u for u in members if fs._strip_protocol(u).rstrip("/") not in present]
-    return missing
+            entries = []
+        present = {str(e["name"]).rstrip("/"): e.get("size") for e in entries if e.get("type") != "directory"}
+        for uri in members:
+            sizes[uri] = present.get(fs._strip_protocol(uri).rstrip("/"))
+    return sizes
+
+
+def missing_paths(uris: list[str], storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Those of ``uris`` that do not exist, found with one listing per folder (not a stat per file).
+
+    URLs other than storage URLs (``http://``...) are not checked.
+    """
+    return [uri for uri, size in listed_sizes(uris, storage_options).items() if size is None]
 
 
 #: what a gallery may look like (named when a gallery is refused)

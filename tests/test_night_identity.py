@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from night_helpers import write_night
 
@@ -80,14 +82,19 @@ def test_explain_refuses_urls_and_paths_outside_the_root_per_row(prefect_harness
     from infra.tables import read_table
 
     root = write_night(tmp_path / "night", 2, seed=8)
+    shutil.copy(root / "uploads" / "ind-0000.png", root / "uploads" / "copy.png")
     pairs = tmp_path / "pairs.csv"
-    pd.DataFrame({"image_0": ["uploads/ind-0000.png", "http://127.0.0.1:9/x.png", "../night/uploads/ind-0001.png"],
-                  "image_1": ["gallery/ind-0000/a.png"] * 3, "pair_id": ["ok", "url", "outside"]}).to_csv(pairs, index=False)
+    pd.DataFrame({"image_0": ["uploads/ind-0000.png", "http://127.0.0.1:9/x.png", "../night/uploads/ind-0001.png",
+                              "uploads/copy.png"],
+                  "image_1": ["gallery/ind-0000/a.png"] * 4, "pair_id": ["ok", "url", "outside", "copy"]}
+                 ).to_csv(pairs, index=False)
     config = ExplainPairsConfig(pairs=str(pairs), image_root=str(root), out=str(tmp_path / "out"), model=MODEL,
-                                layers=[LAYER], k_colors=0, k_lines=3, workers=0, allow_random_weights=True)
+                                layers=[LAYER], k_colors=0, k_lines=3, workers=0, batch_pairs=1,
+                                allow_random_weights=True)
     with pytest.raises(ItemsFailedError) as raised:
         explain_pairs(config)
-    assert raised.value.summary["done"] == 1 and raised.value.summary["failed"] == 2
+    summary = raised.value.summary  # the copy is one explanation with the original, in another batch or not
+    assert summary["done"] == 1 and summary["failed"] == 2 and summary["skipped"] == 1
     errors = read_table(str(tmp_path / "out"), "errors")
     assert sorted(errors["item"]) == ["outside", "url"] and set(errors["stage"]) == {"input"}
     assert read_table(str(tmp_path / "out"), "pairs").pair_id.tolist() == ["ok"]

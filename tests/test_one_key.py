@@ -11,6 +11,36 @@ MODEL = "timm:efficientnet_b0?size=64"
 LAYER = "backbone.blocks.3"
 
 
+def test_a_pairs_table_is_explained_once_per_content(tmp_path, monkeypatch):
+    """Rows whose images have the same contents (other names) are one explanation, whatever batch
+    they would land in; only images of a shared byte size are read."""
+    from PIL import Image
+
+    from infra import storage as storage_module
+    from infra.inputs import PairItem
+    from infra.keys import once_per_content
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(photos / "a.png")
+    shutil.copy(photos / "a.png", photos / "copy-of-a.png")
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(photos / "g.png")
+    shutil.copy(photos / "g.png", photos / "g-under-another-individual.png")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(photos / "other.png")  # a size of its own: never read
+    reads = []
+    original = storage_module.StorageTarget.read_bytes
+    monkeypatch.setattr(storage_module.StorageTarget, "read_bytes",
+                        lambda self, path: reads.append(self.root) or original(self, path))
+    p = {name: str(photos / name) for name in ("a.png", "copy-of-a.png", "g.png", "g-under-another-individual.png",
+                                                "other.png")}
+    items = [PairItem("1", p["a.png"], p["g.png"]), PairItem("2", p["copy-of-a.png"], p["g.png"]),
+             PairItem("3", p["a.png"], p["g-under-another-individual.png"]), PairItem("4", p["other.png"], p["g.png"]),
+             PairItem("5", p["copy-of-a.png"], p["g.png"], box_0=(0, 0, 32, 32))]  # another crop: its own key
+    unique, duplicates = once_per_content(items)
+    assert [i.pair_id for i in unique] == ["1", "4", "5"] and [i.pair_id for i in duplicates] == ["2", "3"]
+    assert p["other.png"] not in reads
+
+
 def test_views_count_a_key_written_twice_once(tmp_path):
     """A key committed twice (outputs of older versions, a race) is one row in every view."""
     import duckdb
