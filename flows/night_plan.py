@@ -126,7 +126,7 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     """
     so = config.storage_options or None
     gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                           allow_outside_root=config.allow_outside_root)
+                           allow_outside_root=config.allow_outside_root, exclude=config.out)
     listing = list_uploads_counted(config.uploads, so, exclude=config.out)
     uploads = listing.images
     done = done_contents(config.out, model.model_id, so)

@@ -160,15 +160,18 @@ def _suffix(uri: str) -> str:
     return posixpath.splitext(name)[1].lower()
 
 
+def _folder_prefix(folder: str | None, storage_options: Mapping[str, Any] | None) -> str | None:
+    """``folder``'s canonical URL with a trailing slash (what its files' URLs start with)."""
+    return StorageTarget.from_url(folder, storage_options).url("").rstrip("/") + "/" if folder else None
+
+
 def list_uploads_counted(uploads: str, storage_options: Mapping[str, Any] | None = None,
                          exclude: str | None = None) -> UploadListing:
     """Every file under the uploads folder (recursive, one listing): photos by suffix
     (:data:`IMAGE_SUFFIXES`), the rest counted. Files under ``exclude`` (an output root inside
     the folder) are left out. The folder must exist."""
     target = require_folder(uploads, "uploads", storage_options)
-    prefix = None
-    if exclude:
-        prefix = StorageTarget.from_url(exclude, storage_options).url("").rstrip("/") + "/"
+    prefix = _folder_prefix(exclude, storage_options)
     images, unsupported = [], {}
     for uri in target.list_files(""):
         if prefix and uri.startswith(prefix):
@@ -349,13 +352,15 @@ GALLERY_LAYOUTS = ("a folder with one sub-folder per individual (GALLERY/<indivi
 
 
 def list_gallery(gallery: str, storage_options: Mapping[str, Any] | None = None, *,
-                 unlabelled: bool = False, allow_outside_root: bool = False) -> dict[str, str]:
+                 unlabelled: bool = False, allow_outside_root: bool = False,
+                 exclude: str | None = None) -> dict[str, str]:
     """Gallery image URL -> individual, from a manifest CSV or one folder per individual.
 
     A manifest's relative entries are relative to its folder and must stay inside it (unless
     ``allow_outside_root``); absolute paths and URLs in a manifest are read as written. A folder
     whose images all lie at its top level (no individual folders) is refused unless
-    ``unlabelled`` (every individual then unknown).
+    ``unlabelled`` (every individual then unknown). Files under ``exclude`` (an output root inside
+    the folder) are left out.
 
     Raises:
         InputError: the folder or manifest is missing, the manifest lacks its columns or has an
@@ -382,8 +387,11 @@ def list_gallery(gallery: str, storage_options: Mapping[str, Any] | None = None,
             mapping[base.join(image)] = str(row["individual"])
         return mapping
     target = require_folder(gallery, "gallery", storage_options)
+    prefix = _folder_prefix(exclude, storage_options)
     mapping = {}
     for uri in target.list_files("", suffixes=IMAGE_SUFFIXES):
+        if prefix and uri.startswith(prefix):
+            continue
         relative = uri[len(target.url("")):].lstrip("/")
         mapping[uri] = relative.split("/")[0] if "/" in relative else ""
     if mapping and not any(mapping.values()) and not unlabelled:

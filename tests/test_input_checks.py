@@ -169,6 +169,10 @@ def test_a_flat_gallery_is_refused_unless_unlabelled(tmp_path):
     assert "one sub-folder per individual" in message and "manifest CSV" in message and "--unlabelled-gallery" in message
     assert list_gallery(str(tmp_path / "gallery"), unlabelled=True) == {
         str(tmp_path / "gallery" / "a.png"): "", str(tmp_path / "gallery" / "b.png"): ""}
+    _png(tmp_path / "gallery" / "ind-a" / "c.png")
+    _png(tmp_path / "gallery" / "results" / "viz" / "p.png")  # an output root inside: never listed
+    assert sorted(list_gallery(str(tmp_path / "gallery"), exclude=str(tmp_path / "gallery" / "results")).values()) == [
+        "", "", "ind-a"]
 
 
 def test_unsupported_uploads_are_counted_by_suffix_and_a_gif_is_read(tmp_path):
