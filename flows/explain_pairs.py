@@ -20,8 +20,17 @@ from .preflight import ModelPlan, pairs_rules, resolve_model
 
 
 def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: ModelPlan | None = None) -> None:
-    """Shared by explain_pairs and reprocess: resolve the model (unless given), fan the batches out."""
+    """Shared by explain_pairs and reprocess: resolve the model (unless given), fan the batches out.
+
+    Pairs whose images repeat another pair's contents (other names) are explained once, whatever
+    batches they would land in, and counted as skipped.
+    """
     summary = active_summary(run_id)
+    items, duplicates = once_per_content(items, config.storage_options or None)
+    if duplicates:
+        summary.skipped += len(duplicates)
+        get_run_logger().info("%d pair(s) repeat the contents of another pair: explained once (%s)",
+                              len(duplicates), ", ".join(item.pair_id for item in duplicates[:5]))
     plan = plan or resolve_model(config)
     summary.model_id, summary.model_facts = plan.model_id, plan.facts
     summary.planned = {"pairs_planned": len(items)}
@@ -44,12 +53,7 @@ def explain_pairs_work(config: ExplainPairsConfig, run_id: str) -> None:
         active_summary(run_id).failed += len(refused)
     else:
         plan = None
-    unique, duplicates = once_per_content([item for item in items if item.refusal is None], so)
-    if duplicates:  # two names of one content: one explanation, whichever batches they would land in
-        active_summary(run_id).skipped += len(duplicates)
-        get_run_logger().info("%d pair(s) repeat the contents of another pair: explained once (%s)",
-                              len(duplicates), ", ".join(item.pair_id for item in duplicates[:5]))
-    explain_recorded_items(config, unique, run_id, plan)
+    explain_recorded_items(config, [item for item in items if item.refusal is None], run_id, plan)
 
 
 @flow(name="explain_pairs", log_prints=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from .tables import read_table
 
 __all__ = ["KEY_VERSION", "OutputSettings", "PairPlan", "PlannedPair", "existing_output_keys", "once_per_content",
            "pair_output_key", "plan_pairs"]
+
+logger = logging.getLogger("pairx.infra")
 
 #: Bumped when the key recipe changes (every key then changes too).
 KEY_VERSION = 1
@@ -166,7 +169,13 @@ def once_per_content(items: Sequence[PairItem], storage_options: Mapping[str, An
     from .images import content_hash
 
     uris = list(dict.fromkeys(uri for item in items for uri in (item.image_0, item.image_1)))
-    sizes = listed_sizes(uris, storage_options) if sizes is None else sizes
+    if sizes is None:
+        try:
+            sizes = listed_sizes(uris, storage_options)
+        except Exception as error:  # noqa: BLE001 - listing is an optimisation: each batch still skips known keys
+            logger.warning("could not list the images' folders to find repeated contents (%s); pairs are planned "
+                           "per batch", error)
+            return list(items), []
     by_size: dict[int, list[str]] = {}
     for uri in uris:
         if sizes.get(uri) is not None:
