@@ -88,13 +88,19 @@ def failed_contents(out: str, model_id: str, storage_options=None) -> dict[str, 
     return failed
 
 
+#: files read at once to hash them (bounds the memory of a planning read)
+HASH_READ_CHUNK = 32
+
+
 def current_hashes(out: str, uris: list[str], storage_options=None) -> dict[str, str]:
-    """Content hash of each of ``uris`` as it is now (one concurrent read of them all)."""
-    if not uris:
-        return {}
+    """Content hash of each of ``uris`` as it is now (concurrent reads, :data:`HASH_READ_CHUNK` at a time)."""
     storage = StorageTarget.from_url(out, storage_options)
-    contents = storage.read_many(uris)
-    return {u: content_hash(contents[storage.url(u)]) for u in uris}
+    hashes = {}
+    for start in range(0, len(uris), HASH_READ_CHUNK):
+        chunk = uris[start:start + HASH_READ_CHUNK]
+        contents = storage.read_many(chunk)
+        hashes.update({u: content_hash(contents[storage.url(u)]) for u in chunk})
+    return hashes
 
 
 def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
