@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, derive_pair_id
+from infra.keys import OutputSettings
 from infra.storage import with_retries
 from infra.tables import write_table
 from pairx_core.retrieval import retrieve
-from infra.keys import OutputSettings
 from tasks.candidates import candidate_keys, candidate_rows, once_per_key
 from tasks.embed import activation_cache, embed_images_task
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from infra.inputs import PairItem, derive_pair_id
+from infra.keys import OutputSettings
 from infra.model_store import redact_model_spec
 from pairx_core.retrieval import Candidate, PairOutcome, best_reranked, rank_candidates, retrieve
-from infra.keys import OutputSettings
 from tasks.candidates import candidate_keys, explained_outcomes, once_per_key
 from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_batch_task
 
