@@ -199,3 +199,16 @@ def test_an_output_inside_an_input_folder_is_refused(tmp_path):
                                out=str(tmp_path / inside / "results"), model="demo")
         with pytest.raises(InputError, match=f"inside the {inside} folder"):
             check_inputs("nightly", config)
+
+
+@pytest.mark.integration
+def test_listed_sizes_on_s3(s3_bucket):
+    from infra.inputs import listed_sizes
+    from infra.storage import StorageTarget
+
+    target = StorageTarget.from_url(f"s3://{s3_bucket}")
+    target.write_bytes_atomic("photos/a.png", b"12345")
+    target.write_bytes_atomic("photos/sub/b.png", b"123")
+    uris = [f"s3://{s3_bucket}/photos/a.png", f"s3://{s3_bucket}/photos/nope.png", f"s3://{s3_bucket}/photos/sub/b.png",
+            f"s3://{s3_bucket}/elsewhere/c.png"]
+    assert listed_sizes(uris) == dict(zip(uris, [5, None, 3, None]))
