@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.inputs import InputError, PathRules, list_gallery, list_uploads_counted, missing_paths, read_pairs
+from infra.inputs import InputError, PathRules, list_gallery, list_uploads_counted, listed_sizes, read_pairs
 from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget
 from pairx_core.errors import ConfigError
@@ -85,12 +85,14 @@ def check_layout(out: str, folders: dict[str, str], storage_options=None) -> Non
                                   "tables would be read as input. Choose an output outside it")
 
 
-def check_pairs_paths(config, items) -> dict[str, int]:
-    """List every folder the pairs table references once; refuse the run when more than
+def check_pairs_paths(config, items, sizes: dict[str, int | None] | None = None) -> dict[str, int]:
+    """List every folder the pairs table references once (unless ``sizes``, from
+    :func:`infra.inputs.listed_sizes`, are given); refuse the run when more than
     ``config.max_missing`` of the referenced images do not exist. Returns the counts for the plan."""
     so = config.storage_options or None
     uris = list(dict.fromkeys(uri for item in items if item.refusal is None for uri in (item.image_0, item.image_1)))
-    missing = missing_paths(uris, so)
+    sizes = listed_sizes(uris, so) if sizes is None else sizes
+    missing = [uri for uri in uris if uri in sizes and sizes[uri] is None]
     if uris and len(missing) > config.max_missing * len(uris):
         raise InputError(config.pairs, f"{len(missing)} of the {len(uris)} images it references do not exist (more "
                                        f"than --max-missing {config.max_missing:.0%}), e.g. {', '.join(missing[:3])}")

@@ -212,3 +212,21 @@ def test_listed_sizes_on_s3(s3_bucket):
     uris = [f"s3://{s3_bucket}/photos/a.png", f"s3://{s3_bucket}/photos/nope.png", f"s3://{s3_bucket}/photos/sub/b.png",
             f"s3://{s3_bucket}/elsewhere/c.png"]
     assert listed_sizes(uris) == dict(zip(uris, [5, None, 3, None]))
+
+
+@pytest.mark.integration
+def test_the_explain_flow_itself_refuses_a_table_of_missing_paths(prefect_harness, tmp_path):
+    """Deployments skip the CLI's checks: the flow stops before any model loads."""
+    from flows.config import ExplainPairsConfig
+    from flows.explain_pairs import explain_pairs
+    from infra.tables import read_table
+
+    _png(tmp_path / "photos" / "a.png")
+    table = tmp_path / "pairs.csv"
+    table.write_text("image_0,image_1\n" + "".join(f"a.png,nope-{i}.png\n" for i in range(20)))
+    config = ExplainPairsConfig(pairs=str(table), image_root=str(tmp_path / "photos"), out=str(tmp_path / "out"),
+                                model="no-such-kind:never-built", workers=0)
+    with pytest.raises(InputError, match="20 of the 21 images"):
+        explain_pairs(config)
+    runs = read_table(str(tmp_path / "out"), "runs")
+    assert runs.status.tolist() == ["crashed"] and "20 of the 21 images" in runs.error.iloc[0]
