@@ -215,6 +215,7 @@ def test_listed_sizes_on_s3(s3_bucket):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_the_explain_flow_itself_refuses_a_table_of_missing_paths(prefect_harness, tmp_path):
     """Deployments skip the CLI's checks: the flow stops before any model loads."""
     from flows.config import ExplainPairsConfig
