@@ -42,6 +42,8 @@ __all__ = [
 #: uploads folder (HEIC, RAW, videos, sidecar files) is counted as unsupported, never read.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 PAIRS_COLUMNS = ("image_0", "image_1")
+#: cell texts that mean "no value" in tables written by other tools (R writes NA); an empty cell too
+MISSING_MARKERS = ("na", "n/a", "null", "none")
 OPTIONAL_PAIRS_COLUMNS = ("pair_id", "box_0", "box_1", "theta_0", "theta_1")
 
 
@@ -88,13 +90,13 @@ def derive_pair_id(image_0: str, image_1: str) -> str:
 def parse_box(value: Any) -> tuple[float, float, float, float] | None:
     """A crop box ``x, y, w, h`` from a table cell.
 
-    Accepts null / NaN / "" (whole image), ``"x y w h"``, ``"[x, y, w, h]"`` (pairs tables) and a
+    Accepts null / NaN / "" / "NA" (whole image), ``"x y w h"``, ``"[x, y, w, h]"`` (pairs tables) and a
     sequence (the ``pairs`` output table's list column).
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() or value.strip().lower() in MISSING_MARKERS or value.strip().lower() == "nan":
             return None
         try:
             parts = json.loads(value) if value.strip().startswith("[") else value.split()
@@ -116,7 +118,7 @@ def parse_box(value: Any) -> tuple[float, float, float, float] | None:
 
 
 def parse_angle(value: Any) -> float:
-    """A rotation in radians from a table cell; an empty cell (null, "") means no rotation.
+    """A rotation in radians from a table cell; an empty cell (null, "", "NA") means no rotation.
 
     A value that is written but not finite (``nan``, ``inf``, a Parquet NaN) is returned as is:
     that pair gets an ``errors`` row when its image is cut (never a silent 0.0).
@@ -124,7 +126,7 @@ def parse_angle(value: Any) -> float:
     Raises:
         ConfigError: text that is not a number.
     """
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or (isinstance(value, str) and (not value.strip() or value.strip().lower() in MISSING_MARKERS)):
         return 0.0
     if isinstance(value, bool):
         raise ConfigError(f"a rotation must be a number of radians, got {value!r}")

@@ -64,6 +64,9 @@ def test_theta_empty_is_no_rotation_but_nan_is_kept_for_an_error_row(tmp_path):
     assert null_row.theta_0 == 0.0 and math.isnan(nan_row.theta_0)
     with pytest.raises(ImageError, match="theta must be finite"):  # what becomes the pair's errors row
         decode_image(_png(tmp_path / "a.png").read_bytes(), "a.png", theta=nan_row.theta_0)
+    r_style = tmp_path / "r.csv"  # R writes NA for a missing value: no box, no rotation
+    r_style.write_text("image_0,image_1,box_0,theta_0\na.png,b.png,NA,NA\n")
+    assert read_pairs(str(r_style), str(tmp_path))[0].box_0 is None and read_pairs(str(r_style))[0].theta_0 == 0.0
     text = tmp_path / "text.csv"
     text.write_text("image_0,image_1,theta_0\na.png,b.png,left\n")
     with pytest.raises(InputError, match="row 2, column theta_0"):
