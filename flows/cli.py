@@ -559,11 +559,17 @@ def explain_cmd(
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
     storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
     public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
+    max_missing: float = typer.Option(0.05, "--max-missing", help="refuse the run when more than this share of "
+                                                                 "the referenced images is missing (default 0.05)"),
+    allow_urls: bool = typer.Option(False, "--allow-urls", help="with --image-root: read URL entries as written"),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root",
+                                            help="with --image-root: read absolute paths and paths leaving it"),
 ) -> None:
     """Explain every pair of a pairs table; write pictures and Parquet tables under OUT."""
     from .config import ExplainPairsConfig
     with storage_credentials(storage_option or []):
-        config = _config(ExplainPairsConfig, pairs=pairs, image_root=image_root, **_common(
+        config = _config(ExplainPairsConfig, pairs=pairs, image_root=image_root, max_missing=max_missing,
+                         allow_urls=allow_urls, allow_outside_root=allow_outside_root, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, allow_random_weights=allow_random_weights,
             public_url=public_url))
@@ -587,11 +593,16 @@ def nightly_cmd(
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="retry uploads that failed to load on an earlier night (default: skip them)"),
     public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
+    unlabelled_gallery: bool = typer.Option(False, "--unlabelled-gallery",
+                                            help="accept a gallery folder without individual folders"),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root",
+                                            help="read gallery manifest entries that leave its folder (..)"),
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
     with storage_credentials(storage_option or []):
-        config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed, **_common(
+        config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed,
+                         unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,
             allow_random_weights=allow_random_weights, public_url=public_url))

@@ -89,6 +89,12 @@ class CommonConfig(BaseModel):
 class ExplainPairsConfig(CommonConfig):
     pairs: str = Field(description="pairs table (CSV or Parquet): image_0, image_1[, pair_id, box_0, box_1, theta_0, theta_1]")
     image_root: str | None = Field(None, description="prefix for relative image paths")
+    max_missing: float = Field(0.05, ge=0.0, le=1.0, description="largest share of referenced images that may be "
+                                                               "missing before the run is refused (checked up front)")
+    allow_urls: bool = Field(False, description="with image_root: read URL entries (http://, file://, s3://) as "
+                                                "written instead of refusing them per row")
+    allow_outside_root: bool = Field(False, description="with image_root: read absolute paths and paths that leave "
+                                                        "it (..) instead of refusing them per row")
 
 
 class NightlyConfig(CommonConfig):
@@ -100,6 +106,10 @@ class NightlyConfig(CommonConfig):
                                                 "0: explain the top_k by similarity only")
     retry_failed: bool = Field(False, description="try again the uploads that failed to load on an earlier night "
                                                   "(by default they are skipped: reported once, not every night)")
+    unlabelled_gallery: bool = Field(False, description="accept a gallery folder without individual folders "
+                                                        "(every individual unknown)")
+    allow_outside_root: bool = Field(False, description="read gallery manifest entries that leave the manifest's "
+                                                        "folder (..)")
 
 
 class ReprocessConfig(CommonConfig):

@@ -9,16 +9,29 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
-from infra.inputs import PairItem, read_pairs
+from infra.inputs import PairItem, listed_sizes, read_pairs
+from infra.keys import once_per_content
+from infra.records import refused_pair_row
+from infra.tables import write_table
 
 from .common import active_summary, explain_items, notify, run_recorded, settings_for
 from .config import ExplainPairsConfig
-from .preflight import ModelPlan, resolve_model
+from .preflight import ModelPlan, check_pairs_paths, pairs_rules, resolve_model
 
 
-def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: ModelPlan | None = None) -> None:
-    """Shared by explain_pairs and reprocess: resolve the model (unless given), fan the batches out."""
+def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: ModelPlan | None = None,
+                           sizes: dict[str, int | None] | None = None) -> None:
+    """Shared by explain_pairs and reprocess: resolve the model (unless given), fan the batches out.
+
+    Pairs whose images repeat another pair's contents (other names) are explained once, whatever
+    batches they would land in, and counted as skipped.
+    """
     summary = active_summary(run_id)
+    items, duplicates = once_per_content(items, config.storage_options or None, sizes)
+    if duplicates:
+        summary.skipped += len(duplicates)
+        get_run_logger().info("%d pair(s) repeat the contents of another pair: explained once (%s)",
+                              len(duplicates), ", ".join(item.pair_id for item in duplicates[:5]))
     plan = plan or resolve_model(config)
     summary.model_id, summary.model_facts = plan.model_id, plan.facts
     summary.planned = {"pairs_planned": len(items)}
@@ -31,7 +44,20 @@ def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: Mod
 
 @flow(name="explain-pairs-work", log_prints=True)
 def explain_pairs_work(config: ExplainPairsConfig, run_id: str) -> None:
-    explain_recorded_items(config, read_pairs(config.pairs, config.image_root, config.storage_options or None), run_id)
+    so = config.storage_options or None
+    items = read_pairs(config.pairs, config.image_root, so, pairs_rules(config))
+    readable = [item for item in items if item.refusal is None]
+    sizes = listed_sizes([uri for item in readable for uri in (item.image_0, item.image_1)], so)
+    check_pairs_paths(config, items, sizes)  # deployments too: too many missing images stop here
+    refused = [item for item in items if item.refusal is not None]
+    if refused:  # URLs and paths outside the image root: an errors row each, never read
+        plan = resolve_model(config)
+        write_table(config.out, "errors", [refused_pair_row(item.pair_id, item.refusal, run_id) for item in refused],
+                    plan.model_id, run_id, so)
+        active_summary(run_id).failed += len(refused)
+    else:
+        plan = None
+    explain_recorded_items(config, readable, run_id, plan, sizes)
 
 
 @flow(name="explain_pairs", log_prints=True)

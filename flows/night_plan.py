@@ -1,7 +1,8 @@
 """What a night will work on, decided from listings and tables, and the quiet night's short path.
 
 :func:`plan_uploads` lists uploads and gallery and drops what earlier nights did (a ``candidates``
-row for the model) or quarantined (an upload whose current content failed to decode). The entry
+row for the model with the upload's name and content) or quarantined (an upload or gallery image
+whose current content failed to decode). The entry
 flow calls it before any cluster starts.
 
 A night with nothing new costs listings and one table read, but starting Prefect's temporary
@@ -21,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
 from infra.images import content_hash
-from infra.inputs import list_gallery, list_uploads
+from infra.inputs import list_gallery, list_uploads_counted
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table
 from infra.verify import needs_repair
@@ -44,28 +45,38 @@ MODELS_FILE = "_pairx/models.json"
 
 @dataclass
 class NightPlan:
-    """What tonight will work on, decided before any cluster starts."""
+    """What tonight will work on, decided before any cluster starts.
+
+    ``gallery`` holds the usable gallery images only: those whose current content failed to
+    load on an earlier night are in ``quarantined_gallery`` instead (until ``retry_failed``).
+    """
 
     model: ModelPlan
     gallery: dict[str, str]
     uploads: list[str]
     new_uploads: list[str]
     quarantined: set[str]
+    quarantined_gallery: set[str] = field(default_factory=set)
+    #: files of the uploads folder that are not read, by suffix (HEIC, sidecars, ...)
+    unsupported: dict[str, int] = field(default_factory=dict)
 
     @property
     def has_work(self) -> bool:
         return bool(self.new_uploads and self.gallery)
 
-    def counts(self, top_k: int) -> dict[str, int]:
-        return {"uploads": len(self.uploads), "new_uploads": len(self.new_uploads), "gallery": len(self.gallery),
-                "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
+    def counts(self, top_k: int) -> dict:
+        counts = {"uploads": len(self.uploads), "new_uploads": len(self.new_uploads), "gallery": len(self.gallery),
+                  "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
+        if self.unsupported:
+            counts["unsupported"] = dict(self.unsupported)
+        return counts
 
 
-def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
-    """Uploads whose current content failed to decode on an earlier night (skipped tonight).
+def failed_contents(out: str, model_id: str, storage_options=None) -> dict[str, set[str]]:
+    """Per image URI, the content hashes that failed to load on earlier nights.
 
     Quarantine is about the file's content: an ``errors`` row of stage ``load`` with the
-    ``content_hash`` of bytes that could not be decoded (or were too small). An upload replaced
+    ``content_hash`` of bytes that could not be decoded (or were too small). An image replaced
     by a good file under the same name has another hash and is tried again; a crop or rotation
     problem of a pairs table (no content hash) never quarantines an image.
     """
@@ -75,24 +86,86 @@ def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_opti
     failed: dict[str, set[str]] = {}
     for item, digest in zip(errors["item"], errors["content_hash"]):
         failed.setdefault(item, set()).add(digest)
-    suspects = [u for u in uploads if u in failed]
-    if not suspects:
-        return set()
+    return failed
+
+
+#: files read at once to hash them (bounds the memory of a planning read)
+HASH_READ_CHUNK = 32
+
+
+def current_hashes(out: str, uris: list[str], storage_options=None) -> dict[str, str]:
+    """Content hash of each of ``uris`` as it is now (concurrent reads, :data:`HASH_READ_CHUNK` at a time)."""
     storage = StorageTarget.from_url(out, storage_options)
-    contents = storage.read_many(suspects)
-    return {u for u in suspects if content_hash(contents[storage.url(u)]) in failed[u]}
+    hashes = {}
+    for start in range(0, len(uris), HASH_READ_CHUNK):
+        chunk = uris[start:start + HASH_READ_CHUNK]
+        contents = storage.read_many(chunk)
+        hashes.update({u: content_hash(contents[storage.url(u)]) for u in chunk})
+    return hashes
+
+
+def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_options=None) -> set[str]:
+    """Uploads whose current content failed to decode on an earlier night (skipped tonight)."""
+    failed = failed_contents(out, model_id, storage_options)
+    suspects = [u for u in uploads if u in failed]
+    hashes = current_hashes(out, suspects, storage_options)
+    return {u for u in suspects if hashes[u] in failed[u]}
+
+
+def done_contents(out: str, model_id: str, storage_options=None) -> dict[str, set[str | None]]:
+    """Per upload name, the content hashes earlier nights ranked (``None``: a row written before
+    the ``query_hash`` column existed, done by name)."""
+    frame = read_table(out, "candidates", model_id=model_id, columns=["query", "query_hash"],
+                       storage_options=storage_options)
+    done: dict[str, set[str | None]] = {}
+    for query, digest in zip(frame["query"], frame["query_hash"]):
+        done.setdefault(query, set()).add(digest if isinstance(digest, str) else None)
+    return done
 
 
 def plan_uploads(config, model: ModelPlan) -> NightPlan:
-    """List uploads and gallery; drop uploads done by earlier nights or quarantined."""
+    """List uploads and gallery; drop uploads done by earlier nights and quarantined images.
+
+    An upload is done when its (name, content) was ranked on an earlier night: new bytes under
+    an old name (camera traps reuse IMG_0001.JPG) are a new upload. Deciding that reads the
+    bytes of every upload whose name was done before (and of every image that failed before);
+    nothing else is read.
+    """
     so = config.storage_options or None
-    gallery = list_gallery(config.gallery, so)
-    uploads = list_uploads(config.uploads, so)
-    done_queries = set(read_table(config.out, "candidates", model_id=model.model_id, columns=["query"],
-                                  storage_options=so)["query"])
-    failed_before = set() if config.retry_failed else unreadable_uploads(config.out, model.model_id, uploads, so)
-    new_uploads = [u for u in uploads if u not in done_queries and u not in gallery and u not in failed_before]
-    return NightPlan(model, gallery, uploads, new_uploads, failed_before.intersection(uploads))
+    gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                           allow_outside_root=config.allow_outside_root, exclude=config.out)
+    listing = list_uploads_counted(config.uploads, so, exclude=config.out)
+    uploads = listing.images
+    done = done_contents(config.out, model.model_id, so)
+    failed = {} if config.retry_failed else failed_contents(config.out, model.model_id, so)
+    to_hash = [u for u in uploads if (u in done and None not in done[u]) or u in failed]
+    to_hash += [g for g in gallery if g in failed]
+    hashes = current_hashes(config.out, list(dict.fromkeys(to_hash)), so)
+
+    def is_done(uri: str) -> bool:
+        return uri in done and (None in done[uri] or hashes[uri] in done[uri])
+
+    def is_quarantined(uri: str) -> bool:
+        return uri in failed and hashes[uri] in failed[uri]
+
+    quarantined = {u for u in uploads if is_quarantined(u)}
+    quarantined_gallery = {g for g in gallery if is_quarantined(g)}
+    gallery = {g: individual for g, individual in gallery.items() if g not in quarantined_gallery}
+    new_uploads = [u for u in uploads if not is_done(u) and u not in gallery and u not in quarantined]
+    return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, listing.unsupported)
+
+
+def warn_quarantined(night: NightPlan) -> None:
+    """One WARNING per kind of image skipped because its content failed to load before, and one
+    for the files of the uploads folder that are not read."""
+    if night.unsupported:
+        logger.warning("%d file(s) in the uploads folder are not supported photos and were not read: %s",
+                       sum(night.unsupported.values()),
+                       ", ".join(f"{suffix or '(no suffix)'} {n}" for suffix, n in night.unsupported.items()))
+    for what, images in (("upload", night.quarantined), ("gallery image", night.quarantined_gallery)):
+        if images:
+            logger.warning("skipping %d %s(s) whose content failed to load on an earlier night (see the errors "
+                           "table; --retry-failed tries them again): %s", len(images), what, sorted(images)[:5])
 
 
 # ------------------------------------------------------------------------ remembered model facts
@@ -185,8 +258,5 @@ def record_quiet_night(config) -> dict | None:
     so = config.storage_options or None
     write_run(config.out, "nightly", config, summary, started)
     ensure_table(config.out, "errors", summary.model_id, summary.run_id, so)
-    if night.quarantined:
-        logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
-                       "table; --retry-failed tries them again): %s", len(night.quarantined),
-                       sorted(night.quarantined)[:5])
+    warn_quarantined(night)
     return summary.as_dict()

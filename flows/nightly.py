@@ -16,15 +16,16 @@ from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
 from infra.inputs import PairItem, derive_pair_id
+from infra.keys import OutputSettings
 from infra.storage import with_retries
 from infra.tables import write_table
 from pairx_core.retrieval import retrieve
-from tasks.candidates import candidate_rows
+from tasks.candidates import candidate_keys, candidate_rows, once_per_key
 from tasks.embed import activation_cache, embed_images_task
 
 from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .night_plan import NightPlan, plan_uploads
+from .night_plan import NightPlan, plan_uploads, warn_quarantined
 from .preflight import resolve_model
 from .rerank import plan_reranked, reranked_rows
 
@@ -45,10 +46,7 @@ def plan_night(config: NightlyConfig, summary) -> NightPlan:
         logger.info("no uploads in %s: a quiet night", config.uploads)
     logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(night.uploads),
                 len(night.new_uploads), len(night.gallery), model.facts["model_spec"], ",".join(model.layers))
-    if night.quarantined:
-        logger.warning("skipping %d upload(s) whose content failed to load on an earlier night (see the errors "
-                       "table; --retry-failed tries them again): %s", len(night.quarantined),
-                       sorted(night.quarantined)[:5])
+    warn_quarantined(night)
     return night
 
 
@@ -95,7 +93,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
     if config.rerank_k and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
         reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
-                                 gallery, hashes, summary, annotations)
+                                 gallery, hashes, summary, annotations, _key_settings(config, run_id, layers))
         summary.planned["pairs_planned"] = len(reranked.items)
         summary.planned["stage1_pairs"] = len(reranked.candidates)
         explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
@@ -103,12 +101,25 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     else:
         candidates = [] if query_matrix is None else retrieve(
             query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.top_k, derive_pair_id)[0]
-        items = [PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual) for c in candidates]
+        keys = candidate_keys(candidates, hashes, _key_settings(config, run_id, layers), layers[0])
+        items = once_per_key([PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual)
+                              for c in candidates], keys)
         summary.planned["pairs_planned"] = len(items)
         explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
-        # this run's explanations and those of an earlier, interrupted run, read back from `pairs`
-        rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, so)
+        # this run's explanations and those of earlier runs, read back from `pairs` by output key
+        rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
+    for row in rows:  # an upload is done per name and content (flows.night_plan.plan_uploads)
+        row["query_hash"] = hashes[row["query"]]
     write_table(config.out, "candidates", rows, model_id, run_id, so)
+
+
+def _key_settings(config: NightlyConfig, run_id: str, layers) -> OutputSettings:
+    """What the explain batches key their outputs with (the same recipe, computed here)."""
+    from tasks.explain import _output_settings
+    from tasks.runtime import get_model
+
+    model = get_model(config.model, "cpu", config.storage_options or None)
+    return _output_settings(settings_for(config, run_id, layers), model)
 
 
 def _prep_fingerprint(config: NightlyConfig) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.inputs import InputError, list_gallery, list_uploads, read_pairs
+from infra.inputs import InputError, PathRules, list_gallery, list_uploads_counted, listed_sizes, read_pairs
 from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget
 from pairx_core.errors import ConfigError
@@ -76,23 +76,66 @@ def check_output(out: str, storage_options=None) -> None:
             raise InputError(target.root, f"the output folder is read-only for this user ({parent} is not writable)")
 
 
+def check_layout(out: str, folders: dict[str, str], storage_options=None) -> None:
+    """The output root must not lie inside an input folder (a night would read its own pictures)."""
+    out_url = StorageTarget.from_url(out, storage_options).url("").rstrip("/")
+    for what, folder in folders.items():
+        if folder.endswith(".csv"):
+            continue
+        folder_url = StorageTarget.from_url(folder, storage_options).url("").rstrip("/")
+        if out_url == folder_url or out_url.startswith(folder_url + "/"):
+            raise InputError(out, f"the output folder lies inside the {what} folder {folder_url}; its pictures and "
+                                  "tables would be read as input. Choose an output outside it")
+
+
+def check_pairs_paths(config, items, sizes: dict[str, int | None] | None = None) -> dict[str, int]:
+    """List every folder the pairs table references once (unless ``sizes``, from
+    :func:`infra.inputs.listed_sizes`, are given); refuse the run when more than
+    ``config.max_missing`` of the referenced images do not exist. Returns the counts for the plan."""
+    so = config.storage_options or None
+    uris = list(dict.fromkeys(uri for item in items if item.refusal is None for uri in (item.image_0, item.image_1)))
+    sizes = listed_sizes(uris, so) if sizes is None else sizes
+    missing = [uri for uri in uris if uri in sizes and sizes[uri] is None]
+    if uris and len(missing) > config.max_missing * len(uris):
+        raise InputError(config.pairs, f"{len(missing)} of the {len(uris)} images it references do not exist (more "
+                                       f"than --max-missing {config.max_missing:.0%}), e.g. {', '.join(missing[:3])}")
+    counts = {"pairs": len(items)}
+    if missing:
+        counts["missing images"] = len(missing)
+    refused = sum(item.refusal is not None for item in items)
+    if refused:
+        counts["refused pairs"] = refused
+    return counts
+
+
+def pairs_rules(config) -> PathRules:
+    return PathRules(allow_urls=config.allow_urls, allow_outside_root=config.allow_outside_root)
+
+
 def check_inputs(flow: str, config) -> RunPlan:
     """Check a flow's inputs without running anything; return what the run will work on.
 
     Raises:
-        InputError: a missing folder, an empty gallery, a missing, empty, binary or malformed pairs
-            table (file and problem named), a missing bucket.
+        InputError: a missing folder, an empty gallery, a gallery without individual folders, an
+            output inside an input folder, a missing, empty, binary or malformed pairs table (file
+            and problem named), too many missing images, a missing bucket.
     """
     so = config.storage_options or None
     check_output(config.out, so)
     if flow == "nightly":
-        uploads = list_uploads(config.uploads, so)
-        gallery = list_gallery(config.gallery, so)
+        check_layout(config.out, {"uploads": config.uploads, "gallery": config.gallery}, so)
+        uploads = list_uploads_counted(config.uploads, so)
+        gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                               allow_outside_root=config.allow_outside_root)
         if not gallery:
             raise InputError(config.gallery, "the gallery has no images")
-        return RunPlan(flow, {"uploads": len(uploads), "gallery images": len(gallery)})
+        counts = {"uploads": len(uploads.images), "gallery images": len(gallery)}
+        if uploads.unsupported:
+            counts["unsupported files"] = sum(uploads.unsupported.values())
+        return RunPlan(flow, counts)
     if flow == "explain_pairs":
-        return RunPlan(flow, {"pairs": len(read_pairs(config.pairs, config.image_root, so))})
+        items = read_pairs(config.pairs, config.image_root, so, pairs_rules(config))
+        return RunPlan(flow, check_pairs_paths(config, items))
     if flow == "reprocess":
         if not StorageTarget.from_url(config.out, so).exists("tables/pairs"):
             raise InputError(config.out, "no pairs table under this output: nothing to reprocess")

@@ -18,9 +18,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from infra.inputs import PairItem, derive_pair_id
+from infra.keys import OutputSettings
 from infra.model_store import redact_model_spec
 from pairx_core.retrieval import Candidate, PairOutcome, best_reranked, rank_candidates, retrieve
-from tasks.candidates import explained_outcomes
+from tasks.candidates import candidate_keys, explained_outcomes, once_per_key
 from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_batch_task
 
 from .common import FlowSummary, chunks, notify
@@ -40,6 +41,8 @@ class Reranked:
     retrieval_rank: dict[str, int]
     metrics: dict[str, dict]
     explained: set[str]
+    #: output key at the ranking layer by pair id
+    keys: dict[str, str]
 
 
 def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: Mapping[str, str],
@@ -72,15 +75,18 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
 
 def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: np.ndarray,
                   query_uris: Sequence[str], gallery_uris: Sequence[str], gallery: Mapping[str, str | None],
-                  hashes: Mapping[str, str], summary: FlowSummary, annotations: dict) -> Reranked:
-    """Retrieve ``rerank_k`` per upload, run stage 1, choose the ``top_k`` to explain in full."""
+                  hashes: Mapping[str, str], summary: FlowSummary, annotations: dict,
+                  key_settings: OutputSettings) -> Reranked:
+    """Retrieve ``rerank_k`` per upload, run stage 1, choose the ``top_k`` to explain in full
+    (each output key once: two names of one content are one explanation)."""
     candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k,
                                  derive_pair_id)
+    keys = candidate_keys(candidates, hashes, key_settings, layer)
     metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations)
     by_id = {c.pair_id: c for c in candidates}
     items = [PairItem(pid, by_id[pid].query, by_id[pid].gallery_image, individual_1=by_id[pid].individual)
              for pid in chosen]
-    return Reranked(items, candidates, ranks, metrics, set(chosen))
+    return Reranked(once_per_key(items, keys), candidates, ranks, metrics, set(chosen), keys)
 
 
 def reranked_rows(out: str, model_id: str, model_spec: str, layer: str, plan: Reranked,
@@ -90,10 +96,10 @@ def reranked_rows(out: str, model_id: str, model_spec: str, layer: str, plan: Re
     Explained rows carry the picture and output key of their full explanation (this run's or an
     earlier run's, read back from ``pairs``).
     """
-    explained = explained_outcomes(out, model_id, layer, plan.explained, storage_options)
+    explained = explained_outcomes(out, model_id, layer, {plan.keys[pid] for pid in plan.explained}, storage_options)
     outcomes = {}
     for candidate in plan.candidates:
-        found = explained.get(candidate.pair_id) if candidate.pair_id in plan.explained else None
+        found = explained.get(plan.keys[candidate.pair_id]) if candidate.pair_id in plan.explained else None
         outcomes[candidate.pair_id] = PairOutcome(
             layer=layer, irm=(plan.metrics.get(candidate.pair_id) or {}).get("irm"),
             viz_uri=found.viz_uri if found else None, output_key=found.output_key if found else None)

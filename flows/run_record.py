@@ -92,4 +92,5 @@ def write_run(out: str, flow: str, config, summary: FlowSummary, started: dateti
         "random_weights": facts.get("random_weights"), "workers": sorted(summary.workers),
         "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
         "cache_damaged": summary.cache["damaged"], "n_repaired_files": summary.repaired_files,
+        "n_unsupported": sum(summary.planned.get("unsupported", {}).values()),
     }], summary.model_id, summary.run_id, config.storage_options or None)

@@ -9,7 +9,9 @@ Geometry (all in pixels of the *original* image, i.e. after the EXIF orientation
   as fractions of the width/height (so a pixel box ``(0, 0, 1, 1)`` cannot be expressed; use
   ``None`` for the whole image). Corners are rounded to whole pixels. A box partly outside the
   image is clipped to it when ``theta == 0`` (as MiewID's loader does by slicing); a box that does
-  not overlap the image at all, or has a non-positive size, is an error.
+  not overlap the image at all, has a non-positive or non-finite size, or reaches more than
+  ``ABSURD_BOX_FACTOR`` (10) image widths (heights) from the origin (``1e12``: wrong units) is
+  an error, and so is a chip whose shorter side is under ``min_side``.
 - ``theta`` (radians): as in the published MiewID dataset loader, the annotation is the box rotated
   by ``theta`` about its centre (``R = [[cos, -sin], [sin, cos]]`` applied to image coordinates,
   y down). The chip is the ``w x h`` region sampled along that rotated box, so the animal comes out
@@ -80,6 +82,9 @@ DEFAULT_MIN_SIDE = 32
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "WEBP", "AVIF", "BMP", "GIF", "PPM", "JPEG2000")
 
 _WHITE = (255, 255, 255)
+
+#: a box reaching beyond this many image widths (heights) from the origin is refused (wrong units)
+ABSURD_BOX_FACTOR = 10
 
 #: Default long side (px) of pictures; a reduced-scale decode keeps the chip's long side at least
 #: ``PICTURE_FLOOR_SHARE`` of it (of the chip's full-resolution long side when smaller).
@@ -241,6 +246,10 @@ def _pixel_box(
     if max(values) <= 1.0:
         x, w = x * width, w * width
         y, h = y * height, h * height
+    reach = ABSURD_BOX_FACTOR
+    if not (-reach * width <= x and x + w <= reach * width and -reach * height <= y and y + h <= reach * height):
+        raise ImageError(uri, f"box {box!r} reaches more than {reach} times the size of the {width}x{height} "
+                              "image (wrong units?)")
     x1, y1, x2, y2 = round(x), round(y), round(x + w), round(y + h)
     if x2 - x1 < 1 or y2 - y1 < 1:
         raise ImageError(uri, f"box {box!r} is smaller than one pixel")
@@ -312,7 +321,11 @@ def _draft_scale(
     if box is None:
         chip_w, chip_h = upright_w, upright_h
     else:
-        _, _, chip_w, chip_h = _pixel_box(box, upright_w, upright_h, uri, clip=theta == 0.0)
+        try:
+            _, _, chip_w, chip_h = _pixel_box(box, upright_w, upright_h, uri, clip=theta == 0.0)
+        except ImageError as error:
+            error.about_box = True  # the file is fine: never quarantined for its box
+            raise
     target_h, target_w = target_size
     long_side = max(chip_w, chip_h)
     picture_floor = max(PICTURE_FLOOR_SHARE * min(picture_long_side, long_side), 1)
@@ -375,9 +388,10 @@ def decode_image(
             raise ImageError(uri, f"too small: {image.size[0]} x {image.size[1]} px (the shorter side must be at "
                                   f"least {min_side} px)")
     except ImageError as error:
-        error.content_hash = digest  # about the file itself: later nights skip this content
+        if not getattr(error, "about_box", False):
+            error.content_hash = digest  # about the file itself: later nights skip this content
         raise
-    return _cut_chip(to_rgb(_upright(image)), scale, uri, digest, box, theta)
+    return _cut_chip(to_rgb(_upright(image)), scale, uri, digest, box, theta, min_side)
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -390,14 +404,20 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def _cut_chip(
-    rgb: Image.Image, scale: int, uri: str, digest: str, box: Sequence[float] | None, theta: float
+    rgb: Image.Image, scale: int, uri: str, digest: str, box: Sequence[float] | None, theta: float,
+    min_side: int = 1,
 ) -> LoadedImage:
     """Crop/rotate the chip from ``rgb``, decoded at ``1/scale`` of the full resolution (1: full).
 
     Geometry (``original_size``, ``box``, the chip's mapping) stays in full-resolution pixels.
+    A box whose chip has a shorter side under ``min_side`` pixels is an error (about the box: no
+    content hash).
     """
     width, height = rgb.size[0] * scale, rgb.size[1] * scale  # exact: the scale divides both sides
     pixel_box = None if box is None else _pixel_box(box, width, height, uri, clip=theta == 0.0)
+    if pixel_box is not None and min(pixel_box[2], pixel_box[3]) < min_side:
+        raise ImageError(uri, f"the crop box {tuple(box)!r} gives a {pixel_box[2]} x {pixel_box[3]} px chip (the "
+                              f"shorter side must be at least {min_side} px)")
     full = LoadedImage(uri=uri, content_hash=digest, image=rgb, original_size=(width, height), box=pixel_box,
                        theta=theta)
     if theta == 0.0:

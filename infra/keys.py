@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pairx_core.errors import ConfigError
 
-from .inputs import ImageKey, PairItem
+from .inputs import ImageKey, PairItem, listed_sizes
+from .storage import StorageTarget
 from .tables import read_table
 
-__all__ = ["KEY_VERSION", "OutputSettings", "PairPlan", "PlannedPair", "existing_output_keys", "pair_output_key",
-           "plan_pairs"]
+__all__ = ["KEY_VERSION", "OutputSettings", "PairPlan", "PlannedPair", "existing_output_keys", "once_per_content",
+           "pair_output_key", "plan_pairs"]
+
+logger = logging.getLogger("pairx.infra")
 
 #: Bumped when the key recipe changes (every key then changes too).
 KEY_VERSION = 1
@@ -132,17 +136,63 @@ def plan_pairs(items: Sequence[PairItem], hashes: Mapping[ImageKey, str], existi
         hashes: content hash of every image decode that succeeded (a side missing here did not load).
         existing: output keys already committed (:func:`existing_output_keys`).
 
-    A pair is skipped only when the outputs of every layer exist.
+    A pair is skipped when the outputs of every layer exist, or when an earlier item of
+    ``items`` has the same keys (two names of one content are one explanation): no key is
+    planned twice.
     """
     plan = PairPlan()
+    planned: set[str] = set()
     for item in items:
         key_0, key_1 = item.image_keys
         if key_0 not in hashes or key_1 not in hashes:
             plan.unloadable.append(item)
             continue
         keys = settings.output_keys(item, hashes[key_0], hashes[key_1])
-        if all(k in existing for k in keys.values()):
+        if all(k in existing or k in planned for k in keys.values()):
             plan.skipped.append(item)
         else:
+            planned.update(keys.values())
             plan.todo.append(PlannedPair(item, keys))
     return plan
+
+
+def once_per_content(items: Sequence[PairItem], storage_options: Mapping[str, Any] | None = None,
+                     sizes: Mapping[str, int | None] | None = None) -> tuple[list[PairItem], list[PairItem]]:
+    """``(items to explain, duplicates)``: an item whose two sides have the contents, boxes and
+    angles of an earlier item's is a duplicate (one output key: explained once, whatever batch
+    either would land in).
+
+    Only images whose byte size equals another image's can share its content, so only those
+    are read and hashed; the sizes come from one listing per folder (``sizes``, when the caller
+    listed them already). Images that cannot be listed (``http://``) count by their URL.
+    """
+    from .images import content_hash
+
+    uris = list(dict.fromkeys(uri for item in items for uri in (item.image_0, item.image_1)))
+    if sizes is None:
+        try:
+            sizes = listed_sizes(uris, storage_options)
+        except Exception as error:  # noqa: BLE001 - listing is an optimisation: each batch still skips known keys
+            logger.warning("could not list the images' folders to find repeated contents (%s); pairs are planned "
+                           "per batch", error)
+            return list(items), []
+    by_size: dict[int, list[str]] = {}
+    for uri in uris:
+        if sizes.get(uri) is not None:
+            by_size.setdefault(int(sizes[uri]), []).append(uri)
+    shared = [uri for group in by_size.values() if len(group) > 1 for uri in group]
+    identity = {uri: uri for uri in uris}
+    for uri in shared:
+        try:
+            identity[uri] = "sha256:" + content_hash(StorageTarget.from_url(uri, storage_options).read_bytes(""))
+        except Exception:  # noqa: BLE001 - unreadable now: its batch reports it; here it counts by URL
+            continue
+    unique, duplicates, seen = [], [], set()
+    for item in items:
+        key = (identity[item.image_0], item.box_0, item.theta_0, identity[item.image_1], item.box_1, item.theta_1)
+        if key in seen:
+            duplicates.append(item)
+        else:
+            seen.add(key)
+            unique.append(item)
+    return unique, duplicates

@@ -1,8 +1,8 @@
 """Rows of the output tables, built from what the core computed (the table schemas live in
 ``infra.tables``).
 
-- :func:`error_row`, :func:`unloadable_pair_row`: the ``errors`` table;
-- :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per content and model);
+- :func:`error_row`, :func:`unloadable_pair_row`, :func:`refused_pair_row`: the ``errors`` table;
+- :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per name, content and model);
 - :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload);
 - :func:`explanation_rows`: one explained pair -> its ``pairs`` rows (one per layer) and its
   ``matches`` rows, with match positions in ORIGINAL photo coordinates (EXIF-upright, full
@@ -33,6 +33,7 @@ __all__ = [
     "match_rows",
     "new_image_rows",
     "pair_row",
+    "refused_pair_row",
     "unloadable_pair_row",
 ]
 
@@ -56,14 +57,26 @@ def unloadable_pair_row(pair_id: str, run_id: str) -> dict:
             "content_hash": None, "run_id": run_id, "created_at": _now()}
 
 
+def refused_pair_row(pair_id: str, reason: str, run_id: str) -> dict:
+    """The ``errors`` row of a pairs-table row refused before any read (a URL or a path outside
+    the image root)."""
+    return {"item": pair_id, "stage": "input", "error_type": "PathRefused", "message": reason[:2000],
+            "content_hash": None, "run_id": run_id, "created_at": _now()}
+
+
 # ---------------------------------------------------------------------- images
-def image_rows(loaded: Sequence[LoadedImage], known: set[str], run_id: str) -> list[dict]:
-    """``images`` rows of the contents in ``loaded`` not in ``known`` (each content once)."""
+def image_rows(loaded: Sequence[LoadedImage], known: set[tuple[str, str]], run_id: str) -> list[dict]:
+    """``images`` rows of the ``(image_uri, content_hash)`` pairs in ``loaded`` not in ``known``.
+
+    One row per name and content: two names of one content are two rows (both names are kept),
+    and new bytes under a known name are a new row (both versions are kept).
+    """
     known, now, rows = set(known), _now(), []
     for image in loaded:
-        if image.content_hash in known:
+        identity = (image.uri, image.content_hash)
+        if identity in known:
             continue
-        known.add(image.content_hash)
+        known.add(identity)
         rows.append({"image_uri": image.uri, "content_hash": image.content_hash, "width": image.original_size[0],
                      "height": image.original_size[1], "embedded_at": now, "run_id": run_id})
     return rows
@@ -71,13 +84,15 @@ def image_rows(loaded: Sequence[LoadedImage], known: set[str], run_id: str) -> l
 
 def new_image_rows(loaded: Sequence[LoadedImage], out: str, model_id: str, run_id: str,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict]:
-    """``images`` rows for the contents not yet recorded for ``model_id`` in ``out``.
+    """``images`` rows for the (name, content) pairs not yet recorded for ``model_id`` in ``out``.
 
     Concurrent writers (two batches of one run seeing the same new image) can still both record
-    it; ``infra/views.sql``'s ``images`` view keeps the first row per (model_id, content_hash).
+    it; ``infra/views.sql``'s ``images`` view keeps the first row per (model_id, image_uri,
+    content_hash).
     """
-    frame = read_table(out, "images", model_id=model_id, columns=["content_hash"], storage_options=storage_options)
-    return image_rows(loaded, set(frame["content_hash"]), run_id)
+    frame = read_table(out, "images", model_id=model_id, columns=["image_uri", "content_hash"],
+                       storage_options=storage_options)
+    return image_rows(loaded, set(zip(frame["image_uri"], frame["content_hash"])), run_id)
 
 
 # ---------------------------------------------------------------------- explanations

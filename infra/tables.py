@@ -142,7 +142,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "errors": pa.schema(
         [
             _f("item", pa.string(), "what failed (image URI, pair id, ...)", False),
-            _f("stage", pa.string(), "pipeline stage (load, embed, explain, write, ...)", False),
+            _f("stage", pa.string(), "pipeline stage (input: a row refused before any read; load, embed, explain, write, ...)", False),
             _f("error_type", pa.string(), "exception class name", False),
             _f("message", pa.string(), "error message"),
             _f("content_hash", pa.string(), "SHA-256 of the file when the error is about its content (cannot be "
@@ -186,6 +186,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
                                             "recomputed"),
             _f("n_repaired_files", pa.int64(), "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
+            _f("n_unsupported", pa.int64(), "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
         ]
     ),
     "candidates": pa.schema(
@@ -210,6 +211,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("match_coverage", pa.float64(), "stage 1: normalised mean relevance of the top matches"),
             _f("relevance_share", pa.float64(), "stage 1: share of the relevance on matched cells"),
             _f("match_share", pa.float64(), "stage 1: mutual matches / cells"),
+            _f("query_hash", pa.string(), "SHA-256 of the query's bytes when ranked: an upload is done per name and content (null in rows written before this column existed)"),
             *_ids(),
         ]
     ),

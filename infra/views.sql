@@ -17,7 +17,8 @@
 --   candidates.output_key = pairs.output_key     the explanation a candidate was ranked with
 --   pairs.image_0 / image_1, candidates.query / gallery_image = images.image_uri (same model_id)
 --   (date, model_id)                             a night
--- pair_id alone is NOT a key: the same pair is explained once per model (and layer).
+-- pair_id alone is NOT a key: the same pair is explained once per model (and layer), and two
+-- names of one content (two pair ids) share one explanation (one output_key).
 
 -- base views (generated from infra.tables.TABLE_SCHEMAS)
 
@@ -62,9 +63,9 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::VARCHAR AS viz_uri, NULL::VARCHAR AS output_key, NULL::VARCHAR AS model_spec,
         NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
         NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
-        NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS model_id,
-        NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
-        NULL::DATE AS date
+        NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS query_hash,
+        NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',
@@ -94,7 +95,8 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::VARCHAR AS model_spec, NULL::VARCHAR AS weights_digest,
         NULL::BOOLEAN AS random_weights, NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits,
         NULL::BIGINT AS cache_misses, NULL::BIGINT AS cache_damaged,
-        NULL::BIGINT AS n_repaired_files, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::BIGINT AS n_repaired_files, NULL::BIGINT AS n_unsupported, NULL::VARCHAR AS model,
+        NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/runs/**/*.parquet',
@@ -133,23 +135,35 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
 
 -- ---------------------------------------------------------------- derived views
 
--- One row per (model_id, image content): the first time the content was recorded.
+-- One row per (model_id, image name, image content): the first time it was recorded. Two names
+-- of one content are two rows; new bytes under an old name are a second version of that name.
 CREATE OR REPLACE VIEW images AS
 SELECT * EXCLUDE (row_in_group)
 FROM (
-    SELECT *, row_number() OVER (PARTITION BY model_id, content_hash
-                                 ORDER BY embedded_at NULLS LAST, image_uri) AS row_in_group
+    SELECT *, row_number() OVER (PARTITION BY model_id, image_uri, content_hash
+                                 ORDER BY embedded_at NULLS LAST) AS row_in_group
     FROM images_all
 )
 WHERE row_in_group = 1;
 
--- One row per match, with its pair's images and metrics.
+-- One row per explanation (model_id, output_key): its first committed pairs row. A key written
+-- twice (older outputs, a race between batches) counts once in every view below.
+CREATE OR REPLACE VIEW explanations AS
+SELECT * EXCLUDE (row_in_group)
+FROM (
+    SELECT *, row_number() OVER (PARTITION BY model_id, output_key
+                                 ORDER BY created_at NULLS LAST, commit_id) AS row_in_group
+    FROM pairs
+)
+WHERE row_in_group = 1;
+
+-- One row per match, with its explanation's images and metrics.
 CREATE OR REPLACE VIEW pair_matches AS
 SELECT p.date, p.model_id, p.model_spec, p.pair_id, p.layer, p.image_0, p.image_1, p.similarity, p.irm,
        p.viz_uri, m.rank, m.x_0, m.y_0, m.x_1, m.y_1, m.distance, m.relevance, p.output_key
 FROM matches AS m
-JOIN pairs AS p ON p.output_key = m.output_key AND p.model_id = m.model_id
-              AND p.commit_id IS NOT DISTINCT FROM m.commit_id;
+JOIN explanations AS p ON p.output_key = m.output_key AND p.model_id = m.model_id
+                      AND p.commit_id IS NOT DISTINCT FROM m.commit_id;
 
 -- One row per candidate, with the metrics of the explanation it was ranked with.
 CREATE OR REPLACE VIEW candidate_review AS
@@ -157,7 +171,7 @@ SELECT c.date, c.model_id, c.model_spec, c.query, c.rank, c.gallery_image, c.ind
        c.irm, c.rerank_score, c.pair_id, c.layer, c.viz_uri, p.n_matches, p.inliers, p.residual_px,
        p.match_coverage, p.relevance_share, c.run_id, c.output_key
 FROM candidates AS c
-LEFT JOIN pairs AS p ON p.output_key = c.output_key AND p.model_id = c.model_id;
+LEFT JOIN explanations AS p ON p.output_key = c.output_key AND p.model_id = c.model_id;
 
 -- One row per night (UTC write date, model): uploads ranked, pairs explained, failures.
 CREATE OR REPLACE VIEW nights AS
@@ -166,8 +180,8 @@ WITH c AS (
            max(model_spec) AS model_spec
     FROM candidates GROUP BY date, model_id
 ), p AS (
-    SELECT date, model_id, count(DISTINCT pair_id) AS pairs, max(model_spec) AS model_spec
-    FROM pairs GROUP BY date, model_id
+    SELECT date, model_id, count(DISTINCT output_key) AS pairs, max(model_spec) AS model_spec
+    FROM explanations GROUP BY date, model_id
 ), e AS (
     SELECT date, model_id, count(*) AS failures FROM errors GROUP BY date, model_id
 )

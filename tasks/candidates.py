@@ -1,10 +1,18 @@
-"""The ``candidates`` rows of a night: retrieved pairs re-ranked with what their explanations gave."""
+"""The ``candidates`` rows of a night: retrieved pairs re-ranked with what their explanations gave.
+
+Candidates meet their explanations by ``output_key``, never by ``pair_id``: two names of one
+content (an upload copied under a second name, a gallery photo filed under two individuals) give
+different pair ids but one key, and are explained once (:func:`once_per_key`); every candidate of
+that content points to the one explanation.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping, Sequence
 
+from infra.inputs import PairItem
+from infra.keys import OutputSettings
 from infra.model_store import redact_model_spec
 from infra.tables import read_table
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
@@ -15,24 +23,46 @@ RERANK_ONLY_COLUMNS = ("retrieval_rank", "explained", "n_matches", "inliers", "r
                        "relevance_share", "match_share")
 
 
-def explained_outcomes(out: str, model_id: str, layer: str, pair_ids: set[str],
+def candidate_keys(candidates: Sequence[Candidate], hashes: Mapping[str, str], settings: OutputSettings,
+                   layer: str) -> dict[str, str]:
+    """Per pair id, the output key at ``layer`` its explanation has (``hashes``: content hash by URI)."""
+    return {c.pair_id: settings.output_keys(PairItem(c.pair_id, c.query, c.gallery_image), hashes[c.query],
+                                            hashes[c.gallery_image])[layer]
+            for c in candidates}
+
+
+def once_per_key(items: Sequence[PairItem], keys: Mapping[str, str]) -> list[PairItem]:
+    """``items`` without those whose output key (``keys`` by pair id) an earlier item has."""
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        if keys[item.pair_id] not in seen:
+            seen.add(keys[item.pair_id])
+            unique.append(item)
+    return unique
+
+
+def explained_outcomes(out: str, model_id: str, layer: str, output_keys: set[str],
                        storage_options: Mapping[str, Any] | None = None) -> dict[str, PairOutcome]:
-    """Per pair id, the latest ``pairs`` row of ``model_id`` at ``layer`` (this run's or an earlier one's)."""
+    """Per output key, the first committed ``pairs`` row of ``model_id`` at ``layer`` (this run's or an
+    earlier one's) with that key."""
     frame = read_table(out, "pairs", [("layer", "==", layer)], model_id=model_id,
                        columns=["pair_id", "layer", "irm", "viz_uri", "output_key", "created_at"],
                        storage_options=storage_options)
-    frame = frame[frame["pair_id"].isin(pair_ids)].sort_values("created_at", kind="stable")
-    outcomes = {}
-    for row in frame.itertuples(index=False):  # later rows win
+    frame = frame[frame["output_key"].isin(output_keys)].sort_values("created_at", kind="stable")
+    outcomes: dict[str, PairOutcome] = {}
+    for row in frame.itertuples(index=False):  # the first commit of a key wins
         irm = None if row.irm is None or (isinstance(row.irm, float) and math.isnan(row.irm)) else float(row.irm)
-        outcomes[row.pair_id] = PairOutcome(layer=row.layer, irm=irm, viz_uri=row.viz_uri or None,
-                                            output_key=row.output_key)
+        outcomes.setdefault(row.output_key, PairOutcome(layer=row.layer, irm=irm, viz_uri=row.viz_uri or None,
+                                                        output_key=row.output_key))
     return outcomes
 
 
 def candidate_rows(out: str, model_id: str, model_spec: str, layer: str, candidates: Sequence[Candidate],
-                   storage_options: Mapping[str, Any] | None = None) -> list[dict]:
-    """Rows for the ``candidates`` table (see :func:`pairx_core.retrieval.rank_candidates`)."""
-    outcomes = explained_outcomes(out, model_id, layer, {c.pair_id for c in candidates}, storage_options)
+                   keys: Mapping[str, str], storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """Rows for the ``candidates`` table (see :func:`pairx_core.retrieval.rank_candidates`); ``keys``:
+    output key by pair id (:func:`candidate_keys`)."""
+    by_key = explained_outcomes(out, model_id, layer, set(keys.values()), storage_options)
+    outcomes = {c.pair_id: by_key[keys[c.pair_id]] for c in candidates if keys[c.pair_id] in by_key}
     rows = rank_candidates(candidates, outcomes, model_spec=redact_model_spec(model_spec))
     return [{**dict.fromkeys(RERANK_ONLY_COLUMNS), **row} for row in rows]

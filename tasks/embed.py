@@ -54,7 +54,7 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     loaded_model = get_model(model, device, storage_options)
     prep = loaded_model.preprocessing
     cache = activation_cache(cache_url, loaded_model.fingerprint, prep.fingerprint(), layers, storage_options)
-    hashes, loaded, errors = _load_all(uris, min_image_side, storage_options, run_id)
+    hashes, loaded, named, errors = _load_all(uris, min_image_side, storage_options, run_id)
     summary = EmbedSummary(hashes=hashes, errors=len(errors))
     missing, damaged = _to_embed(cache, list(loaded), layers)
     summary.cached, summary.damaged = len(loaded) - len(missing), len(damaged)
@@ -64,7 +64,7 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
             embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
         cache.put(missing, embeddings, features)
         summary.computed = len(missing)
-    rows = new_image_rows(list(loaded.values()), out, loaded_model.model_id, run_id, storage_options)
+    rows = new_image_rows(named, out, loaded_model.model_id, run_id, storage_options)
     if rows:
         write_table(out, "images", rows, loaded_model.model_id, run_id, storage_options)
     if errors:
@@ -73,9 +73,10 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
 
 
 def _load_all(uris: Sequence[str], min_side: int, storage_options: Mapping[str, Any] | None,
-              run_id: str) -> tuple[dict[str, str], dict[str, LoadedImage], list[dict]]:
-    """``(content hash by URI, one image per content, errors rows)``; transient errors raise."""
-    hashes, loaded, errors = {}, {}, []
+              run_id: str) -> tuple[dict[str, str], dict[str, LoadedImage], list[LoadedImage], list[dict]]:
+    """``(content hash by URI, one image per content, one image per URI, errors rows)``;
+    transient errors raise."""
+    hashes, loaded, named, errors = {}, {}, [], []
     for uri in uris:
         try:
             image = load_image(uri, min_side=min_side, storage_options=storage_options)
@@ -85,8 +86,9 @@ def _load_all(uris: Sequence[str], min_side: int, storage_options: Mapping[str, 
             errors.append(error_row(uri, "load", error, run_id))
             continue
         hashes[uri] = image.content_hash
+        named.append(image)
         loaded.setdefault(image.content_hash, image)
-    return hashes, loaded, errors
+    return hashes, loaded, named, errors
 
 
 def _to_embed(cache: ActivationCache, hashes: list[str], layers: Sequence[str]) -> tuple[list[str], set[str]]:

@@ -67,6 +67,8 @@ def test_missing_uploads_folder_is_not_a_quiet_night(runner, photos, tmp_path):
     (b"left,right\na.png,b.png\n", "lacks column(s) image_0, image_1"),
     (b"image_0,image_1\n", "has no rows"),
     (b"image_0,image_1,box_0\na.png,b.png,1 2 3\n", "row 2"),
+    (b"image_0,image_1,box_0\na.png,b.png,5\n", "row 2, column box_0"),
+    (b"image_0,image_1\na.png,b.png\n", "2 of the 2 images it references do not exist"),
 ])
 def test_bad_pairs_tables_are_named(runner, tmp_path, content, fragment):
     table = tmp_path / "pairs.csv"

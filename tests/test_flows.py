@@ -45,7 +45,8 @@ def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp
         "pair_id": ["p0", "p1", "p2", "p3"],
     }).to_csv(pairs, index=False)
     out = tmp_path / "out"
-    config = _config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders), out=str(out))
+    config = _config(ExplainPairsConfig, pairs=str(pairs), image_root=str(photo_folders), out=str(out),
+                     max_missing=0.5)  # 1 of 6 images missing: an errors row, not a refused run
     summary = _failed_summary(lambda: explain_pairs(config))
     assert summary["done"] == 2 and summary["failed"] == 2 and summary["status"] == "failed"
     table = read_table(str(out), "pairs")

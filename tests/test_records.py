@@ -104,10 +104,26 @@ def test_plan_pairs_skips_existing_and_fails_unloadable_pairs():
     assert [p.item.pair_id for p in plan_pairs(items[1:2], hashes, partial, settings).todo] == ["done"]
 
 
-def test_image_rows_one_per_new_content():
+def test_image_rows_one_per_name_and_content():
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30)).save(buffer, "PNG")
-    same = [decode_image(buffer.getvalue(), uri) for uri in ("u1.png", "u2.png")]
-    rows = image_rows(same, set(), "run")
-    assert [(r["image_uri"], r["width"], r["height"]) for r in rows] == [("u1.png", 40, 30)]
-    assert image_rows(same, {same[0].content_hash}, "run") == []
+    same = [decode_image(buffer.getvalue(), uri) for uri in ("u1.png", "u2.png", "u1.png")]
+    rows = image_rows(same, set(), "run")  # two names of one content: both names recorded, once each
+    assert [(r["image_uri"], r["width"], r["height"]) for r in rows] == [("u1.png", 40, 30), ("u2.png", 40, 30)]
+    assert image_rows(same, {("u1.png", same[0].content_hash)}, "run")[0]["image_uri"] == "u2.png"
+    other = io.BytesIO()
+    Image.new("RGB", (50, 30)).save(other, "PNG")
+    replaced = decode_image(other.getvalue(), "u1.png")  # new bytes under a known name: a new version
+    known = {(r["image_uri"], r["content_hash"]) for r in rows}
+    assert [(r["image_uri"], r["width"]) for r in image_rows([replaced], known, "run")] == [("u1.png", 50)]
+
+
+def test_plan_pairs_plans_each_key_once():
+    """Two names of one content in one batch are one explanation: the second is skipped."""
+    items = [PairItem("a-g", "a", "g"), PairItem("copy-g", "copy-of-a", "g"), PairItem("a-g2", "a", "g2")]
+    hashes = {("a", None, 0.0): "ha", ("copy-of-a", None, 0.0): "ha", ("g", None, 0.0): "hg",
+              ("g2", None, 0.0): "hg"}  # g2: the same gallery photo under another individual
+    settings = OutputSettings("model", ("l1",), 20, 10, "engine-1", {})
+    plan = plan_pairs(items, hashes, set(), settings)
+    assert [p.item.pair_id for p in plan.todo] == ["a-g"]
+    assert [i.pair_id for i in plan.skipped] == ["copy-g", "a-g2"]

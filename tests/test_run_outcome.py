@@ -115,7 +115,7 @@ def test_interrupt_is_recorded_as_cancelled(prefect_harness, photos, tmp_path, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(night_plan_module, "list_uploads", interrupted)
+    monkeypatch.setattr(night_plan_module, "list_uploads_counted", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         nightly_module.nightly(_config(photos, out))
