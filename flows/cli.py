@@ -428,6 +428,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     from .outcome import ItemsFailedError
     from .night_plan import remember_model
     from .preflight import check_inputs, check_model_spec, resolve_model
+    from pairx_core.runtime_settings import configure_task_process
 
     clock = PhaseClock()
     api = TemporaryAPI()
@@ -443,6 +444,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             _print_summary(flow, quiet, clock, config, json_output)
             return
         api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
+        configure_task_process()  # this process runs tasks too (--workers 0, the model checks)
         check_model_spec(config.model, config.allow_random_weights)
         model = resolve_model(config)
         if flow == "nightly":
@@ -627,7 +629,7 @@ def layers_cmd(
     """List the layers of a model that PAIR-X can explain, with feature-map shapes; * marks the default."""
     try:
         from pairx_core.layers import list_layers
-        from tasks.runtime import get_model
+        from infra.model_runtime import get_model
 
         from .preflight import check_model_spec
 
@@ -772,8 +774,11 @@ def demo_cmd(
     api = TemporaryAPI().start_soon()  # starts while torch loads and the demo's photos are drawn
     failed = False
     with reported_errors(), sigterm_as_interrupt():
+        from pairx_core.runtime_settings import configure_task_process
+
         from .demo import DemoSettings, prepare_demo, run_demo
 
+        configure_task_process()  # this process runs the demo's tasks when --workers 0
         settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
         prepared = prepare_demo(settings)
         clock.mark("photos")

@@ -112,7 +112,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
 
 
 def _prep_fingerprint(config: NightlyConfig) -> str:
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     return get_model(config.model, "cpu", config.storage_options or None).preprocessing.fingerprint()
 

@@ -706,3 +706,14 @@ class ActivationCache:
             self.target.delete(f"{self.zarr_prefix}/{name}", recursive=True)
             removed.append(name)
         return removed
+
+
+#: dtype of the explained layers' cached feature maps: stage 1 of re-ranking reads them back
+EXACT_FEATURE_DTYPE = "float32"
+
+
+def activation_cache(cache_url: str, model_fingerprint: str, prep_fingerprint: str, layers: Sequence[str],
+                     storage_options: Mapping[str, Any] | None = None) -> ActivationCache:
+    """The pipeline's cache of one model + preprocessing: the explained ``layers`` stored float32."""
+    return ActivationCache(cache_url, model_fingerprint, prep_fingerprint, storage_options=storage_options,
+                           layer_dtypes={layer: EXACT_FEATURE_DTYPE for layer in layers})
