@@ -106,7 +106,7 @@ def reported_errors() -> Iterator[None]:
         fail(problems)
     except KeyboardInterrupt:
         typer.echo("interrupted: the run is recorded as cancelled; rerun the same command to continue", err=True)
-        raise typer.Exit(code=EXIT_INTERRUPTED)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
     except PairXError as error:
         if STATE.debug:
             raise
@@ -575,7 +575,8 @@ def explain_cmd(
 @app.command("nightly")
 def nightly_cmd(
     uploads: str = typer.Option(..., "--uploads", help="folder/URL of new photos (recursive)"),
-    gallery: str = typer.Option(..., "--gallery", help="gallery: one folder per individual, or manifest CSV image,individual"),
+    gallery: str = typer.Option(..., "--gallery",
+                                help="gallery: one folder per individual, or manifest CSV image,individual"),
     out: str = Out,
     model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
@@ -587,7 +588,8 @@ def nightly_cmd(
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
     storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
     retry_failed: bool = typer.Option(False, "--retry-failed",
-                                      help="retry uploads that failed to load on an earlier night (default: skip them)"),
+                                      help="retry uploads that failed to load on an earlier night "
+                                           "(default: skip them)"),
     public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""

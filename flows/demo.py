@@ -85,7 +85,8 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
     layer = demo_info["layer"]
     size = tuple(demo_info["size"])
     truth = write_dataset(settings, size)
-    config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"), gallery=str(settings.out / "data" / "gallery"),
+    config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"),
+                           gallery=str(settings.out / "data" / "gallery"),
                            out=str(settings.out / "results"), model=DEMO_MODEL, layers=[layer], top_k=settings.top_k,
                            rerank_k=settings.rerank_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,

@@ -559,8 +559,8 @@ class ActivationCache:
                 (f"features[{layer!r}]", v, False) for layer, v in feats_stored.items()]:
             bad = _bad_values(values, is_embedding)
             if bad.any():
-                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are NaN/Inf" + (" or all zero" if is_embedding else "")
-                                  + "; refusing to cache them")
+                what = "NaN/Inf or all zero" if is_embedding else "NaN/Inf"
+                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are {what}; refusing to cache them")
 
         batch_id = _new_batch_id()
         created_at = datetime.now(timezone.utc).isoformat()

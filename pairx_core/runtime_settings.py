@@ -71,9 +71,9 @@ def keep_freed_memory() -> bool:
     unmapped one by one) and never trims the heap on free: after the first batch, no faults.
     The cost: the process keeps its peak heap mapped (it is reused, not leaked). A process that
     explains batch after batch reaches that peak every batch anyway; processes that run pipeline
-    tasks call this when they start (:func:`configure_task_process`). Setting any threshold also turns off glibc's adaptive
-    mmap threshold, which is why Dask's ``MALLOC_TRIM_THRESHOLD_`` made workers slow; this
-    undoes that as well.
+    tasks call this when they start (:func:`configure_task_process`). Setting any threshold also
+    turns off glibc's adaptive mmap threshold, which is why Dask's ``MALLOC_TRIM_THRESHOLD_`` made
+    workers slow; this undoes that as well.
 
     Returns:
         whether the settings were applied (False off glibc, e.g. macOS or musl).

@@ -64,7 +64,8 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "engine": 0.0, "render": 0.0, "write": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode": 0.0, "engine": 0.0, "render": 0.0, "write": 0.0})
     irm: dict[str, float | None] = field(default_factory=dict)
     similarity: dict[str, float] = field(default_factory=dict)
     worker: str = ""
@@ -265,7 +266,7 @@ def _worker_name() -> str:
         from distributed import get_worker
 
         return get_worker().address
-    except Exception:
+    except Exception:  # noqa: BLE001 - not inside a Dask worker
         return "local"
 
 

@@ -157,7 +157,8 @@ def test_duckdb_reads_the_dataset(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda rows: [{k: v for k, v in r.items() if k != "similarity"} for r in rows], "missing columns ['similarity']"),
+        (lambda rows: [{k: v for k, v in r.items() if k != "similarity"} for r in rows],
+         "missing columns ['similarity']"),
         (lambda rows: [dict(r, simlarity=0.1) for r in rows], "unknown columns ['simlarity']"),
         (lambda rows: [dict(r, pair_id=None) for r in rows], "'pair_id' has 3 null"),
         (lambda rows: [dict(r, n_matches="many") for r in rows], "do not fit the schema"),
