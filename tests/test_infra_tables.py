@@ -23,6 +23,7 @@ from infra.viz import viz_uri, write_png
 from pairx_core.errors import ConfigError
 
 README_OUTPUTS = Path(__file__).resolve().parents[1] / "infra" / "README_outputs.md"
+OUTPUTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
 
 
@@ -146,10 +147,10 @@ def test_duckdb_reads_the_dataset(tmp_path):
         f"GROUP BY model ORDER BY model"
     ).fetchall()
     assert counts == [("miewid-v3", 3, 0.75), ("other", 2, 0.5)]
-    # the example query documented in README_outputs.md runs as written
-    text = README_OUTPUTS.read_text()
+    # the example query documented in docs/outputs.md runs as written
+    text = OUTPUTS_DOC.read_text()
     match = re.search(r"```sql\n(.*?)```", text, re.S)
-    assert match, "README_outputs.md must contain a ```sql example"
+    assert match, "docs/outputs.md must contain a ```sql example"
     rows = con.sql(match.group(1).replace("OUT/", f"{out}/")).fetchall()
     assert len(rows) >= 1
 
