@@ -166,3 +166,23 @@ def test_a_task_process_keeps_freed_memory_for_the_next_pass():
         if dask_setting:  # glibc's adaptive thresholds are off: 5 x 128 MB faulted in again
             assert default > 100_000, default
         assert kept < 2_000, (dask_setting, default, kept)
+
+
+def test_a_command_that_runs_tasks_sets_its_process_up_before_the_model_check(monkeypatch, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pairx_core import runtime_settings
+
+    (tmp_path / "gallery" / "ind-0").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 120, 60)).save(tmp_path / "gallery" / "ind-0" / "a.png")
+    (tmp_path / "uploads").mkdir()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no flow may start
+    calls = []
+    monkeypatch.setattr(runtime_settings, "configure_task_process", lambda: calls.append("configured"))
+    result = CliRunner().invoke(app, ["nightly", "--uploads", str(tmp_path / "uploads"),
+                                      "--gallery", str(tmp_path / "gallery"), "--out", str(tmp_path / "out"),
+                                      "--model", "kaggle:whatever"])
+    assert result.exit_code == 2 and "unknown model kind" in result.output, result.output
+    assert calls == ["configured"]
