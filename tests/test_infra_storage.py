@@ -313,3 +313,22 @@ def test_each_run_counts_its_own_retries(monkeypatch):
     with counting_retries() as second, counting_retries() as inner:
         with_retries(fails_twice())
     assert (first.count, second.count, inner.count) == (2, 2, 2)
+
+
+def test_tasks_retry_only_transient_errors():
+    """``retry_transient``, the Prefect retry condition every pipeline task uses."""
+    from infra.storage import retry_transient
+    from pairx_core.errors import ImageError
+
+    class Finished:
+        def __init__(self, error: BaseException | None):
+            self.error = error
+
+        def result(self):
+            if self.error is not None:
+                raise self.error
+
+    assert retry_transient(None, None, Finished(ConnectionResetError("reset")))
+    assert not retry_transient(None, None, Finished(ImageError("a.jpg", "not an image")))
+    assert not retry_transient(None, None, Finished(FileNotFoundError("a.jpg")))
+    assert not retry_transient(None, None, Finished(None))
