@@ -106,7 +106,8 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
         dask_scheduler = services.start("dask-scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
                                         "--port", str(dask_port), "--dashboard-address", ":0")
         dask_worker = services.start("dask-worker", str(BIN / "dask"), "worker", scheduler, "--nthreads", "1",
-                                     "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard")
+                                     "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard",
+                                     "--preload", "infra.worker_setup")
         _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, "prefect server", 90,
               [server])
 
