@@ -111,7 +111,7 @@ def main() -> None:
             for mode, options in modes.items():
                 items = [photos[i % len(photos)] for i in range(args.batch)]
                 start = time.perf_counter()
-                list(pool.map(lambda data: one(data, options), items))
+                list(pool.map(one, items, [options] * len(items)))
                 batch[mode].append(time.perf_counter() - start)
     full_median = statistics.median(single["full"])
     full_tensor, _ = one(photos[0], modes["full"])
@@ -123,7 +123,8 @@ def main() -> None:
             "bench": "decode", "mode": mode, "photo": args.photo or "synthetic",
             "jpeg_bytes": len(photos[0]), "original_size": [args.width, args.height], "quality": args.quality,
             "model_input": args.size, "decode_scale": loaded.decode_scale, "decoded_chip_size": list(loaded.size),
-            "ms_decode_preprocess": round(1000 * median, 1), "ms_decode_only": round(1000 * statistics.median(decode_only[mode]), 1),
+            "ms_decode_preprocess": round(1000 * median, 1),
+            "ms_decode_only": round(1000 * statistics.median(decode_only[mode]), 1),
             "ms_all": [round(1000 * t, 1) for t in single[mode]],
             "speedup_vs_full": round(full_median / median, 2),
             "batch": args.batch, "threads": args.threads,

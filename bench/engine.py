@@ -291,7 +291,8 @@ def _load_photos(directory: str, preprocessing, dtype: torch.dtype) -> torch.Ten
     return torch.stack(photos).to(dtype)
 
 
-def image_pool(n: int, size: tuple[int, int], dtype: torch.dtype, seed: int, photos: torch.Tensor | None) -> torch.Tensor:
+def image_pool(n: int, size: tuple[int, int], dtype: torch.dtype, seed: int,
+               photos: torch.Tensor | None) -> torch.Tensor:
     """``n`` distinct images ``(n, 3, H, W)``: random normal tensors, or copies of the photos made
     distinct by a flip, a horizontal shift and a little noise from the second copy on."""
     generator = torch.Generator().manual_seed(seed)
@@ -392,9 +393,9 @@ class Runner:
         with _hooked_composite() if hooks else contextlib.nullcontext():
             _sync(self.device)
             start = time.perf_counter()
-            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines, k_colors=k_colors,
-                    batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
-                    memory_format=self.args.memory_format)
+            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines,
+                    k_colors=k_colors, batch_size=batch_size, device=self.device, memory_budget=self.memory_budget,
+                    stats=stats, memory_format=self.args.memory_format)
             _sync(self.device)
             seconds = time.perf_counter() - start
         return seconds, stats
@@ -491,7 +492,7 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
             try:
                 with probe:
                     _, stats = config.run(runner, layers, k_colors, warm_pairs)
-            except Exception as error:  # noqa: BLE001 - reported in the JSON line
+            except Exception as error:  # reported in the JSON line
                 if config.mode != "reference":
                     raise
                 config.error = f"{type(error).__name__}: {error}"
@@ -576,7 +577,7 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
             try:
                 with probe:
                     seconds, stats = config.run(runner, layers, k_colors)
-            except Exception as error:  # noqa: BLE001 - reported in the JSON line
+            except Exception as error:  # reported in the JSON line
                 if config.mode != "reference":
                     raise
                 config.error = f"{type(error).__name__}: {error}"
@@ -603,8 +604,9 @@ def soak(args: argparse.Namespace, model: nn.Module, device: torch.device, size,
     rss_values: list[int] = []
     done = 0
     warm_x0, warm_x1, _ = make_pairs(min(batch_size, args.soak), args.shared_gallery, size, dtype, args.seed, photos)
+    # warm-up, not reported: the first call pays one-off costs
     explain(model, warm_x0, warm_x1, layers, args.k_lines, k_colors, batch_size=batch_size, device=device,
-            memory_budget=memory_budget, memory_format=args.memory_format)  # warm-up, not reported: the first call pays one-off costs
+            memory_budget=memory_budget, memory_format=args.memory_format)
     del warm_x0, warm_x1
     for b in range(n_batches):
         n = min(batch_size, args.soak - done)
@@ -652,7 +654,8 @@ def _environment(args: argparse.Namespace, device: torch.device, size, dtype,
                  freed_memory_kept: bool) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "dtype": str(dtype).removeprefix("torch."),
         "input_size": list(size),
         "torch": torch.__version__,

@@ -28,6 +28,7 @@ One JSON line per measurement. Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -67,6 +68,11 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _embedding_matrix(cache_dir: Path):
+    """The gallery's ``(hashes, (N, D) matrix)`` read back from the bench's cache folder."""
+    return ActivationCache(str(cache_dir), "bench-model", "bench-prep").embedding_matrix()
+
+
 def _median_time(function, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -103,16 +109,16 @@ def bench_retrieval(args: argparse.Namespace, work: Path) -> None:
 
         tracemalloc.start()
         start = time.perf_counter()
-        hashes, matrix = ActivationCache(str(cache_dir), "bench-model", "bench-prep").embedding_matrix()
+        hashes, matrix = _embedding_matrix(cache_dir)
         load_s = time.perf_counter() - start
         _, load_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert len(hashes) == size and np.array_equal(matrix, gallery)
         load_s = min(load_s, _median_time(
-            lambda: ActivationCache(str(cache_dir), "bench-model", "bench-prep").embedding_matrix(), args.repeats))
+            functools.partial(_embedding_matrix, cache_dir), args.repeats))
 
-        retrieval_s = _median_time(lambda: top_k(queries, matrix, args.top_k), args.repeats)
-        full_sort_s = _median_time(lambda: _top_k_full_sort(queries, matrix, args.top_k), args.repeats)
+        retrieval_s = _median_time(functools.partial(top_k, queries, matrix, args.top_k), args.repeats)
+        full_sort_s = _median_time(functools.partial(_top_k_full_sort, queries, matrix, args.top_k), args.repeats)
         order, _ = top_k(queries, matrix, args.top_k)
         full_order, _ = _top_k_full_sort(queries, matrix, args.top_k)
         emit({

@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--individuals", type=int, default=8)
-    parser.add_argument("--mantas", help="folder with uploads/, gallery/ and manifest.csv (uploads/, gallery/, manifest.csv)")
+    parser.add_argument("--mantas",
+                        help="folder with uploads/, gallery/ and manifest.csv (uploads/, gallery/, manifest.csv)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

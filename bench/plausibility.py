@@ -172,7 +172,8 @@ def plot(table: list[dict], path: str) -> None:
             value = entry[f"auc_{metric}"]
             if np.isfinite(value):
                 draw.rectangle([x0 + 24 * m, y(value), x0 + 24 * m + 20, y(0)], fill=colours[m])
-        draw.text((x0, height - margin + 6), f"sim {entry['similarity'][0]:.2f}-{entry['similarity'][1]:.2f}", fill="black")
+        similarity = f"sim {entry['similarity'][0]:.2f}-{entry['similarity'][1]:.2f}"
+        draw.text((x0, height - margin + 6), similarity, fill="black")
     for m, metric in enumerate(METRICS):
         draw.rectangle([width - 150, 10 + 16 * m, width - 140, 20 + 16 * m], fill=colours[m])
         draw.text((width - 135, 9 + 16 * m), metric, fill="black")

@@ -61,9 +61,10 @@ def main() -> None:
     from pairx_core.models import demo_default_layer
     from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, top_k
     from pairx_core.synthetic import make_individuals, render_photo
-    from tasks.embed import activation_cache, embed_images
+    from infra.cache import activation_cache
+    from tasks.embed import embed_images
     from tasks.explain import PairItem, RunSettings, explain_pairs_batch
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
     from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_pairs
 
     torch.set_flush_denormal(True)

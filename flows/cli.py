@@ -106,7 +106,7 @@ def reported_errors() -> Iterator[None]:
         fail(problems)
     except KeyboardInterrupt:
         typer.echo("interrupted: the run is recorded as cancelled; rerun the same command to continue", err=True)
-        raise typer.Exit(code=EXIT_INTERRUPTED)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
     except PairXError as error:
         if STATE.debug:
             raise
@@ -428,6 +428,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     from .outcome import ItemsFailedError
     from .night_plan import remember_model
     from .preflight import check_inputs, check_model_spec, resolve_model
+    from pairx_core.runtime_settings import configure_task_process
 
     clock = PhaseClock()
     api = TemporaryAPI()
@@ -443,6 +444,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             _print_summary(flow, quiet, clock, config, json_output)
             return
         api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
+        configure_task_process()  # this process runs tasks too (--workers 0, the model checks)
         check_model_spec(config.model, config.allow_random_weights)
         model = resolve_model(config)
         if flow == "nightly":
@@ -579,7 +581,8 @@ def explain_cmd(
 @app.command("nightly")
 def nightly_cmd(
     uploads: str = typer.Option(..., "--uploads", help="folder/URL of new photos (recursive)"),
-    gallery: str = typer.Option(..., "--gallery", help="gallery: one folder per individual, or manifest CSV image,individual"),
+    gallery: str = typer.Option(..., "--gallery",
+                                help="gallery: one folder per individual, or manifest CSV image,individual"),
     out: str = Out,
     model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
@@ -591,7 +594,8 @@ def nightly_cmd(
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,
     storage_option: Optional[list[str]] = StorageOpt, allow_random_weights: bool = AllowRandom,
     retry_failed: bool = typer.Option(False, "--retry-failed",
-                                      help="retry uploads that failed to load on an earlier night (default: skip them)"),
+                                      help="retry uploads that failed to load on an earlier night "
+                                           "(default: skip them)"),
     public_url: Optional[str] = PublicUrl, json_output: bool = JsonOut,
     unlabelled_gallery: bool = typer.Option(False, "--unlabelled-gallery",
                                             help="accept a gallery folder without individual folders"),
@@ -638,7 +642,7 @@ def layers_cmd(
     """List the layers of a model that PAIR-X can explain, with feature-map shapes; * marks the default."""
     try:
         from pairx_core.layers import list_layers
-        from tasks.runtime import get_model
+        from infra.model_runtime import get_model
 
         from .preflight import check_model_spec
 
@@ -683,8 +687,11 @@ def demo_cmd(
     api = TemporaryAPI().start_soon()  # starts while torch loads and the demo's photos are drawn
     failed = False
     with reported_errors(), sigterm_as_interrupt():
+        from pairx_core.runtime_settings import configure_task_process
+
         from .demo import DemoSettings, prepare_demo, run_demo
 
+        configure_task_process()  # this process runs the demo's tasks when --workers 0
         settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
         prepared = prepare_demo(settings)
         clock.mark("photos")

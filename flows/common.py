@@ -31,7 +31,7 @@ from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
 from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
-from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run  # noqa: F401 - re-exported
+from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run
 
 logger = logging.getLogger("pairx.flows")
 

@@ -67,7 +67,8 @@ class CommonConfig(BaseModel):
                 "them out of band: the environment variable PAIRX_STORAGE_OPTIONS (JSON) or AWS_* variables of "
                 "the processes that run the flow and its workers (the CLI's --storage-option does this)")
         return value
-    public_url: str | None = Field(None, description="base URL where OUT is published: viz_uri columns and report links become URLs under it")
+    public_url: str | None = Field(None, description="base URL where OUT is published: viz_uri columns and "
+                                                     "report links become URLs under it")
 
     @field_validator("*")
     @classmethod
@@ -87,7 +88,8 @@ class CommonConfig(BaseModel):
 
 
 class ExplainPairsConfig(CommonConfig):
-    pairs: str = Field(description="pairs table (CSV or Parquet): image_0, image_1[, pair_id, box_0, box_1, theta_0, theta_1]")
+    pairs: str = Field(description="pairs table (CSV or Parquet): "
+                                   "image_0, image_1[, pair_id, box_0, box_1, theta_0, theta_1]")
     image_root: str | None = Field(None, description="prefix for relative image paths")
     max_missing: float = Field(0.05, ge=0.0, le=1.0, description="largest share of referenced images that may be "
                                                                "missing before the run is refused (checked up front)")

@@ -77,7 +77,7 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
     """Draw and write the photos and load the demo model into this process (no Prefect needed:
     the CLI does this while its temporary server starts)."""
     from pairx_core.specs import BUNDLED_WEIGHTS_DIR
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     started = time.perf_counter()
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,8 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
     layer = demo_info["layer"]
     size = tuple(demo_info["size"])
     truth = write_dataset(settings, size)
-    config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"), gallery=str(settings.out / "data" / "gallery"),
+    config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"),
+                           gallery=str(settings.out / "data" / "gallery"),
                            out=str(settings.out / "results"), model=DEMO_MODEL, layers=[layer], top_k=settings.top_k,
                            rerank_k=settings.rerank_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
@@ -97,7 +98,7 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
 
 def run_demo(settings: DemoSettings, prepared: PreparedDemo | None = None) -> dict:
     """Run the demo (preparing it first unless done); returns the summary printed by ``pairx demo``."""
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     from .nightly import nightly
 

@@ -116,14 +116,14 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
 def _key_settings(config: NightlyConfig, run_id: str, layers) -> OutputSettings:
     """What the explain batches key their outputs with (the same recipe, computed here)."""
     from tasks.explain import _output_settings
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     model = get_model(config.model, "cpu", config.storage_options or None)
     return _output_settings(settings_for(config, run_id, layers), model)
 
 
 def _prep_fingerprint(config: NightlyConfig) -> str:
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     return get_model(config.model, "cpu", config.storage_options or None).preprocessing.fingerprint()
 

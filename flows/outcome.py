@@ -56,5 +56,5 @@ def notify(summary: Any) -> None:
     for callback in list(_LISTENERS):
         try:
             callback(summary)
-        except Exception:  # noqa: BLE001 - a display problem never fails a run
+        except Exception:  # a display problem never fails a run
             logger.debug("progress listener failed", exc_info=True)

@@ -3,7 +3,7 @@
 :func:`check_inputs` only reads listings and small files (about a second; no torch, no Prefect):
 the CLI calls it before it starts a Prefect server, a cluster or a model, so a missing share or a
 broken pairs table fails in seconds with one line. :func:`resolve_model` builds the model on the
-CPU of the calling process (once per process, see ``tasks.runtime``), picks the family's default
+CPU of the calling process (once per process, see ``infra.model_runtime``), picks the family's default
 layer when none is given and checks the layer names; the CLI calls it before the run starts, and
 every work flow calls it first, so deployments get the same checks.
 """
@@ -167,7 +167,7 @@ def resolve_model(config) -> ModelPlan:
     """
     from pairx_core.layers import check_layers, default_layer
     from pairx_core.models import weights_digest, would_use_random_weights
-    from tasks.runtime import get_model
+    from infra.model_runtime import get_model
 
     check_model_spec(config.model, config.allow_random_weights)
     loaded = get_model(config.model, "cpu", config.storage_options or None)

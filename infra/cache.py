@@ -622,8 +622,8 @@ class ActivationCache:
                 (f"features[{layer!r}]", v, False) for layer, v in feats_stored.items()]:
             bad = _bad_values(values, is_embedding)
             if bad.any():
-                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are NaN/Inf" + (" or all zero" if is_embedding else "")
-                                  + "; refusing to cache them")
+                what = "NaN/Inf or all zero" if is_embedding else "NaN/Inf"
+                raise ConfigError(f"{name}: {int(bad.sum())} row(s) are {what}; refusing to cache them")
 
         batch_id = _new_batch_id()
         created_at = datetime.now(timezone.utc).isoformat()
@@ -769,3 +769,14 @@ class ActivationCache:
             self.target.delete(f"{self.zarr_prefix}/{name}", recursive=True)
             removed.append(name)
         return removed
+
+
+#: dtype of the explained layers' cached feature maps: stage 1 of re-ranking reads them back
+EXACT_FEATURE_DTYPE = "float32"
+
+
+def activation_cache(cache_url: str, model_fingerprint: str, prep_fingerprint: str, layers: Sequence[str],
+                     storage_options: Mapping[str, Any] | None = None) -> ActivationCache:
+    """The pipeline's cache of one model + preprocessing: the explained ``layers`` stored float32."""
+    return ActivationCache(cache_url, model_fingerprint, prep_fingerprint, storage_options=storage_options,
+                           layer_dtypes={layer: EXACT_FEATURE_DTYPE for layer in layers})

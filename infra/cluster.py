@@ -8,7 +8,8 @@
 
 Workers must report to the flow's Prefect API: without ``PREFECT_API_URL`` each process worker
 starts its own temporary server (~10 s) and its task runs never show in the flow's history
-(measured: 21 s instead of 6 s for a 4-task flow with 2 workers). The factory passes the current API URL to local workers.
+(measured: 21 s instead of 6 s for a 4-task flow with 2 workers). The factory passes the current
+API URL to local workers.
 
 Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any glibc malloc
 threshold turns off glibc's adaptive mmap threshold, so every tensor over 128 KiB becomes a
@@ -65,6 +66,8 @@ QUIET_WORKER_CONFIG = {
 
 #: see :mod:`infra.worker_exit`: a closed worker process skips the interpreter's teardown
 WORKER_EXIT_PRELOAD = "infra.worker_exit"
+#: see :mod:`infra.worker_setup`: torch threads, denormals and allocator set when a worker starts
+WORKER_SETUP_PRELOAD = "infra.worker_setup"
 
 
 def local_cluster_config() -> dict:
@@ -75,14 +78,16 @@ def local_cluster_config() -> dict:
       must take the GIL from the engine's thread (zennit's hooks run Python between torch ops).
       Measured with 120 pairs: the worker's event-loop thread used ~8 CPU-s per 70 s run (6 %
       of this 2-core machine) with Dask's defaults;
-    - the :data:`WORKER_EXIT_PRELOAD` preload (after any preloads configured already): closing a
+    - the :data:`WORKER_SETUP_PRELOAD` and :data:`WORKER_EXIT_PRELOAD` preloads (after any
+      preloads configured already): the worker's torch settings before its first task; closing a
       cluster then waits ~0.1 s per worker instead of 1.3-2 s of interpreter teardown.
     """
     import dask
 
     preloads = list(dask.config.get("distributed.worker.preload", None) or [])
-    if WORKER_EXIT_PRELOAD not in preloads:
-        preloads.append(WORKER_EXIT_PRELOAD)
+    for preload in (WORKER_SETUP_PRELOAD, WORKER_EXIT_PRELOAD):
+        if preload not in preloads:
+            preloads.append(preload)
     return {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None, **QUIET_WORKER_CONFIG,
             "distributed.worker.preload": preloads}
 
@@ -92,7 +97,7 @@ def _cuda_devices() -> int:
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # pragma: no cover - torch import problems
+    except Exception:  # noqa: BLE001  # pragma: no cover - torch import problems
         return 0
 
 
@@ -100,14 +105,15 @@ def worker_env(torch_threads: int | None = None) -> dict[str, str]:
     """Environment for local workers: the flow's Prefect API, analytics off, torch threads.
 
     Dask's nanny sets ``OMP_NUM_THREADS=1`` in workers; ``PAIRX_TORCH_THREADS`` tells
-    ``tasks.runtime`` how many intra-op threads torch may use instead (cores / workers).
+    the worker preload (``infra.worker_setup``) how many intra-op threads torch may use instead
+    (cores / workers).
     """
     env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     try:
         from prefect.settings import PREFECT_API_URL
 
         url = PREFECT_API_URL.value()
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001  # pragma: no cover - no Prefect settings: workers use their own
         url = None
     if url:
         env["PREFECT_API_URL"] = str(url)

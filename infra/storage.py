@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,16 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of the pipeline's tasks: retry only transient I/O errors
+    (:func:`is_transient`), never a ``PairXError``."""
+    try:
+        state.result()
+    except Exception as error:  # noqa: BLE001 - the task's own error, judged here
+        return is_transient(error)
+    return False
+
+
 def _maps_to_storage_error(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, EOFError)):
         return True
@@ -358,8 +369,37 @@ class RetryPolicy:
         return base * (1 + self.jitter * (2 * random.random() - 1))
 
 
-#: calls that had to retry, for tests and for a run's summary (process-wide counter)
-RETRIES = {"count": 0}
+@dataclass
+class RetryCount:
+    """Retries of transient storage errors made in this process while a :func:`counting_retries`
+    block was open."""
+
+    count: int = 0
+
+
+_OPEN_RETRY_COUNTS: list[RetryCount] = []
+_RETRY_COUNTS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def counting_retries() -> Iterator[RetryCount]:
+    """Count the storage retries of one run (or one test): every thread of this process counts
+    while the block runs; the count starts at zero and stops with the block, so nothing carries
+    over from one run to the next. Blocks may nest or overlap; each counts for itself."""
+    counter = RetryCount()
+    with _RETRY_COUNTS_LOCK:
+        _OPEN_RETRY_COUNTS.append(counter)
+    try:
+        yield counter
+    finally:
+        with _RETRY_COUNTS_LOCK:
+            _OPEN_RETRY_COUNTS.remove(counter)
+
+
+def _count_retry() -> None:
+    with _RETRY_COUNTS_LOCK:
+        for counter in _OPEN_RETRY_COUNTS:
+            counter.count += 1
 
 
 def with_retries(call, *args, policy: RetryPolicy | None = None, **kwargs):
@@ -374,7 +414,7 @@ def with_retries(call, *args, policy: RetryPolicy | None = None, **kwargs):
         except Exception as error:
             if attempt == policy.attempts or not is_transient(error):
                 raise
-            RETRIES["count"] += 1
+            _count_retry()
             wait = policy.delay(attempt)
             logging.getLogger("pairx.storage").info("transient storage error (%s), retry %d in %.1f s",
                                                     type(error).__name__, attempt, wait)

@@ -93,7 +93,8 @@ def _ids(*, run: bool = True, created: bool = True) -> list[pa.Field]:
     return fields
 
 
-_MODEL_SPEC = _f("model_spec", pa.string(), "model spec as typed, credentials removed (infra.model_store.redact_model_spec)")
+_MODEL_SPEC = _f("model_spec", pa.string(),
+                 "model spec as typed, credentials removed (infra.model_store.redact_model_spec)")
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "pairs": pa.schema(
@@ -104,14 +105,18 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("layer", pa.string(), "layer whose features were matched and explained", False),
             _f("similarity", pa.float64(), "cosine similarity of the two embeddings"),
             _f("n_matches", pa.int32(), "number of feature matches kept"),
-            _f("residual_px", pa.float64(), "mean reprojection error of the top matches under a RANSAC homography, input pixels (null when irm is)"),
+            _f("residual_px", pa.float64(), "mean reprojection error of the top matches under a RANSAC homography, "
+                                            "input pixels (null when irm is)"),
             _f("inliers", pa.int32(), "RANSAC inliers (5 px) among the top matches (null when irm is)"),
-            _f("irm", pa.float64(), "geometric consistency 1 / (1 + residual_px); null with fewer than 5 top matches or zero relevance among them"),
+            _f("irm", pa.float64(), "geometric consistency 1 / (1 + residual_px); null with fewer than 5 top "
+                                    "matches or zero relevance among them"),
             _f("match_coverage", pa.float64(), "mean relevance of the top matches / (max R0 * max R1), in [0, 1]"),
             _f("relevance_share", pa.float64(), "share of total relevance at matched locations"),
             _f("match_share", pa.float64(), "mutual matches / feature-map cells"),
-            _f("viz_uri", pa.string(), "URI of the PNG visualisation (null if not rendered); a URL under `public_url` when set"),
-            _f("box_0", pa.list_(pa.float64()), "crop box x, y, w, h of image_0 as given (pixels or fractions); null: whole image"),
+            _f("viz_uri", pa.string(),
+               "URI of the PNG visualisation (null if not rendered); a URL under `public_url` when set"),
+            _f("box_0", pa.list_(pa.float64()),
+               "crop box x, y, w, h of image_0 as given (pixels or fractions); null: whole image"),
             _f("box_1", pa.list_(pa.float64()), "crop box x, y, w, h of image_1 as given; null: whole image"),
             _f("theta_0", pa.float64(), "rotation of image_0 in radians, applied after the crop"),
             _f("theta_1", pa.float64(), "rotation of image_1 in radians, applied after the crop"),
@@ -158,7 +163,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("height", pa.int32(), "height of the EXIF-upright image, pixels"),
             _f("model_id", pa.string(), "model identifier (also the `model=` partition)", False),
             _f("embedded_at", _TS, "when the embedding was computed (UTC)"),
-            _f("run_id", pa.string(), "pipeline run that recorded the image (null in rows written before this column existed)"),
+            _f("run_id", pa.string(),
+               "pipeline run that recorded the image (null in rows written before this column existed)"),
         ]
     ),
     "runs": pa.schema(
@@ -196,15 +202,20 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("gallery_image", pa.string(), "URI of the gallery image", False),
             _f("individual", pa.string(), "individual id of the gallery image, if known"),
             _f("similarity", pa.float64(), "cosine similarity of the embeddings"),
-            _f("irm", pa.float64(), "IRM of the pair at the first layer (stage 1 when re-ranking, equal to the full explanation's; null if not judged)"),
-            _f("rerank_score", pa.float64(), "score used for the final ranking (similarity alone for every candidate of a query when any irm is null)"),
+            _f("irm", pa.float64(), "IRM of the pair at the first layer (stage 1 when re-ranking, equal to the full "
+                                    "explanation's; null if not judged)"),
+            _f("rerank_score", pa.float64(), "score used for the final ranking (similarity alone for every "
+                                             "candidate of a query when any irm is null)"),
             _f("pair_id", pa.string(), "pair explained for this candidate (joins `pairs` and `matches`)"),
             _f("layer", pa.string(), "layer whose IRM ranked the candidate (the first explained layer)"),
-            _f("viz_uri", pa.string(), "URI of the pair's PAIR-X picture at `layer` (a URL under `public_url` when set)"),
+            _f("viz_uri", pa.string(),
+               "URI of the pair's PAIR-X picture at `layer` (a URL under `public_url` when set)"),
             _f("output_key", pa.string(), "`pairs.output_key` of the explanation used (exact join key)"),
             _MODEL_SPEC,
-            _f("retrieval_rank", pa.int32(), "0-based rank by cosine similarity before re-ranking (null without re-ranking)"),
-            _f("explained", pa.bool_(), "whether the pair was explained in full (pixel maps, picture); null without re-ranking"),
+            _f("retrieval_rank", pa.int32(),
+               "0-based rank by cosine similarity before re-ranking (null without re-ranking)"),
+            _f("explained", pa.bool_(),
+               "whether the pair was explained in full (pixel maps, picture); null without re-ranking"),
             _f("n_matches", pa.int32(), "stage 1 (from cached activations): mutual matches at `layer`"),
             _f("inliers", pa.int32(), "stage 1: RANSAC inliers among the top matches"),
             _f("residual_px", pa.float64(), "stage 1: mean homography residual of the top matches, pixels"),
@@ -765,4 +776,5 @@ def _compact_partition(model_path: str, date_dir: str, schema: pa.Schema, min_fi
     for late in sorted(set(_visible_parquet(staging)) - set(files)):
         os.replace(os.path.join(staging, late), os.path.join(partition, late))
     shutil.rmtree(staging, ignore_errors=True)
-    return len(files), bytes_before, os.path.getsize(os.path.join(partition, os.path.basename(compacted))), table.num_rows
+    bytes_after = os.path.getsize(os.path.join(partition, os.path.basename(compacted)))
+    return len(files), bytes_before, bytes_after, table.num_rows

@@ -31,7 +31,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from zennit.canonizers import AttributeCanonizer, Canonizer, CompositeCanonizer, MergeBatchNorm, SequentialMergeBatchNorm
+from zennit.canonizers import (AttributeCanonizer, Canonizer, CompositeCanonizer, MergeBatchNorm,
+                               SequentialMergeBatchNorm)
 from zennit.layer import Sum
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Activation
@@ -52,7 +53,7 @@ class _SignalPassProduct(torch.autograd.Function):
     """``signal * gate`` whose backward hands the incoming quantity to ``signal`` unchanged."""
 
     @staticmethod
-    def forward(ctx, signal: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, signal: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return signal * gate
 
     @staticmethod

@@ -241,7 +241,7 @@ class _Boundary(torch.autograd.Function):
     """Identity that marks a child's output in the autograd graph."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view_as(tensor)
 
     @staticmethod

@@ -59,7 +59,8 @@ def plan_layers(model: nn.Module, probe: torch.Tensor, layer_names: list[str]) -
     if missing:
         raise ConfigError(f"layers {missing} are not executed by the model's forward")
     if len(order) != len(set(order)):
-        raise ConfigError(f"layers {sorted(set(n for n in order if order.count(n) > 1))} run more than once per forward")
+        repeated = sorted({n for n in order if order.count(n) > 1})
+        raise ConfigError(f"layers {repeated} run more than once per forward")
     for name in order:
         _check_layer_output(name, _captured_shape(model, probe, name))
     if output.ndim != 2:

@@ -223,7 +223,10 @@ def _scan(model: nn.Module, input_size: tuple[int, int]) -> list[LayerInfo]:
     probe = torch.randn(1, 3, height, width, generator=generator, dtype=dtype).to(device)
     with denormals_flushed(device):  # as the engine does: random weights make denormals
         records, order, x, output = _record_forward(model, probe)
-    outputs = [output] if isinstance(output, torch.Tensor) else [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
+    if isinstance(output, torch.Tensor):
+        outputs = [output]
+    else:
+        outputs = [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
     on_every_path = _dominators_of_input([t.grad_fn for t in outputs if t.grad_fn is not None], x)
     layers = []
     for name in order:

@@ -141,7 +141,7 @@ class _PassFunction(torch.autograd.Function):
     """Output: the module's output; backward: the incoming relevance, to the module's input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, holder: _Holder) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, x: torch.Tensor, holder: _Holder) -> torch.Tensor:
         return holder.tensor
 
     @staticmethod
@@ -153,7 +153,7 @@ class _RuleFunction(torch.autograd.Function):
     """Output: the module's output; backward: the rule's relevance at the module's input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, holder: _Holder, state: "_RuleState") -> torch.Tensor:  # noqa: D401
+    def forward(ctx, x: torch.Tensor, holder: _Holder, state: "_RuleState") -> torch.Tensor:
         ctx.save_for_backward(x)  # an in-place change of the input later fails loudly
         ctx.state = state
         return holder.tensor
@@ -216,7 +216,8 @@ class _GraphFreeForward:
         if leaf:
             torch.set_grad_enabled(True)  # it was on: checked by the pre-hook
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"LRP rule on {type(module).__name__}: expected a tensor output, got {type(output).__name__}")
+            raise TypeError(f"LRP rule on {type(module).__name__}: expected a tensor output, "
+                            f"got {type(output).__name__}")
         if not leaf:
             output = output.detach()
         elif output is x:
@@ -318,7 +319,8 @@ class _RuleState:
         return self.hook.rule.reducer(inputs, gradients)
 
 
-def _input_gradient(module: nn.Module, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _input_gradient(module: nn.Module, grad_output: torch.Tensor, x: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
     """Gradient of ``module``'s forward with ``weight`` with respect to its input ``x``."""
     if isinstance(module, nn.Linear):
         return grad_output.matmul(weight)

@@ -82,7 +82,8 @@ def rank_matches(
     return Matches(cells_0[order], cells_1[order], distance[order], score[order])
 
 
-def cell_centres(cells: torch.Tensor, grid: tuple[int, int], input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_centres(cells: torch.Tensor, grid: tuple[int, int],
+                 input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Centres ``(x, y)`` of flat cell indices ``(M,)`` on an ``(h, w)`` grid over an ``(H, W)`` input.
 
     Tensor front of :func:`pairx_core.geometry.cell_index_centres` (its pixel convention):

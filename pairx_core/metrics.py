@@ -44,7 +44,8 @@ class PlausibilityMetrics:
         return asdict(self)
 
 
-def homography_residual(points_0: np.ndarray, points_1: np.ndarray, threshold: float = RANSAC_THRESHOLD_PX) -> tuple[float, int]:
+def homography_residual(points_0: np.ndarray, points_1: np.ndarray,
+                        threshold: float = RANSAC_THRESHOLD_PX) -> tuple[float, int]:
     """RANSAC homography ``points_0 -> points_1`` ``(N, 2)``; returns (mean residual px, inliers)."""
     points_0 = np.asarray(points_0, dtype=np.float64).reshape(-1, 2)
     points_1 = np.asarray(points_1, dtype=np.float64).reshape(-1, 2)

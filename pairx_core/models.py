@@ -295,7 +295,8 @@ def read_state_dict(source: WeightsSource, opener: Opener | None = None) -> dict
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only rejects pickled code: say so
-        raise ModelLoadError(name, f"cannot read weights safely (safetensors or weights-only torch file): {error}") from error
+        raise ModelLoadError(name, "cannot read weights safely (safetensors or weights-only torch file): "
+                                   f"{error}") from error
     for wrapper in CHECKPOINT_CONTAINERS:  # training scripts' {"state_dict": ...} / {"model": ...}
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -442,7 +443,8 @@ def would_use_random_weights(spec: str, weights: WeightsSource = None) -> bool:
     """
     parsed = ModelSpec.parse(spec)
     if parsed.kind not in _REGISTRY:
-        raise ModelLoadError(public_spec(spec), f"unknown model kind {parsed.kind!r}; known: {', '.join(list_model_kinds())}")
+        known = ", ".join(list_model_kinds())
+        raise ModelLoadError(public_spec(spec), f"unknown model kind {parsed.kind!r}; known: {known}")
     mode = _RANDOM_WEIGHTS.get(parsed.kind, "never")
     if mode != "without_weights":
         return mode == "always"

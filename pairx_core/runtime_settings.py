@@ -12,12 +12,14 @@ thread's share), all of them when the pool started under the flag; turning the f
 leaves the pool flushing. :func:`denormals_flushed` reads the calling thread's state by
 multiplying a denormal, sets the flag for the block and puts the previous state back, so a
 library call never leaves the caller's thread changed. A process that runs pipeline tasks sets
-the mode once, before its first model load (``tasks.runtime``), so that its pool flushes too.
+the mode once when it starts (:func:`configure_task_process`), before torch starts its pool, so
+that its pool flushes too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator
 
@@ -68,10 +70,10 @@ def keep_freed_memory() -> bool:
     mmap threshold to glibc's 64-bit ceiling (32 MiB; larger tensors are still mapped and
     unmapped one by one) and never trims the heap on free: after the first batch, no faults.
     The cost: the process keeps its peak heap mapped (it is reused, not leaked). A process that
-    explains batch after batch reaches that peak every batch anyway; tasks of the pipeline call
-    this before their first model load. Setting any threshold also turns off glibc's adaptive
-    mmap threshold, which is why Dask's ``MALLOC_TRIM_THRESHOLD_`` made workers slow; this
-    undoes that as well.
+    explains batch after batch reaches that peak every batch anyway; processes that run pipeline
+    tasks call this when they start (:func:`configure_task_process`). Setting any threshold also
+    turns off glibc's adaptive mmap threshold, which is why Dask's ``MALLOC_TRIM_THRESHOLD_`` made
+    workers slow; this undoes that as well.
 
     Returns:
         whether the settings were applied (False off glibc, e.g. macOS or musl).
@@ -86,3 +88,23 @@ def keep_freed_memory() -> bool:
                     and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def configure_task_process() -> None:
+    """Process-wide torch settings of a process that runs pipeline tasks, made once where it starts
+    (the Dask worker preload ``infra.worker_setup``, the ``pairx`` command) and never as a side
+    effect of a library call or a model load.
+
+    - intra-op threads: ``PAIRX_TORCH_THREADS`` when set (the cluster factory gives each local
+      worker cores / workers), torch's default otherwise;
+    - denormals flushed to zero in the process's CPU arithmetic (GPUs flush them anyway): LRP's relevance products reach
+      denormal magnitudes, which slow CPU arithmetic many times. The engine flushes them for its
+      own calls too (:func:`denormals_flushed`), but that reaches only the calling thread: torch's
+      intra-op threads keep the mode they started with, so the mode is set before they start;
+    - :func:`keep_freed_memory` (glibc).
+    """
+    keep_freed_memory()
+    threads = int(os.environ.get("PAIRX_TORCH_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)

@@ -15,27 +15,15 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from infra.cache import ActivationCache
+from infra.cache import EXACT_FEATURE_DTYPE, ActivationCache, activation_cache
 from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
+from infra.model_runtime import get_model
 from infra.records import error_row, new_image_rows
-from infra.storage import is_transient
+from infra.storage import is_transient, retry_transient
 from infra.tables import write_table
 from pairx_core import PairXError, embed
 
-from .explain import retry_transient
-from .runtime import get_model
-
 logger = logging.getLogger("pairx.tasks")
-
-#: dtype of the explained layers' cached feature maps (stage 1 reads them back)
-EXACT_FEATURE_DTYPE = "float32"
-
-
-def activation_cache(cache_url: str, model_fingerprint: str, prep_fingerprint: str, layers: Sequence[str],
-                     storage_options: Mapping[str, Any] | None = None) -> ActivationCache:
-    """The pipeline's cache: explained layers stored float32."""
-    return ActivationCache(cache_url, model_fingerprint, prep_fingerprint, storage_options=storage_options,
-                           layer_dtypes={layer: EXACT_FEATURE_DTYPE for layer in layers})
 
 
 @dataclass

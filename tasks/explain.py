@@ -22,17 +22,16 @@ from prefect.cache_policies import NONE as NO_CACHE
 from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
 from infra.inputs import ImageKey, PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import OutputSettings, PlannedPair, existing_output_keys, plan_pairs
+from infra.model_runtime import LoadedModel, get_model
 from infra.model_store import redact_model_spec
 from infra.records import RowContext, error_row, explanation_rows, new_image_rows, unloadable_pair_row
-from infra.storage import StorageTarget, is_transient
+from infra.storage import StorageTarget, is_transient, retry_transient
 from infra.tables import write_table
 from infra.viz import PICTURE_VERSION, public_link, viz_uri, write_png
 from pairx_core import ENGINE_VERSION, ExplainConfig, PairXError, explain_indexed
 from pairx_core.metrics import plausibility
 from pairx_core.render import DISPLAY_MAX_SIDE, fit_display, render
 from pairx_core.results import PairExplanation
-
-from .runtime import LoadedModel, get_model
 
 #: concurrent image reads per batch (Pillow decodes and fsspec reads release the GIL)
 DECODE_THREADS = 8
@@ -65,7 +64,8 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "engine": 0.0, "render": 0.0, "write": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode": 0.0, "engine": 0.0, "render": 0.0, "write": 0.0})
     irm: dict[str, float | None] = field(default_factory=dict)
     similarity: dict[str, float] = field(default_factory=dict)
     worker: str = ""
@@ -266,19 +266,8 @@ def _worker_name() -> str:
         from distributed import get_worker
 
         return get_worker().address
-    except Exception:
+    except Exception:  # noqa: BLE001 - not inside a Dask worker
         return "local"
-
-
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry only transient I/O errors, never a ``PairXError``."""
-    try:
-        state.result()
-    except PairXError:
-        return False
-    except Exception as error:
-        return is_transient(error)
-    return False
 
 
 @task(name="explain_batch", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,

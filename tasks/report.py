@@ -8,8 +8,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.report import build_report
-
-from .explain import retry_transient
+from infra.storage import retry_transient
 
 
 @task(name="write_report", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient,

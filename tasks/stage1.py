@@ -18,15 +18,13 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from infra.cache import CacheIntegrityError
+from infra.cache import CacheIntegrityError, activation_cache
 from infra.images import DEFAULT_MIN_SIDE, load_image
+from infra.model_runtime import get_model
+from infra.storage import retry_transient
 from pairx_core import ExplainConfig, embed
 from pairx_core.metrics import plausibility
 from pairx_core.stage1 import SplitUnsupportedError, stage1, stage1_from_images
-
-from .embed import activation_cache
-from .explain import retry_transient
-from .runtime import get_model
 
 logger = logging.getLogger("pairx.tasks")
 

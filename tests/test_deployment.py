@@ -55,7 +55,7 @@ class Services:
         self.folder, self.env, self.procs = folder, env, []
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.folder / f"{name}.log", "wb")  # closed with the process
         proc = subprocess.Popen(list(args), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs.append(proc)
@@ -121,7 +121,8 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
         dask_scheduler = services.start("dask-scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
                                         "--port", str(dask_port), "--dashboard-address", ":0")
         dask_worker = services.start("dask-worker", str(BIN / "dask"), "worker", scheduler, "--nthreads", "1",
-                                     "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard")
+                                     "--nworkers", "1", "--host", "127.0.0.1", "--no-dashboard",
+                                     "--preload", "infra.worker_setup")
         _wait(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, "prefect server", 90,
               [server])
 

@@ -241,7 +241,8 @@ def test_relevance_linear_in_seed_and_finite(effnet):
 def _snapshot(model: nn.Module):
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
-        {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for name, m in model.named_modules()},
+        {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+         for name, m in model.named_modules()},
         [p.requires_grad for p in model.parameters()],
         model.training,
         {name: dict(vars(m)).keys() - {"_parameters", "_buffers", "_modules"} for name, m in model.named_modules()},
@@ -347,7 +348,8 @@ def test_memory_budget_cuts_batches(effnet):
     assert stats.batches == 6 and max(stats.images_per_batch) == 2
     roomy = explain(effnet, x0, x1, "backbone.blocks.3", k_colors=0)
     for a, b in zip(tight, roomy):
-        np.testing.assert_allclose(a.layers["backbone.blocks.3"].relevance_0, b.layers["backbone.blocks.3"].relevance_0, rtol=1e-9)
+        np.testing.assert_allclose(a.layers["backbone.blocks.3"].relevance_0, b.layers["backbone.blocks.3"].relevance_0,
+                                   rtol=1e-9)
 
 
 def test_strict_lrp_differs_but_finite():

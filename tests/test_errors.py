@@ -84,6 +84,6 @@ def test_missing_bucket_says_so(s3_server):
     from infra.tables import write_table
 
     with pytest.raises(StorageError) as raised:
-        write_table("s3://no-such-bucket-pairx/out", "errors", [{"item": "x", "stage": "load", "error_type": "E",
-                                                                  "message": "m", "content_hash": None}], "model", "run")
+        row = {"item": "x", "stage": "load", "error_type": "E", "message": "m", "content_hash": None}
+        write_table("s3://no-such-bucket-pairx/out", "errors", [row], "model", "run")
     assert "bucket does not exist" in str(raised.value)

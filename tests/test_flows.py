@@ -41,7 +41,8 @@ def test_explain_pairs_errors_rows_and_rerun(prefect_harness, photo_folders, tmp
     pairs = tmp_path / "pairs.csv"
     pd.DataFrame({
         "image_0": ["uploads/ind-0000.png", "uploads/ind-0001.png", "uploads/broken.jpg", "uploads/missing.png"],
-        "image_1": ["gallery/ind-0000/a.png", "gallery/ind-0001/a.png", "gallery/ind-0000/a.png", "gallery/ind-0001/a.png"],
+        "image_1": ["gallery/ind-0000/a.png", "gallery/ind-0001/a.png",
+                    "gallery/ind-0000/a.png", "gallery/ind-0001/a.png"],
         "pair_id": ["p0", "p1", "p2", "p3"],
     }).to_csv(pairs, index=False)
     out = tmp_path / "out"
@@ -148,7 +149,8 @@ def test_explain_pairs_on_s3(prefect_harness, photo_folders, s3_bucket):
     client = boto3.client("s3")
     for path in photo_folders.rglob("*.png"):
         client.put_object(Bucket=s3_bucket, Key=f"photos/{path.relative_to(photo_folders)}", Body=path.read_bytes())
-    table = "image_0,image_1\nuploads/ind-0000.png,gallery/ind-0000/a.png\nuploads/ind-0001.png,gallery/ind-0001/a.png\n"
+    table = ("image_0,image_1\nuploads/ind-0000.png,gallery/ind-0000/a.png\n"
+             "uploads/ind-0001.png,gallery/ind-0001/a.png\n")
     client.put_object(Bucket=s3_bucket, Key="pairs.csv", Body=table.encode())
     config = _config(ExplainPairsConfig, pairs=f"s3://{s3_bucket}/pairs.csv", image_root=f"s3://{s3_bucket}/photos",
                      out=f"s3://{s3_bucket}/out")

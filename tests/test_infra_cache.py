@@ -222,7 +222,7 @@ def test_embedding_matrix_reads_each_batch_array_once(tmp_path):
 def _child_reads(cache, hashes, queue):
     try:
         queue.put(cache.get_embeddings(hashes).tolist())
-    except Exception as exc:  # pragma: no cover - reported to the parent
+    except Exception as exc:  # noqa: BLE001  # pragma: no cover - reported to the parent
         queue.put(repr(exc))
 
 

@@ -89,6 +89,21 @@ def _register_late_exit_handler() -> int:
     return os.getpid()
 
 
+def _torch_settings() -> tuple[int, bool]:
+    """Torch's intra-op thread count, and whether a thread started now flushes denormals."""
+    import threading
+
+    import torch
+
+    from pairx_core.runtime_settings import denormals_are_flushed
+
+    flushed = []
+    thread = threading.Thread(target=lambda: flushed.append(denormals_are_flushed()))
+    thread.start()
+    thread.join()
+    return torch.get_num_threads(), flushed[0]
+
+
 @pytest.mark.timeout(120)
 def test_a_closed_local_worker_runs_later_exit_handlers_then_skips_teardown(tmp_path):
     """Closing a LocalCluster waited 1.3-2 s per worker for Python to free torch and friends."""
@@ -104,6 +119,10 @@ def test_a_closed_local_worker_runs_later_exit_handlers_then_skips_teardown(tmp_
     with local, Client(local) as client:
         (preloads,) = client.run(lambda: dask.config.get("distributed.worker.preload")).values()
         (pid,) = client.run(_register_late_exit_handler).values()
-    assert preloads == [preload, cluster.WORKER_EXIT_PRELOAD]  # a user's preloads are kept, in order
+        (threads, flushed) = next(iter(client.run(_torch_settings).values()))
+    # a user's preloads are kept, in order
+    assert preloads == [preload, cluster.WORKER_SETUP_PRELOAD, cluster.WORKER_EXIT_PRELOAD]
+    # set by the setup preload when the worker started (the nanny's OMP_NUM_THREADS=1 otherwise)
+    assert threads == int(env.get("PAIRX_TORCH_THREADS", threads)) and flushed
     assert (tmp_path / "registered_after_the_exit_hook").read_text() == str(pid)  # Prefect's log flush, e.g.
     assert not (tmp_path / "registered_before_the_exit_hook").exists()  # os._exit came first

@@ -61,7 +61,8 @@ def test_decoding_is_lossless_for_png():
     np.testing.assert_array_equal(np.asarray(loaded.image), array)
 
 
-@pytest.mark.parametrize(("orientation", "expected_corner"), [(6, "top_right"), (8, "bottom_left"), (3, "bottom_right")])
+@pytest.mark.parametrize(("orientation", "expected_corner"),
+                         [(6, "top_right"), (8, "bottom_left"), (3, "bottom_right")])
 def test_exif_orientation_is_applied(orientation, expected_corner):
     # stored landscape 40x20 with a red block in the stored top-left corner
     array = np.zeros((20, 40, 3), np.uint8)
@@ -111,7 +112,8 @@ def _mode_cases():
     yield "1", _encode(Image.fromarray(np.array([[0, 1, 1]], bool))), [0, 255, 255]
 
 
-@pytest.mark.parametrize(("label", "data", "expected_gray"), list(_mode_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("label", "data", "expected_gray"), list(_mode_cases()),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_every_mode_becomes_8bit_rgb(label, data, expected_gray):
     loaded = decode_image(data, f"{label}.img")
     assert loaded.image.mode == "RGB"
@@ -205,7 +207,8 @@ def test_rotation_convention_matches_miewid_rotated_box():
 
 
 def test_rotation_fills_outside_with_white():
-    loaded = decode_image(_encode(Image.new("RGB", (40, 40), (0, 0, 0))), "w.png", box=(0, 0, 40, 40), theta=math.pi / 4)
+    loaded = decode_image(_encode(Image.new("RGB", (40, 40), (0, 0, 0))), "w.png", box=(0, 0, 40, 40),
+                          theta=math.pi / 4)
     pixels = np.asarray(loaded.image)
     assert (pixels[0, 0] == 255).all() and (pixels[20, 20] == 0).all()
 

@@ -14,7 +14,7 @@ import infra.storage as storage
 from infra.cache import ActivationCache
 from infra.images import load_image
 from infra.keys import existing_output_keys
-from infra.storage import RETRIES, StorageTarget, is_transient
+from infra.storage import StorageTarget, counting_retries, is_transient
 from infra.tables import TABLE_SCHEMAS, read_table, write_table
 from pairx_core.errors import ImageError, StorageError
 
@@ -97,12 +97,11 @@ def test_unreachable_endpoint_is_transient(s3_server, s3_bucket, monkeypatch):
     )
     monkeypatch.setattr(dead.filesystem(), "retries", 1)  # s3fs's own retry loop (cached instance)
     monkeypatch.setenv("PAIRX_IO_ATTEMPTS", "2")  # one retry, not the default minute of backoff
-    retries_before = RETRIES["count"]
-    with pytest.raises(Exception) as info:
+    with counting_retries() as retries, pytest.raises(Exception) as info:
         dead.read_bytes("k")
     assert not isinstance(info.value, StorageError)
     assert is_transient(info.value)
-    assert RETRIES["count"] == retries_before + 1  # retried once as transient, then given up
+    assert retries.count == 1  # retried once as transient, then given up
 
 
 def test_cache_put_get_prune_on_s3(s3_server, s3_bucket):

@@ -257,7 +257,7 @@ def test_zarr_store_local_and_memory(tmp_path, memory_target):
 def test_transient_errors_are_retried_with_the_one_policy(tmp_path, monkeypatch):
     """Storage calls retry transient errors (here: 3 x 503) and never retry a missing file."""
     import infra.storage as storage_module
-    from infra.storage import RETRIES, RetryPolicy, StorageTarget
+    from infra.storage import RetryPolicy, StorageTarget, counting_retries
     from pairx_core.errors import StorageError
 
     target = StorageTarget.from_url(str(tmp_path))
@@ -276,11 +276,59 @@ def test_transient_errors_are_retried_with_the_one_policy(tmp_path, monkeypatch)
 
     monkeypatch.setattr(type(target.filesystem()), "cat_file", flaky)
     monkeypatch.setattr(RetryPolicy, "default", classmethod(lambda cls: cls(attempts=5, first_delay_s=0.01)))
-    before = RETRIES["count"]
-    assert target.read_bytes("a.txt") == b"hello"
-    assert calls["n"] == 4 and RETRIES["count"] - before == 3
+    with counting_retries() as retries:
+        assert target.read_bytes("a.txt") == b"hello"
+    assert calls["n"] == 4 and retries.count == 3
     calls["n"] = 10  # no more failures: a missing file is not transient and is not retried
     with pytest.raises(StorageError):
         target.read_bytes("missing.txt")
     assert calls["n"] == 11
     assert storage_module.with_retries(lambda: 7) == 7
+
+
+def test_each_run_counts_its_own_retries(monkeypatch):
+    """The retry count is per run: it starts at zero, counts every thread, and ends with the run."""
+    import threading
+
+    from infra.storage import RetryPolicy, counting_retries, with_retries
+
+    monkeypatch.setattr(RetryPolicy, "default", classmethod(lambda cls: cls(attempts=3, first_delay_s=0.0)))
+
+    def fails_twice():
+        failures = iter([ConnectionResetError("reset"), ConnectionResetError("reset")])
+
+        def call():
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            return "ok"
+
+        return call
+
+    assert with_retries(fails_twice()) == "ok"  # no run open: counted nowhere
+    with counting_retries() as first:
+        worker = threading.Thread(target=with_retries, args=(fails_twice(),))  # a task's thread
+        worker.start()
+        worker.join()
+    with counting_retries() as second, counting_retries() as inner:
+        with_retries(fails_twice())
+    assert (first.count, second.count, inner.count) == (2, 2, 2)
+
+
+def test_tasks_retry_only_transient_errors():
+    """``retry_transient``, the Prefect retry condition every pipeline task uses."""
+    from infra.storage import retry_transient
+    from pairx_core.errors import ImageError
+
+    class Finished:
+        def __init__(self, error: BaseException | None):
+            self.error = error
+
+        def result(self):
+            if self.error is not None:
+                raise self.error
+
+    assert retry_transient(None, None, Finished(ConnectionResetError("reset")))
+    assert not retry_transient(None, None, Finished(ImageError("a.jpg", "not an image")))
+    assert not retry_transient(None, None, Finished(FileNotFoundError("a.jpg")))
+    assert not retry_transient(None, None, Finished(None))

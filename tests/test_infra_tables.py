@@ -23,6 +23,7 @@ from infra.viz import viz_uri, write_png
 from pairx_core.errors import ConfigError
 
 README_OUTPUTS = Path(__file__).resolve().parents[1] / "infra" / "README_outputs.md"
+OUTPUTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"
 WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
 
 
@@ -146,10 +147,10 @@ def test_duckdb_reads_the_dataset(tmp_path):
         f"GROUP BY model ORDER BY model"
     ).fetchall()
     assert counts == [("miewid-v3", 3, 0.75), ("other", 2, 0.5)]
-    # the example query documented in README_outputs.md runs as written
-    text = README_OUTPUTS.read_text()
+    # the example query documented in docs/outputs.md runs as written
+    text = OUTPUTS_DOC.read_text()
     match = re.search(r"```sql\n(.*?)```", text, re.S)
-    assert match, "README_outputs.md must contain a ```sql example"
+    assert match, "docs/outputs.md must contain a ```sql example"
     rows = con.sql(match.group(1).replace("OUT/", f"{out}/")).fetchall()
     assert len(rows) >= 1
 
@@ -157,7 +158,8 @@ def test_duckdb_reads_the_dataset(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda rows: [{k: v for k, v in r.items() if k != "similarity"} for r in rows], "missing columns ['similarity']"),
+        (lambda rows: [{k: v for k, v in r.items() if k != "similarity"} for r in rows],
+         "missing columns ['similarity']"),
         (lambda rows: [dict(r, simlarity=0.1) for r in rows], "unknown columns ['simlarity']"),
         (lambda rows: [dict(r, pair_id=None) for r in rows], "'pair_id' has 3 null"),
         (lambda rows: [dict(r, n_matches="many") for r in rows], "do not fit the schema"),

@@ -158,16 +158,3 @@ def test_display_scale():
     assert display_scale((96, 96)) == 3
     assert display_scale((440, 440)) == 1
     assert display_scale((128, 200)) == 2
-
-
-def test_core_is_pure_compute():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, pairx_core, pairx_core.engine, pairx_core.models, pairx_core.metrics, pairx_core.render;"
-        "bad=[m for m in ('fsspec','s3fs','prefect','dask','zarr','distributed') if m in sys.modules];"
-        "print(','.join(bad))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == ""

@@ -44,7 +44,7 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
     assert decodes["stage1"] == 0  # stage 1 read activations, decoded nothing
     candidates = read_table(str(out), "candidates")
     assert len(candidates) == 2 * 4
-    for query, rows in candidates.groupby("query"):
+    for _, rows in candidates.groupby("query"):
         assert sorted(rows["rank"]) == [0, 1, 2, 3]
         assert sorted(rows["retrieval_rank"]) == [0, 1, 2, 3]
         assert rows["explained"].sum() == 2

@@ -20,8 +20,8 @@ from ..storage import safe_segment
 from ..tables import read_table
 
 PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "n_matches", "inliers", "box_0",
-                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at", "date",
-                "run_id"]
+                "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at",
+                "date", "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
                      "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]

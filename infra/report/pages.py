@@ -46,9 +46,12 @@ h1{font-size:22px;margin:14px 0 6px} h2{font-size:18px;margin:18px 0 6px}
 a{color:#0645ad} a:focus-visible,section:focus-visible{outline:3px solid #e08a00;outline-offset:2px}
 .skip{position:absolute;left:-999px} .skip:focus{left:16px;top:8px;background:#fff;padding:4px 8px;z-index:9}
 .legend{color:#333;max-width:1100px;margin:4px 0 8px}
-table.list{border-collapse:collapse;margin:8px 0} table.list th,table.list td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+table.list{border-collapse:collapse;margin:8px 0}
+table.list th,table.list td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 table.list td.num{text-align:right}
-nav.pages{margin:10px 0} nav.pages a,nav.pages span{display:inline-block;padding:2px 8px;margin-right:4px;border:1px solid #ccc;border-radius:3px}
+nav.pages{margin:10px 0}
+nav.pages a,nav.pages span{display:inline-block;padding:2px 8px;margin-right:4px;
+  border:1px solid #ccc;border-radius:3px}
 nav.pages [aria-current]{background:#222;color:#fff}
 section.upload{display:flex;gap:10px;border-top:1px solid #ccc;padding:10px 0}
 .query{flex:0 0 170px;min-width:0;overflow-wrap:anywhere;font-size:13px}
@@ -89,7 +92,8 @@ document.addEventListener('keydown', function (event) {
   if (rel) { var link = document.querySelector('link[rel=' + rel + ']'); if (link) location.href = link.href; return; }
   if (event.key === 'j' || event.key === 'k') {
     var items = Array.prototype.slice.call(document.querySelectorAll('section.upload'));
-    var current = items.indexOf(document.activeElement.closest ? document.activeElement.closest('section.upload') : null);
+    var focused = document.activeElement.closest ? document.activeElement.closest('section.upload') : null;
+    var current = items.indexOf(focused);
     var next = items[Math.max(0, Math.min(items.length - 1, current + (event.key === 'j' ? 1 : -1)))];
     if (next) { next.focus(); next.scrollIntoView({block: 'start'}); }
   }

@@ -34,7 +34,8 @@ from .evaluation import photo_seed
 
 def _to_uint8(images) -> torch.Tensor:
     """PIL RGB images already at the model size -> ``(N, 3, H, W)`` uint8."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2).contiguous()
+    stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
 def _normalise(batch_u8: torch.Tensor, mean, std) -> torch.Tensor:

@@ -131,7 +131,8 @@ def occluder(
         angles = np.sort(rng.uniform(0, 2 * math.pi, n_vertices))
         rr = radius * rng.uniform(0.6, 1.0, n_vertices)
         draw.polygon(
-            [(float((aim[0] + r * math.cos(a)) * ss), float((aim[1] + r * math.sin(a)) * ss)) for a, r in zip(angles, rr)],
+            [(float((aim[0] + r * math.cos(a)) * ss), float((aim[1] + r * math.sin(a)) * ss))
+             for a, r in zip(angles, rr)],
             fill=255,
         )
         base = _BACKGROUND_PALETTE[rng.integers(len(_BACKGROUND_PALETTE))] * rng.uniform(0.6, 1.1)
