@@ -670,6 +670,8 @@ def demo_cmd(
     top_k: int = typer.Option(3, "--top-k", help="candidates explained per upload"),
     workers: Optional[int] = Workers,
     json_output: bool = JsonOut,
+    auto_decide: bool = typer.Option(False, "--auto-decide", help="record the true decisions (reviewer "
+                                     "demo-ground-truth) so that the review views and index have figures"),
 ) -> None:
     """Generate a gallery and a night of synthetic uploads, run the real nightly flow with the
     embedded demo model, score it against the ground truth and write index.html."""
@@ -685,7 +687,8 @@ def demo_cmd(
     with reported_errors(), sigterm_as_interrupt():
         from .demo import DemoSettings, prepare_demo, run_demo
 
-        settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
+        settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers,
+                                auto_decide=auto_decide)
         prepared = prepare_demo(settings)
         clock.mark("photos")
         with api.active(), progress_display(not json_output):
@@ -708,6 +711,8 @@ def demo_cmd(
             f"tables: {summary['tables']}; pictures: {summary['pictures']}")
     else:
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
+    if "decisions" in summary and not json_output:
+        typer.echo(f"Ground truth decided: {summary['decisions'] or 'nothing new'}")
     if failed:
         raise typer.Exit(code=EXIT_FAILED)
 

@@ -1,4 +1,5 @@
-"""The review site's index shows the review figures, read through the dashboard views."""
+"""The review site's index shows the review figures, read through the dashboard views; ground truth
+decides like a reviewer (``pairx demo --auto-decide``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 
 from decision_helpers import MODEL, NIGHT_RUN, query_uri, write_output
@@ -129,3 +131,33 @@ def test_decide_and_the_review_server_refresh_the_index(out):
         while index_tables(out)["nights"][0][-3:-1] != ["2", "1"] and time.monotonic() < deadline:
             time.sleep(0.1)
     assert index_tables(out)["nights"][0][-3:-1] == ["2", "1"]
+
+
+def test_ground_truth_decides_like_a_reviewer_and_every_view_has_rows(out):
+    from flows.demo import DEMO_REVIEWER, decide_from_truth
+    from infra.decisions import read_decisions
+
+    build_report(str(out))
+    q0, q1, q2 = (query_uri(out, i) for i in range(3))
+    truth = {q0: {"individual": "ind-a"},  # its rank-0 candidate
+             q1: {"individual": "ind-a"},  # known, but not among upload 1's candidates (ind-b, ind-c, ind-d)
+             q2: {"individual": "ind-new"}}  # in no gallery
+    assert decide_from_truth(str(out), truth) == {"match": 2, "new_individual": 1}
+    rows = read_decisions(str(out)).set_index("query")
+    assert rows.loc[q0, ["decision", "rank", "individual"]].tolist() == ["match", 0, "ind-a"]
+    assert rows.loc[q1, "decision"] == "match" and pd.isna(rows.loc[q1, "rank"])  # outside the candidates
+    assert rows.loc[q2, ["decision", "individual"]].tolist() == ["new_individual", "ind-new"]
+    assert set(rows["reviewer"]) == {DEMO_REVIEWER}
+    assert decide_from_truth(str(out), truth) == {}  # decided uploads are left alone on a second run
+
+    views = create_views(duckdb.connect(), str(out))
+    for view in ("latest_decisions", "review_progress", "model_precision", "plausibility_calibration"):
+        assert views.execute(f"SELECT count(*) FROM {view}").fetchone()[0] > 0, view
+    assert index_tables(out)["nights"][0][-3:-1] == ["3", "0"]  # the index was rewritten
+
+
+def test_ground_truth_without_an_individual_is_no_match(out):
+    from flows.demo import truth_requests
+
+    requests = truth_requests(str(out), {query_uri(out, 0): {"individual": None}})
+    assert [(r.query, r.decision) for r in requests] == [(query_uri(out, 0), "no_match")]
