@@ -4,7 +4,8 @@ Generates individuals with known geometry (``pairx_core.synthetic``), writes a g
 per individual) and a night of uploads into a local folder, runs the real ``nightly`` flow with the
 embedded ``demo`` model, then scores what it did against the ground truth (retrieval top-1 and
 the share of PAIR-X's top matches that land where the true mapping says) and writes
-``index.html``, readable in a browser without a server.
+``index.html``, readable in a browser without a server. With ``auto_decide`` (``pairx demo
+--auto-decide``) the ground truth then records each upload's decision, as a reviewer would.
 """
 
 from __future__ import annotations
