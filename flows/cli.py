@@ -674,6 +674,8 @@ def demo_cmd(
     top_k: int = typer.Option(3, "--top-k", help="candidates explained per upload"),
     workers: Optional[int] = Workers,
     json_output: bool = JsonOut,
+    auto_decide: bool = typer.Option(False, "--auto-decide", help="record the true decisions (reviewer "
+                                     "demo-ground-truth) so that the review views and index have figures"),
 ) -> None:
     """Generate a gallery and a night of synthetic uploads, run the real nightly flow with the
     embedded demo model, score it against the ground truth and write index.html."""
@@ -692,7 +694,8 @@ def demo_cmd(
         from .demo import DemoSettings, prepare_demo, run_demo
 
         configure_task_process()  # this process runs the demo's tasks when --workers 0
-        settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
+        settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers,
+                                auto_decide=auto_decide)
         prepared = prepare_demo(settings)
         clock.mark("photos")
         with api.active(), progress_display(not json_output):
@@ -715,6 +718,8 @@ def demo_cmd(
             f"tables: {summary['tables']}; pictures: {summary['pictures']}")
     else:
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
+    if "decisions" in summary and not json_output:
+        typer.echo(f"Ground truth decided: {summary['decisions'] or 'nothing new'}")
     if failed:
         raise typer.Exit(code=EXIT_FAILED)
 

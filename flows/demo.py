@@ -4,7 +4,8 @@ Generates individuals with known geometry (``pairx_core.synthetic``), writes a g
 per individual) and a night of uploads into a local folder, runs the real ``nightly`` flow with the
 embedded ``demo`` model, then scores what it did against the ground truth (retrieval top-1 and
 the share of PAIR-X's top matches that land where the true mapping says) and writes
-``index.html``, readable in a browser without a server.
+``index.html``, readable in a browser without a server. With ``auto_decide`` (``pairx demo
+--auto-decide``) the ground truth then records each upload's decision, as a reviewer would.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pairx_core.synthetic import make_individuals, render_photo, true_mapping
 from .config import NightlyConfig
 
 DEMO_MODEL = "demo"
+#: the reviewer name of the decisions ``pairx demo --auto-decide`` records
+DEMO_REVIEWER = "demo-ground-truth"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class DemoSettings:
     k_lines: int = 10
     k_colors: int = 5
     workers: int | None = None
+    #: after the night, record the true decisions (ground truth as the reviewer)
+    auto_decide: bool = False
 
 
 def write_dataset(settings: DemoSettings, size: tuple[int, int]) -> dict:
@@ -108,10 +113,59 @@ def run_demo(settings: DemoSettings, prepared: PreparedDemo | None = None) -> di
     flow_summary = nightly(config)
     loaded = get_model(DEMO_MODEL, "cpu")
     scores = score_results(config.out, truth, layer, loaded.model, size, k=10)
+    decided = {"decisions": decide_from_truth(config.out, truth)} if settings.auto_decide else {}
     write_index(settings.out, config.out, truth, layer)
-    return {**flow_summary, **scores, "seconds_total": round(time.perf_counter() - started, 1),
+    return {**flow_summary, **scores, **decided, "seconds_total": round(time.perf_counter() - started, 1),
             "index_html": str(settings.out / "index.html"), "tables": f"{config.out}/tables",
             "pictures": f"{config.out}/viz"}
+
+
+def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list:
+    """The decisions ground truth makes on the uploads of ``out`` not decided yet, as requests.
+
+    Each upload's latest night: ``match`` with the candidate of the true individual (its best
+    rank) when it is among the candidates, else ``match`` on the known individual, else
+    ``new_individual`` named after it; an upload whose truth names no individual is ``no_match``;
+    one without truth stays pending.
+    """
+    from infra.decisions import DecisionRequest, UploadIndex, latest_by_query, read_decisions
+
+    index = UploadIndex.load(out)
+    decided = latest_by_query(read_decisions(out))
+    requests = []
+    for query in index.queries():
+        if query not in truth or query in decided:
+            continue
+        individual = truth[query].get("individual")
+        base = {"query": query, "reviewer": reviewer, "note": "pairx demo: ground truth"}
+        upload = index.find(query)
+        candidate = upload.candidate(rank=None, gallery_image=None, individual=individual) if individual else None
+        if individual is None:
+            fields = {"decision": "no_match"}
+        elif candidate is not None:
+            fields = {"decision": "match", "rank": candidate["rank"], "night_run_id": upload.run_id,
+                      "model_id": upload.model_id}
+        elif individual in index.individuals:
+            fields = {"decision": "match", "individual": individual}
+        else:
+            fields = {"decision": "new_individual", "individual": individual}
+        requests.append(DecisionRequest.from_mapping({**base, **fields}))
+    return requests
+
+
+def decide_from_truth(out: str, truth: dict) -> dict[str, int]:
+    """Record :func:`truth_requests` (same checks and table as ``pairx decide``), rewrite the review
+    site's index so that it shows the figures; returns how many of each decision were recorded."""
+    from infra.decisions import record_decisions
+    from infra.report import refresh_index
+
+    requests = truth_requests(out, truth)
+    rows = record_decisions(out, requests) if requests else []
+    refresh_index(out)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["decision"]] = counts.get(row["decision"], 0) + 1
+    return counts
 
 
 def _grid(model, layer: str, size: tuple[int, int]) -> tuple[int, int]:

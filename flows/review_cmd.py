@@ -86,6 +86,9 @@ def decide_cmd(
         what = row["decision"] + (f" {row['individual']}" if row["individual"] else "")
         typer.echo(f"{row['query']}: {what} (night run {row['night_run_id']}, by {row['reviewer']})")
     typer.echo(f"{len(rows)} decision(s) recorded")
+    from infra.report import refresh_index
+
+    refresh_index(out)  # the review site's index shows the figures with these decisions
 
 
 def register_review_commands(app: typer.Typer) -> None:

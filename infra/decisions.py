@@ -248,6 +248,10 @@ class UploadIndex:
     def __contains__(self, query: str) -> bool:
         return query in self._runs
 
+    def queries(self) -> list[str]:
+        """Every upload of the output root, sorted."""
+        return sorted(self._runs)
+
     def runs(self, query: str) -> list[UploadRun]:
         return list(self._runs.get(query, ()))
 

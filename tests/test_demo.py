@@ -21,7 +21,7 @@ def test_pairx_demo_end_to_end(tmp_path):
     pairx = Path(sys.executable).parent / "pairx"
     out = tmp_path / "demo"
     completed = subprocess.run([str(pairx), "demo", "--out", str(out), "--individuals", "4", "--top-k", "2",
-                                "--json"], env=env, capture_output=True, text=True, timeout=600)
+                                "--json", "--auto-decide"], env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads(completed.stdout)
     assert summary["done"] == 8 and summary["failed"] == 0 and summary["status"] == "completed"
@@ -52,6 +52,19 @@ def test_pairx_demo_end_to_end(tmp_path):
     assert {str((out / p).resolve()) for p in viz} == {str(Path(u).resolve()) for u in pairs.viz_uri}
     # PAIR-X's top matches on true pairs land on the true spot more often than random cells
     assert summary["match_accuracy_top10"] > summary["match_accuracy_random"]
+
+    # --auto-decide: ground truth decided every upload (all 4 individuals are in the gallery, and
+    # stage 1 judged all 8 gallery photos), so every review view has rows, and so does the index
+    assert summary["decisions"] == {"match": 4}
+    import duckdb
+
+    from infra.views import create_views
+
+    views = create_views(duckdb.connect(), results)
+    for view in ("latest_decisions", "review_progress", "model_precision", "plausibility_calibration"):
+        assert views.execute(f"SELECT count(*) FROM {view}").fetchone()[0] > 0, view
+    assert views.execute("SELECT DISTINCT reviewer FROM decisions").fetchall() == [("demo-ground-truth",)]
+    assert "id='model-precision'" in (Path(results) / "report" / "index.html").read_text()
 
     # the same night again through `pairx nightly`: nothing new, and nothing but the summary said
     rerun = subprocess.run([str(pairx), "nightly", "--uploads", str(out / "data" / "uploads"), "--gallery",

@@ -3,7 +3,10 @@
 :func:`build_report` reads the output tables (``infra.tables.read_table``) and writes, through
 ``infra.storage`` (local folders, ``s3://``, any fsspec URL):
 
-- ``report/index.html``: every night (date, model, uploads, pairs, failures);
+- ``report/index.html``: every night (date, model, uploads, pairs, failures; decided, pending and
+  the median time to decision), then model precision and plausibility calibration, read through
+  the dashboard views ``review_progress``, ``model_precision``, ``plausibility_calibration``
+  (``infra/views.sql``) as they stand when the index is written;
 - ``report/nights/<date>_<model_id>/index.html`` (+ ``page-2.html`` ...): each upload with its
   clean photo and its ranked candidates side by side (clean candidate photo, individual,
   similarity, IRM, re-rank score, PAIR-X picture; click to enlarge), then the night's errors;
@@ -33,9 +36,10 @@ from ..storage import StorageTarget
 from ..viz import public_link, relative_to_out, viz_uri
 from . import pages
 from .data import Card, Night, load_nights
+from .figures import load_review_figures
 from .thumbs import ThumbWriter
 
-__all__ = ["DEFAULT_PAGE_SIZE", "ReportResult", "build_report"]
+__all__ = ["DEFAULT_PAGE_SIZE", "ReportResult", "build_report", "refresh_index", "write_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +100,40 @@ def build_report(
     for night in chosen:
         written += _write_night(night, storage, thumbs, out, storage_options, page_size)
 
-    index_nights = everything if model is None else load_nights(out, storage_options=storage_options)
-    if model is not None:
-        for night in index_nights:
-            night.demo_elsewhere = night.is_demo_model and not _demo_dataset(out, night, storage_options)
-    index = storage.write_bytes_atomic(f"{pages.REPORT_DIR}/index.html", pages.index_html(index_nights).encode())
+    index = write_index(out, everything if model is None else None, storage_options=storage_options)
     written.append(index)
     public_index = public_link(out, index, public_url, storage_options) if public_url else None
     logger.info("report: %d night(s) written, %d thumbnail(s), index %s", len(chosen), thumbs.written, index)
     return ReportResult(index_url=index, public_index_url=public_index, nights=len(chosen), pages=written,
                         thumbs_written=thumbs.written)
+
+
+def write_index(out: str, nights: list[Night] | None = None, *,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """(Re)write ``report/index.html`` alone: every night (``nights`` when already loaded, banner flags
+    set) with its review progress, then model precision and plausibility calibration, all read
+    through the dashboard views. Returns its storage URL. Called after decisions are recorded
+    outside a report build (``pairx demo --auto-decide``), so that the figures are current."""
+    if nights is None:
+        nights = load_nights(out, storage_options=storage_options)
+        for night in nights:
+            night.demo_elsewhere = night.is_demo_model and not _demo_dataset(out, night, storage_options)
+    figures = load_review_figures(out, storage_options)
+    storage = StorageTarget.from_url(out, storage_options)
+    return storage.write_bytes_atomic(f"{pages.REPORT_DIR}/index.html", pages.index_html(nights, figures).encode())
+
+
+def refresh_index(out: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Rewrite the index of an existing site (after decisions were recorded) so that its review
+    figures are current; no site yet: nothing. A failure is logged, never raised: the decisions are
+    already in their table, and the next report build rewrites the index anyway."""
+    try:
+        if not StorageTarget.from_url(out, storage_options).exists(f"{pages.REPORT_DIR}/index.html"):
+            return None
+        return write_index(out, storage_options=storage_options)
+    except Exception:  # noqa: BLE001 - see above
+        logger.warning("report: index not refreshed after decisions", exc_info=True)
+        return None
 
 
 def _demo_dataset(out: str, night: Night, storage_options: Mapping[str, Any] | None) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .data import Card, Night, Upload, near_ties
+from .figures import ReviewFigures
 
 REPORT_DIR = "report"
 
@@ -142,22 +143,102 @@ def _model_tags(night: Night) -> str:
     return "".join(f" <span class='tag'>{esc(tag)}</span>" for tag in tags)
 
 
-def index_html(nights: Sequence[Night], page_counts: dict[str, int] | None = None) -> str:
-    """The list of nights: date, model, uploads, pairs, failures, link to the night's first page."""
+def _duration(seconds: float | None) -> str:
+    """Seconds as a short human duration (``n/a`` for none)."""
+    if seconds is None:
+        return "n/a"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _count(value: object) -> str:
+    return "0" if value is None else str(int(value))
+
+
+def _progress_cells(night: Night, figures: ReviewFigures) -> str:
+    row = figures.progress_of(night.date, night.model_id)
+    if row is None:
+        return "<td class='num'>-</td><td class='num'>-</td><td class='num'>-</td>"
+    return (f"<td class='num'>{_count(row['decided'])}</td><td class='num'>{_count(row['pending'])}</td>"
+            f"<td class='num'>{_duration(row['median_s_to_decision'])}</td>")
+
+
+def _precision_html(figures: ReviewFigures) -> str:
+    if figures.precision.empty:
+        return "<p>No <code>match</code> decisions yet.</p>"
+    rows = "".join(
+        f"<tr><td>{esc(r.date if r.date is not None else 'n/a')}</td><td><code>{esc(r.model_id)}</code></td>"
+        f"<td><code>{esc(r.night_run_id)}</code></td><td class='num'>{_count(r.matches)}</td>"
+        f"<td class='num'>{_count(r.matches_among_candidates)}</td>"
+        f"<td class='num'>{_share(r.retrieval_top1_share)}</td><td class='num'>{_share(r.reranked_top1_share)}</td>"
+        "</tr>" for r in figures.precision.itertuples(index=False))
+    return ("<table class='list' id='model-precision'><thead><tr><th scope='col'>date (UTC)</th>"
+            "<th scope='col'>model</th><th scope='col'>night run</th><th scope='col'>matches</th>"
+            "<th scope='col'>among candidates</th><th scope='col'>retrieval rank 0</th>"
+            f"<th scope='col'>re-ranked rank 0</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _calibration_html(figures: ReviewFigures) -> str:
+    if figures.calibration.empty:
+        return "<p>No upload accepted one of its candidates yet.</p>"
+    rows = "".join(
+        f"<tr><td><code>{esc(r.model_id)}</code></td><td class='num'>{_count(r.uploads)}</td>"
+        f"<td class='num'>{_count(r.candidates)}</td><td class='num'>{_count(r.comparisons)}</td>"
+        f"<td class='num'>{fmt(r.auc_rerank_score)}</td><td class='num'>{fmt(r.auc_similarity)}</td></tr>"
+        for r in figures.calibration.itertuples(index=False))
+    return ("<table class='list' id='plausibility-calibration'><thead><tr><th scope='col'>model</th>"
+            "<th scope='col'>uploads</th><th scope='col'>candidates</th><th scope='col'>comparisons</th>"
+            "<th scope='col'>AUC re-rank score</th><th scope='col'>AUC similarity alone</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
+def _figures_html(figures: ReviewFigures) -> list[str]:
+    if figures.problem:
+        return [f"<h2 id='review-figures'>Reviewer decisions</h2><p class='missing'>Figures unavailable: "
+                f"{esc(figures.problem)}</p>"]
+    return [
+        "<h2 id='model-precision-heading'>Model precision</h2>",
+        "<p class='legend'>Of the <code>match</code> decisions on each night run's uploads, the share whose "
+        "accepted candidate was first by similarity (retrieval rank 0) and first after PAIR-X re-ranking "
+        "(re-ranked rank 0). A match on an individual outside the candidates counts as neither. "
+        "View <code>model_precision</code>.</p>", _precision_html(figures),
+        "<h2 id='plausibility-calibration-heading'>Plausibility calibration</h2>",
+        "<p class='legend'>Over uploads whose latest decision accepted one of their candidates: how often "
+        "the accepted candidate scores above another candidate of the same upload (ROC AUC; 0.5 is chance, "
+        "1.0 always right), by re-rank score and by similarity alone. View "
+        "<code>plausibility_calibration</code>.</p>", _calibration_html(figures)]
+
+
+def index_html(nights: Sequence[Night], figures: ReviewFigures | None = None) -> str:
+    """The list of nights (date, model, uploads, pairs, failures, link to the night's first page)
+    and, with ``figures``, the review progress of each night and the model's measured precision."""
+    figures = figures if figures is not None else ReviewFigures()
     rows = []
     for night in nights:
         link = href(night_page(night, 1), INDEX_DEPTH)
         rows.append(
-            f"<tr><td><a href='{link}'>{esc(night.date)}</a></td><td>{_model_label(night)}{_model_tags(night)}</td>"
+            f"<tr data-date='{esc(night.date)}' data-model='{esc(night.model_id)}'>"
+            f"<td><a href='{link}'>{esc(night.date)}</a></td><td>{_model_label(night)}{_model_tags(night)}</td>"
             f"<td class='num'>{len(night.uploads)}</td><td class='num'>{night.n_pairs}</td>"
-            f"<td class='num'>{len(night.errors)}</td></tr>")
+            f"<td class='num'>{len(night.errors)}</td>{_progress_cells(night, figures)}</tr>")
     body = ["<main id='main'><h1>PAIR-X review: nights</h1>",
             "<p class='legend'>Each night lists its uploads with their ranked gallery candidates and PAIR-X "
-            "pictures. Keyboard: Tab moves between links, Enter opens.</p>"]
+            "pictures. Decided: latest decision <code>match</code>, <code>new_individual</code> or "
+            "<code>no_match</code>; pending: no decision or <code>unsure</code> (view <code>review_progress</code>; "
+            "as of this page's writing). Keyboard: Tab moves between links, Enter opens.</p>"]
     if rows:
-        body += ["<table class='list'><caption class='skip'>Nights</caption><thead><tr><th scope='col'>date (UTC)</th>"
-                 "<th scope='col'>model</th><th scope='col'>uploads</th><th scope='col'>pairs</th>"
-                 "<th scope='col'>failures</th></tr></thead><tbody>", *rows, "</tbody></table>"]
+        body += ["<table class='list' id='nights'><caption class='skip'>Nights</caption><thead><tr>"
+                 "<th scope='col'>date (UTC)</th><th scope='col'>model</th><th scope='col'>uploads</th>"
+                 "<th scope='col'>pairs</th><th scope='col'>failures</th><th scope='col'>decided</th>"
+                 "<th scope='col'>pending</th><th scope='col'>median time to decision</th></tr></thead><tbody>",
+                 *rows, "</tbody></table>"]
+        body += _figures_html(figures)
     else:
         body.append("<p>No nights recorded yet.</p>")
     body.append("</main>")

@@ -44,6 +44,7 @@ from ..decision_journal import DecisionJournal
 from ..decisions import (DecisionError, DecisionRequest, UploadIndex, latest_by_query, plain_value, read_decisions,
                          resolve_decision, row_dicts)
 from ..storage import StorageTarget
+from . import refresh_index
 from .data import load_nights
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ReviewState", "check_binding", "create_app", "journal_folder", "serve"]
@@ -221,9 +222,12 @@ def create_app(out: str, *, token: str | None = None, storage_options: Mapping[s
         while not stop.wait(0.25):
             if journal.due(flush_every_s):
                 try:
-                    journal.flush()
+                    flushed = journal.flush()
                 except Exception:  # noqa: BLE001 - rows stay journaled; retried at the next tick
                     logger.exception("decision journal: flush failed, will retry")
+                    continue
+                if flushed:
+                    refresh_index(out, storage_options)  # the index's review figures, as of this flush
 
     @asynccontextmanager
     async def lifespan(app):
