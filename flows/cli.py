@@ -29,12 +29,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 MODEL_HELP = ("model spec: miewid?weights=URL, hf://conservationxlabs/miewid-msv2, timm:<arch>?weights=FILE, "
               "torchvision:<arch>, python:<module>:<factory>, demo")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 
 
 class _State:
     log_level: str = "WARNING"
     debug: bool = False
+    #: the command's --json: errors are also printed on stdout as a JSON object
+    json_output: bool = False
 
 
 STATE = _State()
@@ -79,49 +81,105 @@ def _quiet_logs(level: str) -> None:
 
 
 # ------------------------------------------------------------------------------ errors and exits
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {message}", err=True)
+def fail(message: str, code: int = EXIT_USAGE, **details) -> None:
+    """One line on stderr (and, with ``--json``, a JSON error object on stdout), then exit ``code``."""
+    line = " ".join(str(message).split()) or "unknown error"
+    typer.echo(f"error: {line}", err=True)
+    if STATE.json_output:
+        typer.echo(json.dumps({"status": "error", "exit_code": code, "error": line, **details}, indent=2))
     raise typer.Exit(code=code)
+
+
+def _one_line(error: BaseException) -> str:
+    """What went wrong, in one line: the message for the project's own errors, else ``Type: message``."""
+    from pairx_core.errors import PairXError
+
+    text = " ".join(str(error).split())
+    if isinstance(error, PairXError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _traceback_if_debug(error: BaseException) -> None:
+    if STATE.debug:
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+
+
+def _signal_code(error: BaseException) -> int | None:
+    """Exit code of a stop by signal (130 SIGINT, 143 SIGTERM), a self-abort (3), else None."""
+    from .outcome import RunAborted
+    from .stopping import exit_code_for
+
+    if isinstance(error, RunAborted):
+        return EXIT_CRASHED
+    number = getattr(error, "signal", None)  # Prefect's TerminationSignal
+    if isinstance(number, int):
+        return exit_code_for(number)
+    if isinstance(error, KeyboardInterrupt):
+        name = error.args[0] if error.args else "SIGINT"
+        return EXIT_TERMINATED if name == "SIGTERM" else EXIT_INTERRUPTED
+    return None
+
+
+def _signal_name(code: int) -> str:
+    import signal as signals
+
+    try:
+        return signals.Signals(code - 128).name
+    except ValueError:
+        return f"exit {code}"
 
 
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
-    """Known errors become one line and an exit code; tracebacks only with ``--debug``."""
+    """Whatever stops a command becomes one line and an exit code (``--debug``: plus the traceback).
+
+    2 bad input or options; 1 another run holds the output; 3 the run crashed (any other error,
+    the project's or not); 130/143 interrupted by SIGINT/SIGTERM (the run is recorded cancelled).
+    """
     from pydantic import ValidationError
 
-    from pairx_core.errors import PairXError
+    from infra.lease import OutputLockedError
 
-    from .outcome import ItemsFailedError
+    from .outcome import ItemsFailedError, RunAborted
 
     try:
         yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except ItemsFailedError:
+    except (typer.Exit, typer.Abort, ItemsFailedError):
         raise
     except ValidationError as error:
-        if STATE.debug:
-            raise
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-        fail(problems)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: the run is recorded as cancelled; rerun the same command to continue", err=True)
-        raise typer.Exit(code=EXIT_INTERRUPTED)
-    except PairXError as error:
-        if STATE.debug:
-            raise
+        _traceback_if_debug(error)
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
+    except OutputLockedError as error:
+        _traceback_if_debug(error)
         fail(str(error), code=EXIT_FAILED)
+    except BaseException as error:  # noqa: BLE001 - every other way out is reported, never silent
+        code = _signal_code(error)
+        _traceback_if_debug(error)
+        if isinstance(error, RunAborted):
+            fail(f"{error.args[0]}; the run is recorded as crashed", code=EXIT_CRASHED)
+        if code is not None:
+            typer.echo(f"interrupted ({_signal_name(code)}): a run that started is recorded as cancelled; "
+                       "rerun the same command to continue", err=True)
+            if STATE.json_output:
+                typer.echo(json.dumps({"status": "cancelled", "exit_code": code}, indent=2))
+            raise typer.Exit(code=code) from None
+        if not isinstance(error, Exception):
+            raise
+        fail(f"{_one_line(error)} (the run is recorded as crashed{'' if STATE.debug else '; --debug shows the traceback'})",
+             code=EXIT_CRASHED)
 
 
 def _preflight_error(error: BaseException) -> None:
-    """Bad input found before the run: exit code 2."""
+    """Bad input found before the run: exit code 2 (``--debug``: plus the traceback)."""
     from pydantic import ValidationError
 
-    if STATE.debug:
-        raise error
+    _traceback_if_debug(error)
     if isinstance(error, ValidationError):
         fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
-    fail(str(error))
+    fail(_one_line(error))
 
 
 # ------------------------------------------------------------------------------ Prefect API
@@ -228,6 +286,7 @@ class TemporaryAPI:
         self.server = None
         self.thread = None
         self.error: BaseException | None = None
+        self.watching = False
 
     @property
     def needed(self) -> bool:
@@ -252,24 +311,61 @@ class TemporaryAPI:
         return self
 
     def stop(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
+        self.watching = False
         if self.server is not None:
-            self.server.stop()
+            self.server.stop()  # first: a wait for health still running ends when the process does
             self.server = None
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def kill(self) -> None:
+        """Stop the server now, without waiting (a forced exit)."""
+        server = self.server
+        if server is not None and server.process is not None:
+            with contextlib.suppress(Exception):
+                server.process.kill()
+
+    def watch(self, on_lost) -> None:
+        """Call ``on_lost(message)`` (once) if the temporary server exits while the command runs."""
+        import threading
+
+        server = self.server
+        if server is None or server.process is None:
+            return
+        self.watching = True
+
+        def poll() -> None:
+            process = server.process
+            while self.watching and process is not None:
+                code = process.poll()
+                if code is not None:
+                    if self.watching:
+                        on_lost(f"the temporary Prefect server exited (code {code}) during the run")
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=poll, name="prefect-server-watch", daemon=True).start()
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self, on_lost=None) -> Iterator[None]:
+        """The API for the block; ``on_lost(message)``: called if the temporary server dies meanwhile."""
         if not self.needed and self.server is None:
             yield
             return
         from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         self.start_soon()
-        self.thread.join()
+        try:
+            self.thread.join()
+        except BaseException:  # a signal while the server starts: it is stopped with the command
+            self.stop()
+            raise
         if self.error is not None:
+            self.stop()
             raise self.error
         os.environ["PREFECT_API_URL"] = self.server.api_url
+        if on_lost is not None:
+            self.watch(on_lost)
         try:
             # no heartbeats: they serve a long-lived server's crash detection, and each flow's
             # exit waits up to 1 s for the heartbeat thread to wake up and stop
@@ -277,7 +373,9 @@ class TemporaryAPI:
                                              PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 yield
         finally:
-            _flush_logs()
+            self.watching = False
+            if self.server is not None and self.server.process is not None and self.server.process.poll() is None:
+                _flush_logs()  # (a dead server takes no logs: flushing would wait for nothing)
             os.environ.pop("PREFECT_API_URL", None)
             self.stop()
 
@@ -314,25 +412,6 @@ def _flush_logs() -> None:
     finally:
         for service_logger, level in zip(service_loggers, levels):
             service_logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: recorded as cancelled, server and cluster stopped."""
-    from .outcome import RunTerminated
-
-    def handler(signum, frame):
-        raise RunTerminated("SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -425,36 +504,41 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     """
     from importlib import import_module
 
-    from .outcome import ItemsFailedError
     from .night_plan import remember_model
+    from .outcome import ItemsFailedError
     from .preflight import check_inputs, check_model_spec, resolve_model
+    from .stopping import stop_on_signals
 
+    STATE.json_output = json_output
     clock = PhaseClock()
     api = TemporaryAPI()
-    try:
-        plan = check_inputs(flow, config)
-        typer.echo(plan.describe(config), err=True)
-        clock.mark("checks")
-        # before the model spec's own check, which imports torch: only a spec that passed every
-        # check on an earlier run of this output is remembered
-        quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
-        if quiet is not None:
-            clock.mark("quiet_night")
-            _print_summary(flow, quiet, clock, config, json_output)
-            return
-        api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
-        check_model_spec(config.model, config.allow_random_weights)
-        model = resolve_model(config)
-        if flow == "nightly":
-            remember_model(config, model)
-        clock.mark("model")
-    except Exception as error:  # noqa: BLE001 - any problem found here is the input's
-        api.stop()
-        _preflight_error(error)
-    entry = getattr(import_module(f"flows.{entry_module}"), flow)
     failed = False
-    with reported_errors(), sigterm_as_interrupt():
-        with api.active(), progress_display(not json_output):
+    with stop_on_signals(on_exit=api.kill) as control, reported_errors():
+        try:
+            plan = check_inputs(flow, config)
+            typer.echo(plan.describe(config), err=True)
+            clock.mark("checks")
+            # before the model spec's own check, which imports torch: only a spec that passed every
+            # check on an earlier run of this output is remembered
+            quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
+            if quiet is not None:
+                clock.mark("quiet_night")
+                _print_summary(flow, quiet, clock, config, json_output)
+                return
+            api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
+            check_model_spec(config.model, config.allow_random_weights)
+            model = resolve_model(config)
+            if flow == "nightly":
+                remember_model(config, model)
+            clock.mark("model")
+        except Exception as error:  # noqa: BLE001 - any problem found here is the input's
+            api.stop()
+            _preflight_error(error)
+        except BaseException:  # a signal during the checks: nothing started yet but the server
+            api.stop()
+            raise
+        entry = getattr(import_module(f"flows.{entry_module}"), flow)
+        with api.active(on_lost=control.abort), progress_display(not json_output):
             clock.mark("prefect_api")
             try:
                 summary = entry(config)
@@ -463,6 +547,13 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             clock.mark("flow")
         clock.mark("shutdown")
     _print_summary(flow, summary, clock, config, json_output)
+    _exit_for(summary, failed)
+
+
+def _exit_for(summary: dict, failed: bool) -> None:
+    """Exit 1 for failed items (after their list), 3 for a run recorded as crashed."""
+    if summary.get("status") == "crashed":
+        raise typer.Exit(code=EXIT_CRASHED)
     if failed:
         raise typer.Exit(code=EXIT_FAILED)
 
@@ -768,16 +859,24 @@ def demo_cmd(
 
     folder = Path(out).resolve()
     typer.echo(f"demo: {individuals} synthetic individuals, top-{top_k}, output {folder}", err=True)
+    from .stopping import stop_on_signals
+
+    STATE.json_output = json_output
     clock = PhaseClock()
-    api = TemporaryAPI().start_soon()  # starts while torch loads and the demo's photos are drawn
+    api = TemporaryAPI()
     failed = False
-    with reported_errors(), sigterm_as_interrupt():
+    with stop_on_signals(on_exit=api.kill) as control, reported_errors():
+        api.start_soon()  # starts while torch loads and the demo's photos are drawn
         from .demo import DemoSettings, prepare_demo, run_demo
 
         settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers)
-        prepared = prepare_demo(settings)
+        try:
+            prepared = prepare_demo(settings)
+        except BaseException:
+            api.stop()
+            raise
         clock.mark("photos")
-        with api.active(), progress_display(not json_output):
+        with api.active(on_lost=control.abort), progress_display(not json_output):
             clock.mark("prefect_api")
             try:
                 summary = run_demo(settings, prepared)
@@ -797,8 +896,7 @@ def demo_cmd(
             f"tables: {summary['tables']}; pictures: {summary['pictures']}")
     else:
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
-    if failed:
-        raise typer.Exit(code=EXIT_FAILED)
+    _exit_for(summary, failed)
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive ``app`` or the installed command
@@ -813,6 +911,10 @@ def main() -> None:  # pragma: no cover - the console script; tests drive ``app`
         app()
     except SystemExit as done:
         code = done.code
+    except BaseException as error:  # noqa: BLE001 - whatever escaped the commands: one line, never exit 0
+        _traceback_if_debug(error)
+        code = _signal_code(error) or EXIT_CRASHED
+        print(f"error: {_one_line(error)}", file=sys.stderr)
     finally:
         if isinstance(code, str):
             print(code, file=sys.stderr)

@@ -29,7 +29,7 @@ from infra.lease import OutputLockedError, output_lease
 from infra.tables import count_run_rows, ensure_table, table_url
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
-from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
+from .outcome import ItemsFailedError, RunAborted, RunTerminated, listen, notify  # noqa: F401 - re-exported
 from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run  # noqa: F401 - re-exported
 
 logger = logging.getLogger("pairx.flows")
@@ -53,6 +53,8 @@ def active_summary(run_id: str) -> FlowSummary:
 def _status_of(error: BaseException) -> str:
     from prefect.exceptions import TerminationSignal
 
+    if isinstance(error, RunAborted):
+        return "crashed"
     if isinstance(error, (KeyboardInterrupt, TerminationSignal)):
         return "cancelled"
     if isinstance(error, OutputLockedError):
@@ -80,16 +82,22 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
 
     ``prepare(config, summary) -> bool``, when given, runs first in this process and says whether
     there is work at all: without work no task runner (no Dask cluster) is started. The ``runs``
-    row (and the run-summary artifact) is written whatever happens. Raises
+    row (and the run-summary artifact) is written whatever happens, once; a forced exit on a
+    second SIGTERM (``flows.stopping``) writes it as ``cancelled`` and releases the lease. Raises
     :class:`ItemsFailedError` when items failed, and re-raises whatever stopped the run.
     """
+    from .stopping import stop_hook
+
     started = datetime.now(timezone.utc)
     summary = FlowSummary(run_id=new_run_id())
+    recorder = _RunRecorder(flow_name, config, summary, started)
     with _ACTIVE_LOCK:
         _ACTIVE[summary.run_id] = summary
     try:
-        with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
-                          storage_options=config.storage_options or None):
+        with stop_hook(recorder.forced_stop), output_lease(
+                config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
+                storage_options=config.storage_options or None) as lease:
+            recorder.lease = lease
             if prepare is None or prepare(config, summary):
                 work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
             summary.status = "failed" if summary.failed else "completed"
@@ -102,13 +110,41 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.pop(summary.run_id, None)
-        summary.seconds = (datetime.now(timezone.utc) - started).total_seconds()
-        _record(flow_name, config, summary, started)
+        recorder.record()
         notify(summary)
     result = summary.as_dict()
     if summary.failed:
         raise ItemsFailedError(result, table_url(config.out, "errors"))
     return result
+
+
+class _RunRecorder:
+    """Writes a run's record once, from the flow's ``finally`` or from a forced exit's hook."""
+
+    def __init__(self, flow_name: str, config, summary: FlowSummary, started: datetime):
+        self.flow_name, self.config, self.summary, self.started = flow_name, config, summary, started
+        self.lease = None
+        self._lock = threading.Lock()
+        self._recorded = False
+
+    def record(self) -> None:
+        with self._lock:
+            if self._recorded:
+                return
+            self._recorded = True
+            self.summary.seconds = (datetime.now(timezone.utc) - self.started).total_seconds()
+            _record(self.flow_name, self.config, self.summary, self.started)
+
+    def forced_stop(self, status: str, error: str) -> None:
+        """The process leaves now (second signal, or the grace time ran out): row, then lease."""
+        if self._lock.acquire(timeout=2.0):  # a row being written in the main thread is let finish
+            self._lock.release()
+        if not self._recorded:
+            self.summary.status, self.summary.error = status, error
+            _count_written_pairs(self.config, self.summary)
+            self.record()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _count_written_pairs(config, summary: FlowSummary) -> None:
@@ -161,12 +197,34 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
 
     started = time.perf_counter()
     batches = chunks(list(items), batch_pairs)
-    with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
-        futures = [explain_batch_task.submit(batch, settings) for batch in batches]
-    for future in as_completed(futures):
-        summary.add(future.result())
-        notify(summary)
+    futures: list = []
+    try:
+        with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
+            for batch in batches:
+                futures.append(explain_batch_task.submit(batch, settings))
+        for future in as_completed(futures):
+            summary.add(future.result())
+            notify(summary)
+    except BaseException:
+        cancel_pending(futures)
+        raise
     summary.explain_seconds += time.perf_counter() - started
+
+
+def cancel_pending(futures) -> int:
+    """Cancel the submitted task runs that have not finished (a stopped run); returns how many."""
+    cancelled = 0
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        try:
+            if wrapped is not None and not wrapped.done():
+                wrapped.cancel()
+                cancelled += 1
+        except Exception:  # noqa: BLE001 - a client already closed: nothing left to cancel
+            pass
+    if cancelled:
+        logger.info("cancelled %d task run(s) not yet finished", cancelled)
+    return cancelled
 
 
 def summary_markdown(flow_name: str, config, summary: FlowSummary) -> str:

@@ -22,7 +22,7 @@ from pairx_core.retrieval import retrieve
 from tasks.candidates import candidate_rows
 from tasks.embed import activation_cache, embed_images_task
 
-from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
+from .common import active_summary, cancel_pending, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
 from .night_plan import NightPlan, plan_uploads
 from .preflight import resolve_model
@@ -78,13 +78,17 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
     hashes: dict[str, str] = {}
-    for future in futures:
-        result = future.result()
-        hashes.update(result.hashes)
-        summary.failed += result.errors
-        summary.cache["hits"] += result.cached
-        summary.cache["misses"] += result.computed
-        summary.cache["damaged"] += result.damaged
+    try:
+        for future in futures:
+            result = future.result()
+            hashes.update(result.hashes)
+            summary.failed += result.errors
+            summary.cache["hits"] += result.cached
+            summary.cache["misses"] += result.computed
+            summary.cache["damaged"] += result.damaged
+    except BaseException:
+        cancel_pending(futures)
+        raise
     cache = activation_cache(config.cache_url, model_id, _prep_fingerprint(config), layers, so)
     gallery_uris = [g for g in gallery if g in hashes]
     query_uris = [u for u in new_uploads if u in hashes]
