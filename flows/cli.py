@@ -5,9 +5,11 @@ tables, unknown models or layers, random weights: exit code 2 with one line, in 
 the Prefect API is found (``PREFECT_API_URL``) or a temporary local server is started (it dies
 with this process, even on SIGKILL), then the flow runs on its Dask cluster.
 
-Exit codes: 0 done, 1 some items failed or the run stopped on an error, 2 bad input or options,
-130 interrupted (Ctrl-C, SIGTERM). Third-party INFO logs (Dask, Prefect internals) are hidden
-unless ``--log-level INFO``; ``--debug`` adds tracebacks.
+Exit codes: 0 done, 1 some items failed (or another run holds the output), 2 bad input or
+options, 3 the run crashed (any exception; its ``runs`` row says ``crashed``), 130 SIGINT, 143
+SIGTERM (``flows.stopping``). Every non-zero exit prints one ``error:`` line naming the cause;
+``--debug`` adds the traceback. Third-party INFO logs (Dask, Prefect internals) are hidden unless
+``--log-level INFO``.
 """
 
 from __future__ import annotations
