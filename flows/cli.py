@@ -82,6 +82,42 @@ def _quiet_logs(level: str) -> None:
         logging.getLogger("distributed.nanny").setLevel("ERROR")
 
 
+class _RunLogFilter(logging.Filter):
+    """Without ``--debug``, Prefect's run loggers keep to one line per problem on the console.
+
+    The CLI reports how a run ended itself (summary, failed items, one ``error:`` line), so the
+    flow engine's copy of the exception (a traceback of the flow's frames) is dropped, and task
+    errors keep their line without the traceback. A run stopped by a signal says so once.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if STATE.debug:
+            return True
+        if record.name.startswith("prefect.flow_runs"):
+            if record.exc_info or "Crash detected!" in str(record.msg):
+                return False
+        if record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+RUN_LOG_FILTER = _RunLogFilter()
+
+
+def _filter_run_logs() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if RUN_LOG_FILTER not in run_logger.filters:
+            run_logger.addFilter(RUN_LOG_FILTER)
+
+
+def _quiet_after_signal() -> None:
+    """Once a stop is asked for, the cancelled tasks' and closing cluster's complaints are noise."""
+    if not STATE.debug:
+        for name in ("distributed", "prefect"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 # ------------------------------------------------------------------------------ errors and exits
 def fail(message: str, code: int = EXIT_USAGE, **details) -> None:
     """One line on stderr (and, with ``--json``, a JSON error object on stdout), then exit ``code``."""
@@ -485,6 +521,25 @@ def _point_log_handlers(stream) -> list[tuple[logging.StreamHandler, object]]:
     return moved
 
 
+#: failed items listed at the end of a run (all of them are in the errors table)
+FAILED_ITEMS_SHOWN = 10
+
+
+def failed_items(config, run_id: str) -> list[dict]:
+    """The first :data:`FAILED_ITEMS_SHOWN` ``errors`` rows of a run (item, stage, error type, message)."""
+    from infra.tables import read_table
+
+    try:
+        errors = read_table(config.out, "errors", [("run_id", "==", run_id)],
+                            columns=["item", "stage", "error_type", "message"],
+                            storage_options=config.storage_options or None)
+    except Exception as error:  # noqa: BLE001 - the summary still points at the table
+        logging.getLogger("pairx.cli").debug("could not read the errors table: %s", error)
+        return []
+    return [{k: (None if v != v else v) for k, v in row.items()}
+            for row in errors.head(FAILED_ITEMS_SHOWN).to_dict("records")]
+
+
 def human_summary(flow: str, summary: dict, out: str) -> str:
     done, skipped, failed = summary.get("done", 0), summary.get("skipped", 0), summary.get("failed", 0)
     seconds = summary.get("seconds") or 0.0
@@ -496,6 +551,12 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
         lines.append(f"review page: {summary['report']}")
     if failed:
         lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
+        items = summary.get("failed_items") or []
+        if items:
+            lines.append(f"failed items ({len(items)} of {failed} shown):" if failed > len(items) else "failed items:")
+            for item in items:
+                message = " ".join(str(item.get("message") or "").split())[:160]
+                lines.append(f"  {item.get('item')} [{item.get('stage')}] {item.get('error_type')}: {message}")
     return "\n".join(lines)
 
 
@@ -515,7 +576,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     clock = PhaseClock()
     api = TemporaryAPI()
     failed = False
-    with stop_on_signals(on_exit=api.kill) as control, reported_errors():
+    with stop_on_signals(on_exit=api.kill, on_signal=_quiet_after_signal) as control, reported_errors():
         try:
             plan = check_inputs(flow, config)
             typer.echo(plan.describe(config), err=True)
@@ -540,6 +601,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             api.stop()
             raise
         entry = getattr(import_module(f"flows.{entry_module}"), flow)
+        _filter_run_logs()
         with api.active(on_lost=control.abort), progress_display(not json_output):
             clock.mark("prefect_api")
             try:
@@ -548,6 +610,9 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
                 summary, failed = error.summary, True
             clock.mark("flow")
         clock.mark("shutdown")
+    if failed:
+        summary["errors_table"] = f"{config.out.rstrip('/')}/tables/errors"
+        summary["failed_items"] = failed_items(config, summary["run_id"])
     _print_summary(flow, summary, clock, config, json_output)
     _exit_for(summary, failed)
 
@@ -867,7 +932,7 @@ def demo_cmd(
     clock = PhaseClock()
     api = TemporaryAPI()
     failed = False
-    with stop_on_signals(on_exit=api.kill) as control, reported_errors():
+    with stop_on_signals(on_exit=api.kill, on_signal=_quiet_after_signal) as control, reported_errors():
         api.start_soon()  # starts while torch loads and the demo's photos are drawn
         from .demo import DemoSettings, prepare_demo, run_demo
 
@@ -878,6 +943,7 @@ def demo_cmd(
             api.stop()
             raise
         clock.mark("photos")
+        _filter_run_logs()
         with api.active(on_lost=control.abort), progress_display(not json_output):
             clock.mark("prefect_api")
             try:

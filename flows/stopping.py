@@ -67,9 +67,11 @@ def stop_hook(callback: Callable[[str, str], None]) -> Iterator[None]:
 class StopControl:
     """The signal handlers, the watcher thread and the forced exit of one command."""
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S, on_exit: Callable[[], None] | None = None):
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S, on_exit: Callable[[], None] | None = None,
+                 on_signal: Callable[[], None] | None = None):
         self.grace_s = grace_s
         self.on_exit = on_exit
+        self.on_signal = on_signal
         self.received: list[int] = []
         self._lock = threading.Lock()
         self._deadline: threading.Timer | None = None
@@ -178,6 +180,9 @@ class StopControl:
             first = len(self.received) == 1
         if first:
             self._arm_deadline()
+            if self.on_signal is not None:
+                with contextlib.suppress(Exception):
+                    self.on_signal()
             return
         # Prefect's flow engine re-sends the first SIGTERM to this handler once its flow recorded
         # the crash; that copy is not a second signal (the handler, in the main thread, says so)
@@ -232,10 +237,11 @@ def _resent_by_prefect(frame) -> bool:
 
 
 @contextlib.contextmanager
-def stop_on_signals(grace_s: float = DEFAULT_GRACE_S,
-                    on_exit: Callable[[], None] | None = None) -> Iterator[StopControl]:
-    """SIGTERM/SIGINT handling for one command (see the module docstring)."""
-    control = StopControl(grace_s, on_exit)
+def stop_on_signals(grace_s: float = DEFAULT_GRACE_S, on_exit: Callable[[], None] | None = None,
+                    on_signal: Callable[[], None] | None = None) -> Iterator[StopControl]:
+    """SIGTERM/SIGINT handling for one command (see the module docstring); ``on_signal()`` runs
+    (in the watcher thread) when the first signal arrives, ``on_exit()`` before a forced exit."""
+    control = StopControl(grace_s, on_exit, on_signal)
     control.install()
     try:
         yield control
