@@ -68,6 +68,9 @@ def main_options(
         raise typer.BadParameter(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     STATE.log_level, STATE.debug = level, debug
     _quiet_logs(level)
+    from infra.redaction import install_log_redaction
+
+    install_log_redaction()  # every record of this process, at every level, without credentials
 
 
 def _quiet_logs(level: str) -> None:
@@ -121,7 +124,9 @@ def _quiet_after_signal() -> None:
 # ------------------------------------------------------------------------------ errors and exits
 def fail(message: str, code: int = EXIT_USAGE, **details) -> None:
     """One line on stderr (and, with ``--json``, a JSON error object on stdout), then exit ``code``."""
-    line = " ".join(str(message).split()) or "unknown error"
+    from infra.redaction import redact_text
+
+    line = redact_text(" ".join(str(message).split())) or "unknown error"
     typer.echo(f"error: {line}", err=True)
     if STATE.json_output:
         typer.echo(json.dumps({"status": "error", "exit_code": code, "error": line, **details}, indent=2))
@@ -567,6 +572,8 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     """
     from importlib import import_module
 
+    from infra.redaction import hide_model_secrets
+
     from .night_plan import remember_model
     from .outcome import ItemsFailedError
     from .preflight import check_inputs, check_model_spec, resolve_model
@@ -593,6 +600,9 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             model = resolve_model(config)
             if flow == "nightly":
                 remember_model(config, model)
+            # the flow (and Prefect's record of its parameters) sees the spec without credentials;
+            # the full spec reaches the model loaders through the environment
+            config = config.model_copy(update={"model": hide_model_secrets(config.model)})
             clock.mark("model")
         except Exception as error:  # noqa: BLE001 - any problem found here is the input's
             api.stop()

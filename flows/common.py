@@ -74,7 +74,9 @@ def _describe(error: BaseException) -> str:
             pass
     if type(error) is KeyboardInterrupt:
         return "KeyboardInterrupt: Ctrl-C"
-    return f"{type(error).__name__}: {error}"[:2000]
+    from infra.redaction import redact_text
+
+    return redact_text(f"{type(error).__name__}: {error}")[:2000]
 
 
 def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
