@@ -10,7 +10,8 @@ from urllib.parse import parse_qsl, unquote
 
 from .errors import ConfigError
 
-__all__ = ["BUNDLED_WEIGHTS_DIR", "REDACTED", "ModelSpec", "public_spec", "redact_credentials", "weights_files"]
+__all__ = ["BUNDLED_WEIGHTS_DIR", "REDACTED", "ModelSpec", "demo_default_layer", "public_spec", "redact_credentials",
+           "weights_files"]
 
 #: weights shipped with the package (the demo model)
 BUNDLED_WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -67,6 +68,16 @@ def public_spec(spec: str) -> str:
     stays as it is.
     """
     return redact_credentials(str(spec))
+
+
+def demo_default_layer() -> str:
+    """The layer the demo model was trained and checked for (from its bundled ``demo.json``)."""
+    import json
+
+    config_path = BUNDLED_WEIGHTS_DIR / "demo.json"
+    if not config_path.exists():
+        return "backbone.blocks.2"
+    return str(json.loads(config_path.read_text()).get("layer", "backbone.blocks.2"))
 
 
 @dataclass(frozen=True)
