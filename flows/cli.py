@@ -10,6 +10,10 @@ options, 3 the run crashed (any exception; its ``runs`` row says ``crashed``), 1
 SIGTERM (``flows.stopping``). Every non-zero exit prints one ``error:`` line naming the cause;
 ``--debug`` adds the traceback. Third-party INFO logs (Dask, Prefect internals) are hidden unless
 ``--log-level INFO``.
+
+This module holds the command definitions; the run sequence and exits are ``flows.run_entry``,
+what is printed ``flows.console``, signals ``flows.stopping``, the Prefect server
+``infra.prefect_server``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
+
+from infra.prefect_server import TemporaryAPI, prefect_api  # noqa: F401 - the names tests and bench use
+
+from .run_entry import (EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,  # noqa: F401
+                        STATE, _one_line, _preflight_error, _quiet_logs, _signal_code, _traceback_if_debug, fail,
+                        reported_errors, run_command, storage_credentials)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PAIR-X explanations of animal re-identification matches, at pipeline scale.")
@@ -31,17 +39,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 MODEL_HELP = ("model spec: miewid?weights=URL, hf://conservationxlabs/miewid-msv2, timm:<arch>?weights=FILE, "
               "torchvision:<arch>, python:<module>:<factory>, demo")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
-
-
-class _State:
-    log_level: str = "WARNING"
-    debug: bool = False
-    #: the command's --json: errors are also printed on stdout as a JSON object
-    json_output: bool = False
-
-
-STATE = _State()
 
 
 def _version_callback(value: bool) -> None:
@@ -71,612 +68,6 @@ def main_options(
     from infra.redaction import install_log_redaction
 
     install_log_redaction()  # every record of this process, at every level, without credentials
-
-
-def _quiet_logs(level: str) -> None:
-    """Third-party logs at ``level`` in this process and in the Dask workers it starts."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # runs are offline by default:
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # no usage data, no notice about it
-    os.environ["PREFECT_LOGGING_LEVEL"] = level
-    os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
-    for name in ("distributed", "prefect", "httpx", "asyncio", "fsspec", "s3fs", "botocore"):
-        logging.getLogger(name).setLevel(level)
-    if level == "WARNING":  # the nanny's "still alive after 4 s, killing" at every LocalCluster close
-        logging.getLogger("distributed.nanny").setLevel("ERROR")
-
-
-class _RunLogFilter(logging.Filter):
-    """Without ``--debug``, Prefect's run loggers keep to one line per problem on the console.
-
-    The CLI reports how a run ended itself (summary, failed items, one ``error:`` line), so the
-    flow engine's copy of the exception (a traceback of the flow's frames) is dropped, and task
-    errors keep their line without the traceback. A run stopped by a signal says so once.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if STATE.debug:
-            return True
-        if record.name.startswith("prefect.flow_runs"):
-            if record.exc_info or "Crash detected!" in str(record.msg):
-                return False
-        if record.exc_info:
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-RUN_LOG_FILTER = _RunLogFilter()
-
-
-def _filter_run_logs() -> None:
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        run_logger = logging.getLogger(name)
-        if RUN_LOG_FILTER not in run_logger.filters:
-            run_logger.addFilter(RUN_LOG_FILTER)
-
-
-def _quiet_after_signal() -> None:
-    """Once a stop is asked for, the cancelled tasks' and closing cluster's complaints are noise."""
-    if not STATE.debug:
-        for name in ("distributed", "prefect"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-# ------------------------------------------------------------------------------ errors and exits
-def fail(message: str, code: int = EXIT_USAGE, **details) -> None:
-    """One line on stderr (and, with ``--json``, a JSON error object on stdout), then exit ``code``."""
-    from infra.redaction import redact_text
-
-    line = redact_text(" ".join(str(message).split())) or "unknown error"
-    typer.echo(f"error: {line}", err=True)
-    if STATE.json_output:
-        typer.echo(json.dumps({"status": "error", "exit_code": code, "error": line, **details}, indent=2))
-    raise typer.Exit(code=code)
-
-
-def _one_line(error: BaseException) -> str:
-    """What went wrong, in one line: the message for the project's own errors, else ``Type: message``."""
-    from pairx_core.errors import PairXError
-
-    text = " ".join(str(error).split())
-    if isinstance(error, PairXError) and text:
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _traceback_if_debug(error: BaseException) -> None:
-    if STATE.debug:
-        import traceback
-
-        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-
-
-def _signal_code(error: BaseException) -> int | None:
-    """Exit code of a stop by signal (130 SIGINT, 143 SIGTERM), a self-abort (3), else None."""
-    from .outcome import RunAborted
-    from .stopping import exit_code_for
-
-    if isinstance(error, RunAborted):
-        return EXIT_CRASHED
-    number = getattr(error, "signal", None)  # Prefect's TerminationSignal
-    if isinstance(number, int):
-        return exit_code_for(number)
-    if isinstance(error, KeyboardInterrupt):
-        name = error.args[0] if error.args else "SIGINT"
-        return EXIT_TERMINATED if name == "SIGTERM" else EXIT_INTERRUPTED
-    return None
-
-
-def _signal_name(code: int) -> str:
-    import signal as signals
-
-    try:
-        return signals.Signals(code - 128).name
-    except ValueError:
-        return f"exit {code}"
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """Whatever stops a command becomes one line and an exit code (``--debug``: plus the traceback).
-
-    2 bad input or options; 1 another run holds the output; 3 the run crashed (any other error,
-    the project's or not); 130/143 interrupted by SIGINT/SIGTERM (the run is recorded cancelled).
-    """
-    from pydantic import ValidationError
-
-    from infra.lease import OutputLockedError
-
-    from .outcome import ItemsFailedError, RunAborted
-
-    try:
-        yield
-    except (typer.Exit, typer.Abort, ItemsFailedError):
-        raise
-    except ValidationError as error:
-        _traceback_if_debug(error)
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
-    except OutputLockedError as error:
-        _traceback_if_debug(error)
-        fail(str(error), code=EXIT_FAILED)
-    except BaseException as error:  # noqa: BLE001 - every other way out is reported, never silent
-        code = _signal_code(error)
-        _traceback_if_debug(error)
-        if isinstance(error, RunAborted):
-            fail(f"{error.args[0]}; the run is recorded as crashed", code=EXIT_CRASHED)
-        if code is not None:
-            typer.echo(f"interrupted ({_signal_name(code)}): a run that started is recorded as cancelled; "
-                       "rerun the same command to continue", err=True)
-            if STATE.json_output:
-                typer.echo(json.dumps({"status": "cancelled", "exit_code": code}, indent=2))
-            raise typer.Exit(code=code) from None
-        if not isinstance(error, Exception):
-            raise
-        fail(f"{_one_line(error)} (the run is recorded as crashed{'' if STATE.debug else '; --debug shows the traceback'})",
-             code=EXIT_CRASHED)
-
-
-def _preflight_error(error: BaseException) -> None:
-    """Bad input found before the run: exit code 2 (``--debug``: plus the traceback)."""
-    from pydantic import ValidationError
-
-    _traceback_if_debug(error)
-    if isinstance(error, ValidationError):
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
-    fail(_one_line(error))
-
-
-# ------------------------------------------------------------------------------ Prefect API
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the temporary server gets SIGTERM when the CLI dies, however it dies (SIGKILL too)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-#: the temporary server lives for one command and never holds deployments, schedules or paused
-#: runs: the services that poll for those are off (they only take CPU from the run's workers)
-TEMPORARY_SERVER_ENV = {
-    "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-    **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
-        "SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CANCELLATION_CLEANUP")},
-}
-
-
-def _settings_in_this_process() -> dict[str, str]:
-    """Prefect settings changed in this process (``temporary_settings``), as environment variables;
-    none when Prefect is not imported yet (the server then reads the same profile and environment)."""
-    if "prefect.settings" not in sys.modules:
-        return {}
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().to_environment_variables(exclude_unset=True)
-
-
-class OwnedServer:
-    """Prefect's API server (uvicorn, SQLite under ``PREFECT_HOME``) as a child of this process.
-
-    Started from the main thread with ``PR_SET_PDEATHSIG`` (Linux): the kernel sends it SIGTERM
-    when the thread that started it ends, which for the main thread means when the CLI dies,
-    however it dies. (Started from a helper thread, it would die with that thread.)
-    """
-
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.process = None
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def spawn(self) -> None:
-        """Start the server process now; it imports Prefect's server on its own core while this
-        process goes on (so this process does not import Prefect first)."""
-        import importlib.util
-        import subprocess
-        from pathlib import Path
-
-        env = {**os.environ, **_settings_in_this_process(), **TEMPORARY_SERVER_ENV}
-        env.pop("PREFECT_API_URL", None)
-        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-
-    def wait_healthy(self, timeout: float = 90.0) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
-class TemporaryAPI:
-    """Prefect's API for this command: ``PREFECT_API_URL`` if set, else a temporary local server.
-
-    :meth:`start_soon` starts the server in a background thread, so that its start-up (several
-    seconds) overlaps with loading torch and the model; entering waits for it.
-    """
-
-    def __init__(self) -> None:
-        self.server = None
-        self.thread = None
-        self.error: BaseException | None = None
-        self.watching = False
-
-    @property
-    def needed(self) -> bool:
-        return not os.environ.get("PREFECT_API_URL")
-
-    def start_soon(self) -> "TemporaryAPI":
-        import threading
-
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        if self.needed and self.thread is None:
-            self.server = OwnedServer()
-            self.server.spawn()  # from this (main) thread: see OwnedServer
-
-            def wait() -> None:
-                try:
-                    self.server.wait_healthy()
-                except BaseException as error:  # noqa: BLE001 - reported when entered
-                    self.error = error
-
-            self.thread = threading.Thread(target=wait, name="prefect-server-wait", daemon=True)
-            self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.watching = False
-        if self.server is not None:
-            self.server.stop()  # first: a wait for health still running ends when the process does
-            self.server = None
-        if self.thread is not None:
-            self.thread.join(timeout=5)
-
-    def kill(self) -> None:
-        """Stop the server now, without waiting (a forced exit)."""
-        server = self.server
-        if server is not None and server.process is not None:
-            with contextlib.suppress(Exception):
-                server.process.kill()
-
-    def watch(self, on_lost) -> None:
-        """Call ``on_lost(message)`` (once) if the temporary server exits while the command runs."""
-        import threading
-
-        server = self.server
-        if server is None or server.process is None:
-            return
-        self.watching = True
-
-        def poll() -> None:
-            process = server.process
-            while self.watching and process is not None:
-                code = process.poll()
-                if code is not None:
-                    if self.watching:
-                        on_lost(f"the temporary Prefect server exited (code {code}) during the run")
-                    return
-                time.sleep(0.5)
-
-        threading.Thread(target=poll, name="prefect-server-watch", daemon=True).start()
-
-    @contextlib.contextmanager
-    def active(self, on_lost=None) -> Iterator[None]:
-        """The API for the block; ``on_lost(message)``: called if the temporary server dies meanwhile."""
-        if not self.needed and self.server is None:
-            yield
-            return
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-        self.start_soon()
-        try:
-            self.thread.join()
-        except BaseException:  # a signal while the server starts: it is stopped with the command
-            self.stop()
-            raise
-        if self.error is not None:
-            self.stop()
-            raise self.error
-        os.environ["PREFECT_API_URL"] = self.server.api_url
-        if on_lost is not None:
-            self.watch(on_lost)
-        try:
-            # no heartbeats: they serve a long-lived server's crash detection, and each flow's
-            # exit waits up to 1 s for the heartbeat thread to wake up and stop
-            with temporary_settings(updates={PREFECT_API_URL: self.server.api_url,
-                                             PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                yield
-        finally:
-            self.watching = False
-            if self.server is not None and self.server.process is not None and self.server.process.poll() is None:
-                _flush_logs()  # (a dead server takes no logs: flushing would wait for nothing)
-            os.environ.pop("PREFECT_API_URL", None)
-            self.stop()
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """Use PREFECT_API_URL if set, else a temporary local server shared with the workers."""
-    with TemporaryAPI().active():
-        yield
-
-
-def _flush_logs() -> None:
-    """Send queued flow/task logs and events before the temporary server goes away.
-
-    Without this the log and event workers keep retrying a closed port for about a minute at
-    exit and then print "Error logging to API".
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    workers = (APILogWorker, EventsWorker)
-    # a drain with items queued logs "Still processing items" at WARNING (under the service's class
-    # name, whichever class's drain_all stops it): expected here, not news for the user
-    service_loggers = [logging.getLogger(worker.__name__) for worker in workers]
-    levels = [service_logger.level for service_logger in service_loggers]
-    for service_logger in service_loggers:
-        service_logger.setLevel(logging.ERROR)
-    try:
-        for worker in workers:
-            try:
-                worker.drain_all(timeout=10)
-            except Exception:  # noqa: BLE001 - losing the last log lines must never fail the run
-                pass
-    finally:
-        for service_logger, level in zip(service_loggers, levels):
-            service_logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def storage_credentials(pairs: list[str]) -> Iterator[None]:
-    """``--storage-option`` values reach every process through the environment, never a config."""
-    from infra.storage import STORAGE_OPTIONS_ENV
-
-    if not pairs:
-        yield
-        return
-    options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        options[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
-    previous = os.environ.get(STORAGE_OPTIONS_ENV)
-    os.environ[STORAGE_OPTIONS_ENV] = json.dumps(options)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(STORAGE_OPTIONS_ENV, None)
-        else:
-            os.environ[STORAGE_OPTIONS_ENV] = previous
-
-
-# ------------------------------------------------------------------------------ progress and summary
-@contextlib.contextmanager
-def progress_display(enabled: bool) -> Iterator[None]:
-    """A progress bar on stderr (TTY only) fed by the flows' progress notifications.
-
-    Log handlers that write to stderr are pointed at the bar's console while it runs, so that log
-    lines appear above the bar instead of over it.
-    """
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    from .outcome import listen
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  disable=not (enabled and sys.stderr.isatty()), redirect_stderr=True) as bar:
-        task_id = bar.add_task("starting", total=None, rate="")
-        started = time.perf_counter()
-
-        def update(summary) -> None:
-            planned = summary.planned.get("pairs_planned")
-            finished = summary.done + summary.skipped + summary.failed
-            rate = summary.done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task_id, description="pairs" if planned is not None else "preparing",
-                       completed=finished, total=planned, rate=f"{rate:.2f} pairs/s" if summary.done else "")
-
-        moved = _point_log_handlers(sys.stderr)
-        try:
-            with listen(update):
-                yield
-        finally:
-            for handler, stream in moved:
-                handler.setStream(stream)
-
-
-def _point_log_handlers(stream) -> list[tuple[logging.StreamHandler, object]]:
-    moved = []
-    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
-                moved.append((handler, handler.setStream(stream)))
-    return moved
-
-
-#: failed items listed at the end of a run (all of them are in the errors table)
-FAILED_ITEMS_SHOWN = 10
-
-
-def failed_items(config, run_id: str) -> list[dict]:
-    """The first :data:`FAILED_ITEMS_SHOWN` ``errors`` rows of a run (item, stage, error type, message)."""
-    from infra.tables import read_table
-
-    try:
-        errors = read_table(config.out, "errors", [("run_id", "==", run_id)],
-                            columns=["item", "stage", "error_type", "message"],
-                            storage_options=config.storage_options or None)
-    except Exception as error:  # noqa: BLE001 - the summary still points at the table
-        logging.getLogger("pairx.cli").debug("could not read the errors table: %s", error)
-        return []
-    return [{k: (None if v != v else v) for k, v in row.items()}
-            for row in errors.head(FAILED_ITEMS_SHOWN).to_dict("records")]
-
-
-def human_summary(flow: str, summary: dict, out: str) -> str:
-    done, skipped, failed = summary.get("done", 0), summary.get("skipped", 0), summary.get("failed", 0)
-    seconds = summary.get("seconds") or 0.0
-    rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
-    lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
-             f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
-    lines.append(f"tables: {out}/tables   pictures: {out}/viz")
-    if summary.get("report"):
-        lines.append(f"review page: {summary['report']}")
-    if failed:
-        lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
-        items = summary.get("failed_items") or []
-        if items:
-            lines.append(f"failed items ({len(items)} of {failed} shown):" if failed > len(items) else "failed items:")
-            for item in items:
-                message = " ".join(str(item.get("message") or "").split())[:160]
-                lines.append(f"  {item.get('item')} [{item.get('stage')}] {item.get('error_type')}: {message}")
-    return "\n".join(lines)
-
-
-def run_command(flow: str, config, entry_module: str, json_output: bool) -> None:
-    """Check inputs, start the API, run the entry flow, print the summary, exit with its code.
-
-    The entry flow's module (Prefect, torch, ...) is imported only after the cheap checks passed.
-    """
-    from importlib import import_module
-
-    from infra.redaction import hide_model_secrets
-
-    from .night_plan import remember_model
-    from .outcome import ItemsFailedError
-    from .preflight import check_inputs, check_model_spec, resolve_model
-    from .stopping import stop_on_signals
-
-    STATE.json_output = json_output
-    clock = PhaseClock()
-    api = TemporaryAPI()
-    failed = False
-    with stop_on_signals(on_exit=api.kill, on_signal=_quiet_after_signal) as control, reported_errors():
-        try:
-            plan = check_inputs(flow, config)
-            typer.echo(plan.describe(config), err=True)
-            clock.mark("checks")
-            # before the model spec's own check, which imports torch: only a spec that passed every
-            # check on an earlier run of this output is remembered
-            quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
-            if quiet is not None:
-                clock.mark("quiet_night")
-                _print_summary(flow, quiet, clock, config, json_output)
-                return
-            api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
-            check_model_spec(config.model, config.allow_random_weights)
-            model = resolve_model(config)
-            if flow == "nightly":
-                remember_model(config, model)
-            # the flow (and Prefect's record of its parameters) sees the spec without credentials;
-            # the full spec reaches the model loaders through the environment
-            config = config.model_copy(update={"model": hide_model_secrets(config.model)})
-            clock.mark("model")
-        except Exception as error:  # noqa: BLE001 - any problem found here is the input's
-            api.stop()
-            _preflight_error(error)
-        except BaseException:  # a signal during the checks: nothing started yet but the server
-            api.stop()
-            raise
-        entry = getattr(import_module(f"flows.{entry_module}"), flow)
-        _filter_run_logs()
-        with api.active(on_lost=control.abort), progress_display(not json_output):
-            clock.mark("prefect_api")
-            try:
-                summary = entry(config)
-            except ItemsFailedError as error:
-                summary, failed = error.summary, True
-            clock.mark("flow")
-        clock.mark("shutdown")
-    if failed:
-        summary["errors_table"] = f"{config.out.rstrip('/')}/tables/errors"
-        summary["failed_items"] = failed_items(config, summary["run_id"])
-    _print_summary(flow, summary, clock, config, json_output)
-    _exit_for(summary, failed)
-
-
-def _exit_for(summary: dict, failed: bool) -> None:
-    """Exit 1 for failed items (after their list), 3 for a run recorded as crashed."""
-    if summary.get("status") == "crashed":
-        raise typer.Exit(code=EXIT_CRASHED)
-    if failed:
-        raise typer.Exit(code=EXIT_FAILED)
-
-
-def _print_summary(flow: str, summary: dict, clock: "PhaseClock", config, json_output: bool) -> None:
-    summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
-    typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
-
-
-def _quiet_night(config) -> dict | None:
-    """A night with nothing new for a model seen before on this output, recorded without Prefect
-    or torch (``flows.night_plan``); ``None``: take the normal path (which reports any problem)."""
-    from .night_plan import record_quiet_night
-
-    try:
-        return record_quiet_night(config)
-    except Exception as error:  # noqa: BLE001 - the normal path checks and reports properly
-        logging.getLogger("pairx.cli").debug("quiet-night short path not taken: %s", error)
-        return None
-
-
-class PhaseClock:
-    """Wall seconds of a command's phases, from the process start (imports included).
-
-    ``phases()``: imports (process start to the first mark), then each marked phase; with the
-    flow's own seconds, ``flow`` is split into ``flow_run`` (the flow's own work) and ``flow_overhead``.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.started = psutil.Process().create_time()
-        self.marks: list[tuple[str, float]] = [("imports", time.time())]
-
-    def mark(self, name: str) -> None:
-        self.marks.append((name, time.time()))
-
-    def phases(self, flow_seconds: float | None = None) -> dict[str, float]:
-        result, previous = {}, self.started
-        for name, stamp in self.marks:
-            result[name] = round(stamp - previous, 2)
-            previous = stamp
-        if flow_seconds is not None and "flow" in result:
-            result["flow_overhead"] = round(result["flow"] - flow_seconds, 2)
-        result["total"] = round(previous - self.started, 2)
-        return result
 
 
 # ------------------------------------------------------------------------------ options
@@ -932,17 +323,15 @@ def demo_cmd(
     embedded demo model, score it against the ground truth and write index.html."""
     from pathlib import Path
 
-    from .outcome import ItemsFailedError
+    from .console import PhaseClock, human_summary
+    from .run_entry import command_guard, exit_for, run_flow
 
     folder = Path(out).resolve()
     typer.echo(f"demo: {individuals} synthetic individuals, top-{top_k}, output {folder}", err=True)
-    from .stopping import stop_on_signals
 
-    STATE.json_output = json_output
     clock = PhaseClock()
     api = TemporaryAPI()
-    failed = False
-    with stop_on_signals(on_exit=api.kill, on_signal=_quiet_after_signal) as control, reported_errors():
+    with command_guard(api, json_output) as control:
         api.start_soon()  # starts while torch loads and the demo's photos are drawn
         from .demo import DemoSettings, prepare_demo, run_demo
 
@@ -953,15 +342,7 @@ def demo_cmd(
             api.stop()
             raise
         clock.mark("photos")
-        _filter_run_logs()
-        with api.active(on_lost=control.abort), progress_display(not json_output):
-            clock.mark("prefect_api")
-            try:
-                summary = run_demo(settings, prepared)
-            except ItemsFailedError as error:
-                summary, failed = error.summary, True
-            clock.mark("flow")
-        clock.mark("shutdown")
+        summary, failed = run_flow(lambda: run_demo(settings, prepared), api, control, clock, json_output)
     summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
     if json_output:
         typer.echo(json.dumps(summary, indent=2))
@@ -974,7 +355,7 @@ def demo_cmd(
             f"tables: {summary['tables']}; pictures: {summary['pictures']}")
     else:
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
-    _exit_for(summary, failed)
+    exit_for(summary, failed)
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive ``app`` or the installed command

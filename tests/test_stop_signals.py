@@ -99,7 +99,7 @@ def test_sigterm_while_planning(command, pause, night, tmp_path):
 
 def test_sigint_while_the_server_starts(night, tmp_path):
     out = tmp_path / "out"
-    proc = _start("explain", night, out, tmp_path, "flows.cli:OwnedServer.wait_healthy")
+    proc = _start("explain", night, out, tmp_path, "infra.prefect_server:OwnedServer.wait_healthy")
     servers = _servers(proc)
     proc.send_signal(signal.SIGINT)
     _check_stopped(proc, out, 130, "SIGINT", servers, run_started=False)
