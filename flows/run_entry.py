@@ -227,12 +227,21 @@ def run_flow(call: Callable[[], dict], api: TemporaryAPI, control, clock: PhaseC
     """``call()`` (an entry flow) with the API up and the progress bar; ``(summary, items failed)``."""
     from .outcome import ItemsFailedError
 
+    from prefect import tags
+
+    from infra.prefect_server import mark_abandoned_runs_crashed, process_tags
+
     failed = False
     _filter_run_logs()
     with api.active(on_lost=control.abort), progress_display(not json_output):
         clock.mark("prefect_api")
+        abandoned = mark_abandoned_runs_crashed()
+        if abandoned:
+            logging.getLogger("pairx.cli").warning("marked %d flow run(s) of killed pairx commands as crashed",
+                                                   abandoned)
         try:
-            summary = call()
+            with tags(*process_tags()):
+                summary = call()
         except ItemsFailedError as error:
             summary, failed = error.summary, True
         clock.mark("flow")

@@ -249,3 +249,68 @@ def flush_logs() -> None:
     finally:
         for service_logger, level in zip(service_loggers, levels):
             service_logger.setLevel(level)
+
+
+# ------------------------------------------------------------------------------ run history
+#: tags of every flow run a CLI command starts: which process ran it, so that a later command can
+#: tell a run whose process died (SIGKILL, power loss) from one still running
+HOST_TAG, PID_TAG = "pairx-host:", "pairx-pid:"
+
+
+def process_tags() -> list[str]:
+    """``pairx-host:<host>``, ``pairx-pid:<pid>@<process start, epoch s>`` of this process."""
+    import socket
+
+    import psutil
+
+    started = int(psutil.Process().create_time())
+    return [f"{HOST_TAG}{socket.gethostname()}", f"{PID_TAG}{os.getpid()}@{started}"]
+
+
+def _process_alive(tag_value: str) -> bool:
+    import psutil
+
+    pid, _, started = tag_value.partition("@")
+    try:
+        process = psutil.Process(int(pid))
+        return not started or abs(process.create_time() - int(started)) < 2
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.Error:  # access denied: alive, someone else's
+        return True
+
+
+def mark_abandoned_runs_crashed(limit: int = 200) -> int:
+    """Mark ``Crashed`` the running flow runs of this host's dead CLI processes; returns how many.
+
+    Such a run's process was killed without a chance to report (its ``runs`` row is missing or
+    says ``running`` nowhere: the ``runs`` table only gets rows from processes that could write
+    them). Best effort: any API problem leaves the history as it was.
+    """
+    import socket
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                FlowRunFilterTags)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host_tag = f"{HOST_TAG}{socket.gethostname()}"
+    marked = 0
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])),
+                tags=FlowRunFilterTags(all_=[host_tag])), limit=limit)
+            for run in runs:
+                pids = [tag[len(PID_TAG):] for tag in run.tags if tag.startswith(PID_TAG)]
+                if not pids or _process_alive(pids[0]):
+                    continue
+                client.set_flow_run_state(run.id, Crashed(
+                    message=f"the pairx command that ran it (pid {pids[0].partition('@')[0]}) ended without "
+                            "reporting; marked crashed by the next command on this host"), force=True)
+                marked += 1
+    except Exception as error:  # noqa: BLE001 - history upkeep never stops a run
+        logging.getLogger("pairx.cli").debug("could not check for abandoned flow runs: %s", error)
+    return marked
