@@ -199,6 +199,9 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
 
     started = time.perf_counter()
     batches = chunks(list(items), batch_pairs)
+    dashboard = dask_dashboard_link()
+    if dashboard:
+        summary.planned.setdefault("dashboard", dashboard)
     futures: list = []
     try:
         with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
@@ -211,6 +214,18 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
         cancel_pending(futures)
         raise
     summary.explain_seconds += time.perf_counter() - started
+
+
+def dask_dashboard_link() -> str | None:
+    """The Dask dashboard of the running flow's task runner (``None`` without a Dask cluster)."""
+    try:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        client = getattr(getattr(context, "task_runner", None), "_client", None)
+        return getattr(client, "dashboard_link", None) or None
+    except Exception:  # noqa: BLE001 - a missing link never fails a run
+        return None
 
 
 def cancel_pending(futures) -> int:
@@ -229,21 +244,59 @@ def cancel_pending(futures) -> int:
     return cancelled
 
 
-def summary_markdown(flow_name: str, config, summary: FlowSummary) -> str:
+def summary_markdown(flow_name: str, config, summary: FlowSummary, top_candidates: list[dict] | None = None) -> str:
     """The run summary a person reads in Prefect's UI (no credentials: storage options left out)."""
+    review = summary.planned.get("report") or _public_report_url(config)
     rows = [("status", summary.status), ("run id", summary.run_id), ("model", summary.model_id),
             ("done", summary.done), ("skipped", summary.skipped), ("failed", summary.failed),
             ("seconds", f"{summary.seconds:.1f}"),
             *((f"{stage} s", f"{sec:.1f}") for stage, sec in sorted(summary.stage_seconds.items())),
             ("tables", f"{config.out}/tables"), ("pictures", f"{config.out}/viz"),
-            ("review page", f"{config.out}/report/index.html")]
+            ("review page", f"[{review}]({review})" if "://" in review else review)]
+    if summary.planned.get("dashboard"):
+        rows.append(("Dask dashboard", f"[{summary.planned['dashboard']}]({summary.planned['dashboard']})"))
     if summary.failed:
         rows.append(("errors", f"{config.out}/tables/errors (run_id = {summary.run_id})"))
     if summary.error:
         rows.append(("error", summary.error.replace("|", "\\|").replace("\n", " ")[:500]))
     lines = [f"# pairx {flow_name}: {summary.status}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
+    if top_candidates:
+        lines += ["", f"## Tonight's uploads and their top candidate ({len(top_candidates)})", "",
+                  "| upload | top candidate | individual | score |", "|---|---|---|---|"]
+        lines += [f"| {_cell(c['query'])} | {_cell(c['gallery_image'])} | {_cell(c.get('individual') or '-')} | "
+                  f"{c['score']:.3f} |" for c in top_candidates]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _public_report_url(config) -> str:
+    public = getattr(config, "public_url", None)
+    return f"{public.rstrip('/')}/report/index.html" if public else f"{config.out}/report/index.html"
+
+
+#: uploads listed in the run artifact (the candidates table holds all of them)
+ARTIFACT_UPLOADS_SHOWN = 50
+
+
+def top_candidates(config, summary: FlowSummary) -> list[dict]:
+    """This run's uploads with their rank-1 candidate (first :data:`ARTIFACT_UPLOADS_SHOWN`)."""
+    from infra.tables import read_table
+
+    try:
+        rows = read_table(config.out, "candidates", [("run_id", "==", summary.run_id), ("rank", "==", 1)],
+                          model_id=summary.model_id, storage_options=config.storage_options or None)
+    except Exception as error:  # noqa: BLE001 - the artifact is a convenience
+        logger.debug("no candidates for the artifact: %s", error)
+        return []
+    if rows.empty:
+        return []
+    score = rows["rerank_score"].where(rows["rerank_score"].notna(), rows["similarity"])
+    rows = rows.assign(score=score.astype(float)).sort_values("query").head(ARTIFACT_UPLOADS_SHOWN)
+    return rows[["query", "gallery_image", "individual", "score"]].to_dict("records")
 
 
 def _artifact(flow_name: str, config, summary: FlowSummary) -> None:
@@ -252,7 +305,8 @@ def _artifact(flow_name: str, config, summary: FlowSummary) -> None:
 
     if FlowRunContext.get() is None:
         return
-    create_markdown_artifact(markdown=summary_markdown(flow_name, config, summary),
+    top = top_candidates(config, summary) if flow_name == "nightly" else []
+    create_markdown_artifact(markdown=summary_markdown(flow_name, config, summary, top),
                              key=f"pairx-{flow_name.replace('_', '-')}-summary",
                              description=f"pairx {flow_name} run {summary.run_id}")
 

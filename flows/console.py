@@ -83,6 +83,8 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
     lines.append(f"tables: {out}/tables   pictures: {out}/viz")
     if summary.get("report"):
         lines.append(f"review page: {summary['report']}")
+    if summary.get("dashboard"):
+        lines.append(f"Dask dashboard (while the run ran): {summary['dashboard']}")
     if failed:
         lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
         items = summary.get("failed_items") or []
