@@ -203,12 +203,15 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
     if dashboard:
         summary.planned.setdefault("dashboard", dashboard)
     futures: list = []
+    summary.advance("explain", planned=len(items))
     try:
         with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
             for batch in batches:
                 futures.append(explain_batch_task.submit(batch, settings))
         for future in as_completed(futures):
-            summary.add(future.result())
+            result = future.result()
+            summary.add(result)
+            summary.advance("explain", result.done + result.skipped + result.failed)
             notify(summary)
     except BaseException:
         cancel_pending(futures)

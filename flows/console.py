@@ -31,11 +31,10 @@ def progress_display(enabled: bool) -> Iterator[None]:
         started = time.perf_counter()
 
         def update(summary) -> None:
-            planned = summary.planned.get("pairs_planned")
-            finished = summary.done + summary.skipped + summary.failed
+            phase, finished, planned = progress_units(summary)
             rate = summary.done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task_id, description="pairs" if planned is not None else "preparing",
-                       completed=finished, total=planned, rate=f"{rate:.2f} pairs/s" if summary.done else "")
+            bar.update(task_id, description=phase, completed=finished, total=planned,
+                       rate=f"{rate:.2f} pairs/s" if summary.done else "")
 
         moved = _point_log_handlers(sys.stderr)
         try:
@@ -44,6 +43,27 @@ def progress_display(enabled: bool) -> Iterator[None]:
         finally:
             for handler, stream in moved:
                 handler.setStream(stream)
+
+
+#: phases of a run's work in the order they run, as the progress bar names them
+PHASE_NAMES = {"embed": "embedding", "stage1": "re-ranking", "explain": "pairs"}
+
+
+def progress_units(summary) -> tuple[str, int, int | None]:
+    """``(phase now, finished units, planned units)`` over every phase of the run's work.
+
+    Embedding (images), stage-1 re-ranking (pairs) and explaining (pairs) all count, so the bar
+    moves (and its ETA appears) from the first finished batch of any phase; the total grows as
+    later phases are planned. ``planned`` is None before any phase is planned.
+    """
+    progress = getattr(summary, "progress", None) or {}
+    if not progress:
+        planned = summary.planned.get("pairs_planned")
+        return ("pairs" if planned is not None else "preparing"), summary.done + summary.failed, planned
+    finished = sum(done for done, _ in progress.values())
+    planned = sum(total for _, total in progress.values())
+    current = next((name for name, (done, total) in progress.items() if done < total), list(progress)[-1])
+    return PHASE_NAMES.get(current, current), finished, planned
 
 
 def _point_log_handlers(stream) -> list[tuple[logging.StreamHandler, object]]:

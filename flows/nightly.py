@@ -75,17 +75,21 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
                   out=config.out, device=config.device, storage_options=so, min_image_side=config.min_image_side)
     images = list(gallery) + new_uploads
+    batches = chunks(images, 32)
+    summary.advance("embed", planned=len(images))
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
-        futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
+        futures = [embed_images_task.submit(batch, **kwargs) for batch in batches]
     hashes: dict[str, str] = {}
     try:
-        for future in futures:
+        for future, batch in zip(futures, batches):
             result = future.result()
+            summary.advance("embed", len(batch))
             hashes.update(result.hashes)
             summary.failed += result.errors
             summary.cache["hits"] += result.cached
             summary.cache["misses"] += result.computed
             summary.cache["damaged"] += result.damaged
+            notify(summary)
     except BaseException:
         cancel_pending(futures)
         raise

@@ -40,6 +40,16 @@ class FlowSummary:
     model_facts: dict[str, Any] = field(default_factory=dict)
     #: activation cache: images found, computed, and damaged entries recomputed
     cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "damaged": 0})
+    #: work units per phase as ``[finished, planned]``: ``embed`` (images), ``stage1`` (re-ranked
+    #: pairs), ``explain`` (pairs); drives the CLI's progress bar and ETA
+    progress: dict[str, list[int]] = field(default_factory=dict)
+
+    def advance(self, phase: str, finished: int = 0, planned: int | None = None) -> None:
+        """Count ``finished`` units of ``phase`` (and set its ``planned`` total when given)."""
+        counts = self.progress.setdefault(phase, [0, 0])
+        counts[0] += finished
+        if planned is not None:
+            counts[1] = planned
 
     @property
     def ok(self) -> bool:

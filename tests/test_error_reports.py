@@ -121,3 +121,23 @@ def test_a_night_with_failed_items_ends_with_their_list_not_a_traceback(night, t
     lines = done.stdout.splitlines()
     assert "failed items:" in lines and any("corrupt.jpg [load]" in line for line in lines), done.stdout
     assert any(line.startswith("errors: ") and "tables/errors" in line for line in lines)
+
+
+def test_progress_counts_embedding_and_reranking_before_any_pair():
+    """The bar (and its ETA) moves from the first finished batch of any phase."""
+    from flows.console import progress_units
+    from flows.run_record import FlowSummary
+
+    summary = FlowSummary(run_id="r")
+    assert progress_units(summary) == ("preparing", 0, None)
+    summary.advance("embed", planned=100)
+    summary.advance("embed", 32)
+    assert progress_units(summary) == ("embedding", 32, 100)
+    summary.advance("embed", 68)
+    summary.advance("stage1", planned=40)
+    summary.advance("stage1", 10)
+    assert progress_units(summary) == ("re-ranking", 110, 140)
+    summary.advance("stage1", 30)
+    summary.advance("explain", planned=12)
+    summary.advance("explain", 4)
+    assert progress_units(summary) == ("pairs", 144, 152)
