@@ -67,7 +67,7 @@ def main() -> None:
     else:
         uploads, gallery = synthetic_workload(work / "data", args.individuals, 128)
 
-    from flows.cli import prefect_api
+    from infra.prefect_server import prefect_api
     from flows.config import NightlyConfig
     from flows.nightly import nightly
     from infra.tables import read_table

@@ -5,9 +5,15 @@ tables, unknown models or layers, random weights: exit code 2 with one line, in 
 the Prefect API is found (``PREFECT_API_URL``) or a temporary local server is started (it dies
 with this process, even on SIGKILL), then the flow runs on its Dask cluster.
 
-Exit codes: 0 done, 1 some items failed or the run stopped on an error, 2 bad input or options,
-130 interrupted (Ctrl-C, SIGTERM). Third-party INFO logs (Dask, Prefect internals) are hidden
-unless ``--log-level INFO``; ``--debug`` adds tracebacks.
+Exit codes: 0 done, 1 some items failed (or another run holds the output), 2 bad input or
+options, 3 the run crashed (any exception; its ``runs`` row says ``crashed``), 130 SIGINT, 143
+SIGTERM (``flows.stopping``). Every non-zero exit prints one ``error:`` line naming the cause;
+``--debug`` adds the traceback. Third-party INFO logs (Dask, Prefect internals) are hidden unless
+``--log-level INFO``.
+
+This module holds the command definitions; the run sequence and exits are ``flows.run_entry``,
+what is printed ``flows.console``, signals ``flows.stopping``, the Prefect server
+``infra.prefect_server``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
+
+from infra.prefect_server import TemporaryAPI, prefect_api  # noqa: F401 - the names tests and bench use
+
+from .run_entry import (EXIT_CRASHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,  # noqa: F401
+                        STATE, _one_line, _preflight_error, _quiet_logs, _signal_code, _traceback_if_debug, fail,
+                        reported_errors, run_command, storage_credentials)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PAIR-X explanations of animal re-identification matches, at pipeline scale.")
@@ -29,15 +39,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 MODEL_HELP = ("model spec: miewid?weights=URL, hf://conservationxlabs/miewid-msv2, timm:<arch>?weights=FILE, "
               "torchvision:<arch>, python:<module>:<factory>, demo")
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-
-
-class _State:
-    log_level: str = "WARNING"
-    debug: bool = False
-
-
-STATE = _State()
 
 
 def _version_callback(value: bool) -> None:
@@ -64,453 +65,9 @@ def main_options(
         raise typer.BadParameter(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     STATE.log_level, STATE.debug = level, debug
     _quiet_logs(level)
+    from infra.redaction import install_log_redaction
 
-
-def _quiet_logs(level: str) -> None:
-    """Third-party logs at ``level`` in this process and in the Dask workers it starts."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # runs are offline by default:
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # no usage data, no notice about it
-    os.environ["PREFECT_LOGGING_LEVEL"] = level
-    os.environ["DASK_LOGGING__DISTRIBUTED"] = level.lower()
-    for name in ("distributed", "prefect", "httpx", "asyncio", "fsspec", "s3fs", "botocore"):
-        logging.getLogger(name).setLevel(level)
-    if level == "WARNING":  # the nanny's "still alive after 4 s, killing" at every LocalCluster close
-        logging.getLogger("distributed.nanny").setLevel("ERROR")
-
-
-# ------------------------------------------------------------------------------ errors and exits
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=code)
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """Known errors become one line and an exit code; tracebacks only with ``--debug``."""
-    from pydantic import ValidationError
-
-    from pairx_core.errors import PairXError
-
-    from .outcome import ItemsFailedError
-
-    try:
-        yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except ItemsFailedError:
-        raise
-    except ValidationError as error:
-        if STATE.debug:
-            raise
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-        fail(problems)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: the run is recorded as cancelled; rerun the same command to continue", err=True)
-        raise typer.Exit(code=EXIT_INTERRUPTED) from None
-    except PairXError as error:
-        if STATE.debug:
-            raise
-        fail(str(error), code=EXIT_FAILED)
-
-
-def _preflight_error(error: BaseException) -> None:
-    """Bad input found before the run: exit code 2."""
-    from pydantic import ValidationError
-
-    if STATE.debug:
-        raise error
-    if isinstance(error, ValidationError):
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()))
-    fail(str(error))
-
-
-# ------------------------------------------------------------------------------ Prefect API
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the temporary server gets SIGTERM when the CLI dies, however it dies (SIGKILL too)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-#: the temporary server lives for one command and never holds deployments, schedules or paused
-#: runs: the services that poll for those are off (they only take CPU from the run's workers)
-TEMPORARY_SERVER_ENV = {
-    "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-    **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
-        "SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CANCELLATION_CLEANUP")},
-}
-
-
-def _settings_in_this_process() -> dict[str, str]:
-    """Prefect settings changed in this process (``temporary_settings``), as environment variables;
-    none when Prefect is not imported yet (the server then reads the same profile and environment)."""
-    if "prefect.settings" not in sys.modules:
-        return {}
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().to_environment_variables(exclude_unset=True)
-
-
-class OwnedServer:
-    """Prefect's API server (uvicorn, SQLite under ``PREFECT_HOME``) as a child of this process.
-
-    Started from the main thread with ``PR_SET_PDEATHSIG`` (Linux): the kernel sends it SIGTERM
-    when the thread that started it ends, which for the main thread means when the CLI dies,
-    however it dies. (Started from a helper thread, it would die with that thread.)
-    """
-
-    def __init__(self) -> None:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.process = None
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def spawn(self) -> None:
-        """Start the server process now; it imports Prefect's server on its own core while this
-        process goes on (so this process does not import Prefect first)."""
-        import importlib.util
-        import subprocess
-        from pathlib import Path
-
-        env = {**os.environ, **_settings_in_this_process(), **TEMPORARY_SERVER_ENV}
-        env.pop("PREFECT_API_URL", None)
-        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-
-    def wait_healthy(self, timeout: float = 90.0) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
-class TemporaryAPI:
-    """Prefect's API for this command: ``PREFECT_API_URL`` if set, else a temporary local server.
-
-    :meth:`start_soon` starts the server in a background thread, so that its start-up (several
-    seconds) overlaps with loading torch and the model; entering waits for it.
-    """
-
-    def __init__(self) -> None:
-        self.server = None
-        self.thread = None
-        self.error: BaseException | None = None
-
-    @property
-    def needed(self) -> bool:
-        return not os.environ.get("PREFECT_API_URL")
-
-    def start_soon(self) -> "TemporaryAPI":
-        import threading
-
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        if self.needed and self.thread is None:
-            self.server = OwnedServer()
-            self.server.spawn()  # from this (main) thread: see OwnedServer
-
-            def wait() -> None:
-                try:
-                    self.server.wait_healthy()
-                except BaseException as error:  # noqa: BLE001 - reported when entered
-                    self.error = error
-
-            self.thread = threading.Thread(target=wait, name="prefect-server-wait", daemon=True)
-            self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if not self.needed and self.server is None:
-            yield
-            return
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-        self.start_soon()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        os.environ["PREFECT_API_URL"] = self.server.api_url
-        try:
-            # no heartbeats: they serve a long-lived server's crash detection, and each flow's
-            # exit waits up to 1 s for the heartbeat thread to wake up and stop
-            with temporary_settings(updates={PREFECT_API_URL: self.server.api_url,
-                                             PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                yield
-        finally:
-            _flush_logs()
-            os.environ.pop("PREFECT_API_URL", None)
-            self.stop()
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """Use PREFECT_API_URL if set, else a temporary local server shared with the workers."""
-    with TemporaryAPI().active():
-        yield
-
-
-def _flush_logs() -> None:
-    """Send queued flow/task logs and events before the temporary server goes away.
-
-    Without this the log and event workers keep retrying a closed port for about a minute at
-    exit and then print "Error logging to API".
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    workers = (APILogWorker, EventsWorker)
-    # a drain with items queued logs "Still processing items" at WARNING (under the service's class
-    # name, whichever class's drain_all stops it): expected here, not news for the user
-    service_loggers = [logging.getLogger(worker.__name__) for worker in workers]
-    levels = [service_logger.level for service_logger in service_loggers]
-    for service_logger in service_loggers:
-        service_logger.setLevel(logging.ERROR)
-    try:
-        for worker in workers:
-            try:
-                worker.drain_all(timeout=10)
-            except Exception:  # noqa: BLE001 - losing the last log lines must never fail the run
-                pass
-    finally:
-        for service_logger, level in zip(service_loggers, levels):
-            service_logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: recorded as cancelled, server and cluster stopped."""
-    from .outcome import RunTerminated
-
-    def handler(signum, frame):
-        raise RunTerminated("SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a test runner): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def storage_credentials(pairs: list[str]) -> Iterator[None]:
-    """``--storage-option`` values reach every process through the environment, never a config."""
-    from infra.storage import STORAGE_OPTIONS_ENV
-
-    if not pairs:
-        yield
-        return
-    options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV) or "{}")
-    for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        options[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
-    previous = os.environ.get(STORAGE_OPTIONS_ENV)
-    os.environ[STORAGE_OPTIONS_ENV] = json.dumps(options)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(STORAGE_OPTIONS_ENV, None)
-        else:
-            os.environ[STORAGE_OPTIONS_ENV] = previous
-
-
-# ------------------------------------------------------------------------------ progress and summary
-@contextlib.contextmanager
-def progress_display(enabled: bool) -> Iterator[None]:
-    """A progress bar on stderr (TTY only) fed by the flows' progress notifications.
-
-    Log handlers that write to stderr are pointed at the bar's console while it runs, so that log
-    lines appear above the bar instead of over it.
-    """
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    from .outcome import listen
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  disable=not (enabled and sys.stderr.isatty()), redirect_stderr=True) as bar:
-        task_id = bar.add_task("starting", total=None, rate="")
-        started = time.perf_counter()
-
-        def update(summary) -> None:
-            planned = summary.planned.get("pairs_planned")
-            finished = summary.done + summary.skipped + summary.failed
-            rate = summary.done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task_id, description="pairs" if planned is not None else "preparing",
-                       completed=finished, total=planned, rate=f"{rate:.2f} pairs/s" if summary.done else "")
-
-        moved = _point_log_handlers(sys.stderr)
-        try:
-            with listen(update):
-                yield
-        finally:
-            for handler, stream in moved:
-                handler.setStream(stream)
-
-
-def _point_log_handlers(stream) -> list[tuple[logging.StreamHandler, object]]:
-    moved = []
-    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.__stderr__:
-                moved.append((handler, handler.setStream(stream)))
-    return moved
-
-
-def human_summary(flow: str, summary: dict, out: str) -> str:
-    done, skipped, failed = summary.get("done", 0), summary.get("skipped", 0), summary.get("failed", 0)
-    seconds = summary.get("seconds") or 0.0
-    rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
-    lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
-             f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
-    lines.append(f"tables: {out}/tables   pictures: {out}/viz")
-    if summary.get("report"):
-        lines.append(f"review page: {summary['report']}")
-    if failed:
-        lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
-    return "\n".join(lines)
-
-
-def run_command(flow: str, config, entry_module: str, json_output: bool) -> None:
-    """Check inputs, start the API, run the entry flow, print the summary, exit with its code.
-
-    The entry flow's module (Prefect, torch, ...) is imported only after the cheap checks passed.
-    """
-    from importlib import import_module
-
-    from .outcome import ItemsFailedError
-    from .night_plan import remember_model
-    from .preflight import check_inputs, check_model_spec, resolve_model
-    from pairx_core.runtime_settings import configure_task_process
-
-    clock = PhaseClock()
-    api = TemporaryAPI()
-    try:
-        plan = check_inputs(flow, config)
-        typer.echo(plan.describe(config), err=True)
-        clock.mark("checks")
-        # before the model spec's own check, which imports torch: only a spec that passed every
-        # check on an earlier run of this output is remembered
-        quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
-        if quiet is not None:
-            clock.mark("quiet_night")
-            _print_summary(flow, quiet, clock, config, json_output)
-            return
-        api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
-        configure_task_process()  # this process runs tasks too (--workers 0, the model checks)
-        check_model_spec(config.model, config.allow_random_weights)
-        model = resolve_model(config)
-        if flow == "nightly":
-            remember_model(config, model)
-        clock.mark("model")
-    except Exception as error:  # noqa: BLE001 - any problem found here is the input's
-        api.stop()
-        _preflight_error(error)
-    entry = getattr(import_module(f"flows.{entry_module}"), flow)
-    failed = False
-    with reported_errors(), sigterm_as_interrupt():
-        with api.active(), progress_display(not json_output):
-            clock.mark("prefect_api")
-            try:
-                summary = entry(config)
-            except ItemsFailedError as error:
-                summary, failed = error.summary, True
-            clock.mark("flow")
-        clock.mark("shutdown")
-    _print_summary(flow, summary, clock, config, json_output)
-    if failed:
-        raise typer.Exit(code=EXIT_FAILED)
-
-
-def _print_summary(flow: str, summary: dict, clock: "PhaseClock", config, json_output: bool) -> None:
-    summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
-    typer.echo(json.dumps(summary, indent=2) if json_output else human_summary(flow, summary, config.out))
-
-
-def _quiet_night(config) -> dict | None:
-    """A night with nothing new for a model seen before on this output, recorded without Prefect
-    or torch (``flows.night_plan``); ``None``: take the normal path (which reports any problem)."""
-    from .night_plan import record_quiet_night
-
-    try:
-        return record_quiet_night(config)
-    except Exception as error:  # noqa: BLE001 - the normal path checks and reports properly
-        logging.getLogger("pairx.cli").debug("quiet-night short path not taken: %s", error)
-        return None
-
-
-class PhaseClock:
-    """Wall seconds of a command's phases, from the process start (imports included).
-
-    ``phases()``: imports (process start to the first mark), then each marked phase; with the
-    flow's own seconds, ``flow`` is split into ``flow_run`` (the flow's own work) and ``flow_overhead``.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.started = psutil.Process().create_time()
-        self.marks: list[tuple[str, float]] = [("imports", time.time())]
-
-    def mark(self, name: str) -> None:
-        self.marks.append((name, time.time()))
-
-    def phases(self, flow_seconds: float | None = None) -> dict[str, float]:
-        result, previous = {}, self.started
-        for name, stamp in self.marks:
-            result[name] = round(stamp - previous, 2)
-            previous = stamp
-        if flow_seconds is not None and "flow" in result:
-            result["flow_overhead"] = round(result["flow"] - flow_seconds, 2)
-        result["total"] = round(previous - self.started, 2)
-        return result
+    install_log_redaction()  # every record of this process, at every level, without credentials
 
 
 # ------------------------------------------------------------------------------ options
@@ -659,11 +216,9 @@ def layers_cmd(
 
 
 from .upkeep_cmd import register_upkeep  # noqa: E402 - gc, compact, verify, cache, report
-
-register_upkeep(app)
-
 from .review_cmd import register_review_commands  # noqa: E402 - a light module (typer only)
 
+register_upkeep(app)
 register_review_commands(app)
 
 
@@ -673,39 +228,38 @@ def demo_cmd(
     individuals: int = typer.Option(12, "--individuals", help="synthetic individuals in the gallery"),
     top_k: int = typer.Option(3, "--top-k", help="candidates explained per upload"),
     workers: Optional[int] = Workers,
-    json_output: bool = JsonOut,
     auto_decide: bool = typer.Option(False, "--auto-decide", help="record the true decisions (reviewer "
                                      "demo-ground-truth) so that the review views and index have figures"),
+    json_output: bool = JsonOut,
 ) -> None:
     """Generate a gallery and a night of synthetic uploads, run the real nightly flow with the
     embedded demo model, score it against the ground truth and write index.html."""
     from pathlib import Path
 
-    from .outcome import ItemsFailedError
+    from .console import PhaseClock, human_summary
+    from .run_entry import command_guard, exit_for, run_flow
 
     folder = Path(out).resolve()
     typer.echo(f"demo: {individuals} synthetic individuals, top-{top_k}, output {folder}", err=True)
-    clock = PhaseClock()
-    api = TemporaryAPI().start_soon()  # starts while torch loads and the demo's photos are drawn
-    failed = False
-    with reported_errors(), sigterm_as_interrupt():
-        from pairx_core.runtime_settings import configure_task_process
 
+    clock = PhaseClock()
+    api = TemporaryAPI()
+    with command_guard(api, json_output) as control:
+        api.start_soon()  # starts while torch loads and the demo's photos are drawn
         from .demo import DemoSettings, prepare_demo, run_demo
+
+        from pairx_core.runtime_settings import configure_task_process
 
         configure_task_process()  # this process runs the demo's tasks when --workers 0
         settings = DemoSettings(out=folder, individuals=individuals, top_k=top_k, workers=workers,
                                 auto_decide=auto_decide)
-        prepared = prepare_demo(settings)
+        try:
+            prepared = prepare_demo(settings)
+        except BaseException:
+            api.stop()
+            raise
         clock.mark("photos")
-        with api.active(), progress_display(not json_output):
-            clock.mark("prefect_api")
-            try:
-                summary = run_demo(settings, prepared)
-            except ItemsFailedError as error:
-                summary, failed = error.summary, True
-            clock.mark("flow")
-        clock.mark("shutdown")
+        summary, failed = run_flow(lambda: run_demo(settings, prepared), api, control, clock, json_output)
     summary["startup"] = clock.phases(flow_seconds=summary.get("seconds"))
     if json_output:
         typer.echo(json.dumps(summary, indent=2))
@@ -720,8 +274,7 @@ def demo_cmd(
         typer.echo(human_summary("demo", summary, str(settings.out / "results")))
     if "decisions" in summary and not json_output:
         typer.echo(f"Ground truth decided: {summary['decisions'] or 'nothing new'}")
-    if failed:
-        raise typer.Exit(code=EXIT_FAILED)
+    exit_for(summary, failed)
 
 
 def main() -> None:  # pragma: no cover - the console script; tests drive ``app`` or the installed command
@@ -736,6 +289,10 @@ def main() -> None:  # pragma: no cover - the console script; tests drive ``app`
         app()
     except SystemExit as done:
         code = done.code
+    except BaseException as error:  # noqa: BLE001 - whatever escaped the commands: one line, never exit 0
+        _traceback_if_debug(error)
+        code = _signal_code(error) or EXIT_CRASHED
+        print(f"error: {_one_line(error)}", file=sys.stderr)
     finally:
         if isinstance(code, str):
             print(code, file=sys.stderr)

@@ -30,8 +30,8 @@ from infra.tables import count_run_rows, ensure_table, table_url
 from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
-from .outcome import ItemsFailedError, RunTerminated, listen, notify  # noqa: F401 - re-exported
-from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run
+from .outcome import ItemsFailedError, RunAborted, RunTerminated, listen, notify  # noqa: F401 - re-exported
+from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run  # noqa: F401 - re-exported
 
 logger = logging.getLogger("pairx.flows")
 
@@ -54,6 +54,8 @@ def active_summary(run_id: str) -> FlowSummary:
 def _status_of(error: BaseException) -> str:
     from prefect.exceptions import TerminationSignal
 
+    if isinstance(error, RunAborted):
+        return "crashed"
     if isinstance(error, (KeyboardInterrupt, TerminationSignal)):
         return "cancelled"
     if isinstance(error, OutputLockedError):
@@ -73,7 +75,9 @@ def _describe(error: BaseException) -> str:
             pass
     if type(error) is KeyboardInterrupt:
         return "KeyboardInterrupt: Ctrl-C"
-    return f"{type(error).__name__}: {error}"[:2000]
+    from infra.redaction import redact_text
+
+    return redact_text(f"{type(error).__name__}: {error}")[:2000]
 
 
 def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
@@ -81,16 +85,22 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
 
     ``prepare(config, summary) -> bool``, when given, runs first in this process and says whether
     there is work at all: without work no task runner (no Dask cluster) is started. The ``runs``
-    row (and the run-summary artifact) is written whatever happens. Raises
+    row (and the run-summary artifact) is written whatever happens, once; a forced exit on a
+    second SIGTERM (``flows.stopping``) writes it as ``cancelled`` and releases the lease. Raises
     :class:`ItemsFailedError` when items failed, and re-raises whatever stopped the run.
     """
+    from .stopping import stop_hook
+
     started = datetime.now(timezone.utc)
     summary = FlowSummary(run_id=new_run_id())
+    recorder = _RunRecorder(flow_name, config, summary, started)
     with _ACTIVE_LOCK:
         _ACTIVE[summary.run_id] = summary
     try:
-        with output_lease(config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
-                          storage_options=config.storage_options or None):
+        with stop_hook(recorder.forced_stop), output_lease(
+                config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
+                storage_options=config.storage_options or None) as lease:
+            recorder.lease = lease
             summary.repaired_files = len(repair_tables(config.out, config.storage_options or None))
             if prepare is None or prepare(config, summary):
                 work_flow.with_options(task_runner=task_runner_for(config))(config, summary.run_id)
@@ -104,13 +114,41 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.pop(summary.run_id, None)
-        summary.seconds = (datetime.now(timezone.utc) - started).total_seconds()
-        _record(flow_name, config, summary, started)
+        recorder.record()
         notify(summary)
     result = summary.as_dict()
     if summary.failed:
         raise ItemsFailedError(result, table_url(config.out, "errors"))
     return result
+
+
+class _RunRecorder:
+    """Writes a run's record once, from the flow's ``finally`` or from a forced exit's hook."""
+
+    def __init__(self, flow_name: str, config, summary: FlowSummary, started: datetime):
+        self.flow_name, self.config, self.summary, self.started = flow_name, config, summary, started
+        self.lease = None
+        self._lock = threading.Lock()
+        self._recorded = False
+
+    def record(self) -> None:
+        with self._lock:
+            if self._recorded:
+                return
+            self._recorded = True
+            self.summary.seconds = (datetime.now(timezone.utc) - self.started).total_seconds()
+            _record(self.flow_name, self.config, self.summary, self.started)
+
+    def forced_stop(self, status: str, error: str) -> None:
+        """The process leaves now (second signal, or the grace time ran out): row, then lease."""
+        if self._lock.acquire(timeout=2.0):  # a row being written in the main thread is let finish
+            self._lock.release()
+        if not self._recorded:
+            self.summary.status, self.summary.error = status, error
+            _count_written_pairs(self.config, self.summary)
+            self.record()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _count_written_pairs(config, summary: FlowSummary) -> None:
@@ -163,29 +201,107 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
 
     started = time.perf_counter()
     batches = chunks(list(items), batch_pairs)
-    with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
-        futures = [explain_batch_task.submit(batch, settings) for batch in batches]
-    for future in as_completed(futures):
-        summary.add(future.result())
-        notify(summary)
+    dashboard = dask_dashboard_link()
+    if dashboard:
+        summary.planned.setdefault("dashboard", dashboard)
+    futures: list = []
+    summary.advance("explain", planned=len(items))
+    try:
+        with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
+            for batch in batches:
+                futures.append(explain_batch_task.submit(batch, settings))
+        for future in as_completed(futures):
+            result = future.result()
+            summary.add(result)
+            summary.advance("explain", result.done + result.skipped + result.failed)
+            notify(summary)
+    except BaseException:
+        cancel_pending(futures)
+        raise
     summary.explain_seconds += time.perf_counter() - started
 
 
-def summary_markdown(flow_name: str, config, summary: FlowSummary) -> str:
+def dask_dashboard_link() -> str | None:
+    """The Dask dashboard of the running flow's task runner (``None`` without a Dask cluster)."""
+    try:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        client = getattr(getattr(context, "task_runner", None), "_client", None)
+        return getattr(client, "dashboard_link", None) or None
+    except Exception:  # noqa: BLE001 - a missing link never fails a run
+        return None
+
+
+def cancel_pending(futures) -> int:
+    """Cancel the submitted task runs that have not finished (a stopped run); returns how many."""
+    cancelled = 0
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        try:
+            if wrapped is not None and not wrapped.done():
+                wrapped.cancel()
+                cancelled += 1
+        except Exception:  # noqa: BLE001 - a client already closed: nothing left to cancel
+            pass
+    if cancelled:
+        logger.info("cancelled %d task run(s) not yet finished", cancelled)
+    return cancelled
+
+
+def summary_markdown(flow_name: str, config, summary: FlowSummary, top_candidates: list[dict] | None = None) -> str:
     """The run summary a person reads in Prefect's UI (no credentials: storage options left out)."""
+    review = summary.planned.get("report") or _public_report_url(config)
     rows = [("status", summary.status), ("run id", summary.run_id), ("model", summary.model_id),
             ("done", summary.done), ("skipped", summary.skipped), ("failed", summary.failed),
             ("seconds", f"{summary.seconds:.1f}"),
             *((f"{stage} s", f"{sec:.1f}") for stage, sec in sorted(summary.stage_seconds.items())),
             ("tables", f"{config.out}/tables"), ("pictures", f"{config.out}/viz"),
-            ("review page", f"{config.out}/report/index.html")]
+            ("review page", f"[{review}]({review})" if "://" in review else review)]
+    if summary.planned.get("dashboard"):
+        rows.append(("Dask dashboard", f"[{summary.planned['dashboard']}]({summary.planned['dashboard']})"))
     if summary.failed:
         rows.append(("errors", f"{config.out}/tables/errors (run_id = {summary.run_id})"))
     if summary.error:
         rows.append(("error", summary.error.replace("|", "\\|").replace("\n", " ")[:500]))
     lines = [f"# pairx {flow_name}: {summary.status}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
+    if top_candidates:
+        lines += ["", f"## Tonight's uploads and their top candidate ({len(top_candidates)})", "",
+                  "| upload | top candidate | individual | score |", "|---|---|---|---|"]
+        lines += [f"| {_cell(c['query'])} | {_cell(c['gallery_image'])} | {_cell(c.get('individual') or '-')} | "
+                  f"{c['score']:.3f} |" for c in top_candidates]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _public_report_url(config) -> str:
+    public = getattr(config, "public_url", None)
+    return f"{public.rstrip('/')}/report/index.html" if public else f"{config.out}/report/index.html"
+
+
+#: uploads listed in the run artifact (the candidates table holds all of them)
+ARTIFACT_UPLOADS_SHOWN = 50
+
+
+def top_candidates(config, summary: FlowSummary) -> list[dict]:
+    """This run's uploads with their rank-1 candidate (first :data:`ARTIFACT_UPLOADS_SHOWN`)."""
+    from infra.tables import read_table
+
+    try:
+        rows = read_table(config.out, "candidates", [("run_id", "==", summary.run_id), ("rank", "==", 1)],
+                          model_id=summary.model_id, storage_options=config.storage_options or None)
+    except Exception as error:  # noqa: BLE001 - the artifact is a convenience
+        logger.debug("no candidates for the artifact: %s", error)
+        return []
+    if rows.empty:
+        return []
+    score = rows["rerank_score"].where(rows["rerank_score"].notna(), rows["similarity"])
+    rows = rows.assign(score=score.astype(float)).sort_values("query").head(ARTIFACT_UPLOADS_SHOWN)
+    return rows[["query", "gallery_image", "individual", "score"]].to_dict("records")
 
 
 def _artifact(flow_name: str, config, summary: FlowSummary) -> None:
@@ -194,7 +310,8 @@ def _artifact(flow_name: str, config, summary: FlowSummary) -> None:
 
     if FlowRunContext.get() is None:
         return
-    create_markdown_artifact(markdown=summary_markdown(flow_name, config, summary),
+    top = top_candidates(config, summary) if flow_name == "nightly" else []
+    create_markdown_artifact(markdown=summary_markdown(flow_name, config, summary, top),
                              key=f"pairx-{flow_name.replace('_', '-')}-summary",
                              description=f"pairx {flow_name} run {summary.run_id}")
 

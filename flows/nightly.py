@@ -23,7 +23,7 @@ from pairx_core.retrieval import retrieve
 from tasks.candidates import candidate_keys, candidate_rows, once_per_key
 from tasks.embed import activation_cache, embed_images_task
 
-from .common import active_summary, chunks, explain_items, notify, run_recorded, settings_for
+from .common import active_summary, cancel_pending, chunks, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
 from .night_plan import NightPlan, plan_uploads, warn_quarantined
 from .preflight import resolve_model
@@ -73,16 +73,24 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
                   out=config.out, device=config.device, storage_options=so, min_image_side=config.min_image_side)
     images = list(gallery) + new_uploads
+    batches = chunks(images, 32)
+    summary.advance("embed", planned=len(images))
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
-        futures = [embed_images_task.submit(batch, **kwargs) for batch in chunks(images, 32)]
+        futures = [embed_images_task.submit(batch, **kwargs) for batch in batches]
     hashes: dict[str, str] = {}
-    for future in futures:
-        result = future.result()
-        hashes.update(result.hashes)
-        summary.failed += result.errors
-        summary.cache["hits"] += result.cached
-        summary.cache["misses"] += result.computed
-        summary.cache["damaged"] += result.damaged
+    try:
+        for future, batch in zip(futures, batches):
+            result = future.result()
+            summary.advance("embed", len(batch))
+            hashes.update(result.hashes)
+            summary.failed += result.errors
+            summary.cache["hits"] += result.cached
+            summary.cache["misses"] += result.computed
+            summary.cache["damaged"] += result.damaged
+            notify(summary)
+    except BaseException:
+        cancel_pending(futures)
+        raise
     cache = activation_cache(config.cache_url, model_id, _prep_fingerprint(config), layers, so)
     gallery_uris = [g for g in gallery if g in hashes]
     query_uris = [u for u in new_uploads if u in hashes]

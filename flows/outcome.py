@@ -2,6 +2,8 @@
 
 - :class:`ItemsFailedError`: a run finished with failed items (its Prefect flow run ends Failed);
 - :class:`RunTerminated`: SIGTERM, handled like Ctrl-C (the run is recorded as cancelled);
+  :class:`RunAborted`: the CLI stops its own run (recorded as crashed);
+- the CLI's exit codes;
 - :func:`listen` / :func:`notify`: progress notifications from a run to the CLI's progress bar.
 """
 
@@ -17,6 +19,11 @@ logger = logging.getLogger("pairx.flows")
 
 #: run statuses written to the ``runs`` table
 RUN_STATUSES = ("completed", "failed", "crashed", "cancelled", "refused")
+
+#: exit codes of the CLI (the README's operations table): done; items failed or the output was
+#: held by another run; bad input or options (nothing started); the run crashed (``runs.status``
+#: ``crashed``); 128 + signal for SIGINT (130) and SIGTERM (143)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 
 
 class ItemsFailedError(PairXError):
@@ -35,7 +42,14 @@ class ItemsFailedError(PairXError):
 
 
 class RunTerminated(KeyboardInterrupt):
-    """SIGTERM received (the CLI turns it into this, so that the run is recorded as cancelled)."""
+    """SIGTERM or SIGINT received (the CLI turns it into this, so that the run is recorded as cancelled).
+
+    ``args[0]`` is the signal's name (``SIGTERM``).
+    """
+
+
+class RunAborted(RunTerminated):
+    """The CLI stops its own run because it cannot go on (e.g. its Prefect server died): ``crashed``."""
 
 
 _LISTENERS: list[Callable[[Any], None]] = []

@@ -58,6 +58,7 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
     pairs = [Stage1Pair(c.pair_id, c.query, hashes[c.query], c.gallery_image, hashes[c.gallery_image])
              for c in candidates]
     started = time.perf_counter()
+    summary.advance("stage1", planned=len(pairs))
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [stage1_batch_task.submit(batch, settings) for batch in chunks(pairs, STAGE1_BATCH_PAIRS)]
     metrics: dict[str, dict] = {}
@@ -68,6 +69,7 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
             summary.stage_seconds[f"stage1_{stage}"] = summary.stage_seconds.get(f"stage1_{stage}", 0.0) + seconds
         summary.planned["stage1_decoded"] = summary.planned.get("stage1_decoded", 0) + result.images_decoded
         summary.cache["damaged"] += result.cache_damaged
+        summary.advance("stage1", len(result.metrics))
         notify(summary)
     summary.stage_seconds["stage1_wall"] = summary.stage_seconds.get("stage1_wall", 0.0) + time.perf_counter() - started
     return metrics, best_reranked(candidates, {pid: m.get("irm") for pid, m in metrics.items()}, config.top_k)

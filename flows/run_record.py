@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from infra.redaction import redact_text
 from infra.tables import write_table
 
 #: model_id partition for runs that ended before their model was known
@@ -41,6 +42,16 @@ class FlowSummary:
     cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0, "damaged": 0})
     #: damaged table files moved to _pairx/quarantine/ before planning (their rows are recomputed)
     repaired_files: int = 0
+    #: work units per phase as ``[finished, planned]``: ``embed`` (images), ``stage1`` (re-ranked
+    #: pairs), ``explain`` (pairs); drives the CLI's progress bar and ETA
+    progress: dict[str, list[int]] = field(default_factory=dict)
+
+    def advance(self, phase: str, finished: int = 0, planned: int | None = None) -> None:
+        """Count ``finished`` units of ``phase`` (and set its ``planned`` total when given)."""
+        counts = self.progress.setdefault(phase, [0, 0])
+        counts[0] += finished
+        if planned is not None:
+            counts[1] = planned
 
     @property
     def ok(self) -> bool:
@@ -74,10 +85,11 @@ def chunks(items: Sequence, size: int) -> list[list]:
 
 
 def public_parameters(config) -> dict:
-    """The config as stored in the ``runs`` table: no storage options (they may hold credentials)."""
+    """The config as stored in the ``runs`` table: no storage options, every value without
+    credentials (model spec and URLs redacted: ``infra.redaction.redact_text``)."""
     parameters = config.model_dump(mode="json")
     parameters.pop("storage_options", None)
-    return parameters
+    return json.loads(redact_text(json.dumps(parameters)))
 
 
 def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime) -> None:
@@ -85,7 +97,7 @@ def write_run(out: str, flow: str, config, summary: FlowSummary, started: dateti
     facts = summary.model_facts
     write_table(out, "runs", [{
         "run_id": summary.run_id, "flow": flow, "parameters": json.dumps(public_parameters(config), sort_keys=True),
-        "status": summary.status, "error": summary.error,
+        "status": summary.status, "error": redact_text(summary.error) if summary.error else None,
         "n_done": summary.done, "n_skipped": summary.skipped, "n_failed": summary.failed,
         "duration_s": summary.seconds, "started_at": started, "finished_at": finished,
         "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),

@@ -35,4 +35,6 @@ def load_model(spec: str, *, storage_options: Mapping[str, Any] | None = None, d
     """``pairx_core.models.load_model`` with URL weights resolved through fsspec."""
     from pairx_core.models import load_model as _load_model
 
-    return _load_model(spec, opener=url_opener(storage_options), device=device)
+    from .redaction import private_spec
+
+    return _load_model(private_spec(spec), opener=url_opener(storage_options), device=device)

@@ -73,8 +73,8 @@ OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "
 
 #: environment variable with fsspec options (JSON object) for remote URLs, credentials included
 STORAGE_OPTIONS_ENV = "PAIRX_STORAGE_OPTIONS"
-#: protocols that never receive the environment's options
-_NO_ENV_OPTIONS = frozenset({None, "file", "local", "memory"})
+#: protocols that never receive the environment's options (object-store keys break an HTTP client)
+_NO_ENV_OPTIONS = frozenset({None, "file", "local", "memory", "http", "https"})
 
 _TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]")

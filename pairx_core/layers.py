@@ -151,7 +151,7 @@ def default_layer_for_spec(spec: str) -> str | None:
     Returns ``None`` when it cannot be known without building (``python:`` factories, timm or
     torchvision families other than EfficientNet/ResNet): build it and call :func:`default_layer`.
     """
-    from .models import ModelSpec, demo_default_layer
+    from .specs import ModelSpec, demo_default_layer
 
     parsed = ModelSpec.parse(spec)
     if parsed.kind in ("miewid", "miewid-arch"):

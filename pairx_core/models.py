@@ -36,7 +36,7 @@ from .canonizers import register_safe_module
 from .errors import ConfigError, ModelLoadError, RandomWeightsError
 from .layers import DEFAULT_LAYER_ATTRIBUTE
 from .preprocess import Preprocessing
-from .specs import BUNDLED_WEIGHTS_DIR, ModelSpec, public_spec
+from .specs import BUNDLED_WEIGHTS_DIR, ModelSpec, demo_default_layer, public_spec  # noqa: F401 - re-exported
 
 WeightsSource = Union[str, Path, bytes, Mapping[str, torch.Tensor], None]
 Opener = Callable[[str], bytes]
@@ -417,16 +417,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def demo_default_layer() -> str:
-    """The layer the demo model was trained and checked for (from its ``demo.json``)."""
-    import json
-
-    config_path = WEIGHTS_DIR / "demo.json"
-    if not config_path.exists():
-        return "backbone.blocks.2"
-    return str(json.loads(config_path.read_text()).get("layer", "backbone.blocks.2"))
 
 
 # ------------------------------------------------------------------------- random weights, specs

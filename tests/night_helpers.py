@@ -23,3 +23,27 @@ def write_night(root: Path, individuals: int, seed: int, *, upload_seeds: Sequen
             name = f"{ind.id}.png" if len(upload_seeds) == 1 else f"{ind.id}-{upload_seed}.png"
             render_photo(ind, seed=upload_seed, size=size).image.save(root / "uploads" / name)
     return root
+
+
+def repair_log_streams() -> int:
+    """Point log handlers left on a closed stream (a ``CliRunner`` invocation's captured stderr,
+    taken by a handler created during it) back at the real stderr; returns how many.
+
+    Call after in-process CLI runs of flows, so that later tests' log records have somewhere to go.
+    """
+    import logging
+    import sys
+
+    repaired = 0
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.stream = sys.__stderr__  # (setStream would flush the closed one)
+                repaired += 1
+            console = getattr(handler, "console", None)
+            if console is not None and getattr(getattr(console, "file", None), "closed", False):
+                console.file = sys.__stderr__
+                repaired += 1
+    return repaired

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from flows.cli import TemporaryAPI
+from infra.prefect_server import TemporaryAPI
 
 
 @pytest.mark.timeout(120)
