@@ -415,8 +415,10 @@ class Runner:
         self._reference_model = _OnDevice(model, device) if device.type == "cuda" else model
         self._reference_prefix = "inner." if device.type == "cuda" else ""
         self.ref_worker: RefWorker | None = None
+        self.own_worker: RefWorker | None = None  # this checkout's engine, in a worker like the reference
         self.phases: dict[str, float] = {}
         self.keep_results = False
+        self.cpu_seconds: float | None = None
         self.last_results: dict[str, Any] | None = None
 
     def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
@@ -425,6 +427,7 @@ class Runner:
         self.phases = {}
         with _hooked_composite() if hooks else contextlib.nullcontext(), _phase_timers(self.phases, self.device):
             _sync(self.device)
+            cpu_start = time.process_time()
             start = time.perf_counter()
             results = explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines, k_colors=k_colors,
                     batch_size=batch_size, device=self.device, memory_budget=self.memory_budget, stats=stats,
@@ -432,6 +435,7 @@ class Runner:
             _sync(self.device)
             seconds = time.perf_counter() - start
         self.phases["forward_and_setup"] = seconds - sum(self.phases.values())
+        self.cpu_seconds = time.process_time() - cpu_start
         if self.keep_results:
             self.last_results = _result_arrays(results)
         del results
@@ -440,13 +444,15 @@ class Runner:
         return seconds, stats
 
     def ref_engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
-                   save: str | None = None) -> tuple[float, EngineStats]:
-        assert self.ref_worker is not None
-        answer = self.ref_worker.call(layers=layers, k_colors=k_colors, batch_size=batch_size, n_pairs=n_pairs,
+                   save: str | None = None, own: bool = False) -> tuple[float, EngineStats]:
+        worker = self.own_worker if own else self.ref_worker
+        assert worker is not None
+        answer = worker.call(layers=layers, k_colors=k_colors, batch_size=batch_size, n_pairs=n_pairs,
                                       k_lines=self.args.k_lines, memory_format=self.args.memory_format, save=save)
         stats = EngineStats()
         stats.pixel_backwards = answer["pixel_backwards"]
         stats.batches = answer["batches"]
+        self.cpu_seconds = answer.get("cpu_seconds")
         return answer["seconds"], stats
 
     def reference(self, layers: list[str], k_colors: int, n_pairs: int) -> tuple[float, None]:
@@ -520,20 +526,18 @@ def max_relative_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> flo
 class RefWorker:
     """Another commit's engine in a worker process (``bench/engine_ref_worker.py``)."""
 
-    def __init__(self, rev: str, args: argparse.Namespace, x0: torch.Tensor, x1: torch.Tensor):
+    def __init__(self, rev: str | None, args: argparse.Namespace, x0: torch.Tensor, x1: torch.Tensor):
+        """``rev`` None: this checkout's own ``pairx_core`` (the same protocol on both sides)."""
         self.folder = Path(tempfile.mkdtemp(prefix="pairx_ref_engine_"))
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=_ROOT, check=True,
-                                    capture_output=True, text=True).stdout.strip()
-        except subprocess.CalledProcessError as error:
-            raise SystemExit(f"--compare-ref: {rev!r} is not a commit of {_ROOT} ({error.stderr.strip()})") from None
-        archive = subprocess.run(["git", "archive", "--format=tar", commit, "pairx_core"], cwd=_ROOT, check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(self.folder)], input=archive, check=True)
+        core = self.folder
+        if rev is None:
+            core, commit, rev = _ROOT, "working tree", "this checkout"
+        else:
+            commit = self._export(rev)
         self.commit = commit
         inputs = self.folder / "inputs.pt"
         torch.save({"x0": x0, "x1": x1}, inputs)
-        command = [sys.executable, str(_ROOT / "bench" / "engine_ref_worker.py"), "--core", str(self.folder),
+        command = [sys.executable, str(_ROOT / "bench" / "engine_ref_worker.py"), "--core", str(core),
                    "--model", args.model, "--inputs", str(inputs), "--device", args.device,
                    "--threads", str(torch.get_num_threads())]
         if args.malloc == "kept":
@@ -542,7 +546,19 @@ class RefWorker:
         ready = json.loads(self.process.stdout.readline() or "{}")
         if not ready.get("ready"):
             raise SystemExit(f"--compare-ref: the worker for {rev} did not start (exit {self.process.poll()})")
-        LOG.info("reference engine %s (%s) from %s", rev, commit[:10], ready["pairx_core"])
+        LOG.info("engine worker %s (%s) from %s", rev, commit[:10], ready["pairx_core"])
+
+    def _export(self, rev: str) -> str:
+        """Extract ``rev``'s ``pairx_core`` into this worker's folder; returns the full commit id."""
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=_ROOT, check=True,
+                                    capture_output=True, text=True).stdout.strip()
+        except subprocess.CalledProcessError as error:
+            raise SystemExit(f"--compare-ref: {rev!r} is not a commit of {_ROOT} ({error.stderr.strip()})") from None
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "pairx_core"], cwd=_ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(self.folder)], input=archive, check=True)
+        return commit
 
     def call(self, **request) -> dict[str, Any]:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -592,6 +608,7 @@ class Config:
         self.memory_extra: dict[str, int] = {}
         self.error: str | None = None
         self.phases = {}
+        self.cpu_times: list[float] = []
 
     @property
     def key(self) -> str:
@@ -606,8 +623,9 @@ class Config:
         n = n_pairs or self.n_pairs
         if self.mode == "reference":
             return runner.reference(layers, k_colors, n)
-        if self.mode == "ref_engine":
-            return runner.ref_engine(layers, k_colors, self.batch_size, n, save=getattr(self, "save", None))
+        if self.mode in ("ref_engine", "engine_worker"):
+            return runner.ref_engine(layers, k_colors, self.batch_size, n, save=getattr(self, "save", None),
+                                     own=self.mode == "engine_worker")
         return runner.engine(layers, k_colors, self.batch_size, n, hooks=self.mode == "engine_hooks")
 
 
@@ -635,7 +653,9 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
         configs.append(Config("reference", None, min(args.reference_pairs, args.pairs)))
     for batch_size in sorted(set(([1] if args.engine_bs1 else []) + args.batch_sizes)):
         configs.append(Config("engine", batch_size, args.pairs))
-    if runner.ref_worker is not None:
+    if runner.ref_worker is not None:  # both engines in worker processes, nothing else in between
+        configs = [config for config in configs if config.mode == "reference"]
+        configs.append(Config("engine_worker", max(args.batch_sizes), args.pairs))
         configs.append(Config("ref_engine", max(args.batch_sizes), args.pairs))
     if args.compare_hooks:
         configs.append(Config("engine_hooks", max(args.batch_sizes), args.pairs))
@@ -704,8 +724,15 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
         if config.phases:
             record["phases"] = {phase: _round(statistics.median(values) / config.n_pairs, 4)
                                 for phase, values in config.phases.items()}
-        if ref_engine is not None and config.mode == "engine":
+        if config.cpu_times:
+            # CPU seconds of the process (all its threads) per pair: less sensitive than wall time
+            # to other processes sharing the cores (not immune: caches and memory bandwidth are shared)
+            record["cpu_seconds_per_pair"] = _round(statistics.median(config.cpu_times) / config.n_pairs)
+        if ref_engine is not None and config.mode in ("engine", "engine_worker"):
             ref_spp = ref_engine.seconds_per_pair()
+            if config.cpu_times and ref_engine.cpu_times:
+                record["cpu_ratio_vs_ref_engine"] = _round(
+                    statistics.median(config.cpu_times) / statistics.median(ref_engine.cpu_times), 3)
             record["ref_engine_commit"] = runner.ref_worker.commit
             record["ratio_vs_ref_engine"] = _round(seconds / ref_spp, 3) if ref_spp and seconds else None
             ours, theirs = getattr(config, "results", None), getattr(ref_engine, "results", None)
@@ -748,7 +775,7 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
             probe = _memory_probe(runner.device) if measure_memory else contextlib.nullcontext()
             last = repeat == args.repeats - 1
             runner.keep_results = last and runner.ref_worker is not None and config.mode == "engine"
-            if last and config.mode == "ref_engine":
+            if last and config.mode in ("ref_engine", "engine_worker"):
                 config.save = str(runner.ref_worker.folder / f"results_{label.replace(' ', '_')}.npz")
             try:
                 with probe:
@@ -764,13 +791,15 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
             elif isinstance(stats, EngineStats) and runner.device.type == "cuda":
                 config.memory_bytes = max(config.memory_bytes or 0, stats.peak_memory_bytes)
             config.times.append(seconds)
+            if config.mode in ("engine", "ref_engine", "engine_worker") and runner.cpu_seconds is not None:
+                config.cpu_times.append(runner.cpu_seconds)
             config.stats = stats if stats is not None else config.stats
             if config.mode == "engine":
                 for phase, value in runner.phases.items():
                     config.phases.setdefault(phase, []).append(value)
                 if runner.keep_results:
                     config.results = runner.last_results
-            elif config.mode == "ref_engine" and getattr(config, "save", None):
+            elif config.mode in ("ref_engine", "engine_worker") and getattr(config, "save", None):
                 import numpy as np
 
                 with np.load(config.save) as saved:
@@ -899,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = Runner(args, model, device, x0, x1)
     if args.compare_ref:
         runner.ref_worker = RefWorker(args.compare_ref, args, x0, x1)
+        runner.own_worker = RefWorker(None, args, x0, x1)
         environment["compare_ref"] = args.compare_ref
     summary = []
     status = 0
@@ -911,8 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted:
         status = 124  # like timeout(1): the lines printed so far are complete, the run is not
     finally:
-        if runner.ref_worker is not None:
-            runner.ref_worker.close()
+        for worker in (runner.ref_worker, runner.own_worker):
+            if worker is not None:
+                worker.close()
     record = {"bench": "pairx_engine", "mode": "summary", "model": args.model, "pairs": args.pairs,
               "reference_pairs": None if args.skip_reference else min(args.reference_pairs, args.pairs),
               "shared_gallery": args.shared_gallery, "groups": summary, **environment}

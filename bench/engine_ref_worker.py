@@ -72,6 +72,7 @@ def main() -> int:
         stats = EngineStats()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        cpu_start = time.process_time()
         start = time.perf_counter()
         results = explain(model, inputs["x0"][:n], inputs["x1"][:n], request["layers"],
                           k_lines=request["k_lines"], k_colors=request["k_colors"],
@@ -80,6 +81,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         if request.get("save"):
             arrays = {}
             for p, result in enumerate(results):
@@ -90,7 +92,7 @@ def main() -> int:
         del results
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        reply.write(json.dumps({"seconds": seconds, "pixel_backwards": stats.pixel_backwards,
+        reply.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "pixel_backwards": stats.pixel_backwards,
                                 "batches": stats.batches}) + "\n")
         reply.flush()
     return 0
