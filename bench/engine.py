@@ -419,6 +419,7 @@ class Runner:
         self.phases: dict[str, float] = {}
         self.keep_results = False
         self.cpu_seconds: float | None = None
+        self.worker_max_rss: int | None = None
         self.last_results: dict[str, Any] | None = None
 
     def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
@@ -453,6 +454,7 @@ class Runner:
         stats.pixel_backwards = answer["pixel_backwards"]
         stats.batches = answer["batches"]
         self.cpu_seconds = answer.get("cpu_seconds")
+        self.worker_max_rss = answer.get("max_rss_bytes")
         return answer["seconds"], stats
 
     def reference(self, layers: list[str], k_colors: int, n_pairs: int) -> tuple[float, None]:
@@ -791,6 +793,8 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
             elif isinstance(stats, EngineStats) and runner.device.type == "cuda":
                 config.memory_bytes = max(config.memory_bytes or 0, stats.peak_memory_bytes)
             config.times.append(seconds)
+            if config.mode in ("ref_engine", "engine_worker"):
+                config.memory_bytes, config.memory_extra = None, {"worker_max_rss_bytes": runner.worker_max_rss}
             if config.mode in ("engine", "ref_engine", "engine_worker") and runner.cpu_seconds is not None:
                 config.cpu_times.append(runner.cpu_seconds)
             config.stats = stats if stats is not None else config.stats

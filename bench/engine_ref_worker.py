@@ -92,7 +92,11 @@ def main() -> int:
         del results
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        reply.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "pixel_backwards": stats.pixel_backwards,
+        import resource
+
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        reply.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "max_rss_bytes": max_rss,
+                                "pixel_backwards": stats.pixel_backwards,
                                 "batches": stats.batches}) + "\n")
         reply.flush()
     return 0

@@ -106,11 +106,11 @@ def test_miewid_preset_is_the_real_size_workload() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(330)
 def test_compare_ref_runs_another_commits_engine_alternating() -> None:
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--skip-reference", "--k-colors", "3", "--compare-ref", "HEAD"],
-        cwd=ROOT, capture_output=True, text=True, timeout=140,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
