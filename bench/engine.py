@@ -425,7 +425,7 @@ class Runner:
     def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
                hooks: bool = False) -> tuple[float, EngineStats]:
         stats = EngineStats()
-        self.phases = {}
+        self.phases = {phase: 0.0 for phase in _PHASES.values()}  # a step not taken (k_colors=0) stays 0
         with _hooked_composite() if hooks else contextlib.nullcontext(), _phase_timers(self.phases, self.device):
             _sync(self.device)
             cpu_start = time.process_time()
