@@ -25,6 +25,18 @@ Examples::
     python bench/engine.py --images PATH/TO/mantas --shared-gallery 2
     python bench/engine.py --soak 200 --batch-sizes 8
     python bench/engine.py --quick                          # seconds: smoke test
+    python bench/engine.py --preset miewid --compare-ref e6ce287   # real size, against a commit
+
+``--preset miewid`` is the workload users run: the MiewID architecture (EfficientNetV2-M with
+GeM, random weights) at 440 px, explained at ``backbone.blocks.3`` with k_colors=10, 4 pairs per
+batch, no reference and no one-pair baseline unless asked (they take minutes at this size).
+``--compare-ref REV`` exports commit REV's ``pairx_core`` (``git archive``) to a temporary folder
+and runs its engine in a worker process (``bench/engine_ref_worker.py``) on the same inputs and
+settings, alternating round by round with this checkout's engine; its line is ``mode:
+ref_engine`` and every engine line then carries ``ratio_vs_ref_engine`` (this engine's s/pair /
+REV's) and the largest relative difference of the numbers (``max_rel_diff_vs_ref_engine``).
+Every engine line carries ``phases``: seconds per pair in the forward (and set-up), the
+relevance backward, matching and the pixel passes, from timers around the engine's steps.
 """
 
 from __future__ import annotations
@@ -38,8 +50,11 @@ import math
 import os
 import platform
 import signal
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -120,6 +135,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="soak mode: explain N pairs in batches of the largest batch size, print RSS "
                              "after each batch, then exit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=("miewid",), default=None,
+                        help="miewid: MiewID architecture at 440 px, backbone.blocks.3, k_colors=10, 4 pairs per "
+                             "batch, 2 rounds, no reference and no batch-size-1 baseline unless given")
+    parser.add_argument("--compare-ref", default=None, metavar="REV",
+                        help="also run commit REV's engine (git archive of its pairx_core, in a worker process) "
+                             "on the same inputs, alternating with this engine; lines get ratio_vs_ref_engine")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny smoke-test settings ({QUICK_MODEL}, 2 pairs, 1 repeat)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -140,6 +161,14 @@ def _int_list(text: str, parser: argparse.ArgumentParser, what: str) -> list[int
 
 def _resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     on_gpu = args.device.startswith("cuda")
+    args.engine_bs1 = True
+    if args.preset == "miewid":
+        args.model = args.model or "miewid-arch"
+        args.batch_sizes = args.batch_sizes or "4"
+        args.k_colors = "10" if args.k_colors == parser.get_default("k_colors") else args.k_colors
+        args.repeats = args.repeats or 2
+        args.skip_reference = args.skip_reference or args.reference_pairs is None
+        args.engine_bs1 = "1" in args.batch_sizes.split(",")
     if args.quick:
         args.model = args.model or QUICK_MODEL
         args.batch_sizes = args.batch_sizes or "2"
@@ -386,19 +415,48 @@ class Runner:
         self.memory_budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
         self._reference_model = _OnDevice(model, device) if device.type == "cuda" else model
         self._reference_prefix = "inner." if device.type == "cuda" else ""
+        self.ref_worker: RefWorker | None = None
+        self.own_worker: RefWorker | None = None  # this checkout's engine, in a worker like the reference
+        self.phases: dict[str, float] = {}
+        self.keep_results = False
+        self.cpu_seconds: float | None = None
+        self.worker_max_rss: int | None = None
+        self.last_results: dict[str, Any] | None = None
 
     def engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
                hooks: bool = False) -> tuple[float, EngineStats]:
         stats = EngineStats()
-        with _hooked_composite() if hooks else contextlib.nullcontext():
+        self.phases = {phase: 0.0 for phase in _PHASES.values()}  # a step not taken (k_colors=0) stays 0
+        with _hooked_composite() if hooks else contextlib.nullcontext(), _phase_timers(self.phases, self.device):
             _sync(self.device)
+            cpu_start = time.process_time()
             start = time.perf_counter()
-            explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines,
-                    k_colors=k_colors, batch_size=batch_size, device=self.device, memory_budget=self.memory_budget,
-                    stats=stats, memory_format=self.args.memory_format)
+            results = explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines,
+                              k_colors=k_colors, batch_size=batch_size, device=self.device,
+                              memory_budget=self.memory_budget, stats=stats, memory_format=self.args.memory_format)
             _sync(self.device)
             seconds = time.perf_counter() - start
+        self.phases["forward_and_setup"] = seconds - sum(self.phases.values())
+        self.cpu_seconds = time.process_time() - cpu_start
+        if self.keep_results:
+            self.last_results = _result_arrays(results)
+        del results
+        if self.ref_worker is not None:  # both engines start each call from a trimmed heap
+            _trim_heap()
         return seconds, stats
+
+    def ref_engine(self, layers: list[str], k_colors: int, batch_size: int, n_pairs: int,
+                   save: str | None = None, own: bool = False) -> tuple[float, EngineStats]:
+        worker = self.own_worker if own else self.ref_worker
+        assert worker is not None
+        answer = worker.call(layers=layers, k_colors=k_colors, batch_size=batch_size, n_pairs=n_pairs,
+                                      k_lines=self.args.k_lines, memory_format=self.args.memory_format, save=save)
+        stats = EngineStats()
+        stats.pixel_backwards = answer["pixel_backwards"]
+        stats.batches = answer["batches"]
+        self.cpu_seconds = answer.get("cpu_seconds")
+        self.worker_max_rss = answer.get("max_rss_bytes")
+        return answer["seconds"], stats
 
     def reference(self, layers: list[str], k_colors: int, n_pairs: int) -> tuple[float, None]:
         """Published-style baseline: one pair and one layer at a time (layers: calls summed)."""
@@ -413,6 +471,119 @@ class Runner:
                     )
         _sync(self.device)
         return time.perf_counter() - start, None
+
+
+_PHASES = {"_layer_relevance": "relevance_backward", "_ranked_matches": "matching", "_pixel_maps": "pixel_passes"}
+
+
+@contextlib.contextmanager
+def _phase_timers(phases: dict[str, float], device: torch.device) -> Iterator[None]:
+    """Add the seconds spent in the engine's steps (module functions, wrapped for the block) to ``phases``."""
+    originals = {name: getattr(engine_module, name) for name in _PHASES if hasattr(engine_module, name)}
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _sync(device)
+                phases[_PHASES[name]] = phases.get(_PHASES[name], 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name, function in originals.items():
+        setattr(engine_module, name, timed(name, function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(engine_module, name, function)
+
+
+def _result_arrays(results) -> dict[str, Any]:
+    """The numbers of a call's results, keyed like ``bench/engine_ref_worker.py`` saves them."""
+    arrays = {}
+    for p, result in enumerate(results):
+        for name, layer in result.layers.items():
+            for key in ("relevance_0", "relevance_1", "pixel_relevance_0", "pixel_relevance_1"):
+                arrays[f"{p}|{name}|{key}"] = getattr(layer, key)
+    return arrays
+
+
+def max_relative_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+    """Largest ``max|a - b| / max|b|`` over the arrays both hold (None when shapes differ)."""
+    import numpy as np
+
+    worst = 0.0
+    for key, b in theirs.items():
+        a = ours.get(key)
+        if a is None or a.shape != b.shape:
+            return None
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        if scale > 0:
+            worst = max(worst, float(np.abs(a - b).max()) / scale)
+    return worst
+
+
+class RefWorker:
+    """Another commit's engine in a worker process (``bench/engine_ref_worker.py``)."""
+
+    def __init__(self, rev: str | None, args: argparse.Namespace, x0: torch.Tensor, x1: torch.Tensor):
+        """``rev`` None: this checkout's own ``pairx_core`` (the same protocol on both sides)."""
+        self.folder = Path(tempfile.mkdtemp(prefix="pairx_ref_engine_"))
+        core = self.folder
+        if rev is None:
+            core, commit, rev = _ROOT, "working tree", "this checkout"
+        else:
+            commit = self._export(rev)
+        self.commit = commit
+        inputs = self.folder / "inputs.pt"
+        torch.save({"x0": x0, "x1": x1}, inputs)
+        command = [sys.executable, str(_ROOT / "bench" / "engine_ref_worker.py"), "--core", str(core),
+                   "--model", args.model, "--inputs", str(inputs), "--device", args.device,
+                   "--threads", str(torch.get_num_threads())]
+        if args.malloc == "kept":
+            command.append("--keep-freed-memory")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self.process.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            raise SystemExit(f"--compare-ref: the worker for {rev} did not start (exit {self.process.poll()})")
+        LOG.info("engine worker %s (%s) from %s", rev, commit[:10], ready["pairx_core"])
+
+    def _export(self, rev: str) -> str:
+        """Extract ``rev``'s ``pairx_core`` into this worker's folder; returns the full commit id."""
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=_ROOT, check=True,
+                                    capture_output=True, text=True).stdout.strip()
+        except subprocess.CalledProcessError as error:
+            raise SystemExit(f"--compare-ref: {rev!r} is not a commit of {_ROOT} ({error.stderr.strip()})") from None
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "pairx_core"], cwd=_ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(self.folder)], input=archive, check=True)
+        return commit
+
+    def call(self, **request) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the reference engine's worker ended (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.write("\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -439,10 +610,14 @@ class Config:
         self.memory_bytes: int | None = None
         self.memory_extra: dict[str, int] = {}
         self.error: str | None = None
+        self.phases = {}
+        self.cpu_times: list[float] = []
 
     @property
     def key(self) -> str:
         return "reference" if self.mode == "reference" else f"{self.mode}_bs{self.batch_size}"
+
+    phases: dict[str, list[float]]
 
     def seconds_per_pair(self) -> float | None:
         return statistics.median(self.times) / self.n_pairs if self.times else None
@@ -451,6 +626,9 @@ class Config:
         n = n_pairs or self.n_pairs
         if self.mode == "reference":
             return runner.reference(layers, k_colors, n)
+        if self.mode in ("ref_engine", "engine_worker"):
+            return runner.ref_engine(layers, k_colors, self.batch_size, n, save=getattr(self, "save", None),
+                                     own=self.mode == "engine_worker")
         return runner.engine(layers, k_colors, self.batch_size, n, hooks=self.mode == "engine_hooks")
 
 
@@ -476,8 +654,12 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
     configs: list[Config] = []
     if not args.skip_reference:
         configs.append(Config("reference", None, min(args.reference_pairs, args.pairs)))
-    for batch_size in sorted(set([1] + args.batch_sizes)):
+    for batch_size in sorted(set(([1] if args.engine_bs1 else []) + args.batch_sizes)):
         configs.append(Config("engine", batch_size, args.pairs))
+    if runner.ref_worker is not None:  # both engines in worker processes, nothing else in between
+        configs = [config for config in configs if config.mode == "reference"]
+        configs.append(Config("engine_worker", max(args.batch_sizes), args.pairs))
+        configs.append(Config("ref_engine", max(args.batch_sizes), args.pairs))
     if args.compare_hooks:
         configs.append(Config("engine_hooks", max(args.batch_sizes), args.pairs))
     label = f"layers={','.join(layers)} k_colors={k_colors}"
@@ -510,6 +692,7 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
         LOG.warning("%s: interrupted (%s); emitting the rounds measured so far", label, error)
 
     spp = {config.key: config.seconds_per_pair() for config in configs}
+    ref_engine = next((config for config in configs if config.mode == "ref_engine"), None)
     reference_spp = spp.get("reference")
     bs1_spp = spp.get("engine_bs1")
     memory_metric = CudaPeak.METRIC if runner.device.type == "cuda" else RssPeak.METRIC
@@ -541,6 +724,25 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
             "peak_memory_metric": memory_metric,
             **config.memory_extra,
         }
+        if config.phases:
+            record["phases"] = {phase: _round(statistics.median(values) / config.n_pairs, 4)
+                                for phase, values in config.phases.items()}
+        if config.cpu_times:
+            # CPU seconds of the process (all its threads) per pair: less sensitive than wall time
+            # to other processes sharing the cores (not immune: caches and memory bandwidth are shared)
+            record["cpu_seconds_per_pair"] = _round(statistics.median(config.cpu_times) / config.n_pairs)
+        if ref_engine is not None and config.mode in ("engine", "engine_worker"):
+            ref_spp = ref_engine.seconds_per_pair()
+            if config.cpu_times and ref_engine.cpu_times:
+                record["cpu_ratio_vs_ref_engine"] = _round(
+                    statistics.median(config.cpu_times) / statistics.median(ref_engine.cpu_times), 3)
+            record["ref_engine_commit"] = runner.ref_worker.commit
+            record["ratio_vs_ref_engine"] = _round(seconds / ref_spp, 3) if ref_spp and seconds else None
+            ours, theirs = getattr(config, "results", None), getattr(ref_engine, "results", None)
+            if ours is not None and theirs is not None and config.batch_size == ref_engine.batch_size:
+                record["max_rel_diff_vs_ref_engine"] = max_relative_difference(ours, theirs)
+        if config.mode == "ref_engine":
+            record["ref_engine_commit"] = runner.ref_worker.commit
         if interrupted is not None:
             record["partial"] = True
         if config.mode == "reference":
@@ -574,6 +776,10 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
                 continue
             measure_memory = args.warmup == 0 and repeat == 0
             probe = _memory_probe(runner.device) if measure_memory else contextlib.nullcontext()
+            last = repeat == args.repeats - 1
+            runner.keep_results = last and runner.ref_worker is not None and config.mode == "engine"
+            if last and config.mode in ("ref_engine", "engine_worker"):
+                config.save = str(runner.ref_worker.folder / f"results_{label.replace(' ', '_')}.npz")
             try:
                 with probe:
                     seconds, stats = config.run(runner, layers, k_colors)
@@ -588,7 +794,21 @@ def _timed_rounds(runner: Runner, configs: list[Config], layers: list[str], k_co
             elif isinstance(stats, EngineStats) and runner.device.type == "cuda":
                 config.memory_bytes = max(config.memory_bytes or 0, stats.peak_memory_bytes)
             config.times.append(seconds)
+            if config.mode in ("ref_engine", "engine_worker"):
+                config.memory_bytes, config.memory_extra = None, {"worker_max_rss_bytes": runner.worker_max_rss}
+            if config.mode in ("engine", "ref_engine", "engine_worker") and runner.cpu_seconds is not None:
+                config.cpu_times.append(runner.cpu_seconds)
             config.stats = stats if stats is not None else config.stats
+            if config.mode == "engine":
+                for phase, value in runner.phases.items():
+                    config.phases.setdefault(phase, []).append(value)
+                if runner.keep_results:
+                    config.results = runner.last_results
+            elif config.mode in ("ref_engine", "engine_worker") and getattr(config, "save", None):
+                import numpy as np
+
+                with np.load(config.save) as saved:
+                    config.results = {key: saved[key] for key in saved.files}
             LOG.info("%s repeat %d/%d %-12s %.3f s/pair", label, repeat + 1, args.repeats, config.key,
                      seconds / config.n_pairs)
 
@@ -713,6 +933,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     x0, x1, unique_images = make_pairs(args.pairs, args.shared_gallery, size, dtype, args.seed, photos)
     runner = Runner(args, model, device, x0, x1)
+    if args.compare_ref:
+        runner.ref_worker = RefWorker(args.compare_ref, args, x0, x1)
+        runner.own_worker = RefWorker(None, args, x0, x1)
+        environment["compare_ref"] = args.compare_ref
     summary = []
     status = 0
     try:
@@ -723,6 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "seconds_per_pair": {key: _round(value) for key, value in spp.items()}})
     except Interrupted:
         status = 124  # like timeout(1): the lines printed so far are complete, the run is not
+    finally:
+        for worker in (runner.ref_worker, runner.own_worker):
+            if worker is not None:
+                worker.close()
     record = {"bench": "pairx_engine", "mode": "summary", "model": args.model, "pairs": args.pairs,
               "reference_pairs": None if args.skip_reference else min(args.reference_pairs, args.pairs),
               "shared_gallery": args.shared_gallery, "groups": summary, **environment}

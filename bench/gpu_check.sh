@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the batched PAIR-X engine (MiewID architecture, 440 px, random weights).
+# One prepared GPU check of the batched PAIR-X engine: bench/engine.py --preset miewid (MiewID
+# architecture, 440 px, backbone.blocks.3, random weights), k_colors 10 then 0, with the targets
+# (>= 20 pairs/s at k_colors=10, >= 100 pairs/s at k_colors=0, peak memory <= 40 GiB) checked at the end.
 #
 # For a GPU machine without network access. Run from the repository root:
 #     bash bench/gpu_check.sh            # or: BENCH_DEVICE=cpu bash bench/gpu_check.sh (dry run)
@@ -14,7 +16,7 @@
 #   BENCH_DEVICE        cuda (default) or cpu for a dry run of the same path
 #   BENCH_MODEL         default miewid-arch (440 px); the dry run uses timm:test_efficientnet?size=64
 #   BENCH_BUDGET_GIB    memory budget handed to the engine, default 40
-#   BENCH_BATCH_SIZES   default 1,4,8,16,32 (pairs per batch; the engine also cuts to the budget)
+#   BENCH_BATCH_SIZES   default 1,8,16,32 (pairs per batch; the engine also cuts to the budget)
 #   BENCH_PAIRS         pairs per measurement, default 32
 #   BENCH_TF32          1: allow TF32 (default 0: full float32)
 #   BENCH_MEMORY_FORMAT auto (default: contiguous on GPU), channels_last or contiguous
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 
 DEVICE="${BENCH_DEVICE:-cuda}"
 BUDGET="${BENCH_BUDGET_GIB:-40}"
-BATCH_SIZES="${BENCH_BATCH_SIZES:-1,4,8,16,32}"
+BATCH_SIZES="${BENCH_BATCH_SIZES:-1,8,16,32}"
 PAIRS="${BENCH_PAIRS:-32}"
 if [ "$DEVICE" = "cpu" ]; then
   MODEL="${BENCH_MODEL:-timm:test_efficientnet?size=64}"
@@ -95,7 +97,7 @@ fi
 # slow first part still leaves its JSON lines (written line by line) and the time for the second.
 run_bench() {  # $1 = k_colors, $2 = time limit (s)
   section "bench k_colors=$1 (limit $2 s)"
-  timeout -k 10 "$2" "$PY" bench/engine.py --model "$MODEL" --device "$DEVICE" --layers "$LAYER" \
+  timeout -k 10 "$2" "$PY" bench/engine.py --preset miewid --model "$MODEL" --device "$DEVICE" --layers "$LAYER" \
     --k-colors "$1" --batch-sizes "$BATCH_SIZES" --pairs "$PAIRS" --reference-pairs 2 \
     --repeats 2 --warmup 1 --memory-budget-gib "$BUDGET" --memory-format "$MEMORY_FORMAT" $TF32_FLAG \
     | tee -a "$JSONL"
@@ -139,6 +141,18 @@ for r in rows:
           f"{fmt(r['seconds_per_pair'], '>8.4f')} {fmt(r['pairs_per_s'], '>8.2f')} "
           f"{fmt(r['speedup_vs_reference'], '>7.1f')} {fmt(r['speedup_vs_engine_bs1'], '>7.2f')} "
           f"{fmt(peak, '>9.2f')} {r.get('images_per_batch', '')}")
+# targets at 440 px (the preset): best engine pairs/s per k_colors within 40 GiB of peak memory
+TARGETS = {10: 20.0, 0: 100.0}
+for k, target in TARGETS.items():
+    fits = [r for r in rows if r["mode"] == "engine" and r["k_colors"] == k and r.get("pairs_per_s")
+            and (r.get("peak_memory_bytes") or 0) <= 40 * 2**30]
+    if not fits:
+        print(f"target k_colors={k}: no measurement"); continue
+    best = max(fits, key=lambda r: r["pairs_per_s"])
+    verdict = "met" if best["pairs_per_s"] >= target else "MISSED"
+    print(f"target k_colors={k}: >= {target:g} pairs/s within 40 GiB: {verdict} "
+          f"({best['pairs_per_s']:.2f} pairs/s at batch size {best['batch_size']}, "
+          f"{(best.get('peak_memory_bytes') or 0) / 2**30:.2f} GiB)")
 EOF
 echo "JSON lines: $JSONL"
 echo "total $((SECONDS - START)) s"

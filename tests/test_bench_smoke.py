@@ -56,6 +56,7 @@ def test_quick_benchmark_prints_json_lines() -> None:
             else:
                 assert record["batches"] == 1 and record["images_per_batch"] == [4]
             assert (record["pixel_backwards"] == 0) == (record["k_colors"] == 0)
+            assert {"forward_and_setup", "relevance_backward", "matching", "pixel_passes"} <= record["phases"].keys()
     assert summaries[0]["groups"][0]["seconds_per_pair"]["engine_bs1"] > 0
 
 
@@ -83,3 +84,41 @@ def test_plausibility_benchmark_table_and_plot(tmp_path: Path) -> None:
     assert overall["match_accuracy_top10"] > overall["random_baseline"]   # PAIR-X beats random cells
     from PIL import Image
     assert Image.open(plot).size[0] > 200
+
+
+def _bench_engine_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_engine_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_miewid_preset_is_the_real_size_workload() -> None:
+    args = _bench_engine_module().parse_args(["--preset", "miewid", "--threads", "2"])
+    assert args.model == "miewid-arch" and args.layer_sets == [["backbone.blocks.3"]]
+    assert args.k_colors == [10] and args.batch_sizes == [4] and args.pairs == 4
+    assert args.skip_reference and not args.engine_bs1 and args.repeats == 2
+    # asked for explicitly, the baselines come back
+    args = _bench_engine_module().parse_args(["--preset", "miewid", "--batch-sizes", "1,4", "--reference-pairs", "1"])
+    assert not args.skip_reference and args.engine_bs1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_compare_ref_runs_another_commits_engine_alternating() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--skip-reference", "--k-colors", "3", "--compare-ref", "HEAD"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+    # both engines run in worker processes of their own, nothing else is measured in between
+    assert sorted(r["mode"] for r in records if r["mode"] != "summary") == ["engine_worker", "ref_engine"]
+    (ref,) = [r for r in records if r["mode"] == "ref_engine"]
+    (ours,) = [r for r in records if r["mode"] == "engine_worker"]
+    assert ref["batch_size"] == ours["batch_size"] == 2
+    assert ref["seconds_per_pair"] > 0 and len(ref["ref_engine_commit"]) == 40
+    assert ours["ratio_vs_ref_engine"] > 0 and ours["cpu_ratio_vs_ref_engine"] > 0
+    assert ours["max_rel_diff_vs_ref_engine"] < 1e-4  # HEAD's pairx_core: the same numbers
