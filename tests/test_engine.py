@@ -445,3 +445,18 @@ def test_denormal_flushing_is_scoped(effnet):
             assert _flushing_denormals() is setting
     finally:
         torch.set_flush_denormal(previous)
+
+
+def test_cuda_budget_counts_the_graph_as_measured_there(effnet):
+    """On CUDA the caching allocator frees the graph during the backward pass: the same budget
+    holds GRAPH_OVERHEAD / GRAPH_OVERHEAD_CUDA times the images it holds on the CPU (measured on an
+    H200: a 40 GiB budget gave 6 images per batch and 8 GiB peak before, 24 images and 30 GiB after)."""
+    from pairx_core import batch_plan
+
+    probe = torch.zeros(1, 3, 64, 64, dtype=next(effnet.parameters()).dtype)
+    per_image = batch_plan._activation_bytes(effnet, probe)
+    budget = 200 * per_image
+    on_cpu = batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cpu"))
+    on_cuda = batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cuda"))
+    assert on_cpu == int(200 / batch_plan.GRAPH_OVERHEAD)
+    assert on_cuda == int(200 / batch_plan.GRAPH_OVERHEAD_CUDA) > 3 * on_cpu
