@@ -173,7 +173,8 @@ def reported_errors() -> Iterator[None]:
             raise typer.Exit(code=code) from None
         if not isinstance(error, Exception):
             raise
-        fail(f"{_one_line(error)} (the run is recorded as crashed{'' if STATE.debug else '; --debug shows the traceback'})",
+        hint = "" if STATE.debug else "; --debug shows the traceback"
+        fail(f"{_one_line(error)} (the run is recorded as crashed{hint})",
              code=EXIT_CRASHED)
 
 

@@ -450,7 +450,8 @@ def requests_from_csv(path: str | Path) -> tuple[list[DecisionRequest], list[str
                 try:
                     values["rank"] = int(values["rank"])
                 except ValueError:
-                    raise DecisionError(f"{path}, line {line}, column rank: not an integer: {values['rank']!r}") from None
+                    raise DecisionError(
+                        f"{path}, line {line}, column rank: not an integer: {values['rank']!r}") from None
             try:
                 requests.append(DecisionRequest.from_mapping(values, allow_decided_at=True))
                 labels.append(f"{path}, line {line}")

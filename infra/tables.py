@@ -147,7 +147,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "errors": pa.schema(
         [
             _f("item", pa.string(), "what failed (image URI, pair id, ...)", False),
-            _f("stage", pa.string(), "pipeline stage (input: a row refused before any read; load, embed, explain, write, ...)", False),
+            _f("stage", pa.string(),
+               "pipeline stage (input: a row refused before any read; load, embed, explain, write, ...)", False),
             _f("error_type", pa.string(), "exception class name", False),
             _f("message", pa.string(), "error message"),
             _f("content_hash", pa.string(), "SHA-256 of the file when the error is about its content (cannot be "
@@ -191,8 +192,10 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("cache_misses", pa.int64(), "images whose activations were computed (and cached)"),
             _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
                                             "recomputed"),
-            _f("n_repaired_files", pa.int64(), "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
-            _f("n_unsupported", pa.int64(), "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
+            _f("n_repaired_files", pa.int64(),
+               "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
+            _f("n_unsupported", pa.int64(),
+               "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
         ]
     ),
     "candidates": pa.schema(
@@ -222,19 +225,22 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("match_coverage", pa.float64(), "stage 1: normalised mean relevance of the top matches"),
             _f("relevance_share", pa.float64(), "stage 1: share of the relevance on matched cells"),
             _f("match_share", pa.float64(), "stage 1: mutual matches / cells"),
-            _f("query_hash", pa.string(), "SHA-256 of the query's bytes when ranked: an upload is done per name and content (null in rows written before this column existed)"),
+            _f("query_hash", pa.string(), "SHA-256 of the query's bytes when ranked: an upload is done per name and "
+               "content (null in rows written before this column existed)"),
             *_ids(),
         ]
     ),
     "decisions": pa.schema(
         [
-            _f("decision_id", pa.string(), "identifier of the decision (a recovered journal entry is written once)", False),
+            _f("decision_id", pa.string(), "identifier of the decision (a recovered journal entry is written once)",
+               False),
             _f("query", pa.string(), "URI of the upload decided on (the `candidates.query`)", False),
             _f("content_hash", pa.string(), "SHA-256 of the upload's file (from `images`; null if not recorded)"),
             _f("box", pa.list_(pa.float64()), "crop box x, y, w, h of the upload as explained; null: whole image"),
             _f("decision", pa.string(), "`match`, `new_individual`, `no_match`, `unsure`, or `undo` (withdraws the "
                                         "decision `supersedes` names: the upload is pending again)", False),
-            _f("individual", pa.string(), "the individual decided (`match`: the candidate's, `new_individual`: the new name)"),
+            _f("individual", pa.string(),
+               "the individual decided (`match`: the candidate's, `new_individual`: the new name)"),
             _f("gallery_image", pa.string(), "`match`: URI of the accepted candidate (null when the individual was "
                                              "named without one of the upload's candidates)"),
             _f("rank", pa.int32(), "0-based rank of the accepted candidate after re-ranking"),

@@ -199,10 +199,12 @@ def test_views_over_decisions(out):
     connection = create_views(duckdb.connect(), str(out))
     latest = connection.execute("SELECT query, decision FROM latest_decisions ORDER BY query").fetchall()
     assert latest == [(q0, "match"), (q1, "match")]
-    progress = connection.execute("SELECT uploads, decided, pending, median_s_to_decision FROM review_progress").fetchall()
+    progress = connection.execute(
+        "SELECT uploads, decided, pending, median_s_to_decision FROM review_progress").fetchall()
     assert len(progress) == 1 and progress[0][:3] == (3, 2, 1) and progress[0][3] >= 0
     precision = connection.execute(
-        "SELECT night_run_id, model_id, matches, retrieval_top1_share, reranked_top1_share FROM model_precision").fetchall()
+        "SELECT night_run_id, model_id, matches, retrieval_top1_share, reranked_top1_share "
+        "FROM model_precision").fetchall()
     assert precision == [(NIGHT_RUN, MODEL, 2, 0.5, 0.5)]
     calibration = connection.execute("SELECT model_id, uploads, candidates, comparisons, auc_rerank_score, "
                                       "auc_similarity FROM plausibility_calibration").fetchall()

@@ -158,7 +158,8 @@ def test_nightly_deployment_runs_on_the_dask_worker(photo_night, tmp_path):
             return _get(api, f"/flow_runs/{flow_run_id}")["state"]
 
         for run in (nightly_run, example_run):
-            _wait(lambda: state(run)["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), "the deployment run",
+            _wait(lambda run=run: state(run)["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"),
+                  "the deployment run",
                   300, [server, dask_scheduler, dask_worker, worker])
         assert state(nightly_run)["type"] == "COMPLETED", services.logs()
         refused = state(example_run)

@@ -105,7 +105,8 @@ def test_missing_paths_list_each_folder_once(tmp_path, monkeypatch):
     _png(tmp_path / "two" / "d.png")
     calls = []
     original = LocalFileSystem.ls
-    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, path, *a, **k: calls.append(path) or original(self, path, *a, **k))
+    monkeypatch.setattr(LocalFileSystem, "ls",
+                        lambda self, path, *a, **k: calls.append(path) or original(self, path, *a, **k))
     uris = [str(tmp_path / "one" / f"{n}.png") for n in "abcxy"] + [str(tmp_path / "two" / "d.png"),
                                                                    str(tmp_path / "gone" / "e.png")]
     assert missing_paths(uris) == [str(tmp_path / "one" / "x.png"), str(tmp_path / "one" / "y.png"),
@@ -169,7 +170,8 @@ def test_a_flat_gallery_is_refused_unless_unlabelled(tmp_path):
     with pytest.raises(InputError) as raised:
         list_gallery(str(tmp_path / "gallery"))
     message = str(raised.value)
-    assert "one sub-folder per individual" in message and "manifest CSV" in message and "--unlabelled-gallery" in message
+    assert "one sub-folder per individual" in message and "manifest CSV" in message
+    assert "--unlabelled-gallery" in message
     assert list_gallery(str(tmp_path / "gallery"), unlabelled=True) == {
         str(tmp_path / "gallery" / "a.png"): "", str(tmp_path / "gallery" / "b.png"): ""}
     _png(tmp_path / "gallery" / "ind-a" / "c.png")

@@ -108,7 +108,8 @@ window.addEventListener('load', function () {
     outside: Array.prototype.filter.call(document.querySelectorAll('article.card'),
                                          function (c) { return c.getBoundingClientRect().right > width + 0.5; }).length,
     smallest_text: Math.min.apply(null, Array.prototype.filter.call(document.querySelectorAll('main *'), function (e) {
-        return Array.prototype.some.call(e.childNodes, function (n) { return n.nodeType === 3 && n.textContent.trim(); });
+        return Array.prototype.some.call(e.childNodes,
+                                         function (n) { return n.nodeType === 3 && n.textContent.trim(); });
       }).map(function (e) { return parseFloat(getComputedStyle(e).fontSize); })),
     picture_width: Array.prototype.map.call(document.querySelectorAll('figure.picture img'),
                                             function (i) { return i.naturalWidth; }),

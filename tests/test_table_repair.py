@@ -225,6 +225,7 @@ def test_a_file_that_reads_but_clashes_with_the_schema_is_no_damage(tmp_path):
     write_table(out, "pairs", _pair_rows(0, 3), "m1", "run0")
     folder = tmp_path / "tables" / "pairs" / "model=m1" / "date=2024-05-01"
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"pair_id": ["x"], "similarity": ["not a number"]}), folder / "part-odd-000000000000.parquet")
+    pq.write_table(pa.table({"pair_id": ["x"], "similarity": ["not a number"]}),
+                   folder / "part-odd-000000000000.parquet")
     with pytest.raises(Exception, match="similarity|string|double"):
         read_table(out, "pairs")

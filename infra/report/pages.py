@@ -68,12 +68,15 @@ section.upload{display:flex;gap:10px;border-top:1px solid #ccc;padding:10px 0}
 .card .pic{display:block;margin-top:6px} .card .pic img{display:block;width:100%;height:auto}
 .missing{color:#a00}
 small,kbd,code{font-size:12px}
-.banner{border:2px solid #b00;background:#fff0f0;color:#600;padding:8px 12px;margin:10px 0;font-weight:600;max-width:1100px}
+.banner{border:2px solid #b00;background:#fff0f0;color:#600;padding:8px 12px;margin:10px 0;font-weight:600;
+max-width:1100px}
 .banner.demo{border-color:#a66b00;background:#fff7e6;color:#5a3b00}
-.tie,.tag{display:inline-block;background:#fff3c4;border:1px solid #c9a400;border-radius:3px;padding:0 5px;font-size:12px;color:#5a4600}
+.tie,.tag{display:inline-block;background:#fff3c4;border:1px solid #c9a400;border-radius:3px;padding:0 5px;
+font-size:12px;color:#5a4600}
 .card.near-tie{border-color:#c9a400}
 .card .caption{font-size:13px;color:#333;margin:2px 0 0}
-nav.pair{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0} nav.pair a,nav.pair span{padding:2px 8px;border:1px solid #ccc;border-radius:3px}
+nav.pair{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0}
+nav.pair a,nav.pair span{padding:2px 8px;border:1px solid #ccc;border-radius:3px}
 nav.pair span{color:#888}
 .pair-photos{display:flex;gap:16px;flex-wrap:wrap;margin:10px 0} .pair-photos figure{margin:0}
 .pair-photos img{display:block;max-width:420px;max-height:420px;width:auto;height:auto}
