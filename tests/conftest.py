@@ -5,6 +5,7 @@
 - ``s3_server`` (session): a moto S3 server subprocess on a free port, with the AWS environment
   (dummy credentials, ``AWS_ENDPOINT_URL``) pointing at it while it runs.
 - ``s3_bucket``: a fresh, empty bucket on that server for one test.
+- ``_log_streams_repaired`` (autouse): log handlers left on a closed CliRunner stream go back to stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def _test_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
             scoped.enter_context(denormals_flushed())
         yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _log_streams_repaired() -> Iterator[None]:
+    """In-process CLI runs of flows (CliRunner) leave Prefect's console handler on the invocation's
+    closed stream; later tests' log records would fail there. Point such handlers back at stderr."""
+    from night_helpers import repair_log_streams
+
+    yield
+    repair_log_streams()
 
 
 def _free_port() -> int:

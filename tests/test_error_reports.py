@@ -20,14 +20,6 @@ from flows.cli import app
 
 PAIRX = Path(sys.executable).parent / "pairx"
 
-
-@pytest.fixture(autouse=True)
-def _log_streams_repaired():
-    """In-process CLI runs of flows leave Prefect's console handler on CliRunner's closed stream."""
-    from night_helpers import repair_log_streams
-
-    yield
-    repair_log_streams()
 MODEL = "timm:efficientnet_b0?size=64"
 LAYER = "backbone.blocks.3"
 

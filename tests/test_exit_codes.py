@@ -19,14 +19,6 @@ from night_helpers import write_night
 pytestmark = [pytest.mark.integration]
 
 
-@pytest.fixture(autouse=True)
-def _log_streams_repaired():
-    """In-process CLI runs of flows leave Prefect's console handler on CliRunner's closed stream."""
-    from night_helpers import repair_log_streams
-
-    yield
-    repair_log_streams()
-
 MODEL = "timm:efficientnet_b0?size=64"
 LAYER = "backbone.blocks.3"
 

@@ -12,14 +12,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY, SECRET = "AKIAPAIRXTESTKEY0042", "pairx-secret-value-7f3c9e"
 
 
-@pytest.fixture(autouse=True)
-def _log_streams_repaired():
-    """In-process CLI runs of flows leave Prefect's console handler on CliRunner's closed stream."""
-    from night_helpers import repair_log_streams
-
-    yield
-    repair_log_streams()
-
 
 def _api_dump(api: str) -> str:
     """Everything Prefect's API holds about runs: flow runs, task runs, logs, artifacts, variables."""
