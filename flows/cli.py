@@ -410,6 +410,8 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
     rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
     lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
              f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
+    if summary.get("detections"):
+        lines.append(summary["detections"])
     lines.append(f"tables: {out}/tables   pictures: {out}/viz")
     if summary.get("report"):
         lines.append(f"review page: {summary['report']}")
@@ -597,12 +599,23 @@ def nightly_cmd(
                                             help="accept a gallery folder without individual folders"),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root",
                                             help="read gallery manifest entries that leave its folder (..)"),
+    detections: Optional[str] = typer.Option(None, "--detections",
+                                             help="MegaDetector batch-output JSON for the uploads: each kept "
+                                                  "detection is one upload (its box cropped)"),
+    category: str = typer.Option("animal", "--category", help="with --detections: detection category to keep"),
+    min_confidence: Optional[float] = typer.Option(
+        None, "--min-confidence", help="with --detections: confidence threshold (default: the file's "
+                                       "typical_detection_threshold, else 0.2)"),
+    species: Optional[str] = typer.Option(None, "--species",
+                                          help="with --detections: keep detections whose top classification is this"),
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
     with storage_credentials(storage_option or []):
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed,
-                         unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root, **_common(
+                         unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root,
+                         detections=detections, category=category, min_confidence=min_confidence, species=species,
+                         **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,
             allow_random_weights=allow_random_weights, public_url=public_url))

@@ -125,11 +125,19 @@ def check_inputs(flow: str, config) -> RunPlan:
     if flow == "nightly":
         check_layout(config.out, {"uploads": config.uploads, "gallery": config.gallery}, so)
         uploads = list_uploads_counted(config.uploads, so)
+        if config.detections:
+            from infra.detections import read_detections
+
+            selection = read_detections(config.detections, config.uploads, category=config.category,
+                                        min_confidence=config.min_confidence, species=config.species,
+                                        storage_options=so)
         gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
                                allow_outside_root=config.allow_outside_root)
         if not gallery:
             raise InputError(config.gallery, "the gallery has no images")
         counts = {"uploads": len(uploads.images), "gallery images": len(gallery)}
+        if config.detections:
+            counts["frames"], counts["detections"] = selection.counts.n_frames, selection.counts.n_detections
         if uploads.unsupported:
             counts["unsupported files"] = sum(uploads.unsupported.values())
         return RunPlan(flow, counts)

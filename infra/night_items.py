@@ -1,0 +1,106 @@
+"""The items of a night: one upload or gallery entry each, a photo and the part of it that counts.
+
+A night works on items, not on file names: a camera-trap frame with three animals is three upload
+items (one per detection), a gallery photo with two annotated animals two gallery items. Each item
+has a ``name`` unique within the night (the photo's URL for a whole photo, the URL with a
+``#...`` suffix for a crop), which keys the night's dictionaries, and the ``(uri, box, theta)`` that
+one decode of it depends on.
+
+The activation cache keys an item by :func:`crop_key`: the photo's content hash for a whole photo
+(as before crops existed), else a digest of content hash, box and rotation, so that two crops of
+one photo never share an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+from .inputs import ImageKey, PairItem, derive_pair_id
+
+__all__ = ["NightItem", "crop_key", "pair_item", "whole_items"]
+
+
+def _rounded_box(box: Sequence[float] | None) -> list[float] | None:
+    return None if box is None else [round(float(v), 6) + 0.0 for v in box]
+
+
+def crop_key(content_hash: str, box: Sequence[float] | None = None, theta: float = 0.0) -> str:
+    """Activation-cache key of one crop of a photo: the content hash itself for the whole upright
+    photo, else a SHA-256 of ``[content hash, box, theta]`` (box rounded to 1e-6)."""
+    if box is None and not theta:
+        return content_hash
+    payload = json.dumps([content_hash, _rounded_box(box), round(float(theta), 9) + 0.0], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NightItem:
+    """One upload or gallery entry of a night.
+
+    Attributes:
+        uri: the photo's full URL.
+        box: crop ``(x, y, w, h)`` as given (fractions of the upright photo, or pixels), None: the
+            whole photo.
+        theta: rotation in radians, applied after the crop.
+        detection: index of the detection in the detector file's list for this photo (uploads of
+            a camera-trap night), else None.
+        detection_id: stable identity of that detection (:func:`infra.detections.detection_id`),
+            known once the photo's content hash is.
+        conf: detector confidence; species: top classification's name (when the file has one).
+        individual: the individual of a gallery entry (None or "" when unknown).
+        tag: what tells apart two boxes of one photo in :attr:`name` (detection index or box).
+    """
+
+    uri: str
+    box: tuple[float, float, float, float] | None = None
+    theta: float = 0.0
+    detection: int | None = None
+    detection_id: str | None = None
+    conf: float | None = None
+    species: str | None = None
+    individual: str | None = None
+    tag: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Unique within a night: the URL for a whole photo, ``URL#tag`` for a crop."""
+        if self.tag:
+            return f"{self.uri}#{self.tag}"
+        if self.box is None and not self.theta:
+            return self.uri
+        box = ",".join(f"{v:g}" for v in self.box) if self.box is not None else "full"
+        return f"{self.uri}#box={box}" + (f",theta={self.theta:g}" if self.theta else "")
+
+    @property
+    def image_key(self) -> ImageKey:
+        """``(uri, box, theta)``: what one decode of the item depends on."""
+        return (self.uri, self.box, float(self.theta))
+
+    @property
+    def is_crop(self) -> bool:
+        return self.box is not None or bool(self.theta)
+
+
+def whole_items(uris: Sequence[str], individuals: dict[str, str | None] | None = None) -> list[NightItem]:
+    """One whole-photo item per URL (a folder of uploads, a gallery without annotations)."""
+    return [NightItem(uri, individual=(individuals or {}).get(uri)) for uri in uris]
+
+
+def pair_item(query: NightItem, gallery: NightItem, pixel_boxes: dict[str, tuple[int, int, int, int] | None],
+              individual: str | None = None) -> PairItem:
+    """The pair to explain for (``query``, ``gallery``), boxes in original pixels.
+
+    ``pixel_boxes``: per item name, the whole-pixel box its decode used (None: the whole photo).
+    The pair id is :func:`infra.inputs.derive_pair_id` of the two names (the URLs for whole
+    photos, as before crops existed).
+    """
+    def box(item: NightItem):
+        found = pixel_boxes.get(item.name, item.box)
+        return None if found is None else tuple(float(v) for v in found)
+
+    return PairItem(derive_pair_id(query.name, gallery.name), query.uri, gallery.uri, box_0=box(query),
+                    box_1=box(gallery), theta_0=float(query.theta), theta_1=float(gallery.theta),
+                    individual_1=individual if individual is not None else gallery.individual)
