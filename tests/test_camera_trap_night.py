@@ -1,0 +1,117 @@
+"""Camera-trap nights: full frames and a detector file in, one upload per detection out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MODEL = "timm:efficientnet_b0?size=64"
+LAYER = "backbone.blocks.3"
+
+
+def _scene(root, n_individuals=3, counts=(2, 2, 0), seed=5):
+    """Gallery folder, full frames with pasted crops, the same crops alone, and a detector file."""
+    from infra.detections import write_detector_output
+    from pairx_core.synthetic import make_individuals, render_photo
+    from pairx_core.synthetic.camera_trap import detector_output, make_frames
+
+    individuals = make_individuals(n_individuals, seed=seed)
+    for ind in individuals:
+        (root / "gallery" / ind.id).mkdir(parents=True)
+        render_photo(ind, seed=0, size=(64, 64)).image.save(root / "gallery" / ind.id / "a.png")
+    frames = make_frames(individuals, len(counts), seed, size=(150, 200), crop_size=(64, 64), animal_counts=counts)
+    (root / "frames").mkdir()
+    (root / "crops").mkdir()
+    files = []
+    for i, frame in enumerate(frames):
+        files.append(f"frame-{i}.png")
+        frame.image.save(root / "frames" / files[-1])
+        for j, animal in enumerate(frame.animals):
+            animal.photo.image.save(root / "crops" / f"frame-{i}-{j}.png")
+    document = detector_output(frames, files, seed=seed)
+    write_detector_output(str(root / "md.json"), document)
+    return frames, document
+
+
+def _config(root, out, uploads, **kwargs):
+    from flows.config import NightlyConfig
+
+    return NightlyConfig(uploads=str(root / uploads), gallery=str(root / "gallery"), out=str(out), model=MODEL,
+                         layers=[LAYER], top_k=1, rerank_k=0, k_colors=0, k_lines=3, workers=0, report=False,
+                         allow_random_weights=True, **kwargs)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_frames_with_detections_rank_like_the_crops_alone(prefect_harness, tmp_path):
+    from flows.nightly import nightly
+    from infra.tables import read_table
+
+    root = tmp_path / "night"
+    frames, document = _scene(root)
+    config = _config(root, tmp_path / "out", "frames", detections=str(root / "md.json"))
+    first = nightly(config)
+    assert first["done"] == 4 and first["frames"] == {"n_frames": 4, "n_empty": 1, "n_detections": 4,
+                                                     "n_failures": 1}
+    assert first["detections"] == "4 frames: 2 with animals (4 detections), 1 empty, 1 detector failure"
+    alone = nightly(_config(root, tmp_path / "alone", "crops"))
+    assert alone["done"] == 4
+
+    out = str(tmp_path / "out")
+    candidates = read_table(out, "candidates").sort_values(["query", "query_detection"])
+    reference = read_table(str(tmp_path / "alone"), "candidates")
+    top_alone = {q.rsplit("/", 1)[-1]: g for q, g in zip(reference["query"], reference["gallery_image"])}
+    for row in candidates.itertuples():
+        frame = row.query.rsplit("/", 1)[-1].removesuffix(".png")
+        assert top_alone[f"{frame}-{row.query_detection}.png"] == row.gallery_image
+        animal = frames[int(frame.split("-")[1])].animals[row.query_detection]
+        assert list(row.query_box) == [float(v) for v in animal.box]  # original pixels of the frame
+        assert row.species == animal.photo.individual.body.kind and row.detection_conf > 0.2
+    assert candidates.query_detection_id.nunique() == 4
+
+    pairs = read_table(out, "pairs")
+    matches = read_table(out, "matches").merge(pairs[["pair_id", "box_0", "box_1"]], on="pair_id")
+    assert len(matches) > 0
+    for row in matches.itertuples():  # full-frame pixels, inside the detection's box
+        x, y, w, h = row.box_0
+        assert x <= row.x_0 <= x + w and y <= row.y_0 <= y + h
+    runs = read_table(out, "runs").sort_values("started_at")
+    assert runs.iloc[-1][["n_frames", "n_empty", "n_detections"]].tolist() == [4, 1, 4]
+    errors = read_table(out, "errors")
+    detector_rows = errors[errors.stage == "detector"]
+    assert detector_rows["item"].tolist() == [str(root / "frames" / "unreadable.jpg")]
+
+    again = nightly(config)  # the same file: every detection done
+    assert again["done"] == 0 and again["skipped"] == 4
+    assert (read_table(out, "errors").stage == "detector").sum() == 1  # recorded once
+
+    moved = json.loads((root / "md.json").read_text())
+    box = moved["images"][1]["detections"][0]["bbox"]
+    moved["images"][1]["detections"][0]["bbox"] = [box[0] + 0.005, box[1], box[2], box[3]]
+    (root / "md.json").write_text(json.dumps(moved))
+    revised = nightly(config)  # only the moved detection is new
+    assert revised["done"] == 1 and revised["skipped"] == 3
+
+
+def test_embed_decodes_each_photo_once_and_keys_each_crop(tmp_path, monkeypatch):
+    import tasks.embed as embed_module
+    from infra.night_items import NightItem, crop_key
+    from pairx_core.synthetic import make_individuals
+    from pairx_core.synthetic.camera_trap import make_frames, normalised_box
+
+    frame = make_frames(make_individuals(3, seed=2), 1, 2, size=(150, 220), crop_size=(64, 64),
+                        animal_counts=[3])[0]
+    path = tmp_path / "frame.png"
+    frame.image.save(path)
+    items = [NightItem(str(path), box=tuple(normalised_box(a.box, frame.size)), detection=j, tag=f"detection={j}")
+             for j, a in enumerate(frame.animals)]
+    decodes = []
+    real = embed_module.load_image
+    monkeypatch.setattr(embed_module, "load_image", lambda *a, **k: decodes.append(a) or real(*a, **k))
+    result = embed_module.embed_images(items, model=MODEL, cache_url=str(tmp_path / "cache"), layers=[LAYER],
+                                       run_id="r", out=str(tmp_path / "out"), device="cpu")
+    assert len(decodes) == 1 and result.decoded == 1  # three detections, one decode
+    assert result.computed == 3 and len(set(result.hashes.values())) == 3  # one cache entry per crop
+    assert set(result.contents.values()) == {crop_key(next(iter(result.contents.values())))}
+    assert [result.boxes[item.name] for item in items] == [a.box for a in frame.animals]
