@@ -111,7 +111,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("relevance_share", pa.float64(), "share of total relevance at matched locations"),
             _f("match_share", pa.float64(), "mutual matches / feature-map cells"),
             _f("viz_uri", pa.string(), "URI of the PNG visualisation (null if not rendered); a URL under `public_url` when set"),
-            _f("box_0", pa.list_(pa.float64()), "crop box x, y, w, h of image_0 as given (pixels or fractions); null: whole image"),
+            _f("box_0", pa.list_(pa.float64()), "crop box x, y, w, h of image_0 as given (pixels or fractions; the nightly flow writes original pixels); null: whole image"),
             _f("box_1", pa.list_(pa.float64()), "crop box x, y, w, h of image_1 as given; null: whole image"),
             _f("theta_0", pa.float64(), "rotation of image_0 in radians, applied after the crop"),
             _f("theta_1", pa.float64(), "rotation of image_1 in radians, applied after the crop"),
