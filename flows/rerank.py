@@ -46,17 +46,23 @@ class Reranked:
 
 
 def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: Mapping[str, str],
-                  summary: FlowSummary, annotations: dict) -> tuple[dict[str, dict], list[str]]:
+                  summary: FlowSummary, annotations: dict,
+                  pair_items: Mapping[str, PairItem] | None = None) -> tuple[dict[str, dict], list[str]]:
     """Stage 1 for every candidate as Dask tasks; returns metrics by pair id and the pair ids to
-    explain in full (each upload's ``top_k`` best by ``rerank_score``)."""
+    explain in full (each upload's ``top_k`` best by ``rerank_score``). ``hashes``: cache key by
+    name; ``pair_items``: each candidate's photos and crops (default: the names are whole photos)."""
     import dask
     from prefect.futures import as_completed
 
     settings = Stage1Settings(model=config.model, cache_url=config.cache_url, layer=layer, k_lines=config.k_lines,
                               device=config.device, storage_options=config.storage_options or None,
                               min_image_side=config.min_image_side)
-    pairs = [Stage1Pair(c.pair_id, c.query, hashes[c.query], c.gallery_image, hashes[c.gallery_image])
-             for c in candidates]
+    items = pair_items or {}
+    pairs = []
+    for c in candidates:
+        item = items.get(c.pair_id) or PairItem(c.pair_id, c.query, c.gallery_image)
+        pairs.append(Stage1Pair(c.pair_id, item.image_0, hashes[c.query], item.image_1, hashes[c.gallery_image],
+                                item.box_0, item.box_1, item.theta_0, item.theta_1))
     started = time.perf_counter()
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [stage1_batch_task.submit(batch, settings) for batch in chunks(pairs, STAGE1_BATCH_PAIRS)]
@@ -92,7 +98,7 @@ def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: 
             return PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual)
     pair_items = {c.pair_id: make_item(c) for c in candidates}
     keys = candidate_keys(candidates, contents or hashes, key_settings, layer, pair_items)
-    metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations)
+    metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations, pair_items)
     items = [pair_items[pid] for pid in chosen]
     return Reranked(once_per_key(items, keys), candidates, ranks, metrics, set(chosen), keys)
 

@@ -38,7 +38,7 @@ def _config(root, out, uploads, **kwargs):
     from flows.config import NightlyConfig
 
     return NightlyConfig(uploads=str(root / uploads), gallery=str(root / "gallery"), out=str(out), model=MODEL,
-                         layers=[LAYER], top_k=1, rerank_k=0, k_colors=0, k_lines=3, workers=0, report=False,
+                         layers=[LAYER], top_k=1, rerank_k=3, k_colors=0, k_lines=3, workers=0, report=False,
                          allow_random_weights=True, **kwargs)
 
 
@@ -59,12 +59,17 @@ def test_frames_with_detections_rank_like_the_crops_alone(prefect_harness, tmp_p
     assert alone["done"] == 4
 
     out = str(tmp_path / "out")
-    candidates = read_table(out, "candidates").sort_values(["query", "query_detection"])
+    candidates = read_table(out, "candidates")
+    assert len(candidates) == 12  # stage 1 judged 3 gallery images per detection
+    candidates = candidates[candidates["rank"] == 0]
     reference = read_table(str(tmp_path / "alone"), "candidates")
-    top_alone = {q.rsplit("/", 1)[-1]: g for q, g in zip(reference["query"], reference["gallery_image"])}
+    reference = reference[reference["rank"] == 0]
+    top_alone = {q.rsplit("/", 1)[-1]: (g, sim) for q, g, sim in zip(reference["query"], reference["gallery_image"],
+                                                                     reference["similarity"])}
     for row in candidates.itertuples():
         frame = row.query.rsplit("/", 1)[-1].removesuffix(".png")
-        assert top_alone[f"{frame}-{row.query_detection}.png"] == row.gallery_image
+        gallery_image, similarity = top_alone[f"{frame}-{row.query_detection}.png"]
+        assert gallery_image == row.gallery_image and row.similarity == pytest.approx(similarity, abs=1e-4)
         animal = frames[int(frame.split("-")[1])].animals[row.query_detection]
         assert list(row.query_box) == [float(v) for v in animal.box]  # original pixels of the frame
         assert row.species == animal.photo.individual.body.kind and row.detection_conf > 0.2
