@@ -29,8 +29,9 @@ from importlib import metadata
 
 from infra.detections import DetectorSelection, detection_id, read_detections
 from infra.images import content_hash
-from infra.inputs import list_gallery, list_uploads_counted
+from infra.inputs import list_uploads_counted
 from infra.night_items import NightItem, whole_items
+from infra.night_items import gallery_items as listed_gallery_items
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table, write_table
 from pairx_core.errors import StorageError
@@ -169,9 +170,8 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     nothing else is read.
     """
     so = config.storage_options or None
-    gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                           allow_outside_root=config.allow_outside_root, exclude=config.out)
-    gallery_items = whole_items(list(gallery), gallery)
+    gallery_items = listed_gallery_items(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                                         allow_outside_root=config.allow_outside_root, exclude=config.out)
     detector = None
     if getattr(config, "detections", None):
         unsupported: dict[str, int] = {}

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.inputs import InputError, PathRules, list_gallery, list_uploads_counted, listed_sizes, read_pairs
+from infra.inputs import InputError, PathRules, list_uploads_counted, listed_sizes, read_pairs
+from infra.night_items import gallery_items
 from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget
 from pairx_core.errors import ConfigError
@@ -131,8 +132,8 @@ def check_inputs(flow: str, config) -> RunPlan:
             selection = read_detections(config.detections, config.uploads, category=config.category,
                                         min_confidence=config.min_confidence, species=config.species,
                                         storage_options=so)
-        gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                               allow_outside_root=config.allow_outside_root)
+        gallery = gallery_items(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                                allow_outside_root=config.allow_outside_root)
         if not gallery:
             raise InputError(config.gallery, "the gallery has no images")
         counts = {"uploads": len(uploads.images), "gallery images": len(gallery)}

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from .inputs import ImageKey, PairItem, derive_pair_id
+from .inputs import ImageKey, PairItem, derive_pair_id, list_gallery, manifest_rows
 
-__all__ = ["NightItem", "crop_key", "pair_item", "whole_items"]
+__all__ = ["NightItem", "crop_key", "gallery_items", "pair_item", "whole_items"]
 
 
 def _rounded_box(box: Sequence[float] | None) -> list[float] | None:
@@ -104,3 +104,17 @@ def pair_item(query: NightItem, gallery: NightItem, pixel_boxes: dict[str, tuple
     return PairItem(derive_pair_id(query.name, gallery.name), query.uri, gallery.uri, box_0=box(query),
                     box_1=box(gallery), theta_0=float(query.theta), theta_1=float(gallery.theta),
                     individual_1=individual if individual is not None else gallery.individual)
+
+
+def gallery_items(gallery: str, storage_options: Mapping[str, Any] | None = None, *, unlabelled: bool = False,
+                  allow_outside_root: bool = False, exclude: str | None = None) -> list[NightItem]:
+    """The gallery as items: one per manifest row (a ``box`` / ``theta`` column crops the photo;
+    several rows may name one photo), or one whole photo per file of a gallery folder
+    (:func:`infra.inputs.list_gallery`)."""
+    if gallery.endswith(".csv"):
+        rows = manifest_rows(gallery, storage_options, allow_outside_root=allow_outside_root)
+        return list({item.name: item for item in (NightItem(row.uri, box=row.box, theta=row.theta,
+                                                            individual=row.individual) for row in rows)}.values())
+    listed = list_gallery(gallery, storage_options, unlabelled=unlabelled, allow_outside_root=allow_outside_root,
+                          exclude=exclude)
+    return whole_items(list(listed), listed)

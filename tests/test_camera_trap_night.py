@@ -37,9 +37,10 @@ def _scene(root, n_individuals=3, counts=(2, 2, 0), seed=5):
 def _config(root, out, uploads, **kwargs):
     from flows.config import NightlyConfig
 
+    settings = dict(layers=[LAYER], top_k=1, rerank_k=3, k_colors=0, k_lines=3, workers=0, report=False,
+                    allow_random_weights=True)
     return NightlyConfig(uploads=str(root / uploads), gallery=str(root / "gallery"), out=str(out), model=MODEL,
-                         layers=[LAYER], top_k=1, rerank_k=3, k_colors=0, k_lines=3, workers=0, report=False,
-                         allow_random_weights=True, **kwargs)
+                         **{**settings, **kwargs})
 
 
 @pytest.mark.integration
@@ -120,3 +121,42 @@ def test_embed_decodes_each_photo_once_and_keys_each_crop(tmp_path, monkeypatch)
     assert result.computed == 3 and len(set(result.hashes.values())) == 3  # one cache entry per crop
     assert set(result.contents.values()) == {crop_key(next(iter(result.contents.values())))}
     assert [result.boxes[item.name] for item in items] == [a.box for a in frame.animals]
+
+
+def test_a_manifest_row_with_a_bad_box_is_named(tmp_path):
+    from infra.inputs import InputError, manifest_rows
+
+    (tmp_path / "gallery.csv").write_text("image,individual,box,theta\na.png,ind-a,0 0 10 10,\na.png,ind-b,1 2 3,0.1\n")
+    with pytest.raises(InputError, match=r"gallery.csv: row 3: a box needs 4 numbers"):
+        manifest_rows(str(tmp_path / "gallery.csv"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_gallery_manifest_names_several_animals_of_one_photo(prefect_harness, tmp_path):
+    from flows.nightly import nightly
+    from infra.tables import read_table
+    from pairx_core.synthetic import make_individuals
+    from pairx_core.synthetic.camera_trap import make_frames
+
+    individuals = make_individuals(2, seed=9)
+    frame = make_frames(individuals, 1, 9, size=(150, 200), crop_size=(64, 64), animal_counts=[2])[0]
+    (tmp_path / "gallery").mkdir()
+    frame.image.save(tmp_path / "gallery" / "frame.png")
+    rows = ["image,individual,box,theta"]
+    for animal in frame.animals:  # one row per animal of the one photo, boxes in pixels
+        rows.append(f"frame.png,{animal.individual_id},{' '.join(map(str, animal.box))},")
+    (tmp_path / "gallery" / "gallery.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "uploads").mkdir()
+    for animal in frame.animals:  # each animal photographed alone: exactly its gallery crop
+        animal.photo.image.save(tmp_path / "uploads" / f"{animal.individual_id}.png")
+    config = _config(tmp_path, tmp_path / "out", "uploads", rerank_k=0)
+    config = config.model_copy(update={"gallery": str(tmp_path / "gallery" / "gallery.csv")})
+    assert nightly(config)["done"] == 2
+    candidates = read_table(str(tmp_path / "out"), "candidates")
+    assert set(candidates.gallery_image) == {str(tmp_path / "gallery" / "frame.png")}
+    for row in candidates.itertuples():  # each upload finds its own animal of the frame
+        assert row.query.endswith(f"{row.individual}.png") and row.similarity == pytest.approx(1.0, abs=1e-5)
+    pairs = read_table(str(tmp_path / "out"), "pairs")
+    assert sorted(tuple(b) for b in pairs.box_1) == sorted(tuple(map(float, a.box)) for a in frame.animals)
+    assert pairs.box_0.isna().all()
