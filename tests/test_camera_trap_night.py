@@ -88,6 +88,8 @@ def test_frames_with_detections_rank_like_the_crops_alone(prefect_harness, tmp_p
     detector_rows = errors[errors.stage == "detector"]
     assert detector_rows["item"].tolist() == [str(root / "frames" / "unreadable.jpg")]
 
+    _check_review_site(out, frames)
+
     again = nightly(config)  # the same file: every detection done
     assert again["done"] == 0 and again["skipped"] == 4
     assert (read_table(out, "errors").stage == "detector").sum() == 1  # recorded once
@@ -98,6 +100,27 @@ def test_frames_with_detections_rank_like_the_crops_alone(prefect_harness, tmp_p
     (root / "md.json").write_text(json.dumps(moved))
     revised = nightly(config)  # only the moved detection is new
     assert revised["done"] == 1 and revised["skipped"] == 3
+
+
+def _check_review_site(out: str, frames) -> None:
+    """Each detection is its own upload on the night page, shown in its frame with its box drawn."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from infra.report import build_report
+
+    result = build_report(out)
+    page = next(Path(p) for p in result.pages if p.endswith("index.html") and "/nights/" in p)
+    text = page.read_text()
+    assert "frame-0.png (detection 0)" in text and "frame-0.png (detection 1)" in text
+    frames_shown = re.findall(r"<div class='frame'><a href='([^']+)'", text)
+    assert len(frames_shown) == 4
+    framed = np.asarray(Image.open(page.parent / frames_shown[0]).convert("RGB")).astype(int)
+    red = (framed[..., 0] > 200) & (framed[..., 1] < 90) & (framed[..., 2] < 90)
+    assert red.sum() > 100  # the box is drawn in
 
 
 def test_embed_decodes_each_photo_once_and_keys_each_crop(tmp_path, monkeypatch):
