@@ -608,6 +608,9 @@ def nightly_cmd(
                                        "typical_detection_threshold, else 0.2)"),
     species: Optional[str] = typer.Option(None, "--species",
                                           help="with --detections: keep detections whose top classification is this"),
+    confirmed: bool = typer.Option(True, "--confirmed/--no-confirmed",
+                                   help="add the uploads confirmed on earlier nights (decision match or "
+                                        "new_individual) to the gallery"),
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
@@ -615,6 +618,7 @@ def nightly_cmd(
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed,
                          unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root,
                          detections=detections, category=category, min_confidence=min_confidence, species=species,
+                         confirmed=confirmed,
                          **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,

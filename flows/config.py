@@ -118,6 +118,8 @@ class NightlyConfig(CommonConfig):
                                                      "file's typical_detection_threshold, else 0.2)")
     species: str | None = Field(None, description="with detections: keep only detections whose top "
                                                   "classification is this name")
+    confirmed: bool = Field(True, description="add the uploads confirmed on earlier nights in this output (latest "
+                                              "decision match or new_individual) to the gallery")
 
 
 class ReprocessConfig(CommonConfig):

@@ -30,8 +30,7 @@ from importlib import metadata
 from infra.detections import DetectorSelection, detection_id, read_detections
 from infra.images import content_hash
 from infra.inputs import list_uploads_counted
-from infra.night_items import NightItem, whole_items
-from infra.night_items import gallery_items as listed_gallery_items
+from infra.night_items import DECIDED, NightItem, gallery_source, latest_verdicts, whole_items
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table, write_table
 from pairx_core.errors import StorageError
@@ -170,8 +169,10 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     nothing else is read.
     """
     so = config.storage_options or None
-    gallery_items = listed_gallery_items(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                                         allow_outside_root=config.allow_outside_root, exclude=config.out)
+    verdicts = latest_verdicts(config.out, so)
+    gallery_items = gallery_source(config.gallery, config.out, so, confirmed=getattr(config, "confirmed", False),
+                                   unlabelled=config.unlabelled_gallery, allow_outside_root=config.allow_outside_root,
+                                   exclude=config.out, verdicts=verdicts)
     detector = None
     if getattr(config, "detections", None):
         unsupported: dict[str, int] = {}
@@ -179,7 +180,7 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     else:
         listing = list_uploads_counted(config.uploads, so, exclude=config.out)
         unsupported, upload_items = listing.unsupported, whole_items(listing.images)
-    items = {item.name: item for item in gallery_items + upload_items}
+    items = {item.name: item for item in upload_items + gallery_items}  # a gallery entry wins
     photos = list(dict.fromkeys(item.uri for item in upload_items))
     done = done_contents(config.out, model.model_id, so)
     failed = {} if config.retry_failed else failed_contents(config.out, model.model_id, so)
@@ -206,8 +207,9 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     quarantined_gallery = {g.name for g in gallery_items if is_quarantined(g.uri)}
     gallery = {g.name: g.individual for g in gallery_items if g.name not in quarantined_gallery}
     uploads = [u.name for u in upload_items]
+    decided = {query for query, row in verdicts.items() if row["decision"] in DECIDED}  # not a query again
     new_uploads = [u.name for u in upload_items
-                   if not is_done(u) and u.name not in gallery and u.name not in quarantined]
+                   if not is_done(u) and u.name not in gallery and u.name not in quarantined and u.uri not in decided]
     return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, unsupported,
                      items, detector)
 

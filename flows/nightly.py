@@ -125,7 +125,8 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
     for row in rows:  # an upload is done per name, content and detection (flows.night_plan.plan_uploads)
         row.update(item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
-        row["gallery_image"] = night.item(row["gallery_image"]).uri
+        gallery_item = night.item(row["gallery_image"])
+        row["gallery_image"], row["gallery_source"] = gallery_item.uri, gallery_item.source
     write_table(config.out, "candidates", rows, model_id, run_id, so)
 
 

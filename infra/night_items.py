@@ -20,7 +20,13 @@ from typing import Any, Mapping, Sequence
 
 from .inputs import ImageKey, PairItem, derive_pair_id, list_gallery, manifest_rows
 
-__all__ = ["NightItem", "crop_key", "gallery_items", "pair_item", "whole_items"]
+__all__ = ["CONFIRMING", "DECIDED", "NightItem", "confirmed_items", "crop_key", "gallery_items", "gallery_source",
+           "latest_verdicts", "pair_item", "whole_items"]
+
+#: latest decisions that put an upload into the gallery, labelled with the decided individual
+CONFIRMING = ("match", "new_individual")
+#: latest decisions that make an upload no query any more
+DECIDED = ("match", "new_individual", "no_match")
 
 
 def _rounded_box(box: Sequence[float] | None) -> list[float] | None:
@@ -52,6 +58,7 @@ class NightItem:
         conf: detector confidence; species: top classification's name (when the file has one).
         individual: the individual of a gallery entry (None or "" when unknown).
         tag: what tells apart two boxes of one photo in :attr:`name` (detection index or box).
+        source: ``gallery`` or ``confirmed`` (gallery items only).
     """
 
     uri: str
@@ -63,6 +70,9 @@ class NightItem:
     species: str | None = None
     individual: str | None = None
     tag: str | None = None
+    #: where a gallery item came from: ``gallery`` (folder or manifest) or ``confirmed`` (an upload
+    #: of an earlier night that a reviewer confirmed)
+    source: str = "gallery"
 
     @property
     def name(self) -> str:
@@ -118,3 +128,41 @@ def gallery_items(gallery: str, storage_options: Mapping[str, Any] | None = None
     listed = list_gallery(gallery, storage_options, unlabelled=unlabelled, allow_outside_root=allow_outside_root,
                           exclude=exclude)
     return whole_items(list(listed), listed)
+
+
+def latest_verdicts(out: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """The latest standing decision per upload URL of ``out`` (an ``undo`` as the latest row: none)."""
+    from .decisions import latest_by_query, read_decisions
+
+    latest = latest_by_query(read_decisions(out, storage_options))
+    return {query: row for query, row in latest.items() if row["decision"] != "undo"}
+
+
+def confirmed_items(verdicts: Mapping[str, Mapping[str, Any]]) -> list[NightItem]:
+    """Gallery items of the uploads confirmed by ``verdicts`` (:func:`latest_verdicts`): latest
+    decision ``match`` or ``new_individual``, labelled with the decided individual, cropped to the
+    box the upload was explained with (original pixels; the photo is read where it is)."""
+    items = []
+    for query, row in verdicts.items():
+        if row["decision"] not in CONFIRMING or not row.get("individual"):
+            continue
+        box = row.get("box")
+        box = None if box is None or len(box) != 4 else tuple(float(v) for v in box)
+        items.append(NightItem(query, box=box, individual=str(row["individual"]), source="confirmed"))
+    return items
+
+
+def gallery_source(gallery: str, out: str | None = None, storage_options: Mapping[str, Any] | None = None, *,
+                   confirmed: bool = True, unlabelled: bool = False, allow_outside_root: bool = False,
+                   exclude: str | None = None,
+                   verdicts: Mapping[str, Mapping[str, Any]] | None = None) -> list[NightItem]:
+    """Every gallery item of a night: the gallery folder or manifest (:func:`gallery_items`) and,
+    with ``confirmed``, the uploads confirmed on earlier nights in ``out`` (:func:`confirmed_items`;
+    ``verdicts`` when already read). An item listed by both keeps the gallery's."""
+    items = gallery_items(gallery, storage_options, unlabelled=unlabelled, allow_outside_root=allow_outside_root,
+                          exclude=exclude)
+    if confirmed and out is not None:
+        known = {item.name for item in items}
+        verdicts = latest_verdicts(out, storage_options) if verdicts is None else verdicts
+        items += [item for item in confirmed_items(verdicts) if item.name not in known]
+    return items

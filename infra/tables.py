@@ -220,6 +220,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("query_box", pa.list_(pa.float64()), "the query's crop x, y, w, h in original (upright) pixels; null: the whole photo"),
             _f("detection_conf", pa.float64(), "detector confidence of the query's detection"),
             _f("species", pa.string(), "top classification of the query's detection, when the detector file has one"),
+            _f("gallery_source", pa.string(), "where the gallery image came from: `gallery` (folder or manifest) or `confirmed` (an upload of an earlier night confirmed by a reviewer)"),
             *_ids(),
         ]
     ),

@@ -66,8 +66,8 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS query_hash,
         NULL::INTEGER AS query_detection, NULL::VARCHAR AS query_detection_id,
         NULL::DOUBLE[] AS query_box, NULL::DOUBLE AS detection_conf, NULL::VARCHAR AS species,
-        NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at,
-        NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::VARCHAR AS gallery_source, NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id,
+        NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',

@@ -111,7 +111,7 @@ def _load_all(items: Sequence[NightItem], min_side: int, storage_options: Mappin
             except PairXError as error:  # about the box: the photo itself is fine
                 errors.append(error_row(item.name, "load", error, run_id))
                 continue
-            key = crop_key(whole.content_hash, item.box, item.theta)
+            key = crop_key(whole.content_hash, chip.box, item.theta)  # one key however the box was written
             loaded[item.name] = (key, chip)
             chips.setdefault(key, chip)
     return loaded, chips, photos, errors
