@@ -183,3 +183,25 @@ def test_a_gallery_manifest_names_several_animals_of_one_photo(prefect_harness, 
     pairs = read_table(str(tmp_path / "out"), "pairs")
     assert sorted(tuple(b) for b in pairs.box_1) == sorted(tuple(map(float, a.box)) for a in frame.animals)
     assert pairs.box_0.isna().all()
+
+
+def test_a_listed_photo_that_is_missing_is_an_item_failure(tmp_path):
+    from PIL import Image
+
+    from flows.night_plan import current_hashes
+    from infra.night_items import NightItem
+    from infra.tables import read_table
+    from tasks.embed import embed_images
+
+    present = tmp_path / "frame.png"
+    Image.new("RGB", (80, 60), (20, 90, 30)).save(present)
+    gone = tmp_path / "gone.png"
+    hashes = current_hashes(str(tmp_path / "out"), [str(present), str(gone)])
+    assert list(hashes) == [str(present)]  # planning reads what is there, the rest is not done
+    items = [NightItem(str(gone), box=(0.1, 0.1, 0.5, 0.5), detection=0, tag="detection=0"),
+             NightItem(str(present), box=(0.0, 0.0, 0.6, 0.6), detection=0, tag="detection=0")]
+    result = embed_images(items, model=MODEL, cache_url=str(tmp_path / "cache"), layers=[LAYER], run_id="r",
+                          out=str(tmp_path / "out"), device="cpu")
+    assert result.errors == 1 and list(result.hashes) == [items[1].name]
+    errors = read_table(str(tmp_path / "out"), "errors")
+    assert errors[["item", "stage"]].values.tolist() == [[str(gone), "load"]]
