@@ -205,3 +205,30 @@ def test_a_listed_photo_that_is_missing_is_an_item_failure(tmp_path):
     assert result.errors == 1 and list(result.hashes) == [items[1].name]
     errors = read_table(str(tmp_path / "out"), "errors")
     assert errors[["item", "stage"]].values.tolist() == [[str(gone), "load"]]
+
+
+def test_an_explain_batch_decodes_a_frame_once_for_all_its_detections(tmp_path, monkeypatch):
+    import tasks.explain as explain_module
+    from infra.inputs import PairItem
+    from infra.tables import read_table
+    from pairx_core.synthetic import make_individuals, render_photo
+    from pairx_core.synthetic.camera_trap import make_frames
+
+    individuals = make_individuals(2, seed=3)
+    frame = make_frames(individuals, 1, 3, size=(150, 200), crop_size=(64, 64), animal_counts=[2])[0]
+    frame.image.save(tmp_path / "frame.png")
+    render_photo(individuals[0], seed=0, size=(64, 64)).image.save(tmp_path / "gallery.png")
+    items = [PairItem(f"p{j}", str(tmp_path / "frame.png"), str(tmp_path / "gallery.png"),
+                      box_0=tuple(float(v) for v in animal.box)) for j, animal in enumerate(frame.animals)]
+    decodes = []
+    real = explain_module.load_image
+    monkeypatch.setattr(explain_module, "load_image", lambda uri, **k: decodes.append(uri) or real(uri, **k))
+    settings = explain_module.RunSettings(out=str(tmp_path / "out"), model=MODEL, layers=(LAYER,), run_id="r",
+                                          k_lines=3, k_colors=0, device="cpu", render=False)
+    summary = explain_module.explain_pairs_batch(items, settings)
+    assert summary.done == 2 and sorted(decodes) == sorted([str(tmp_path / "frame.png"), str(tmp_path / "gallery.png")])
+    pairs = read_table(str(tmp_path / "out"), "pairs")
+    matches = read_table(str(tmp_path / "out"), "matches").merge(pairs[["pair_id", "box_0"]], on="pair_id")
+    for row in matches.itertuples():  # full-frame pixels inside each detection's box
+        x, y, w, h = row.box_0
+        assert x <= row.x_0 <= x + w and y <= row.y_0 <= y + h
