@@ -33,9 +33,9 @@ from infra.inputs import list_uploads_counted
 from infra.night_items import DECIDED, NightItem, gallery_source, latest_verdicts, whole_items
 from infra.storage import StorageTarget
 from infra.tables import ensure_table, read_table, write_table
-from pairx_core.errors import StorageError
 from infra.verify import needs_repair
 from pairx_core import ENGINE_VERSION
+from pairx_core.errors import StorageError
 from pairx_core.specs import weights_files
 
 from .preflight import ModelPlan
@@ -167,6 +167,12 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     an old name (camera traps reuse IMG_0001.JPG) are a new upload. Deciding that reads the
     bytes of every upload whose name was done before (and of every image that failed before);
     nothing else is read.
+
+    With ``config.detections`` the uploads are the detector file's kept detections (one item
+    each, done per photo content, index and box) instead of the uploads folder's files; the
+    gallery is :func:`infra.night_items.gallery_source` (folder or manifest, and the uploads
+    confirmed on earlier nights unless ``config.confirmed`` is off). Uploads with a standing
+    decision are not queried again.
     """
     so = config.storage_options or None
     verdicts = latest_verdicts(config.out, so)
