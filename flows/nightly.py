@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger
 from infra.cluster import gpu_annotation
 from infra.detections import detection_id
 from infra.inputs import PairItem, derive_pair_id
-from infra.night_items import NightItem, pair_item
 from infra.keys import OutputSettings
+from infra.night_items import NightItem, pair_item
 from infra.storage import with_retries
 from infra.tables import write_table
 from pairx_core.retrieval import Candidate, retrieve
