@@ -4,6 +4,10 @@ With ``rerank_k`` > 0 (default) each upload's ``rerank_k`` most similar gallery 
 by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
 (``flows.rerank``); with ``rerank_k`` 0 the ``top_k`` by similarity are explained.
 
+The night works on items (``infra.night_items.NightItem``: a photo, a box, a rotation), not file
+names: with a detector file (``--detections``) each kept detection is one upload item, cut from
+its frame; a gallery manifest's rows and confirmed uploads of earlier nights are gallery items.
+
 ``nightly`` is the entry flow (CLI and deployments); ``nightly_work`` runs on the Dask task
 runner the config asks for (see ``flows.common``).
 """
