@@ -12,7 +12,9 @@ each mode, ``infra.images.decode_image`` + ``Preprocessing.to_tensor`` to a ``--
 one image at a time (median of ``--repeats``, modes interleaved), and a batch of ``--batch``
 images decoded in ``--threads`` threads (images per second, ms per image). It also reports how far
 each mode's model input lies from the full decode's (mean / max absolute difference, in
-normalised units). Prints one JSON line per mode.
+normalised units). Prints one JSON line per mode, and one ``decode_detections`` line: a camera-trap
+frame with ``--detections`` (3) boxes cut from one decode (``infra.images.cut_chip``, what the
+nightly flow does) against one box, and against one decode per box.
 
 Example::
 
@@ -38,7 +40,7 @@ if str(_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from infra.images import PICTURE_LONG_SIDE, decode_image  # noqa: E402
+from infra.images import PICTURE_LONG_SIDE, cut_chip, decode_image  # noqa: E402
 from pairx_core.preprocess import Preprocessing  # noqa: E402
 
 
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per threaded batch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--photo", default=None, help="upscale this photo instead of a synthetic scene")
+    parser.add_argument("--detections", type=int, default=3, help="boxes of the camera-trap frame line")
     args = parser.parse_args()
 
     prep = Preprocessing(size=(args.size, args.size))
@@ -134,6 +137,37 @@ def main() -> None:
             "input_abs_diff_vs_full_max": round(float(difference.max()), 3),
             "loadavg_1m": round(os.getloadavg()[0], 2),
         }))
+    detections_line(args, photos[0], prep)
+
+
+def detections_line(args: argparse.Namespace, photo: bytes, prep: Preprocessing) -> None:
+    """One decode cut into ``--detections`` model inputs vs one, and vs one decode per box."""
+    boxes = [(0.05 + 0.3 * i, 0.3, 0.25, 0.4) for i in range(args.detections)]
+
+    def cut(count: int) -> None:
+        whole = decode_image(photo)
+        for box in boxes[:count]:
+            prep.to_tensor(cut_chip(whole, box).image)
+
+    def per_box() -> None:
+        for box in boxes:
+            prep.to_tensor(decode_image(photo, box=box).image)
+
+    timings: dict[str, list[float]] = {"one_box": [], "boxes_one_decode": [], "boxes_one_decode_each": []}
+    runs = {"one_box": lambda: cut(1), "boxes_one_decode": lambda: cut(len(boxes)), "boxes_one_decode_each": per_box}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    print(json.dumps({
+        "bench": "decode_detections", "original_size": [args.width, args.height], "detections": len(boxes),
+        "model_input": args.size, **{f"ms_{name}": round(1000 * value, 1) for name, value in medians.items()},
+        "ratio_boxes_vs_one": round(medians["boxes_one_decode"] / medians["one_box"], 2),
+        "ratio_decode_each_vs_once": round(medians["boxes_one_decode_each"] / medians["boxes_one_decode"], 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }))
 
 
 if __name__ == "__main__":

@@ -158,12 +158,26 @@ def nightly_cmd(
                                             help="accept a gallery folder without individual folders"),
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root",
                                             help="read gallery manifest entries that leave its folder (..)"),
+    detections: Optional[str] = typer.Option(None, "--detections",
+                                             help="MegaDetector batch-output JSON for the uploads: each kept "
+                                                  "detection is one upload (its box cropped)"),
+    category: str = typer.Option("animal", "--category", help="with --detections: detection category to keep"),
+    min_confidence: Optional[float] = typer.Option(
+        None, "--min-confidence", help="with --detections: confidence threshold (default: the file's "
+                                       "typical_detection_threshold, else 0.2)"),
+    species: Optional[str] = typer.Option(None, "--species",
+                                          help="with --detections: keep detections whose top classification is this"),
+    confirmed: bool = typer.Option(True, "--confirmed/--no-confirmed",
+                                   help="add the uploads confirmed on earlier nights (decision match or "
+                                        "new_individual) to the gallery"),
 ) -> None:
     """Embed new uploads, retrieve top-k gallery candidates, explain each, write a ranked candidates table."""
     from .config import NightlyConfig
     with storage_credentials(storage_option or []):
         config = _config(NightlyConfig, uploads=uploads, gallery=gallery, retry_failed=retry_failed,
-                         unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root, **_common(
+                         unlabelled_gallery=unlabelled_gallery, allow_outside_root=allow_outside_root,
+                         detections=detections, category=category, min_confidence=min_confidence, species=species,
+                         confirmed=confirmed, **_common(
             out=out, model=model, layers=layers, k_lines=k_lines, k_colors=k_colors, cache=cache, cluster=cluster,
             workers=workers, batch_pairs=batch_pairs, device=device, top_k=top_k, rerank_k=rerank_k,
             allow_random_weights=allow_random_weights, public_url=public_url))

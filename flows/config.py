@@ -112,6 +112,16 @@ class NightlyConfig(CommonConfig):
                                                         "(every individual unknown)")
     allow_outside_root: bool = Field(False, description="read gallery manifest entries that leave the manifest's "
                                                         "folder (..)")
+    detections: str | None = Field(None, description="detector output (MegaDetector batch-output JSON) for the "
+                                                     "uploads: each kept detection is one upload, cropped to its box")
+    category: str = Field("animal", description="with detections: the detection category kept")
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0,
+                                         description="with detections: the confidence threshold (default: the "
+                                                     "file's typical_detection_threshold, else 0.2)")
+    species: str | None = Field(None, description="with detections: keep only detections whose top "
+                                                  "classification is this name")
+    confirmed: bool = Field(True, description="add the uploads confirmed on earlier nights in this output (latest "
+                                              "decision match or new_individual) to the gallery")
 
 
 class ReprocessConfig(CommonConfig):

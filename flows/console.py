@@ -100,6 +100,15 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
     rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
     lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
              f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
+    if summary.get("detections"):  # camera-trap nights: frames, detections, empty frames, failures
+        lines.append(summary["detections"])
+    unsupported = (summary.get("planned") or {}).get("unsupported") or {}
+    if unsupported:
+        lines.append("not read (unsupported files): " + ", ".join(f"{n} {suffix}" for suffix, n in
+                                                                 sorted(unsupported.items())))
+    if summary.get("repaired_files"):
+        lines.append(f"repaired: {summary['repaired_files']} damaged table file(s) moved to {out}/_pairx/quarantine/, "
+                     "their rows recomputed")
     lines.append(f"tables: {out}/tables   pictures: {out}/viz")
     if summary.get("report"):
         lines.append(f"review page: {summary['report']}")

@@ -1,8 +1,9 @@
 """``pairx demo``: a night of synthetic camera-trap uploads against a synthetic gallery, end to end.
 
 Generates individuals with known geometry (``pairx_core.synthetic``), writes a gallery (one folder
-per individual) and a night of uploads into a local folder, runs the real ``nightly`` flow with the
-embedded ``demo`` model, then scores what it did against the ground truth (retrieval top-1 and
+per individual) and a night of camera-trap frames (0 to 3 animals each) with their detector output
+into a local folder, runs the real ``nightly`` flow through the detections with the embedded
+``demo`` model, then scores what it did against the ground truth (retrieval top-1 and
 the share of PAIR-X's top matches that land where the true mapping says) and writes
 ``index.html``, readable in a browser without a server. With ``auto_decide`` (``pairx demo
 --auto-decide``) the ground truth then records each upload's decision, as a reviewer would.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pairx_core.geometry import cell_size
 from pairx_core.synthetic.ground_truth import match_accuracy, random_baseline
@@ -46,11 +48,40 @@ class DemoSettings:
     auto_decide: bool = False
 
 
+#: ``(H, W)`` of the demo's camera-trap frames, in crops of the model's input size
+FRAME_CROPS = (2.5, 3.75)
+#: file the demo's detector output is written to, under ``data/``
+DETECTIONS_FILE = "detections.json"
+
+
+def _animal_counts(rng: np.random.Generator, n_individuals: int) -> list[int]:
+    """Animals per frame (0 to 3) so that every individual appears once, with empty frames among them."""
+    counts: list[int] = []
+    left = n_individuals
+    while left:
+        count = min(int(rng.integers(0, 4)), left)
+        counts.append(count)
+        left -= count
+    if 0 not in counts:
+        counts.insert(len(counts) // 2, 0)
+    return counts
+
+
 def write_dataset(settings: DemoSettings, size: tuple[int, int]) -> dict:
-    """Gallery ``gallery/<individual>/<n>.png``, uploads ``uploads/<name>.png``, truth JSON."""
+    """Gallery ``gallery/<individual>/<n>.png``; tonight's camera-trap frames ``uploads/frame-<i>.png``
+    (0 to 3 animals each, every individual once, some frames empty) and their detector output
+    ``detections.json`` (one low-confidence false detection, one detector failure); truth JSON.
+
+    The truth is keyed by gallery photo path and by ``<frame path>#detection=<j>`` (the night's
+    name of a detection), with each animal's canonical -> photo (frame) transform and box.
+    """
+    from infra.detections import write_detector_output
+    from pairx_core.synthetic.camera_trap import detector_output, render_frame
+
     root = settings.out / "data"
     truth = {}
-    for ind in make_individuals(settings.individuals, settings.seed):
+    individuals = make_individuals(settings.individuals, settings.seed)
+    for ind in individuals:
         folder = root / "gallery" / ind.id
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(settings.gallery_photos):
@@ -58,13 +89,37 @@ def write_dataset(settings: DemoSettings, size: tuple[int, int]) -> dict:
             path = folder / f"{n}.png"
             photo.image.save(path)
             truth[str(path)] = {"individual": ind.id, "transform": photo.transform.tolist()}
-        (root / "uploads").mkdir(parents=True, exist_ok=True)
-        photo = render_photo(ind, seed=settings.seed * 100 + 99, size=size)
-        path = root / "uploads" / f"{ind.id}-night.png"
-        photo.image.save(path)
-        truth[str(path)] = {"individual": ind.id, "transform": photo.transform.tolist()}
+    (root / "uploads").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(settings.seed)
+    order = [individuals[int(k)] for k in rng.permutation(len(individuals))]
+    frame_size = (round(size[0] * FRAME_CROPS[0]), round(size[1] * FRAME_CROPS[1]))
+    frames, files = [], []
+    for i, count in enumerate(_animal_counts(rng, len(order))):
+        chosen, order = order[:count], order[count:]
+        frame = render_frame(chosen, seed=settings.seed * 100 + i, size=frame_size, crop_size=size, difficulty=0.5)
+        files.append(f"frame-{i:02d}.png")
+        path = root / "uploads" / files[-1]
+        frame.image.save(path)
+        frames.append(frame)
+        for j, animal in enumerate(frame.animals):
+            truth[f"{path}#detection={j}"] = {"individual": animal.individual_id,
+                                               "transform": animal.transform.tolist(), "box": list(animal.box)}
+    write_detector_output(str(root / DETECTIONS_FILE), detector_output(frames, files, seed=settings.seed))
     (settings.out / "ground_truth.json").write_text(json.dumps(truth))
     return truth
+
+
+def _detection_truth(truth: dict, query: str, detection) -> dict:
+    """The truth of a candidates row's upload (a detection of a frame, or a whole photo)."""
+    if detection is None or (isinstance(detection, float) and np.isnan(detection)):
+        return truth.get(query, {})
+    return truth.get(f"{query}#detection={int(detection)}", {})
+
+
+def _truth_by_box(truth: dict) -> dict:
+    """Truth entries of detections by ``(frame path, box)`` (how a pairs row names its upload)."""
+    return {(name.split("#", 1)[0], tuple(float(v) for v in entry["box"])): entry
+            for name, entry in truth.items() if "box" in entry}
 
 
 @dataclass(frozen=True)
@@ -93,6 +148,7 @@ def prepare_demo(settings: DemoSettings) -> PreparedDemo:
     config = NightlyConfig(uploads=str(settings.out / "data" / "uploads"),
                            gallery=str(settings.out / "data" / "gallery"),
                            out=str(settings.out / "results"), model=DEMO_MODEL, layers=[layer], top_k=settings.top_k,
+                           detections=str(settings.out / "data" / DETECTIONS_FILE),
                            rerank_k=settings.rerank_k,
                            k_lines=settings.k_lines, k_colors=settings.k_colors, batch_pairs=8,
                            workers=settings.workers, device="cpu")
@@ -183,14 +239,17 @@ def score_results(out: str, truth: dict, layer: str, model, size: tuple[int, int
 
     candidates = read_table(out, "candidates")
     top1 = candidates[candidates["rank"] == 0]
-    correct = [truth[q]["individual"] == ind for q, ind in zip(top1["query"], top1["individual"])]
+    correct = [_detection_truth(truth, q, d).get("individual") == ind
+               for q, d, ind in zip(top1["query"], top1["query_detection"], top1["individual"])]
+    by_box = _truth_by_box(truth)
     matches = read_table(out, "matches")
     pairs = read_table(out, "pairs")
     grid = _grid(model, layer, size)
     cell = cell_size(grid, size)
     accuracy, baseline = [], []
     for pair in pairs.itertuples(index=False):
-        a, b = truth.get(pair.image_0), truth.get(pair.image_1)
+        box = None if pair.box_0 is None else tuple(float(v) for v in pair.box_0)
+        a, b = by_box.get((pair.image_0, box)) or truth.get(pair.image_0), truth.get(pair.image_1)
         if a is None or b is None or a["individual"] != b["individual"]:
             continue
         mapping = true_mapping(np.asarray(a["transform"]), np.asarray(b["transform"]))
@@ -217,9 +276,10 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
     """``index.html``: each upload with its ranked candidates and their PAIR-X pictures."""
     from infra.tables import read_table
 
-    candidates = read_table(out, "candidates").sort_values(["query", "rank"])
+    candidates = read_table(out, "candidates").sort_values(["query", "query_detection", "rank"])
+    candidates["query_detection"] = candidates["query_detection"].astype("Int64")
     pairs = read_table(out, "pairs")
-    pictures = {(r.image_0, r.image_1): r.viz_uri for r in pairs.itertuples(index=False) if r.layer == layer}
+    pictures = {r.pair_id: r.viz_uri for r in pairs.itertuples(index=False) if r.layer == layer}
 
     def rel(path: str) -> str:
         return html.escape(os.path.relpath(path, root))
@@ -231,15 +291,17 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
              "<h1>PAIR-X demo: tonight's uploads</h1>",
              f"<p>Layer <code>{html.escape(layer)}</code>. Candidates ranked by "
              "0.5 &times; similarity + 0.5 &times; IRM. Green: same individual as the upload (ground truth).</p>"]
-    for query, group in candidates.groupby("query", sort=True):
+    for (query, detection), group in candidates.groupby(["query", "query_detection"], sort=True, dropna=False):
         judged = len(group)
         group = group[group["explained"].fillna(True).astype(bool)]  # pictures exist for these
-        true_id = truth.get(query, {}).get("individual", "?")
-        parts.append(f"<div class='q'><h3>{html.escape(os.path.basename(query))} "
-                     f"(truly {html.escape(true_id)})</h3><img src='{rel(query)}' style='width:128px'><br>")
+        detection = None if detection is None or detection is pd.NA else int(detection)
+        true_id = _detection_truth(truth, query, detection).get("individual", "?")
+        which = "" if detection is None else f", detection {detection}"
+        parts.append(f"<div class='q'><h3>{html.escape(os.path.basename(query))}{which} "
+                     f"(truly {html.escape(true_id)})</h3><img src='{rel(query)}' style='width:240px'><br>")
         for row in group.itertuples(index=False):
             ok = "ok" if row.individual == true_id else "no"
-            picture = pictures.get((query, row.gallery_image))
+            picture = row.viz_uri if isinstance(row.viz_uri, str) else pictures.get(row.pair_id)
             image = f"<img src='{rel(picture)}'>" if picture else "(no picture)"
             parts.append(f"<div class='c'><span class='{ok}'>#{row.rank + 1} {html.escape(str(row.individual))}</span>"
                          f" sim {row.similarity:.3f} IRM {_fmt(row.irm)}<br>{image}</div>")

@@ -19,6 +19,7 @@ Nothing here imports Prefect, Dask or torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,12 +27,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from infra.detections import DetectorSelection, detection_id, read_detections
 from infra.images import content_hash
-from infra.inputs import list_gallery, list_uploads_counted
+from infra.inputs import list_uploads_counted
+from infra.night_items import DECIDED, NightItem, gallery_source, latest_verdicts, whole_items
 from infra.storage import StorageTarget
-from infra.tables import ensure_table, read_table
+from infra.tables import ensure_table, read_table, write_table
 from infra.verify import needs_repair
 from pairx_core import ENGINE_VERSION
+from pairx_core.errors import StorageError
 from pairx_core.specs import weights_files
 
 from .preflight import ModelPlan
@@ -52,13 +56,23 @@ class NightPlan:
     """
 
     model: ModelPlan
+    #: gallery item name -> individual
     gallery: dict[str, str]
+    #: upload item names (URLs for whole photos; one per kept detection on a camera-trap night)
     uploads: list[str]
     new_uploads: list[str]
     quarantined: set[str]
     quarantined_gallery: set[str] = field(default_factory=set)
     #: files of the uploads folder that are not read, by suffix (HEIC, sidecars, ...)
     unsupported: dict[str, int] = field(default_factory=dict)
+    #: every upload and gallery item by name (what each name stands for: photo, box, detection)
+    items: dict[str, NightItem] = field(default_factory=dict)
+    #: the detections of a camera-trap night (``--detections``), else None
+    detector: DetectorSelection | None = None
+
+    def item(self, name: str) -> NightItem:
+        """The item called ``name`` (a whole photo when the plan does not list it)."""
+        return self.items.get(name) or NightItem(name)
 
     @property
     def has_work(self) -> bool:
@@ -69,6 +83,11 @@ class NightPlan:
                   "pairs_planned": len(self.new_uploads) * min(top_k, len(self.gallery))}
         if self.unsupported:
             counts["unsupported"] = dict(self.unsupported)
+        if self.detector is not None:
+            frames = self.detector.counts
+            counts["frames"] = {"n_frames": frames.n_frames, "n_empty": frames.n_empty,
+                                "n_detections": frames.n_detections, "n_failures": frames.n_failures}
+            counts["detections"] = self.detector.summary
         return counts
 
 
@@ -99,8 +118,14 @@ def current_hashes(out: str, uris: list[str], storage_options=None) -> dict[str,
     hashes = {}
     for start in range(0, len(uris), HASH_READ_CHUNK):
         chunk = uris[start:start + HASH_READ_CHUNK]
-        contents = storage.read_many(chunk)
-        hashes.update({u: content_hash(contents[storage.url(u)]) for u in chunk})
+        try:
+            contents = storage.read_many(chunk)
+        except StorageError:  # one of them is missing: read one by one, leave out the missing ones
+            contents = {}
+            for uri in chunk:
+                with contextlib.suppress(StorageError):
+                    contents[storage.url(uri)] = storage.read_bytes(uri)
+        hashes.update({u: content_hash(contents[storage.url(u)]) for u in chunk if storage.url(u) in contents})
     return hashes
 
 
@@ -112,15 +137,27 @@ def unreadable_uploads(out: str, model_id: str, uploads: list[str], storage_opti
     return {u for u in suspects if hashes[u] in failed[u]}
 
 
-def done_contents(out: str, model_id: str, storage_options=None) -> dict[str, set[str | None]]:
-    """Per upload name, the content hashes earlier nights ranked (``None``: a row written before
-    the ``query_hash`` column existed, done by name)."""
-    frame = read_table(out, "candidates", model_id=model_id, columns=["query", "query_hash"],
+def done_contents(out: str, model_id: str, storage_options=None) -> dict[str, set[tuple[str | None, str | None]]]:
+    """Per upload name, the ``(content hash, detection id)`` earlier nights ranked (hash ``None``: a
+    row written before the ``query_hash`` column existed, done by name; detection id ``None``: the
+    whole photo was the upload)."""
+    frame = read_table(out, "candidates", model_id=model_id, columns=["query", "query_hash", "query_detection_id"],
                        storage_options=storage_options)
-    done: dict[str, set[str | None]] = {}
-    for query, digest in zip(frame["query"], frame["query_hash"]):
-        done.setdefault(query, set()).add(digest if isinstance(digest, str) else None)
+    done: dict[str, set[tuple[str | None, str | None]]] = {}
+    for query, digest, detection in zip(frame["query"], frame["query_hash"], frame["query_detection_id"]):
+        done.setdefault(query, set()).add((digest if isinstance(digest, str) else None,
+                                           detection if isinstance(detection, str) else None))
     return done
+
+
+def detection_items(config, storage_options=None) -> tuple[DetectorSelection, list[NightItem]]:
+    """The detector file's kept detections (``config.detections``), one upload item each."""
+    selection = read_detections(config.detections, config.uploads, category=config.category,
+                                min_confidence=config.min_confidence, species=config.species,
+                                storage_options=storage_options)
+    items = [NightItem(d.uri, box=d.bbox, detection=d.index, conf=d.conf, species=d.species,
+                       tag=f"detection={d.index}") for d in selection.detections]
+    return selection, items
 
 
 def plan_uploads(config, model: ModelPlan) -> NightPlan:
@@ -130,29 +167,80 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     an old name (camera traps reuse IMG_0001.JPG) are a new upload. Deciding that reads the
     bytes of every upload whose name was done before (and of every image that failed before);
     nothing else is read.
+
+    With ``config.detections`` the uploads are the detector file's kept detections (one item
+    each, done per photo content, index and box) instead of the uploads folder's files; the
+    gallery is :func:`infra.night_items.gallery_source` (folder or manifest, and the uploads
+    confirmed on earlier nights unless ``config.confirmed`` is off). Uploads with a standing
+    decision are not queried again.
     """
     so = config.storage_options or None
-    gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                           allow_outside_root=config.allow_outside_root, exclude=config.out)
-    listing = list_uploads_counted(config.uploads, so, exclude=config.out)
-    uploads = listing.images
+    verdicts = latest_verdicts(config.out, so)
+    gallery_items = gallery_source(config.gallery, config.out, so, confirmed=getattr(config, "confirmed", False),
+                                   unlabelled=config.unlabelled_gallery, allow_outside_root=config.allow_outside_root,
+                                   exclude=config.out, verdicts=verdicts)
+    detector = None
+    if getattr(config, "detections", None):
+        unsupported: dict[str, int] = {}
+        detector, upload_items = detection_items(config, so)
+    else:
+        listing = list_uploads_counted(config.uploads, so, exclude=config.out)
+        unsupported, upload_items = listing.unsupported, whole_items(listing.images)
+    items = {item.name: item for item in upload_items + gallery_items}  # a gallery entry wins
+    photos = list(dict.fromkeys(item.uri for item in upload_items))
     done = done_contents(config.out, model.model_id, so)
     failed = {} if config.retry_failed else failed_contents(config.out, model.model_id, so)
-    to_hash = [u for u in uploads if (u in done and None not in done[u]) or u in failed]
-    to_hash += [g for g in gallery if g in failed]
+    to_hash = [u for u in photos if u in done or u in failed]
+    to_hash += [g.uri for g in gallery_items if g.uri in failed]
     hashes = current_hashes(config.out, list(dict.fromkeys(to_hash)), so)
 
-    def is_done(uri: str) -> bool:
-        return uri in done and (None in done[uri] or hashes[uri] in done[uri])
+    def is_done(item: NightItem) -> bool:
+        entries = done.get(item.uri)
+        if not entries:
+            return False
+        if item.detection is None and (None, None) in entries:
+            return True  # ranked before content hashes were recorded: done by name
+        digest = hashes.get(item.uri)
+        if digest is None:
+            return False
+        identity = None if item.detection is None else detection_id(digest, item.detection, item.box)
+        return (digest, identity) in entries
 
     def is_quarantined(uri: str) -> bool:
-        return uri in failed and hashes[uri] in failed[uri]
+        return uri in failed and hashes.get(uri) in failed[uri]
 
-    quarantined = {u for u in uploads if is_quarantined(u)}
-    quarantined_gallery = {g for g in gallery if is_quarantined(g)}
-    gallery = {g: individual for g, individual in gallery.items() if g not in quarantined_gallery}
-    new_uploads = [u for u in uploads if not is_done(u) and u not in gallery and u not in quarantined]
-    return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, listing.unsupported)
+    quarantined = {u.name for u in upload_items if is_quarantined(u.uri)}
+    quarantined_gallery = {g.name for g in gallery_items if is_quarantined(g.uri)}
+    gallery = {g.name: g.individual for g in gallery_items if g.name not in quarantined_gallery}
+    uploads = [u.name for u in upload_items]
+    decided = {query for query, row in verdicts.items() if row["decision"] in DECIDED}  # not a query again
+    new_uploads = [u.name for u in upload_items
+                   if not is_done(u) and u.name not in gallery and u.name not in quarantined and u.uri not in decided]
+    return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, unsupported,
+                     items, detector)
+
+
+def detector_failure_rows(config, night: NightPlan, run_id: str) -> list[dict]:
+    """``errors`` rows (stage ``detector``) for the photos the detector could not read, each
+    failure once per output (an earlier night's identical row is not written again)."""
+    if night.detector is None or not night.detector.failures:
+        return []
+    so = config.storage_options or None
+    known = read_table(config.out, "errors", model_id=night.model.model_id, columns=["item", "stage", "message"],
+                       storage_options=so)
+    known = known[known.stage == "detector"]
+    seen = set(zip(known["item"], known["message"]))
+    now = datetime.now(timezone.utc)
+    return [{"item": failure.uri, "stage": "detector", "error_type": "DetectorFailure", "message": failure.failure,
+             "content_hash": None, "run_id": run_id, "created_at": now}
+            for failure in night.detector.failures if (failure.uri, failure.failure) not in seen]
+
+
+def record_detector_failures(config, night: NightPlan, run_id: str) -> None:
+    """Write :func:`detector_failure_rows` (nothing when there are none)."""
+    rows = detector_failure_rows(config, night, run_id)
+    if rows:
+        write_table(config.out, "errors", rows, night.model.model_id, run_id, config.storage_options or None)
 
 
 def warn_quarantined(night: NightPlan) -> None:
@@ -257,6 +345,7 @@ def record_quiet_night(config) -> dict | None:
     summary.seconds = (datetime.now(timezone.utc) - started).total_seconds()
     so = config.storage_options or None
     write_run(config.out, "nightly", config, summary, started)
+    record_detector_failures(config, night, summary.run_id)
     ensure_table(config.out, "errors", summary.model_id, summary.run_id, so)
     warn_quarantined(night)
     return summary.as_dict()

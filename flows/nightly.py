@@ -4,6 +4,10 @@ With ``rerank_k`` > 0 (default) each upload's ``rerank_k`` most similar gallery 
 by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
 (``flows.rerank``); with ``rerank_k`` 0 the ``top_k`` by similarity are explained.
 
+The night works on items (``infra.night_items.NightItem``: a photo, a box, a rotation), not file
+names: with a detector file (``--detections``) each kept detection is one upload item, cut from
+its frame; a gallery manifest's rows and confirmed uploads of earlier nights are gallery items.
+
 ``nightly`` is the entry flow (CLI and deployments); ``nightly_work`` runs on the Dask task
 runner the config asks for (see ``flows.common``).
 """
@@ -15,17 +19,19 @@ import contextlib
 from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
+from infra.detections import detection_id
 from infra.inputs import PairItem, derive_pair_id
 from infra.keys import OutputSettings
+from infra.night_items import NightItem, pair_item
 from infra.storage import with_retries
 from infra.tables import write_table
-from pairx_core.retrieval import retrieve
+from pairx_core.retrieval import Candidate, retrieve
 from tasks.candidates import candidate_keys, candidate_rows, once_per_key
 from tasks.embed import activation_cache, embed_images_task
 
-from .common import active_summary, cancel_pending, chunks, explain_items, notify, run_recorded, settings_for
+from .common import active_summary, cancel_pending, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .night_plan import NightPlan, plan_uploads, warn_quarantined
+from .night_plan import NightPlan, plan_uploads, record_detector_failures, warn_quarantined
 from .preflight import resolve_model
 from .rerank import plan_reranked, reranked_rows
 
@@ -47,6 +53,9 @@ def plan_night(config: NightlyConfig, summary) -> NightPlan:
     logger.info("%d uploads (%d new), %d gallery images, model %s, layer %s", len(night.uploads),
                 len(night.new_uploads), len(night.gallery), model.facts["model_spec"], ",".join(model.layers))
     warn_quarantined(night)
+    if night.detector is not None:
+        logger.info("detections %s: %s", night.detector.source, night.detector.summary)
+        record_detector_failures(config, night, summary.run_id)
     return night
 
 
@@ -72,17 +81,21 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
 
     kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
                   out=config.out, device=config.device, storage_options=so, min_image_side=config.min_image_side)
-    images = list(gallery) + new_uploads
-    batches = chunks(images, 32)
-    summary.advance("embed", planned=len(images))
+    items = [night.item(name) for name in list(gallery) + new_uploads]
+    batches = _photo_chunks(items, 32)
+    summary.advance("embed", planned=len(items))
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
         futures = [embed_images_task.submit(batch, **kwargs) for batch in batches]
-    hashes: dict[str, str] = {}
+    hashes: dict[str, str] = {}  # item name -> activation-cache key
+    contents: dict[str, str] = {}  # item name -> content hash of its photo
+    boxes: dict[str, tuple[int, int, int, int] | None] = {}  # item name -> crop in original pixels
     try:
         for future, batch in zip(futures, batches):
             result = future.result()
             summary.advance("embed", len(batch))
             hashes.update(result.hashes)
+            contents.update(result.contents)
+            boxes.update(result.boxes)
             summary.failed += result.errors
             summary.cache["hits"] += result.cached
             summary.cache["misses"] += result.computed
@@ -99,9 +112,15 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     else:
         gallery_matrix = with_retries(cache.get_embeddings, [hashes[g] for g in gallery_uris])
         query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
+
+    def make_item(candidate: Candidate) -> PairItem:
+        return pair_item(night.item(candidate.query), night.item(candidate.gallery_image), boxes,
+                         candidate.individual)
+
     if config.rerank_k and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
         reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
-                                 gallery, hashes, summary, annotations, _key_settings(config, run_id, layers))
+                                 gallery, hashes, summary, annotations, _key_settings(config, run_id, layers),
+                                 contents, make_item)
         summary.planned["pairs_planned"] = len(reranked.items)
         summary.planned["stage1_pairs"] = len(reranked.candidates)
         explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
@@ -109,16 +128,40 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     else:
         candidates = [] if query_matrix is None else retrieve(
             query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.top_k, derive_pair_id)[0]
-        keys = candidate_keys(candidates, hashes, _key_settings(config, run_id, layers), layers[0])
-        items = once_per_key([PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual)
-                              for c in candidates], keys)
+        pair_items = {c.pair_id: make_item(c) for c in candidates}
+        keys = candidate_keys(candidates, contents, _key_settings(config, run_id, layers), layers[0], pair_items)
+        items = once_per_key([pair_items[c.pair_id] for c in candidates], keys)
         summary.planned["pairs_planned"] = len(items)
         explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
         # this run's explanations and those of earlier runs, read back from `pairs` by output key
         rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
-    for row in rows:  # an upload is done per name and content (flows.night_plan.plan_uploads)
-        row["query_hash"] = hashes[row["query"]]
+    for row in rows:  # an upload is done per name, content and detection (flows.night_plan.plan_uploads)
+        row.update(item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
+        gallery_item = night.item(row["gallery_image"])
+        row["gallery_image"], row["gallery_source"] = gallery_item.uri, gallery_item.source
     write_table(config.out, "candidates", rows, model_id, run_id, so)
+
+
+def _photo_chunks(items: list[NightItem], size: int) -> list[list[NightItem]]:
+    """``items`` in chunks of about ``size``, all items of one photo in one chunk (one decode each)."""
+    by_photo: dict[str, list[NightItem]] = {}
+    for item in items:
+        by_photo.setdefault(item.uri, []).append(item)
+    batches: list[list[NightItem]] = [[]]
+    for photo_items in by_photo.values():
+        if batches[-1] and len(batches[-1]) + len(photo_items) > size:
+            batches.append([])
+        batches[-1].extend(photo_items)
+    return [batch for batch in batches if batch]
+
+
+def item_columns(item: NightItem, content: str, pixel_box) -> dict:
+    """The ``candidates`` columns that say which upload item a row ranks."""
+    detection = item.detection
+    return {"query": item.uri, "query_hash": content, "query_detection": detection,
+            "query_detection_id": None if detection is None else detection_id(content, detection, item.box),
+            "query_box": None if pixel_box is None else [float(v) for v in pixel_box],
+            "detection_conf": item.conf, "species": item.species}
 
 
 def _key_settings(config: NightlyConfig, run_id: str, layers) -> OutputSettings:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.inputs import InputError, PathRules, list_gallery, list_uploads_counted, listed_sizes, read_pairs
+from infra.inputs import InputError, PathRules, list_uploads_counted, listed_sizes, read_pairs
+from infra.night_items import gallery_items
 from infra.model_store import redact_model_spec
 from infra.storage import StorageTarget
 from pairx_core.errors import ConfigError
@@ -125,11 +126,19 @@ def check_inputs(flow: str, config) -> RunPlan:
     if flow == "nightly":
         check_layout(config.out, {"uploads": config.uploads, "gallery": config.gallery}, so)
         uploads = list_uploads_counted(config.uploads, so)
-        gallery = list_gallery(config.gallery, so, unlabelled=config.unlabelled_gallery,
-                               allow_outside_root=config.allow_outside_root)
+        if config.detections:
+            from infra.detections import read_detections
+
+            selection = read_detections(config.detections, config.uploads, category=config.category,
+                                        min_confidence=config.min_confidence, species=config.species,
+                                        storage_options=so)
+        gallery = gallery_items(config.gallery, so, unlabelled=config.unlabelled_gallery,
+                                allow_outside_root=config.allow_outside_root)
         if not gallery:
             raise InputError(config.gallery, "the gallery has no images")
         counts = {"uploads": len(uploads.images), "gallery images": len(gallery)}
+        if config.detections:
+            counts["frames"], counts["detections"] = selection.counts.n_frames, selection.counts.n_detections
         if uploads.unsupported:
             counts["unsupported files"] = sum(uploads.unsupported.values())
         return RunPlan(flow, counts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,17 +46,23 @@ class Reranked:
 
 
 def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: Mapping[str, str],
-                  summary: FlowSummary, annotations: dict) -> tuple[dict[str, dict], list[str]]:
+                  summary: FlowSummary, annotations: dict,
+                  pair_items: Mapping[str, PairItem] | None = None) -> tuple[dict[str, dict], list[str]]:
     """Stage 1 for every candidate as Dask tasks; returns metrics by pair id and the pair ids to
-    explain in full (each upload's ``top_k`` best by ``rerank_score``)."""
+    explain in full (each upload's ``top_k`` best by ``rerank_score``). ``hashes``: cache key by
+    name; ``pair_items``: each candidate's photos and crops (default: the names are whole photos)."""
     import dask
     from prefect.futures import as_completed
 
     settings = Stage1Settings(model=config.model, cache_url=config.cache_url, layer=layer, k_lines=config.k_lines,
                               device=config.device, storage_options=config.storage_options or None,
                               min_image_side=config.min_image_side)
-    pairs = [Stage1Pair(c.pair_id, c.query, hashes[c.query], c.gallery_image, hashes[c.gallery_image])
-             for c in candidates]
+    items = pair_items or {}
+    pairs = []
+    for c in candidates:
+        item = items.get(c.pair_id) or PairItem(c.pair_id, c.query, c.gallery_image)
+        pairs.append(Stage1Pair(c.pair_id, item.image_0, hashes[c.query], item.image_1, hashes[c.gallery_image],
+                                item.box_0, item.box_1, item.theta_0, item.theta_1))
     started = time.perf_counter()
     summary.advance("stage1", planned=len(pairs))
     with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
@@ -78,16 +84,24 @@ def stage1_rerank(config, layer: str, candidates: Sequence[Candidate], hashes: M
 def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: np.ndarray,
                   query_uris: Sequence[str], gallery_uris: Sequence[str], gallery: Mapping[str, str | None],
                   hashes: Mapping[str, str], summary: FlowSummary, annotations: dict,
-                  key_settings: OutputSettings) -> Reranked:
+                  key_settings: OutputSettings, contents: Mapping[str, str] | None = None,
+                  make_item: Callable[[Candidate], PairItem] | None = None) -> Reranked:
     """Retrieve ``rerank_k`` per upload, run stage 1, choose the ``top_k`` to explain in full
-    (each output key once: two names of one content are one explanation)."""
+    (each output key once: two names of one content are one explanation).
+
+    ``hashes``: activation-cache key by item name; ``contents``: content hash by item name
+    (default: ``hashes``, whole photos); ``make_item``: the pair to explain for a candidate
+    (default: its two whole photos).
+    """
     candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k,
                                  derive_pair_id)
-    keys = candidate_keys(candidates, hashes, key_settings, layer)
-    metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations)
-    by_id = {c.pair_id: c for c in candidates}
-    items = [PairItem(pid, by_id[pid].query, by_id[pid].gallery_image, individual_1=by_id[pid].individual)
-             for pid in chosen]
+    if make_item is None:
+        def make_item(c: Candidate) -> PairItem:
+            return PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual)
+    pair_items = {c.pair_id: make_item(c) for c in candidates}
+    keys = candidate_keys(candidates, contents or hashes, key_settings, layer, pair_items)
+    metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations, pair_items)
+    items = [pair_items[pid] for pid in chosen]
     return Reranked(once_per_key(items, keys), candidates, ranks, metrics, set(chosen), keys)
 
 

@@ -105,4 +105,6 @@ def write_run(out: str, flow: str, config, summary: FlowSummary, started: dateti
         "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
         "cache_damaged": summary.cache["damaged"], "n_repaired_files": summary.repaired_files,
         "n_unsupported": sum(summary.planned.get("unsupported", {}).values()),
+        **{column: (summary.planned.get("frames") or {}).get(column) for column in ("n_frames", "n_empty",
+                                                                                    "n_detections")},
     }], summary.model_id, summary.run_id, config.storage_options or None)

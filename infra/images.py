@@ -67,6 +67,7 @@ __all__ = [
     "PICTURE_LONG_SIDE",
     "LoadedImage",
     "content_hash",
+    "cut_chip",
     "decode_image",
     "load_image",
     "to_rgb",
@@ -426,6 +427,25 @@ def _cut_chip(
         chip, affine = _rotated_chip(rgb, full, scale)
     return LoadedImage(uri=uri, content_hash=digest, image=chip, original_size=(width, height), box=pixel_box,
                        theta=theta, decode_scale=scale, chip_affine=None if scale == 1 else affine[:2])
+
+
+def cut_chip(whole: LoadedImage, box: Sequence[float] | None = None, theta: float = 0.0,
+             min_side: int = 1) -> LoadedImage:
+    """Another crop of a photo already decoded whole at full resolution (no second decode).
+
+    ``whole``: a :class:`LoadedImage` of the whole upright photo (no box, no rotation, scale 1),
+    e.g. from :func:`load_image` without ``box``. Gives what :func:`decode_image` of the same
+    bytes with ``box`` and ``theta`` gives.
+
+    Raises:
+        ImageError: a bad box or rotation, or a chip shorter than ``min_side``.
+    """
+    if whole.box is not None or whole.theta or whole.decode_scale != 1:
+        raise ImageError(whole.uri, "cut_chip needs the whole photo decoded at full resolution")
+    theta = float(theta)
+    if not math.isfinite(theta):
+        raise ImageError(whole.uri, f"theta must be finite, got {theta}")
+    return _cut_chip(whole.image, 1, whole.uri, whole.content_hash, box, theta, min_side)
 
 
 def _crop_chip(rgb: Image.Image, pixel_box, scale: int) -> tuple[Image.Image, np.ndarray]:

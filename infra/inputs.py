@@ -23,6 +23,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageKey",
     "InputError",
+    "ManifestRow",
     "PairItem",
     "derive_pair_id",
     "list_gallery",
@@ -30,6 +31,7 @@ __all__ = [
     "UploadListing",
     "list_uploads",
     "list_uploads_counted",
+    "manifest_rows",
     "listed_sizes",
     "missing_paths",
     "parse_angle",
@@ -353,6 +355,55 @@ GALLERY_LAYOUTS = ("a folder with one sub-folder per individual (GALLERY/<indivi
                    "a manifest CSV with columns image, individual")
 
 
+@dataclass(frozen=True)
+class ManifestRow:
+    """One row of a gallery manifest: a photo, its individual, and the animal's box and rotation."""
+
+    uri: str
+    individual: str
+    #: ``(x, y, w, h)`` pixels or fractions (column ``box``), None: the whole photo
+    box: tuple[float, float, float, float] | None = None
+    #: radians (column ``theta``), applied after the crop
+    theta: float = 0.0
+
+
+def manifest_rows(gallery: str, storage_options: Mapping[str, Any] | None = None, *,
+                  allow_outside_root: bool = False) -> list[ManifestRow]:
+    """The gallery rows of a manifest CSV ``image, individual[, box, theta, role]``.
+
+    Several rows may name one photo (one per animal, each with its ``box``). Relative entries are
+    relative to the manifest's folder and must stay inside it (unless ``allow_outside_root``).
+
+    Raises:
+        InputError: missing columns, an empty image cell, an entry leaving the folder, a box that is
+            not 4 numbers or an angle that is not a number (file, row and column named).
+    """
+    frame = _read_frame(gallery, "gallery manifest", storage_options)
+    if not {"image", "individual"} <= set(frame.columns):
+        raise InputError(gallery, "the gallery manifest needs columns image, individual "
+                                  f"(has: {', '.join(map(str, frame.columns))})")
+    if "role" in frame.columns:  # a manifest of a whole dataset: keep the gallery rows
+        frame = frame[frame["role"].astype(str) == "gallery"]
+    base = StorageTarget.from_url(gallery.rsplit("/", 1)[0], storage_options)
+    rows = []
+    for number, row in zip(frame.index, frame.to_dict("records")):
+        line = int(number) + 2
+        image = _text_cell(gallery, line, "image", row["image"])
+        if "://" not in image and not image.startswith("/"):
+            normal = posixpath.normpath(image)
+            if (normal == ".." or normal.startswith("../")) and not allow_outside_root:
+                raise InputError(gallery, f"row {line}: image {image} leaves the manifest's folder "
+                                          "(pass --allow-outside-root to read it)")
+            image = base.join(image)
+        try:
+            box = parse_box(row.get("box"))
+            theta = parse_angle(row.get("theta"))
+        except ConfigError as error:
+            raise InputError(gallery, f"row {line}: {error}") from None
+        rows.append(ManifestRow(image, str(row["individual"]), box, theta))
+    return rows
+
+
 def list_gallery(gallery: str, storage_options: Mapping[str, Any] | None = None, *,
                  unlabelled: bool = False, allow_outside_root: bool = False,
                  exclude: str | None = None) -> dict[str, str]:
@@ -369,25 +420,8 @@ def list_gallery(gallery: str, storage_options: Mapping[str, Any] | None = None,
             entry leaving its folder (row named), or the folder has no individual folders.
     """
     if gallery.endswith(".csv"):
-        frame = _read_frame(gallery, "gallery manifest", storage_options)
-        if not {"image", "individual"} <= set(frame.columns):
-            raise InputError(gallery, "the gallery manifest needs columns image, individual "
-                                      f"(has: {', '.join(map(str, frame.columns))})")
-        if "role" in frame.columns:  # a manifest of a whole dataset: keep the gallery rows
-            frame = frame[frame["role"].astype(str) == "gallery"]
-        base = StorageTarget.from_url(gallery.rsplit("/", 1)[0], storage_options)
-        mapping = {}
-        for number, row in zip(frame.index, frame.to_dict("records")):
-            image = _text_cell(gallery, int(number) + 2, "image", row["image"])
-            if "://" in image or image.startswith("/"):
-                mapping[image] = str(row["individual"])
-                continue
-            normal = posixpath.normpath(image)
-            if (normal == ".." or normal.startswith("../")) and not allow_outside_root:
-                raise InputError(gallery, f"row {int(number) + 2}: image {image} leaves the manifest's folder "
-                                          "(pass --allow-outside-root to read it)")
-            mapping[base.join(image)] = str(row["individual"])
-        return mapping
+        return {row.uri: row.individual for row in manifest_rows(gallery, storage_options,
+                                                                 allow_outside_root=allow_outside_root)}
     target = require_folder(gallery, "gallery", storage_options)
     prefix = _folder_prefix(exclude, storage_options)
     mapping = {}

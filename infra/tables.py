@@ -115,8 +115,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("match_share", pa.float64(), "mutual matches / feature-map cells"),
             _f("viz_uri", pa.string(),
                "URI of the PNG visualisation (null if not rendered); a URL under `public_url` when set"),
-            _f("box_0", pa.list_(pa.float64()),
-               "crop box x, y, w, h of image_0 as given (pixels or fractions); null: whole image"),
+            _f("box_0", pa.list_(pa.float64()), "crop box x, y, w, h of image_0 as given (pixels or fractions; the "
+               "nightly flow writes original pixels); null: whole image"),
             _f("box_1", pa.list_(pa.float64()), "crop box x, y, w, h of image_1 as given; null: whole image"),
             _f("theta_0", pa.float64(), "rotation of image_0 in radians, applied after the crop"),
             _f("theta_1", pa.float64(), "rotation of image_1 in radians, applied after the crop"),
@@ -196,6 +196,9 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
                "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
             _f("n_unsupported", pa.int64(),
                "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
+            _f("n_frames", pa.int64(), "camera-trap night (--detections): frames the detector file lists"),
+            _f("n_empty", pa.int64(), "camera-trap night: frames without a kept detection (never read)"),
+            _f("n_detections", pa.int64(), "camera-trap night: kept detections (one upload each)"),
         ]
     ),
     "candidates": pa.schema(
@@ -227,6 +230,16 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("match_share", pa.float64(), "stage 1: mutual matches / cells"),
             _f("query_hash", pa.string(), "SHA-256 of the query's bytes when ranked: an upload is done per name and "
                "content (null in rows written before this column existed)"),
+            _f("query_detection", pa.int32(), "index of the query's detection in its photo's list of the detector "
+               "file (null: the whole photo was the upload)"),
+            _f("query_detection_id", pa.string(), "stable identity of that detection (photo content, index, box): "
+               "a rerun skips it, a moved box redoes it"),
+            _f("query_box", pa.list_(pa.float64()),
+               "the query's crop x, y, w, h in original (upright) pixels; null: the whole photo"),
+            _f("detection_conf", pa.float64(), "detector confidence of the query's detection"),
+            _f("species", pa.string(), "top classification of the query's detection, when the detector file has one"),
+            _f("gallery_source", pa.string(), "where the gallery image came from: `gallery` (folder or manifest) or "
+               "`confirmed` (an upload of an earlier night confirmed by a reviewer)"),
             *_ids(),
         ]
     ),

@@ -64,8 +64,10 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
         NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
         NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS query_hash,
-        NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at,
-        NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::INTEGER AS query_detection, NULL::VARCHAR AS query_detection_id,
+        NULL::DOUBLE[] AS query_box, NULL::DOUBLE AS detection_conf, NULL::VARCHAR AS species,
+        NULL::VARCHAR AS gallery_source, NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id,
+        NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',
@@ -95,7 +97,8 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::VARCHAR AS model_spec, NULL::VARCHAR AS weights_digest,
         NULL::BOOLEAN AS random_weights, NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits,
         NULL::BIGINT AS cache_misses, NULL::BIGINT AS cache_damaged,
-        NULL::BIGINT AS n_repaired_files, NULL::BIGINT AS n_unsupported, NULL::VARCHAR AS model,
+        NULL::BIGINT AS n_repaired_files, NULL::BIGINT AS n_unsupported, NULL::BIGINT AS n_frames,
+        NULL::BIGINT AS n_empty, NULL::BIGINT AS n_detections, NULL::VARCHAR AS model,
         NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME

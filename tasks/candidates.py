@@ -24,10 +24,17 @@ RERANK_ONLY_COLUMNS = ("retrieval_rank", "explained", "n_matches", "inliers", "r
 
 
 def candidate_keys(candidates: Sequence[Candidate], hashes: Mapping[str, str], settings: OutputSettings,
-                   layer: str) -> dict[str, str]:
-    """Per pair id, the output key at ``layer`` its explanation has (``hashes``: content hash by URI)."""
-    return {c.pair_id: settings.output_keys(PairItem(c.pair_id, c.query, c.gallery_image), hashes[c.query],
-                                            hashes[c.gallery_image])[layer]
+                   layer: str, pair_items: Mapping[str, PairItem] | None = None) -> dict[str, str]:
+    """Per pair id, the output key at ``layer`` its explanation has.
+
+    ``hashes``: content hash by the candidates' ``query`` / ``gallery_image`` names;
+    ``pair_items``: the pair each candidate explains (crop boxes, rotations) by pair id, when
+    not the two whole photos.
+    """
+    def item(c: Candidate) -> PairItem:
+        return (pair_items or {}).get(c.pair_id) or PairItem(c.pair_id, c.query, c.gallery_image)
+
+    return {c.pair_id: settings.output_keys(item(c), hashes[c.query], hashes[c.gallery_image])[layer]
             for c in candidates}
 
 

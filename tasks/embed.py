@@ -8,7 +8,7 @@ entry cached earlier in a narrower dtype is embedded again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -16,8 +16,9 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import EXACT_FEATURE_DTYPE, ActivationCache, activation_cache
-from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
+from infra.images import DEFAULT_MIN_SIDE, LoadedImage, cut_chip, load_image
 from infra.model_runtime import get_model
+from infra.night_items import NightItem, crop_key
 from infra.records import error_row, new_image_rows
 from infra.storage import is_transient, retry_transient
 from infra.tables import write_table
@@ -28,31 +29,45 @@ logger = logging.getLogger("pairx.tasks")
 
 @dataclass
 class EmbedSummary:
-    hashes: dict[str, str]          # image URI -> content hash (only images that loaded)
+    hashes: dict[str, str]          # item name -> activation-cache key (only items that loaded)
     errors: int = 0
     computed: int = 0
     cached: int = 0
     damaged: int = 0                # cached entries that failed their checksum: recomputed
+    #: item name -> content hash of its photo (only items that loaded)
+    contents: dict[str, str] = field(default_factory=dict)
+    #: item name -> whole-pixel crop box its decode used (None: the whole photo)
+    boxes: dict[str, tuple[int, int, int, int] | None] = field(default_factory=dict)
+    #: photos decoded (one per photo however many items it holds)
+    decoded: int = 0
 
 
-def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Sequence[str], run_id: str, out: str,
-                 device: str | None = None, storage_options: Mapping[str, Any] | None = None,
+def embed_images(items: Sequence[NightItem | str], *, model: str, cache_url: str, layers: Sequence[str], run_id: str,
+                 out: str, device: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  min_image_side: int = DEFAULT_MIN_SIDE) -> EmbedSummary:
-    """Hash every image; embed those missing from the cache (embedding + feature maps) and put them."""
+    """Hash every item's photo; embed the crops missing from the cache (embedding + feature maps)
+    and put them, keyed by :func:`infra.night_items.crop_key`.
+
+    ``items``: night items (a plain URL is a whole photo). Each photo is decoded once, however
+    many items (detections, annotated animals) it holds.
+    """
     loaded_model = get_model(model, device, storage_options)
     prep = loaded_model.preprocessing
     cache = activation_cache(cache_url, loaded_model.fingerprint, prep.fingerprint(), layers, storage_options)
-    hashes, loaded, named, errors = _load_all(uris, min_image_side, storage_options, run_id)
-    summary = EmbedSummary(hashes=hashes, errors=len(errors))
-    missing, damaged = _to_embed(cache, list(loaded), layers)
-    summary.cached, summary.damaged = len(loaded) - len(missing), len(damaged)
+    items = [NightItem(item) if isinstance(item, str) else item for item in items]
+    loaded, chips, photos, errors = _load_all(items, min_image_side, storage_options, run_id)
+    summary = EmbedSummary(hashes={name: key for name, (key, _) in loaded.items()}, errors=len(errors),
+                           contents={name: chip.content_hash for name, (_, chip) in loaded.items()},
+                           boxes={name: chip.box for name, (_, chip) in loaded.items()}, decoded=len(photos))
+    missing, damaged = _to_embed(cache, list(chips), layers)
+    summary.cached, summary.damaged = len(chips) - len(missing), len(damaged)
     if missing:
-        tensors = prep.batch([loaded[h].image for h in missing])
+        tensors = prep.batch([chips[key].image for key in missing])
         with loaded_model.lock:
             embeddings, features = embed(loaded_model.model, tensors, list(layers), device=loaded_model.device)
         cache.put(missing, embeddings, features)
         summary.computed = len(missing)
-    rows = new_image_rows(named, out, loaded_model.model_id, run_id, storage_options)
+    rows = new_image_rows(photos, out, loaded_model.model_id, run_id, storage_options)
     if rows:
         write_table(out, "images", rows, loaded_model.model_id, run_id, storage_options)
     if errors:
@@ -60,23 +75,34 @@ def embed_images(uris: Sequence[str], *, model: str, cache_url: str, layers: Seq
     return summary
 
 
-def _load_all(uris: Sequence[str], min_side: int, storage_options: Mapping[str, Any] | None,
-              run_id: str) -> tuple[dict[str, str], dict[str, LoadedImage], list[LoadedImage], list[dict]]:
-    """``(content hash by URI, one image per content, one image per URI, errors rows)``;
-    transient errors raise."""
-    hashes, loaded, named, errors = {}, {}, [], []
-    for uri in uris:
+def _load_all(items: Sequence[NightItem], min_side: int, storage_options: Mapping[str, Any] | None,
+              run_id: str) -> tuple[dict[str, tuple[str, LoadedImage]], dict[str, LoadedImage], list[LoadedImage],
+                                    list[dict]]:
+    """``(cache key and chip by item name, one chip per cache key, one whole image per photo, errors
+    rows)``; each photo is decoded once; transient errors raise."""
+    by_photo: dict[str, list[NightItem]] = {}
+    for item in items:
+        by_photo.setdefault(item.uri, []).append(item)
+    loaded, chips, photos, errors = {}, {}, [], []
+    for uri, photo_items in by_photo.items():
         try:
-            image = load_image(uri, min_side=min_side, storage_options=storage_options)
+            whole = load_image(uri, min_side=min_side, storage_options=storage_options)
         except Exception as error:
             if not isinstance(error, PairXError) and is_transient(error):
                 raise
             errors.append(error_row(uri, "load", error, run_id))
             continue
-        hashes[uri] = image.content_hash
-        named.append(image)
-        loaded.setdefault(image.content_hash, image)
-    return hashes, loaded, named, errors
+        photos.append(whole)
+        for item in photo_items:
+            try:
+                chip = whole if not item.is_crop else cut_chip(whole, item.box, item.theta, min_side)
+            except PairXError as error:  # about the box: the photo itself is fine
+                errors.append(error_row(item.name, "load", error, run_id))
+                continue
+            key = crop_key(whole.content_hash, chip.box, item.theta)  # one key however the box was written
+            loaded[item.name] = (key, chip)
+            chips.setdefault(key, chip)
+    return loaded, chips, photos, errors
 
 
 def _to_embed(cache: ActivationCache, hashes: list[str], layers: Sequence[str]) -> tuple[list[str], set[str]]:
@@ -97,5 +123,5 @@ def _to_embed(cache: ActivationCache, hashes: list[str], layers: Sequence[str]) 
 
 @task(name="embed_images", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient,
       persist_result=False, cache_policy=NO_CACHE)
-def embed_images_task(uris: list[str], **kwargs) -> EmbedSummary:
-    return embed_images(uris, **kwargs)
+def embed_images_task(items: list[NightItem | str], **kwargs) -> EmbedSummary:
+    return embed_images(items, **kwargs)

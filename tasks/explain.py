@@ -19,7 +19,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from infra.images import DEFAULT_MIN_SIDE, LoadedImage, load_image
+from infra.images import DEFAULT_MIN_SIDE, LoadedImage, cut_chip, load_image
 from infra.inputs import ImageKey, PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import OutputSettings, PlannedPair, existing_output_keys, plan_pairs
 from infra.model_runtime import LoadedModel, get_model
@@ -77,8 +77,17 @@ def _load_images(keys: Sequence[ImageKey], settings: RunSettings, target_size=No
     Returns (images by key, keys that failed as bad input, their ``errors`` rows). A transient
     storage error is re-raised after the other reads finish, so the Prefect task retries it.
     """
-    def load(key):
+    crops_per_photo: dict[str, int] = {}
+    for uri, _, _ in keys:
+        crops_per_photo[uri] = crops_per_photo.get(uri, 0) + 1
+
+    def load(uri):  # a photo with several crops here is decoded once, whole, at full resolution
+        return load_image(uri, min_side=settings.min_image_side, storage_options=settings.storage_options)
+
+    def cut(key, wholes):
         uri, box, theta = key
+        if uri in wholes:
+            return cut_chip(wholes[uri].result(), box, theta, settings.min_image_side)
         return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
                           storage_options=settings.storage_options, target_size=target_size)
 
@@ -89,7 +98,8 @@ def _load_images(keys: Sequence[ImageKey], settings: RunSettings, target_size=No
     if not keys:
         return images, failed, errors
     with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(keys))) as pool:
-        futures = [pool.submit(load, key) for key in keys]
+        wholes = {uri: pool.submit(load, uri) for uri, n in crops_per_photo.items() if n > 1}
+        futures = [pool.submit(cut, key, wholes) for key in keys]
     for key, future in zip(keys, futures):
         error = future.exception()
         if error is None:

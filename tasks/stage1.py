@@ -38,6 +38,12 @@ class Stage1Pair:
     query_hash: str
     candidate: str
     candidate_hash: str
+    #: crops of the two photos (``(x, y, w, h)``, None: whole) and rotations: a damaged cache
+    #: entry is embedded again from them
+    query_box: tuple[float, float, float, float] | None = None
+    candidate_box: tuple[float, float, float, float] | None = None
+    query_theta: float = 0.0
+    candidate_theta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,20 @@ class Stage1Summary:
     cache_damaged: int = 0
 
 
-def _recompute(loaded, cache, uris: Sequence[str], settings: Stage1Settings) -> int:
-    """Embed ``uris`` again and cache them (embedding and ``settings.layer``): a newer batch wins."""
-    images = [load_image(uri, min_side=settings.min_image_side, storage_options=settings.storage_options)
-              for uri in uris]
+def _load(key: tuple, settings: Stage1Settings):
+    uri, box, theta = key
+    return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
+                      storage_options=settings.storage_options)
+
+
+def _recompute(loaded, cache, entries: Sequence[tuple[str, tuple]], settings: Stage1Settings) -> int:
+    """Embed the ``(cache key, (uri, box, theta))`` crops again and cache them under their keys
+    (embedding and ``settings.layer``): a newer batch wins."""
+    images = [_load(key, settings) for _, key in entries]
     tensors = loaded.preprocessing.batch([image.image for image in images])
     with loaded.lock:
         embeddings, features = embed(loaded.model, tensors, [settings.layer], device=loaded.device)
-    cache.put([image.content_hash for image in images], embeddings, features)
+    cache.put([cache_key for cache_key, _ in entries], embeddings, features)
     logger.warning("%d damaged activation-cache entr%s recomputed for stage 1", len(images),
                    "y" if len(images) == 1 else "ies")
     return len(images)
@@ -89,11 +101,12 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
     started = time.perf_counter()
     cache = activation_cache(settings.cache_url, loaded.fingerprint, prep.fingerprint(), [settings.layer],
                              settings.storage_options)
-    uris = {p.query_hash: p.query for p in pairs} | {p.candidate_hash: p.candidate for p in pairs}
+    uris = ({p.query_hash: (p.query, p.query_box, p.query_theta) for p in pairs}
+            | {p.candidate_hash: (p.candidate, p.candidate_box, p.candidate_theta) for p in pairs})
     try:
         features = cache.get_features(hashes, settings.layer)
     except CacheIntegrityError as error:  # damaged entries: embedded again now, then read
-        summary.cache_damaged = _recompute(loaded, cache, [uris[h] for h in error.hashes], settings)
+        summary.cache_damaged = _recompute(loaded, cache, [(h, uris[h]) for h in error.hashes], settings)
         features = cache.get_features(hashes, settings.layer)
     activations = torch.from_numpy(features)
     summary.seconds["read"] += time.perf_counter() - started
@@ -103,8 +116,7 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
             results = stage1(loaded.model, activations, index, settings.layer, prep.size, config,
                              device=loaded.device)
     except SplitUnsupportedError:
-        images = [load_image(uris[h], min_side=settings.min_image_side, storage_options=settings.storage_options)
-                  for h in hashes]
+        images = [_load(uris[h], settings) for h in hashes]
         summary.images_decoded = len(images)
         summary.full_path = True
         tensors = prep.batch([image.image for image in images])

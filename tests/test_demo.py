@@ -26,6 +26,10 @@ def test_pairx_demo_end_to_end(tmp_path):
     summary = json.loads(completed.stdout)
     assert summary["done"] == 8 and summary["failed"] == 0 and summary["status"] == "completed"
     assert 0.0 <= summary["top1_accuracy"] <= 1.0 and summary["true_pairs_scored"] >= 1
+    # camera-trap frames through a detector file: 4 animals, empty frames, one failure, one false box dropped
+    frames = summary["frames"]
+    assert frames["n_detections"] == 4 and frames["n_empty"] >= 1 and frames["n_failures"] == 1
+    assert summary["uploads"] == 4 and "detector failure" in summary["detections"]
     assert summary["index_html"].endswith("index.html") and summary["report"].endswith("report/index.html")
     # quiet by default: the first line says what will be done; no INFO lines of Dask or Prefect
     stderr = completed.stderr.splitlines()
@@ -68,7 +72,8 @@ def test_pairx_demo_end_to_end(tmp_path):
 
     # the same night again through `pairx nightly`: nothing new, and nothing but the summary said
     rerun = subprocess.run([str(pairx), "nightly", "--uploads", str(out / "data" / "uploads"), "--gallery",
-                            str(out / "data" / "gallery"), "--out", results, "--model", "demo"],
+                            str(out / "data" / "gallery"), "--out", results, "--model", "demo",
+                            "--detections", str(out / "data" / "detections.json")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     said = (rerun.stdout + rerun.stderr).splitlines()

@@ -23,7 +23,7 @@ PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "
                 "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at",
                 "date", "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
-                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id"]
+                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id", "query_detection"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
 RUN_COLUMNS = ["model_id", "model_spec", "random_weights", "flow", "date"]
 #: two neighbouring candidates whose scores differ by at most this much are flagged as a near tie
@@ -39,6 +39,8 @@ class Photo:
     uri: str
     box: tuple[float, ...] | None = None
     theta: float = 0.0
+    #: the whole photo with ``box`` drawn on it (a detection shown in its frame), not the chip
+    framed: bool = False
 
 
 @dataclass
@@ -65,10 +67,13 @@ class Upload:
     cards: list[Card] = field(default_factory=list)
     #: run that wrote the upload's rows (the first card's)
     run_id: str | None = None
+    #: index of the upload's detection in its frame (camera-trap nights), else None
+    detection: int | None = None
 
     @property
     def name(self) -> str:
-        return self.photo.uri.rstrip("/").rsplit("/", 1)[-1]
+        name = self.photo.uri.rstrip("/").rsplit("/", 1)[-1]
+        return name if self.detection is None else f"{name} (detection {self.detection})"
 
 
 @dataclass
@@ -190,7 +195,7 @@ def _judged_only(explained: Any) -> bool:
 
 
 def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id: str) -> list[Upload]:
-    uploads: dict[str, Upload] = {}
+    uploads: dict[tuple, Upload] = {}
     for row in frame.sort_values(["query", "rank"], kind="stable").itertuples(index=False):
         if _judged_only(row.explained):  # re-ranked by stage 1 but not explained in full: no picture
             continue
@@ -201,7 +206,10 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
             pair = by_pair.get((model_id, row.query, row.gallery_image))
         query_photo = Photo(row.query, _box(pair.box_0), _number(pair.theta_0) or 0.0) if pair is not None \
             else Photo(row.query)
-        upload = uploads.setdefault(row.query, Upload(query_photo, run_id=_text(row.run_id)))
+        detection = _number(getattr(row, "query_detection", None))
+        detection = None if detection is None else int(detection)
+        upload = uploads.setdefault((row.query, detection), Upload(query_photo, run_id=_text(row.run_id),
+                                                                   detection=detection))
         upload.cards.append(Card(
             rank=int(row.rank),
             photo=Photo(row.gallery_image, _box(pair.box_1), _number(pair.theta_1) or 0.0) if pair is not None

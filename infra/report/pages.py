@@ -7,7 +7,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .data import Card, Night, Upload, near_ties
+from .data import Card, Night, Photo, Upload, near_ties
 from .figures import ReviewFigures
 
 REPORT_DIR = "report"
@@ -367,7 +367,8 @@ def night_html(night: Night, page: int, pages: int, uploads: Sequence[Upload], f
             f"aria-label='upload {number}: {esc(upload.name)}'>"
             f"<div class='query'><div><strong>upload {number}</strong></div>"
             f"{_img(photo_thumb(upload.photo), f'upload {upload.name}')}"
-            f"<div>{esc(upload.name)}</div></div><div class='cands' style='--k:{k}'>{cards}</div></section>")
+            f"<div>{esc(upload.name)}</div>{_frame(upload, photo_thumb)}</div>"
+            f"<div class='cands' style='--k:{k}'>{cards}</div></section>")
     if not night.uploads:
         body.append("<p>No uploads explained this night.</p>")
     body.append(_pager(night, page, pages))
@@ -380,6 +381,14 @@ def night_html(night: Night, page: int, pages: int, uploads: Sequence[Upload], f
     if page < pages:
         links.append(f"<link rel='next' href='{href(night_page(night, page + 1), NIGHT_DEPTH)}'>")
     return _document(title, body, links, banners_html([night]))
+
+
+def _frame(upload: Upload, photo_thumb: Callable) -> str:
+    """A detection's whole frame with its box drawn in (camera-trap nights), else nothing."""
+    if upload.detection is None or upload.photo.box is None:
+        return ""
+    framed = Photo(upload.photo.uri, upload.photo.box, upload.photo.theta, framed=True)
+    return f"<div class='frame'>{_img(photo_thumb(framed), f'frame of {upload.name}, its box drawn in')}</div>"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,27 @@ def panels_only(picture: Image.Image) -> Image.Image:
     return picture.crop((0, top, picture.width, bottom))
 
 
+#: colour and width (in thumbnail pixels) of a detection's box drawn on its frame
+BOX_COLOUR = (255, 40, 40)
+BOX_WIDTH_PX = 3
+
+
+def framed_photo(photo: Photo, storage_options: Mapping[str, Any] | None = None) -> Image.Image:
+    """The whole upright photo with ``photo.box`` (pixels or fractions) drawn as a rectangle, its
+    line about :data:`BOX_WIDTH_PX` wide in a :data:`PHOTO_PX` thumbnail."""
+    from PIL import ImageDraw
+
+    whole = load_image(photo.uri, storage_options=storage_options)
+    image = whole.image.copy()
+    if photo.box is not None:
+        x, y, w, h = (float(v) for v in photo.box)
+        if max(x, y, w, h) <= 1.0:
+            x, w, y, h = x * image.width, w * image.width, y * image.height, h * image.height
+        width = max(1, round(BOX_WIDTH_PX * max(image.size) / PHOTO_PX))
+        ImageDraw.Draw(image).rectangle((x, y, x + w - 1, y + h - 1), outline=BOX_COLOUR, width=width)
+    return image
+
+
 class ThumbWriter:
     """Writes derived JPEGs once; remembers which exist (one listing per build)."""
 
@@ -71,12 +92,17 @@ class ThumbWriter:
 
     def photo(self, photo: Photo) -> tuple[str, str] | None:
         """``(thumbnail, enlarged)`` paths relative to OUT of a photo's chip; None if unreadable."""
-        small = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_PX)
-        large = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_LARGE_PX)
+        framed = ("framed",) if photo.framed else ()
+        small = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_PX, *framed)
+        large = self._name("photo", photo.uri, photo.box, photo.theta, PHOTO_LARGE_PX, *framed)
         if small in self.existing and large in self.existing:
             return f"{THUMBS_DIR}/{small}", f"{THUMBS_DIR}/{large}"
         try:
-            chip = load_image(photo.uri, box=photo.box, theta=photo.theta, storage_options=self.storage_options).image
+            if photo.framed:
+                chip = framed_photo(photo, self.storage_options)
+            else:
+                chip = load_image(photo.uri, box=photo.box, theta=photo.theta,
+                                  storage_options=self.storage_options).image
         except Exception as error:  # noqa: BLE001 - a missing photo must not stop the report
             logger.warning("report: cannot read %s: %s", photo.uri, error)
             return None
