@@ -162,7 +162,7 @@ def detections_line(args: argparse.Namespace, photo: bytes, prep: Preprocessing)
             timings[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in timings.items()}
     print(json.dumps({
-        "bench": "decode_detections", "original_size": [args.width, args.height], "detections": len(boxes),
+        "bench": "decode", "mode": "detections", "original_size": [args.width, args.height], "detections": len(boxes),
         "model_input": args.size, **{f"ms_{name}": round(1000 * value, 1) for name, value in medians.items()},
         "ratio_boxes_vs_one": round(medians["boxes_one_decode"] / medians["one_box"], 2),
         "ratio_decode_each_vs_once": round(medians["boxes_one_decode_each"] / medians["boxes_one_decode"], 2),

@@ -182,7 +182,8 @@ def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list
     Each upload's latest night: ``match`` with the candidate of the true individual (its best
     rank) when it is among the candidates, else ``match`` on the known individual, else
     ``new_individual`` named after it; an upload whose truth names no individual is ``no_match``;
-    one without truth stays pending.
+    one without truth, or a camera-trap frame whose detections show different individuals, stays
+    pending.
     """
     from infra.decisions import DecisionRequest, UploadIndex, latest_by_query, read_decisions
 
@@ -190,9 +191,10 @@ def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list
     decided = latest_by_query(read_decisions(out))
     requests = []
     for query in index.queries():
-        if query not in truth or query in decided:
+        entry = _upload_truth(truth, query)
+        if entry is None or query in decided:
             continue
-        individual = truth[query].get("individual")
+        individual = entry.get("individual")
         base = {"query": query, "reviewer": reviewer, "note": "pairx demo: ground truth"}
         upload = index.find(query)
         candidate = upload.candidate(rank=None, gallery_image=None, individual=individual) if individual else None
@@ -207,6 +209,17 @@ def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list
             fields = {"decision": "new_individual", "individual": individual}
         requests.append(DecisionRequest.from_mapping({**base, **fields}))
     return requests
+
+
+def _upload_truth(truth: dict, query: str) -> dict | None:
+    """The truth of one upload as decisions see it: decisions are made per upload photo, so a
+    camera-trap frame is decided when its detections all show one individual (a frame with two
+    animals stays pending: one decision cannot name both)."""
+    if query in truth:
+        return truth[query]
+    entries = [entry for name, entry in truth.items() if name.startswith(f"{query}#detection=")]
+    individuals = {entry.get("individual") for entry in entries}
+    return entries[0] if len(individuals) == 1 else None
 
 
 def decide_from_truth(out: str, truth: dict) -> dict[str, int]:

@@ -258,7 +258,6 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
     from importlib import import_module
 
     from infra.redaction import hide_model_secrets
-    from pairx_core.runtime_settings import configure_task_process
 
     from .night_plan import remember_model
     from .preflight import check_inputs, check_model_spec, resolve_model
@@ -278,6 +277,9 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
                 print_summary(flow, quiet, clock, config, json_output)
                 return
             api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
+            # imports torch: after the quiet-night short path, which must not
+            from pairx_core.runtime_settings import configure_task_process
+
             configure_task_process()  # this process runs tasks too (--workers 0, the model checks)
             check_model_spec(config.model, config.allow_random_weights)
             model = resolve_model(config)
