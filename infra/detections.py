@@ -47,9 +47,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pairx_core.errors import ConfigError, StorageError
+from pairx_core.errors import ConfigError
 
-from .inputs import InputError
+from .inputs import InputError, read_input_bytes
 from .storage import StorageTarget
 
 __all__ = [
@@ -582,15 +582,10 @@ def read_detections(
         DetectionFileError: the file is missing, empty or fails :func:`parse_detector_output` or
             :func:`select_detections`.
     """
-    target = StorageTarget.from_url(url, storage_options)
-    try:
-        data = target.read_bytes("")
-    except StorageError as error:
-        raise DetectionFileError(target.root, f"cannot read the detector output: {error.reason}") from None
-    if not data.strip():
-        raise DetectionFileError(target.root, "the detector output is empty")
-    output = parse_detector_output(data, target.root)
-    return select_detections(output, target.root, uploads, category=category, min_confidence=min_confidence,
+    root = StorageTarget.from_url(url, storage_options).root
+    data = read_input_bytes(url, "detector output", storage_options, error=DetectionFileError)
+    output = parse_detector_output(data, root)
+    return select_detections(output, root, uploads, category=category, min_confidence=min_confidence,
                              species=species, storage_options=storage_options)
 
 

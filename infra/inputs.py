@@ -192,14 +192,17 @@ def list_uploads(uploads: str, storage_options: Mapping[str, Any] | None = None)
     return list_uploads_counted(uploads, storage_options).images
 
 
-def _read_bytes(url: str, what: str, storage_options: Mapping[str, Any] | None) -> bytes:
+def read_input_bytes(url: str, what: str, storage_options: Mapping[str, Any] | None,
+                     error: type[InputError] = InputError) -> bytes:
+    """The bytes of an input file (pairs table, manifest, detector output); ``error`` (an
+    :class:`InputError` class, given the file and the reason) when it cannot be read or is empty."""
     target = StorageTarget.from_url(url, storage_options)
     try:
         data = target.read_bytes("")
-    except StorageError as error:
-        raise InputError(target.root, f"cannot read the {what}: {error.reason}") from None
+    except StorageError as failure:
+        raise error(target.root, f"cannot read the {what}: {failure.reason}") from None
     if not data.strip():
-        raise InputError(target.root, f"the {what} is empty")
+        raise error(target.root, f"the {what} is empty")
     return data
 
 
@@ -208,7 +211,7 @@ def _read_frame(url: str, what: str, storage_options: Mapping[str, Any] | None):
     Parquet file's as stored (null as None, so that null and NaN stay apart)."""
     import pandas as pd
 
-    data = _read_bytes(url, what, storage_options)
+    data = read_input_bytes(url, what, storage_options)
     if url.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
