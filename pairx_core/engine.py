@@ -331,19 +331,23 @@ def _relevance_and_matches(
     similarity, seed_0, seed_1 = similarity_seeds(e0, e1)
     relevance = _layer_relevance(embeddings, feature_maps, leaf, pairs, torch.cat([seed_0, seed_1]), plan, config,
                                  stats)
+    # results travel to the host once per batch and array (not per pair): on a GPU every small
+    # copy is a synchronisation that leaves the device idle while Python prepares the next step
+    relevance = {name: maps.cpu() for name, maps in relevance.items()}
     ranked = {name: _ranked_matches(feature_maps[name], pair_t, relevance[name]) for name in plan.ordered}
     pixel_maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     if config.k_colors > 0:
         with reuse_modified_forwards():
             for name in plan.ordered:
                 pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
+    similarity, e0, e1 = similarity.detach().cpu(), e0.detach().cpu(), e1.detach().cpu()
     results = []
     for p in range(pairs.shape[0]):
         explanation = PairExplanation(
             index=p,
             similarity=float(similarity[p]),
-            embedding_0=e0[p].detach().to("cpu").numpy(),
-            embedding_1=e1[p].detach().to("cpu").numpy(),
+            embedding_0=e0[p].numpy(),
+            embedding_1=e1[p].numpy(),
         )
         for name in plan.ordered:
             explanation.layers[name] = _layer_explanation(
@@ -404,7 +408,8 @@ def _layer_relevance(
 def _ranked_matches(feature_map: torch.Tensor, pair_t: torch.Tensor, relevance: torch.Tensor) -> list:
     """Mutual nearest neighbours of each pair's cells, ranked by relevance (one list per pair).
 
-    ``feature_map`` ``(B, C, h, w)``, ``pair_t`` ``(P, 2)``, ``relevance`` ``(P, 2, h, w)``.
+    ``feature_map`` ``(B, C, h, w)``, ``pair_t`` ``(P, 2)``, ``relevance`` ``(P, 2, h, w)`` on the
+    CPU; the matches come back on the CPU.
     """
     fm = feature_map.detach()
     b, c, h, w = fm.shape
@@ -423,7 +428,8 @@ def _layer_explanation(
     images: tuple[int, int],
     config: ExplainConfig,
 ) -> LayerExplanation:
-    """One pair's result at one layer, on the host (``relevance`` ``(2, h, w)``)."""
+    """One pair's result at one layer, on the host (``relevance`` ``(2, h, w)`` and the pixel maps
+    already there)."""
     input_size = (int(x.shape[2]), int(x.shape[3]))
     grid = (int(feature_map.shape[2]), int(feature_map.shape[3]))
     k = min(config.k_colors, len(matches))
@@ -431,12 +437,12 @@ def _layer_explanation(
     def pixels(image: int, cells: torch.Tensor) -> np.ndarray:
         if not k:
             return np.zeros((0, *input_size), dtype=_numpy_dtype(x))
-        return torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]).to("cpu").numpy()
+        return torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]).numpy()
 
     return LayerExplanation(
         layer=name,
-        relevance_0=relevance[0].to("cpu").numpy(),
-        relevance_1=relevance[1].to("cpu").numpy(),
+        relevance_0=relevance[0].numpy(),
+        relevance_1=relevance[1].numpy(),
         matches=matches_table(matches, grid, input_size),
         pixel_relevance_0=pixels(images[0], matches.cell_0),
         pixel_relevance_1=pixels(images[1], matches.cell_1),
@@ -473,7 +479,8 @@ def _pixel_maps(
     n_passes = max((len(c) for c in cells_per_image.values()), default=0)
     w = feature_map.shape[-1]
     values = feature_map.detach()
-    maps: dict[tuple[int, int], torch.Tensor] = {}
+    reduced_passes: list[torch.Tensor] = []  # per pass (B, H, W), on the device
+    active_passes: list[list[tuple[int, int]]] = []
     for j in range(n_passes):
         # same memory format as the feature map (channels-last stays so): a contiguous seed would
         # make every backward operation below it mix formats, which is several times slower
@@ -484,9 +491,12 @@ def _pixel_maps(
             seed[image, :, row, col] = values[image, :, row, col]
         (grad,) = torch.autograd.grad(feature_map, x, seed, retain_graph=True)
         stats.pixel_backwards += 1
-        reduced = grad.sum(dim=1).abs()  # (B, H, W)
-        if not torch.isfinite(reduced).all():
-            raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
-        for image, cell in active:
-            maps[(image, cell)] = reduced[image].clone()
-    return maps
+        reduced_passes.append(grad.sum(dim=1).abs())  # (B, H, W)
+        active_passes.append(active)
+    if not reduced_passes:
+        return {}
+    # on a GPU: (passes, B, H, W) in one copy and one synchronisation; on the CPU: as they are
+    host = reduced_passes if x.device.type == "cpu" else torch.stack(reduced_passes).cpu()
+    if not all(bool(torch.isfinite(maps).all()) for maps in host):
+        raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
+    return {(image, cell): host[j][image] for j, active in enumerate(active_passes) for image, cell in active}

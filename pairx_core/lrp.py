@@ -306,8 +306,11 @@ class _RuleState:
             with torch.no_grad():
                 self.cache = self._prepare(x)
                 # z+ on an input without negative values (after a ReLU): x- is an exact zero and
-                # so is the product of its branch, whose input gradient is then skipped
-                self.signed_input = not self.hook.sign_split or bool(self.cache[0][1].any())
+                # so is the product of its branch, whose input gradient is then skipped. Checked
+                # on the CPU only: on a GPU the check is a synchronisation per convolution, which
+                # costs more than the skipped branch (whose product with x- = 0 adds exact zeros)
+                self.signed_input = (not self.hook.sign_split or x.device.type != "cpu"
+                                     or bool(self.cache[0][1].any()))
         inputs, weights, denominator = self.cache
         scaled = relevance / denominator
         if self.hook.sign_split:  # the input gradient depends on the input's shape only

@@ -140,16 +140,18 @@ def _stage1_batch(model, composite, plan, values, batch, layer, input_size, conf
     fm = leaf.detach()
     _, c, h, w = fm.shape
     descriptors = fm.reshape(2 * n, c, h * w).transpose(1, 2)  # (2P, hw, C)
-    mnn = mutual_nearest_neighbours(descriptors[:n], descriptors[n:])
+    mnn = mutual_nearest_neighbours(descriptors[:n], descriptors[n:])  # on the host
+    # one copy per array and batch (on a GPU, each small copy would be a synchronisation)
+    reduced, similarity, embeddings = reduced.cpu(), similarity.detach().cpu(), embeddings.detach().cpu()
     empty = np.zeros((0, *input_size), dtype=torch.empty((), dtype=fm.dtype).numpy().dtype)
     results = []
     for p, (c0, c1, dist) in enumerate(mnn):
         ranked = rank_matches(c0, c1, dist, reduced[p], reduced[n + p])
         explanation = PairExplanation(index=first_index + p, similarity=float(similarity[p]),
-                                      embedding_0=embeddings[p].detach().cpu().numpy(),
-                                      embedding_1=embeddings[n + p].detach().cpu().numpy())
+                                      embedding_0=embeddings[p].numpy(),
+                                      embedding_1=embeddings[n + p].numpy())
         explanation.layers[layer] = LayerExplanation(
-            layer=layer, relevance_0=reduced[p].cpu().numpy(), relevance_1=reduced[n + p].cpu().numpy(),
+            layer=layer, relevance_0=reduced[p].numpy(), relevance_1=reduced[n + p].numpy(),
             matches=matches_table(ranked, (h, w), input_size), pixel_relevance_0=empty, pixel_relevance_1=empty,
             feature_shape=(int(c), int(h), int(w)), input_size=tuple(input_size), k_lines=config.k_lines)
         results.append(explanation)
