@@ -199,6 +199,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("n_frames", pa.int64(), "camera-trap night (--detections): frames the detector file lists"),
             _f("n_empty", pa.int64(), "camera-trap night: frames without a kept detection (never read)"),
             _f("n_detections", pa.int64(), "camera-trap night: kept detections (one upload each)"),
+            _f("n_retries", pa.int64(), "storage calls the run's own process retried after a transient error "
+                                        "(throttling, timeouts); null in rows written before this column existed"),
         ]
     ),
     "candidates": pa.schema(

@@ -98,8 +98,8 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::BOOLEAN AS random_weights, NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits,
         NULL::BIGINT AS cache_misses, NULL::BIGINT AS cache_damaged,
         NULL::BIGINT AS n_repaired_files, NULL::BIGINT AS n_unsupported, NULL::BIGINT AS n_frames,
-        NULL::BIGINT AS n_empty, NULL::BIGINT AS n_detections, NULL::VARCHAR AS model,
-        NULL::DATE AS date
+        NULL::BIGINT AS n_empty, NULL::BIGINT AS n_detections, NULL::BIGINT AS n_retries,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/runs/**/*.parquet',
