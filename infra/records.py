@@ -4,7 +4,8 @@
 - :func:`error_row`, :func:`unloadable_pair_row`, :func:`refused_pair_row`: the ``errors`` table;
 - :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per name, content and model);
 - :func:`candidate_rows`: the ``candidates`` table (a night's re-ranked candidates);
-- :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload);
+- :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload: a photo or one
+  detection in it);
 - :func:`run_row`: the ``runs`` table (one run's summary);
 - :func:`explanation_rows`: one explained pair -> its ``pairs`` rows (one per layer) and its
   ``matches`` rows, with match positions in ORIGINAL photo coordinates (EXIF-upright, full
@@ -215,14 +216,15 @@ def candidate_rows(ranked: Sequence[RankedCandidate], model_spec: str | None, *,
 
 # ---------------------------------------------------------------------- decisions
 def decision_row(*, decision_id: str, query: str, content_hash: str | None, box: Sequence[float] | None,
-                 decision: str, individual: str | None, candidate: Mapping[str, Any] | None, model_id: str,
-                 night_run_id: str, reviewer: str, decided_at: datetime, supersedes: str | None,
-                 note: str | None, run_id: str) -> dict:
+                 detection_id: str | None, decision: str, individual: str | None,
+                 candidate: Mapping[str, Any] | None, model_id: str, night_run_id: str, reviewer: str,
+                 decided_at: datetime, supersedes: str | None, note: str | None, run_id: str) -> dict:
     """The ``decisions`` row of one decision; ``candidate`` is the accepted ``candidates`` row (its
     ``gallery_image``, ``rank``, ``retrieval_rank``, ``similarity``, ``irm``, ``rerank_score``) or None."""
     chosen = candidate or {}
     return {
         "decision_id": decision_id, "query": query, "content_hash": content_hash, "box": _box_list(box),
+        "detection_id": detection_id,
         "decision": decision, "individual": individual, "gallery_image": chosen.get("gallery_image"),
         "rank": chosen.get("rank"), "retrieval_rank": chosen.get("retrieval_rank"),
         "similarity": chosen.get("similarity"), "irm": chosen.get("irm"), "rerank_score": chosen.get("rerank_score"),
