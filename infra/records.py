@@ -26,8 +26,10 @@ from pairx_core.results import LayerExplanation, PairExplanation
 from pairx_core.retrieval import RankedCandidate
 from pairx_core.specs import public_spec
 
+from .detections import detection_id
 from .images import LoadedImage
 from .inputs import PairItem
+from .night_items import NightItem
 from .redaction import redact_text
 from .tables import read_table
 
@@ -43,6 +45,7 @@ __all__ = [
     "match_rows",
     "new_image_rows",
     "pair_row",
+    "query_item_columns",
     "refused_pair_row",
     "run_row",
     "unloadable_pair_row",
@@ -166,19 +169,28 @@ def explanation_rows(item: PairItem, result: PairExplanation, images: tuple[Load
 # ---------------------------------------------------------------------- candidates
 #: stage-1 metrics a re-ranked night copies into the candidates table (null otherwise)
 STAGE1_COLUMNS = ("n_matches", "inliers", "residual_px", "match_coverage", "relevance_share", "match_share")
-#: columns that say which upload item a row ranks beyond its name (filled by the night's items)
+#: columns that say which upload item a row ranks beyond its name (:func:`query_item_columns`)
 _QUERY_ITEM_COLUMNS = ("query_hash", "query_detection", "query_detection_id", "query_box", "detection_conf",
                        "species")
 
 
+def query_item_columns(item: NightItem, content: str, pixel_box: Sequence[float] | None) -> dict:
+    """The ``candidates`` columns that say which upload item a row ranks: ``query`` (the photo's
+    URL), its content hash, detection (index and stable id), crop box in original pixels
+    (``pixel_box``; None: the whole photo), detector confidence and species."""
+    detection = item.detection
+    return {"query": item.uri, "query_hash": content, "query_detection": detection,
+            "query_detection_id": None if detection is None else detection_id(content, detection, item.box),
+            "query_box": _box_list(pixel_box), "detection_conf": item.conf, "species": item.species}
+
+
 def candidate_row(ranked: RankedCandidate, model_spec: str | None, *, retrieval_rank: int | None = None,
-                  explained: bool | None = None, stage1: Mapping[str, Any] | None = None,
-                  query_item: Mapping[str, Any] | None = None, gallery_source: str | None = None) -> dict:
+                  explained: bool | None = None, stage1: Mapping[str, Any] | None = None) -> dict:
     """The ``candidates`` row of one re-ranked candidate.
 
     ``model_spec`` is stored without credentials. ``retrieval_rank``, ``explained`` and ``stage1``
-    (metrics by column name) only on a re-ranked night; ``query_item``: the upload item's columns
-    (content hash, detection, crop box, ...), null when not given.
+    (metrics by column name) only on a re-ranked night. The upload item's columns
+    (:func:`query_item_columns`) and ``gallery_source`` are null until the night fills them in.
     """
     candidate, outcome, stage1 = ranked.candidate, ranked.outcome, stage1 or {}
     return {
@@ -190,8 +202,8 @@ def candidate_row(ranked: RankedCandidate, model_spec: str | None, *, retrieval_
         "model_spec": None if model_spec is None else public_spec(model_spec),
         "retrieval_rank": retrieval_rank, "explained": explained,
         **{column: stage1.get(column) for column in STAGE1_COLUMNS},
-        **{column: (query_item or {}).get(column) for column in _QUERY_ITEM_COLUMNS},
-        "gallery_source": gallery_source,
+        **dict.fromkeys(_QUERY_ITEM_COLUMNS),
+        "gallery_source": None,
     }
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from infra.images import decode_image
 from infra.inputs import PairItem
 from infra.keys import OutputSettings, plan_pairs
-from infra.records import RowContext, candidate_rows, explanation_rows, image_rows, run_row
+from infra.night_items import NightItem
+from infra.records import RowContext, candidate_rows, explanation_rows, image_rows, query_item_columns, run_row
 from infra.tables import TABLE_SCHEMAS, read_table
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
 from pairx_core.metrics import PlausibilityMetrics
@@ -179,6 +180,12 @@ def test_candidate_rows_have_the_table_columns_and_types():
     reranked = candidate_rows(ranked, "demo", retrieval_rank={"p1": 0, "p2": 1}, explained={"p1"}, stage1=stage1)
     assert [(r["retrieval_rank"], r["explained"], r["n_matches"]) for r in reranked] == [(1, False, None),
                                                                                         (0, True, 7)]
+    _assert_matches_schema(reranked, "candidates")
+    detection = NightItem("q", box=(0.1, 0.2, 0.3, 0.4), detection=1, conf=0.9, species="manta", tag="detection=1")
+    for row in reranked:  # what a camera-trap night adds: every column filled
+        row.update(query_item_columns(detection, "a" * 64, (10, 20, 30, 40)), gallery_source="confirmed")
+    assert all(value is not None for value in reranked[1].values())
+    assert reranked[0]["query_box"] == [10.0, 20.0, 30.0, 40.0] and len(reranked[0]["query_detection_id"]) == 16
     _assert_matches_schema(reranked, "candidates")
 
 
