@@ -59,6 +59,7 @@ def main() -> None:
 
     from infra.inputs import derive_pair_id
     from pairx_core.models import demo_default_layer
+    from infra.records import candidate_rows
     from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates, top_k
     from pairx_core.synthetic import make_individuals, render_photo
     from infra.cache import activation_cache
@@ -66,6 +67,9 @@ def main() -> None:
     from tasks.explain import PairItem, RunSettings, explain_pairs_batch
     from infra.model_runtime import get_model
     from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_pairs
+
+    def ranked_rows(pairs, found):
+        return candidate_rows(rank_candidates(pairs, found), None)
 
     torch.set_flush_denormal(True)
     layer = args.layer or demo_default_layer()
@@ -141,7 +145,7 @@ def main() -> None:
     emit(run="full_all", pairs=len(candidates), wall_s=round(full_wall, 2), engine_s=round(full_engine, 2))
     s1_wall, s1_engine, metrics = stage1(candidates)
     outcomes = {pid: PairOutcome(layer, irm=m.get("irm")) for pid, m in metrics.items()}
-    reranked = rank_candidates(candidates, outcomes)
+    reranked = ranked_rows(candidates, outcomes)
     chosen = {row["pair_id"] for row in reranked if row["rank"] < args.top_k}
     s2_wall, s2_engine = explain([c for c in candidates if c.pair_id in chosen], "two_stage")
     two_wall, two_engine = s1_wall + s2_wall, s1_engine + s2_engine
@@ -157,7 +161,7 @@ def main() -> None:
          two_stage_over_top3_engine=round(two_engine / top3_engine, 3))
 
     # ground truth: the true individual in the final top-k, re-ranking over rerank_k vs over top-k
-    top3_rows = rank_candidates(top_by_similarity, outcomes)
+    top3_rows = ranked_rows(top_by_similarity, outcomes)
     def hits(rows: list[dict], depth: int) -> float:
         found = {q: False for q in uploads}
         for row in rows:
@@ -167,10 +171,10 @@ def main() -> None:
 
     in_gallery = np.mean([any(owner[g] == owner[u] for g in gallery) for u in uploads])
     emit(run="ground_truth", uploads=len(uploads), true_in_gallery=float(in_gallery),
-         true_in_retrieved=hits([{**r, "rank": 0} for r in rank_candidates(candidates, {})], 1),
+         true_in_retrieved=hits([{**r, "rank": 0} for r in ranked_rows(candidates, {})], 1),
          top_k_hit_rerank_over_k=hits(reranked, args.top_k), top_k_hit_rerank_over_top_k=hits(top3_rows, args.top_k),
          rank0_hit_rerank_over_k=hits(reranked, 1), rank0_hit_rerank_over_top_k=hits(top3_rows, 1),
-         rank0_hit_similarity=hits(rank_candidates(candidates, {}), 1),
+         rank0_hit_similarity=hits(ranked_rows(candidates, {}), 1),
          irm_defined_share=round(float(np.mean([m.get("irm") is not None for m in metrics.values()])), 3))
 
     # float16 cache: what storing the layer in half precision would change (first 40 pairs)

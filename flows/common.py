@@ -26,6 +26,7 @@ from typing import Sequence
 
 from infra.cluster import make_task_runner
 from infra.lease import OutputLockedError, output_lease
+from infra.storage import counting_retries
 from infra.tables import count_run_rows, ensure_table, table_url
 from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
@@ -130,6 +131,8 @@ class _RunRecorder:
         self.lease = None
         self._lock = threading.Lock()
         self._recorded = False
+        self._counting = contextlib.ExitStack()  # storage retries, counted until the row is written
+        summary.retries = self._counting.enter_context(counting_retries())
 
     def record(self) -> None:
         with self._lock:
@@ -137,6 +140,7 @@ class _RunRecorder:
                 return
             self._recorded = True
             self.summary.seconds = (datetime.now(timezone.utc) - self.started).total_seconds()
+            self._counting.close()
             _record(self.flow_name, self.config, self.summary, self.started)
 
     def forced_stop(self, status: str, error: str) -> None:

@@ -6,7 +6,8 @@ into a local folder, runs the real ``nightly`` flow through the detections with 
 ``demo`` model, then scores what it did against the ground truth (retrieval top-1 and
 the share of PAIR-X's top matches that land where the true mapping says) and writes
 ``index.html``, readable in a browser without a server. With ``auto_decide`` (``pairx demo
---auto-decide``) the ground truth then records each upload's decision, as a reviewer would.
+--auto-decide``) the ground truth then records each upload's decision (every detection of every
+frame), as a reviewer would.
 """
 
 from __future__ import annotations
@@ -179,24 +180,24 @@ def run_demo(settings: DemoSettings, prepared: PreparedDemo | None = None) -> di
 def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list:
     """The decisions ground truth makes on the uploads of ``out`` not decided yet, as requests.
 
+    An upload is a whole photo or one detection of a camera-trap frame (each decided on its own).
     Each upload's latest night: ``match`` with the candidate of the true individual (its best
     rank) when it is among the candidates, else ``match`` on the known individual, else
     ``new_individual`` named after it; an upload whose truth names no individual is ``no_match``;
-    one without truth, or a camera-trap frame whose detections show different individuals, stays
-    pending.
+    one without truth stays pending.
     """
-    from infra.decisions import DecisionRequest, UploadIndex, latest_by_query, read_decisions
+    from infra.decisions import DecisionRequest, UploadIndex, latest_by_upload, read_decisions
 
     index = UploadIndex.load(out)
-    decided = latest_by_query(read_decisions(out))
+    decided = latest_by_upload(read_decisions(out))
     requests = []
-    for query in index.queries():
-        entry = _upload_truth(truth, query)
-        if entry is None or query in decided:
+    for upload in index.uploads():
+        entry = truth.get(upload.query if upload.detection is None else f"{upload.query}#detection={upload.detection}")
+        if entry is None or upload.key in decided:
             continue
         individual = entry.get("individual")
-        base = {"query": query, "reviewer": reviewer, "note": "pairx demo: ground truth"}
-        upload = index.find(query)
+        base = {"query": upload.query, "detection_id": upload.detection_id, "reviewer": reviewer,
+                "note": "pairx demo: ground truth"}
         candidate = upload.candidate(rank=None, gallery_image=None, individual=individual) if individual else None
         if individual is None:
             fields = {"decision": "no_match"}
@@ -209,17 +210,6 @@ def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list
             fields = {"decision": "new_individual", "individual": individual}
         requests.append(DecisionRequest.from_mapping({**base, **fields}))
     return requests
-
-
-def _upload_truth(truth: dict, query: str) -> dict | None:
-    """The truth of one upload as decisions see it: decisions are made per upload photo, so a
-    camera-trap frame is decided when its detections all show one individual (a frame with two
-    animals stays pending: one decision cannot name both)."""
-    if query in truth:
-        return truth[query]
-    entries = [entry for name, entry in truth.items() if name.startswith(f"{query}#detection=")]
-    individuals = {entry.get("individual") for entry in entries}
-    return entries[0] if len(individuals) == 1 else None
 
 
 def decide_from_truth(out: str, truth: dict) -> dict[str, int]:

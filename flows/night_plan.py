@@ -213,9 +213,17 @@ def plan_uploads(config, model: ModelPlan) -> NightPlan:
     quarantined_gallery = {g.name for g in gallery_items if is_quarantined(g.uri)}
     gallery = {g.name: g.individual for g in gallery_items if g.name not in quarantined_gallery}
     uploads = [u.name for u in upload_items]
-    decided = {query for query, row in verdicts.items() if row["decision"] in DECIDED}  # not a query again
+    decided = {key for key, row in verdicts.items() if row["decision"] in DECIDED}  # not a query again
+
+    def is_decided(item: NightItem) -> bool:
+        """A decision on this photo, or this detection of it (keys: infra.decisions.decision_key)."""
+        digest = hashes.get(item.uri)
+        identity = None if item.detection is None or digest is None else detection_id(digest, item.detection,
+                                                                                       item.box)
+        return any(key in decided for key in ((item.uri, digest, identity), (item.uri, None, identity)))
+
     new_uploads = [u.name for u in upload_items
-                   if not is_done(u) and u.name not in gallery and u.name not in quarantined and u.uri not in decided]
+                   if not is_done(u) and u.name not in gallery and u.name not in quarantined and not is_decided(u)]
     return NightPlan(model, gallery, uploads, new_uploads, quarantined, quarantined_gallery, unsupported,
                      items, detector)
 

@@ -19,10 +19,10 @@ import contextlib
 from prefect import flow, get_run_logger
 
 from infra.cluster import gpu_annotation
-from infra.detections import detection_id
 from infra.inputs import PairItem, derive_pair_id
 from infra.keys import OutputSettings
 from infra.night_items import NightItem, pair_item
+from infra.records import query_item_columns
 from infra.storage import with_retries
 from infra.tables import write_table
 from pairx_core.retrieval import Candidate, retrieve
@@ -136,7 +136,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         # this run's explanations and those of earlier runs, read back from `pairs` by output key
         rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
     for row in rows:  # an upload is done per name, content and detection (flows.night_plan.plan_uploads)
-        row.update(item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
+        row.update(query_item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
         gallery_item = night.item(row["gallery_image"])
         row["gallery_image"], row["gallery_source"] = gallery_item.uri, gallery_item.source
     write_table(config.out, "candidates", rows, model_id, run_id, so)
@@ -153,15 +153,6 @@ def _photo_chunks(items: list[NightItem], size: int) -> list[list[NightItem]]:
             batches.append([])
         batches[-1].extend(photo_items)
     return [batch for batch in batches if batch]
-
-
-def item_columns(item: NightItem, content: str, pixel_box) -> dict:
-    """The ``candidates`` columns that say which upload item a row ranks."""
-    detection = item.detection
-    return {"query": item.uri, "query_hash": content, "query_detection": detection,
-            "query_detection_id": None if detection is None else detection_id(content, detection, item.box),
-            "query_box": None if pixel_box is None else [float(v) for v in pixel_box],
-            "detection_conf": item.conf, "species": item.species}
 
 
 def _key_settings(config: NightlyConfig, run_id: str, layers) -> OutputSettings:

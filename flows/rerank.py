@@ -19,7 +19,7 @@ import numpy as np
 
 from infra.inputs import PairItem, derive_pair_id
 from infra.keys import OutputSettings
-from infra.model_store import redact_model_spec
+from infra.records import candidate_rows
 from pairx_core.retrieval import Candidate, PairOutcome, best_reranked, rank_candidates, retrieve
 from tasks.candidates import candidate_keys, explained_outcomes, once_per_key
 from tasks.stage1 import Stage1Pair, Stage1Settings, stage1_batch_task
@@ -28,8 +28,6 @@ from .common import FlowSummary, chunks, notify
 
 #: pairs per stage-1 task (one forward and one backward of the upper network for 2x this many rows)
 STAGE1_BATCH_PAIRS = 40
-#: stage-1 metrics copied into the candidates table
-STAGE1_COLUMNS = ("n_matches", "inliers", "residual_px", "match_coverage", "relevance_share", "match_share")
 
 
 @dataclass
@@ -119,11 +117,5 @@ def reranked_rows(out: str, model_id: str, model_spec: str, layer: str, plan: Re
         outcomes[candidate.pair_id] = PairOutcome(
             layer=layer, irm=(plan.metrics.get(candidate.pair_id) or {}).get("irm"),
             viz_uri=found.viz_uri if found else None, output_key=found.output_key if found else None)
-    rows = rank_candidates(plan.candidates, outcomes, model_spec=redact_model_spec(model_spec))
-    for row in rows:
-        metrics = plan.metrics.get(row["pair_id"]) or {}
-        row["retrieval_rank"] = plan.retrieval_rank[row["pair_id"]]
-        row["explained"] = row["pair_id"] in plan.explained
-        for column in STAGE1_COLUMNS:
-            row[column] = metrics.get(column)
-    return rows
+    return candidate_rows(rank_candidates(plan.candidates, outcomes), model_spec,
+                          retrieval_rank=plan.retrieval_rank, explained=plan.explained, stage1=plan.metrics)

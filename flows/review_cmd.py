@@ -49,6 +49,8 @@ def review_cmd(
 def decide_cmd(
     out: str = typer.Argument(..., help="output root whose uploads are decided"),
     query: Optional[str] = typer.Option(None, "--query", help="URI of the upload (as in candidates.query)"),
+    detection: Optional[str] = typer.Option(None, "--detection", help="camera-trap night: which detection of the "
+                                            "photo (its candidates.query_detection_id)"),
     individual: Optional[str] = typer.Option(None, "--individual", help="match: the known individual it is"),
     new: Optional[str] = typer.Option(None, "--new", help="new individual: its name"),
     no_match: bool = typer.Option(False, "--no-match", help="none of the gallery's individuals, not named"),
@@ -64,7 +66,8 @@ def decide_cmd(
 
     try:
         if from_csv is not None:
-            if any(v is not None for v in (query, individual, new, reviewer, note, model)) or no_match or unsure:
+            if any(v is not None for v in (query, detection, individual, new, reviewer, note, model)) \
+                    or no_match or unsure:
                 raise DecisionError("--from-csv takes no other decision options (put them in the file)")
             requests, labels = requests_from_csv(from_csv)
         else:
@@ -77,14 +80,16 @@ def decide_cmd(
             decision = {"--individual": "match", "--new": "new_individual", "--no-match": "no_match",
                         "--unsure": "unsure"}[chosen[0]]
             requests = [DecisionRequest.from_mapping({
-                "query": query, "decision": decision, "reviewer": reviewer, "individual": individual or new,
+                "query": query, "detection_id": detection, "decision": decision, "reviewer": reviewer,
+                "individual": individual or new,
                 "note": note, "model_id": model})]
         rows = record_decisions(out, requests, labels=labels)
     except DecisionError as error:
         _fail(str(error))
     for row in rows:
         what = row["decision"] + (f" {row['individual']}" if row["individual"] else "")
-        typer.echo(f"{row['query']}: {what} (night run {row['night_run_id']}, by {row['reviewer']})")
+        which = f" (detection {row['detection_id']})" if row.get("detection_id") else ""
+        typer.echo(f"{row['query']}{which}: {what} (night run {row['night_run_id']}, by {row['reviewer']})")
     typer.echo(f"{len(rows)} decision(s) recorded")
     from infra.report import refresh_index
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from infra.records import run_row
 from infra.redaction import redact_text
+from infra.storage import RetryCount
 from infra.tables import write_table
 
 #: model_id partition for runs that ended before their model was known
@@ -45,6 +47,8 @@ class FlowSummary:
     #: work units per phase as ``[finished, planned]``: ``embed`` (images), ``stage1`` (re-ranked
     #: pairs), ``explain`` (pairs); drives the CLI's progress bar and ETA
     progress: dict[str, list[int]] = field(default_factory=dict)
+    #: storage retries of transient errors this process made during the run (``infra.storage.counting_retries``)
+    retries: RetryCount = field(default_factory=RetryCount)
 
     def advance(self, phase: str, finished: int = 0, planned: int | None = None) -> None:
         """Count ``finished`` units of ``phase`` (and set its ``planned`` total when given)."""
@@ -93,18 +97,6 @@ def public_parameters(config) -> dict:
 
 
 def write_run(out: str, flow: str, config, summary: FlowSummary, started: datetime) -> None:
-    finished = datetime.now(timezone.utc)
-    facts = summary.model_facts
-    write_table(out, "runs", [{
-        "run_id": summary.run_id, "flow": flow, "parameters": json.dumps(public_parameters(config), sort_keys=True),
-        "status": summary.status, "error": redact_text(summary.error) if summary.error else None,
-        "n_done": summary.done, "n_skipped": summary.skipped, "n_failed": summary.failed,
-        "duration_s": summary.seconds, "started_at": started, "finished_at": finished,
-        "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),
-        "random_weights": facts.get("random_weights"), "workers": sorted(summary.workers),
-        "cache_hits": summary.cache["hits"], "cache_misses": summary.cache["misses"],
-        "cache_damaged": summary.cache["damaged"], "n_repaired_files": summary.repaired_files,
-        "n_unsupported": sum(summary.planned.get("unsupported", {}).values()),
-        **{column: (summary.planned.get("frames") or {}).get(column) for column in ("n_frames", "n_empty",
-                                                                                    "n_detections")},
-    }], summary.model_id, summary.run_id, config.storage_options or None)
+    """Write the run's ``runs`` row (built by :func:`infra.records.run_row`)."""
+    row = run_row(flow, public_parameters(config), summary, started, datetime.now(timezone.utc), summary.retries.count)
+    write_table(out, "runs", [row], summary.model_id, summary.run_id, config.storage_options or None)

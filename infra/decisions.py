@@ -1,10 +1,12 @@
 """Reviewer decisions on uploads: checking them, turning them into ``decisions`` rows, reading them back.
 
-A decision names an upload (the ``query`` of the ``candidates`` table) and says what it is:
-``match`` (one of its candidates, or a known individual), ``new_individual`` (a new name),
-``no_match`` or ``unsure``; ``undo`` withdraws the upload's current decision. Rows are only ever
-added: the latest row per upload (by ``decided_at``) is the one that counts, an ``undo`` as the
-latest row makes the upload pending again.
+A decision names an upload and says what it is: ``match`` (one of its candidates, or a known
+individual), ``new_individual`` (a new name), ``no_match`` or ``unsure``; ``undo`` withdraws the
+upload's current decision. An upload is one photo (the ``query`` of the ``candidates`` table) or,
+on a camera-trap night, one detection in it: decisions are keyed by :data:`UploadKey` ``(query,
+content hash, detection id)``, so the two animals of one frame get two independent decisions.
+Rows are only ever added: the latest row per upload (by ``decided_at``) is the one that counts,
+an ``undo`` as the latest row makes the upload pending again.
 
 The review server (``infra.report.server``) and ``pairx decide`` both go through
 :func:`DecisionRequest.from_mapping` and :func:`resolve_decision`, so they accept and refuse the
@@ -39,8 +41,10 @@ __all__ = [
     "DecisionRequest",
     "UnknownUploadError",
     "UploadIndex",
+    "UploadKey",
     "UploadRun",
-    "latest_by_query",
+    "decision_key",
+    "latest_by_upload",
     "plain_value",
     "read_decisions",
     "record_decisions",
@@ -56,6 +60,7 @@ UNDO = "undo"
 DECISION_KINDS = (*VERDICTS, UNDO)
 
 _MAX_NAME = 200
+_MAX_DETECTION_ID = 64
 _MAX_URI = 4096
 _MAX_NOTE = 2000
 
@@ -95,6 +100,15 @@ def _text(value: Any, name: str, limit: int, *, required: bool = False, multilin
     return value
 
 
+def _box(value: Any) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise DecisionError(f"box must be 4 finite numbers x, y, w, h (original pixels), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
 def _rank(value: Any) -> int | None:
     if value is None:
         return None
@@ -110,11 +124,15 @@ class DecisionRequest:
     ``rank`` is the 0-based rank of the accepted candidate (``match``); alternatively
     ``gallery_image`` or ``individual`` picks it. ``model_id`` / ``night_run_id`` / ``out`` pin
     the night and the output root it was made on (default: the upload's latest night).
+    ``detection_id`` (``candidates.query_detection_id``) or ``box`` (``candidates.query_box``)
+    picks one detection of a camera-trap frame; a frame with one detection needs neither.
     """
 
     query: str
     decision: str
     reviewer: str
+    detection_id: str | None = None
+    box: tuple[float, float, float, float] | None = None
     rank: int | None = None
     gallery_image: str | None = None
     individual: str | None = None
@@ -149,6 +167,8 @@ class DecisionRequest:
             query=_text(data.get("query"), "query", _MAX_URI, required=True),
             decision=decision,
             reviewer=_text(data.get("reviewer"), "reviewer", _MAX_NAME, required=True),
+            detection_id=_text(data.get("detection_id"), "detection_id", _MAX_DETECTION_ID),
+            box=_box(data.get("box")),
             rank=_rank(data.get("rank")),
             gallery_image=_text(data.get("gallery_image"), "gallery_image", _MAX_URI),
             individual=_text(data.get("individual"), "individual", _MAX_NAME),
@@ -175,9 +195,25 @@ def plain_value(value: Any) -> Any:
     return value
 
 
+#: what a decision is on: ``(query, content hash, detection id)``; detection id None: the whole photo
+UploadKey = tuple[str, "str | None", "str | None"]
+
+
+def _key_part(value: Any) -> str | None:
+    value = plain_value(value)
+    return value if isinstance(value, str) and value else None
+
+
+def decision_key(row: Mapping[str, Any]) -> UploadKey:
+    """The :data:`UploadKey` of a ``decisions`` row (or any mapping with ``query``, ``content_hash``
+    and ``detection_id``; a missing column counts as null)."""
+    return (row["query"], _key_part(row.get("content_hash")), _key_part(row.get("detection_id")))
+
+
 @dataclass(frozen=True)
 class UploadRun:
-    """One upload as one night run ranked it: its candidates (rank order) and where it came from."""
+    """One upload (a photo, or one detection in it) as one night run ranked it: its candidates
+    (rank order) and where it came from."""
 
     query: str
     model_id: str
@@ -187,6 +223,13 @@ class UploadRun:
     content_hash: str | None
     box: tuple[float, ...] | None
     candidates: tuple[dict, ...] = field(default_factory=tuple)
+    #: ``candidates.query_detection_id`` / ``query_detection`` (None: the whole photo was the upload)
+    detection_id: str | None = None
+    detection: int | None = None
+
+    @property
+    def key(self) -> UploadKey:
+        return (self.query, self.content_hash, self.detection_id)
 
     def candidate(self, *, rank: int | None, gallery_image: str | None, individual: str | None) -> dict | None:
         """The candidate a ``match`` accepts: by rank, else gallery image, else the best of an individual."""
@@ -202,12 +245,18 @@ class UploadRun:
 
 
 _CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score",
-                      "retrieval_rank", "output_key", "run_id", "model_id", "created_at", "date"]
+                      "retrieval_rank", "output_key", "run_id", "model_id", "created_at", "date", "query_hash",
+                      "query_detection", "query_detection_id", "query_box"]
 _KEPT = ("rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "retrieval_rank")
 
 
+def _same_box(a: Sequence[float] | None, b: Sequence[float] | None, tolerance: float = 0.5) -> bool:
+    return a is not None and b is not None and all(abs(float(x) - float(y)) <= tolerance for x, y in zip(a, b))
+
+
 class UploadIndex:
-    """The uploads of an output root, per query: every night run that ranked it, newest first."""
+    """The uploads of an output root, per query (photo): every night run that ranked it or one of
+    its detections, newest first."""
 
     def __init__(self, runs: Mapping[str, Sequence[UploadRun]], individuals: Iterable[str]):
         self._runs = {query: list(items) for query, items in runs.items()}
@@ -225,21 +274,27 @@ class UploadIndex:
             hashes.setdefault(uri, digest)
         runs: dict[str, list[UploadRun]] = {}
         candidates = candidates.sort_values(["created_at", "rank"], kind="stable")
-        for (query, model_id, run_id), group in candidates.groupby(["query", "model_id", "run_id"], sort=False):
+        candidates["query_detection_id"] = candidates["query_detection_id"].map(_key_part)
+        by_upload = candidates.groupby(["query", "query_detection_id", "model_id", "run_id"], sort=False, dropna=False)
+        for (query, detection_id, model_id, run_id), group in by_upload:
             group = group.drop_duplicates("rank", keep="last")
             rows = tuple({name: plain_value(getattr(r, name)) for name in _KEPT}
                          for r in group.itertuples(index=False))
-            box = None
-            for key in group["output_key"]:
+            first = group.iloc[0]
+            box = plain_value(first["query_box"])
+            box = None if box is None or len(box) != 4 else tuple(float(v) for v in box)
+            for key in ([] if box is not None else group["output_key"]):
                 found = boxes.get(key) if isinstance(key, str) else None
                 if found is not None:
                     box = tuple(float(v) for v in found)
                     break
+            detection = plain_value(first["query_detection"])
             created = plain_value(group["created_at"].min())
             runs.setdefault(query, []).append(UploadRun(
                 query=query, model_id=model_id, run_id=run_id, date=str(group["date"].iloc[0]),
                 created_at=created.to_pydatetime() if hasattr(created, "to_pydatetime") else created,
-                content_hash=hashes.get(query), box=box, candidates=rows))
+                content_hash=_key_part(first["query_hash"]) or hashes.get(query), box=box, candidates=rows,
+                detection_id=_key_part(detection_id), detection=None if detection is None else int(detection)))
         for items in runs.values():
             items.sort(key=lambda run: (run.created_at is not None, run.created_at), reverse=True)
         individuals = {str(v) for v in candidates["individual"].dropna()}
@@ -255,15 +310,48 @@ class UploadIndex:
     def runs(self, query: str) -> list[UploadRun]:
         return list(self._runs.get(query, ()))
 
-    def find(self, query: str, model_id: str | None = None, night_run_id: str | None = None) -> UploadRun:
-        """The night run a decision on ``query`` refers to (the latest one matching the pins)."""
+    def uploads(self) -> list[UploadRun]:
+        """The latest night run of every upload (photo or detection), sorted by query."""
+        latest: dict[tuple, UploadRun] = {}
+        for query in self.queries():
+            for run in self._runs[query]:
+                latest.setdefault((query, run.detection_id), run)
+        return list(latest.values())
+
+    def find(self, query: str, model_id: str | None = None, night_run_id: str | None = None, *,
+             detection_id: str | None = None, box: Sequence[float] | None = None) -> UploadRun:
+        """The night run a decision on ``query`` (and its detection ``detection_id``, or the one
+        at ``box``) refers to: the latest one matching the pins.
+
+        Raises:
+            UnknownUploadError: no night ranked ``query``, or not that detection of it (404).
+            DecisionError: the photo's detections were ranked one by one and none is named (400).
+        """
         runs = self._runs.get(query)
         if not runs:
             raise UnknownUploadError(f"unknown upload {query!r}: no night of this OUT ranked it")
+        if detection_id is not None:
+            runs = [r for r in runs if r.detection_id == detection_id]
+            if not runs:
+                raise UnknownUploadError(f"unknown detection {detection_id!r} of upload {query!r}: no night of "
+                                         "this OUT ranked it (see candidates.query_detection_id)")
+        elif box is not None:
+            runs = [r for r in runs if r.detection_id is not None and _same_box(r.box, box)]
+            if not runs:
+                raise UnknownUploadError(f"upload {query!r} has no ranked detection at box {list(box)} "
+                                         "(see candidates.query_box)")
+        elif any(r.detection_id is None for r in runs):
+            runs = [r for r in runs if r.detection_id is None]  # the whole photo
+        else:
+            detections = {r.detection_id for r in runs}
+            if len(detections) > 1:
+                raise DecisionError(f"upload {query!r} was ranked per detection ({len(detections)} of them): "
+                                    "name one with detection_id (candidates.query_detection_id) or box")
         if model_id is not None:
+            mine = runs
             runs = [r for r in runs if r.model_id == model_id]
             if not runs:
-                models = sorted({r.model_id for r in self._runs[query]})
+                models = sorted({r.model_id for r in mine})
                 raise DecisionConflictError(f"model {model_id!r} did not rank upload {query!r} in this OUT "
                                             f"(models that did: {models})")
         if night_run_id is not None:
@@ -282,20 +370,21 @@ def _same_out(given: str, out: str) -> bool:
     return text in (canonical, f"file://{canonical}", out.rstrip("/"))
 
 
-def resolve_decision(request: DecisionRequest, index: UploadIndex, latest: Mapping[str, Mapping[str, Any]], *,
+def resolve_decision(request: DecisionRequest, index: UploadIndex, latest: Mapping[UploadKey, Mapping[str, Any]], *,
                      out: str, run_id: str, decided_at: datetime | None = None) -> dict:
     """The ``decisions`` row of ``request``, or :class:`DecisionError` (400/404/409) saying why not.
 
     Args:
         index: the uploads of ``out`` (:meth:`UploadIndex.load`).
-        latest: the latest decision row per query so far (:func:`latest_by_query`).
+        latest: the latest decision row per upload so far (:func:`latest_by_upload`).
         run_id: the session recording the decision (``run_id`` column).
         decided_at: when (default: ``request.decided_at``, else now).
     """
     if request.out is not None and not _same_out(request.out, out):
         raise DecisionConflictError(f"the decision is for OUT {request.out!r}, but this is {out!r}")
-    upload = index.find(request.query, request.model_id, request.night_run_id)
-    previous = latest.get(request.query)
+    upload = index.find(request.query, request.model_id, request.night_run_id, detection_id=request.detection_id,
+                        box=request.box)
+    previous = latest.get(upload.key)
     current = previous if previous is not None and previous["decision"] != UNDO else None
     candidate, individual = None, None
     picks = (request.rank, request.gallery_image)
@@ -335,6 +424,7 @@ def resolve_decision(request: DecisionRequest, index: UploadIndex, latest: Mappi
     when = decided_at or request.decided_at or datetime.now(timezone.utc)
     return decision_row(
         decision_id=uuid.uuid4().hex, query=request.query, content_hash=upload.content_hash, box=upload.box,
+        detection_id=upload.detection_id,
         decision=request.decision, individual=individual, candidate=candidate, model_id=upload.model_id,
         night_run_id=upload.run_id, reviewer=request.reviewer, decided_at=when,
         supersedes=previous["decision_id"] if previous is not None else None, note=request.note, run_id=run_id)
@@ -360,14 +450,16 @@ def row_dicts(frame: pd.DataFrame) -> list[dict]:
     return [{key: _plain(value) for key, value in row.items()} for row in frame.to_dict("records")]
 
 
-def latest_by_query(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[str, dict]:
-    """The latest row per query of ``rows`` (ordered oldest first), undo rows included."""
+def latest_by_upload(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[UploadKey, dict]:
+    """The latest row per upload (:func:`decision_key`) of ``rows`` (ordered oldest first), undo
+    rows included."""
     records = row_dicts(rows) if isinstance(rows, pd.DataFrame) else rows
-    latest: dict[str, dict] = {}
+    latest: dict[UploadKey, dict] = {}
     for row in records:
-        known = latest.get(row["query"])
+        key = decision_key(row)
+        known = latest.get(key)
         if known is None or (row["decided_at"], row["decision_id"]) >= (known["decided_at"], known["decision_id"]):
-            latest[row["query"]] = row
+            latest[key] = row
     return latest
 
 
@@ -396,7 +488,7 @@ def record_decisions(out: str, requests: Sequence[DecisionRequest], *, run_id: s
     """
     run_id = run_id or f"decide-{uuid.uuid4().hex[:12]}"
     index = UploadIndex.load(out, storage_options)
-    latest = latest_by_query(read_decisions(out, storage_options))
+    latest = latest_by_upload(read_decisions(out, storage_options))
     rows = []
     for number, request in enumerate(requests, start=1):
         try:
@@ -407,15 +499,15 @@ def record_decisions(out: str, requests: Sequence[DecisionRequest], *, run_id: s
             if len(requests) > 1:
                 raise type(error)(f"decision #{number}: {error}") from None
             raise
-        latest[row["query"]] = row
+        latest[decision_key(row)] = row
         rows.append(row)
     write_decisions(out, rows, run_id, storage_options)
     return rows
 
 
 #: columns of a ``pairx decide --from-csv`` file (``query``, ``decision``, ``reviewer`` required)
-CSV_COLUMNS = ("query", "decision", "reviewer", "individual", "rank", "gallery_image", "model_id", "night_run_id",
-               "note", "decided_at")
+CSV_COLUMNS = ("query", "decision", "reviewer", "detection_id", "individual", "rank", "gallery_image", "model_id",
+               "night_run_id", "note", "decided_at")
 
 
 def requests_from_csv(path: str | Path) -> tuple[list[DecisionRequest], list[str]]:

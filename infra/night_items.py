@@ -130,32 +130,34 @@ def gallery_items(gallery: str, storage_options: Mapping[str, Any] | None = None
     return whole_items(list(listed), listed)
 
 
-def latest_verdicts(out: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict]:
-    """The latest standing decision per upload URL of ``out`` (an ``undo`` as the latest row: none)."""
-    from .decisions import latest_by_query, read_decisions
+def latest_verdicts(out: str, storage_options: Mapping[str, Any] | None = None) -> dict[tuple, dict]:
+    """The latest standing decision per upload of ``out`` (an ``undo`` as the latest row: none),
+    keyed by ``(query, content hash, detection id)`` (:func:`infra.decisions.decision_key`)."""
+    from .decisions import latest_by_upload, read_decisions
 
-    latest = latest_by_query(read_decisions(out, storage_options))
-    return {query: row for query, row in latest.items() if row["decision"] != "undo"}
+    latest = latest_by_upload(read_decisions(out, storage_options))
+    return {key: row for key, row in latest.items() if row["decision"] != "undo"}
 
 
-def confirmed_items(verdicts: Mapping[str, Mapping[str, Any]]) -> list[NightItem]:
+def confirmed_items(verdicts: Mapping[tuple, Mapping[str, Any]]) -> list[NightItem]:
     """Gallery items of the uploads confirmed by ``verdicts`` (:func:`latest_verdicts`): latest
     decision ``match`` or ``new_individual``, labelled with the decided individual, cropped to the
-    box the upload was explained with (original pixels; the photo is read where it is)."""
+    box the upload was explained with (original pixels; the photo is read where it is): a decided
+    detection joins as its own crop, two decided detections of one frame as two items."""
     items = []
-    for query, row in verdicts.items():
+    for row in verdicts.values():
         if row["decision"] not in CONFIRMING or not row.get("individual"):
             continue
         box = row.get("box")
         box = None if box is None or len(box) != 4 else tuple(float(v) for v in box)
-        items.append(NightItem(query, box=box, individual=str(row["individual"]), source="confirmed"))
+        items.append(NightItem(row["query"], box=box, individual=str(row["individual"]), source="confirmed"))
     return items
 
 
 def gallery_source(gallery: str, out: str | None = None, storage_options: Mapping[str, Any] | None = None, *,
                    confirmed: bool = True, unlabelled: bool = False, allow_outside_root: bool = False,
                    exclude: str | None = None,
-                   verdicts: Mapping[str, Mapping[str, Any]] | None = None) -> list[NightItem]:
+                   verdicts: Mapping[tuple, Mapping[str, Any]] | None = None) -> list[NightItem]:
     """Every gallery item of a night: the gallery folder or manifest (:func:`gallery_items`) and,
     with ``confirmed``, the uploads confirmed on earlier nights in ``out`` (:func:`confirmed_items`;
     ``verdicts`` when already read). An item listed by both keeps the gallery's."""

@@ -3,7 +3,10 @@
 
 - :func:`error_row`, :func:`unloadable_pair_row`, :func:`refused_pair_row`: the ``errors`` table;
 - :func:`image_rows`, :func:`new_image_rows`: the ``images`` table (one row per name, content and model);
-- :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload);
+- :func:`candidate_rows`: the ``candidates`` table (a night's re-ranked candidates);
+- :func:`decision_row`: the ``decisions`` table (one reviewer decision on one upload: a photo or one
+  detection in it);
+- :func:`run_row`: the ``runs`` table (one run's summary);
 - :func:`explanation_rows`: one explained pair -> its ``pairs`` rows (one per layer) and its
   ``matches`` rows, with match positions in ORIGINAL photo coordinates (EXIF-upright, full
   resolution; :mod:`pairx_core.geometry`'s continuous convention).
@@ -15,17 +18,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+import json
+from typing import Any, Mapping, Protocol, Sequence
 
 from pairx_core.metrics import PlausibilityMetrics
 from pairx_core.results import LayerExplanation, PairExplanation
+from pairx_core.retrieval import RankedCandidate
+from pairx_core.specs import public_spec
 
+from .detections import detection_id
 from .images import LoadedImage
 from .inputs import PairItem
+from .night_items import NightItem
+from .redaction import redact_text
 from .tables import read_table
 
 __all__ = [
     "RowContext",
+    "STAGE1_COLUMNS",
+    "candidate_row",
+    "candidate_rows",
     "decision_row",
     "error_row",
     "explanation_rows",
@@ -33,7 +45,9 @@ __all__ = [
     "match_rows",
     "new_image_rows",
     "pair_row",
+    "query_item_columns",
     "refused_pair_row",
+    "run_row",
     "unloadable_pair_row",
 ]
 
@@ -152,19 +166,120 @@ def explanation_rows(item: PairItem, result: PairExplanation, images: tuple[Load
     return pairs, matches
 
 
+# ---------------------------------------------------------------------- candidates
+#: stage-1 metrics a re-ranked night copies into the candidates table (null otherwise)
+STAGE1_COLUMNS = ("n_matches", "inliers", "residual_px", "match_coverage", "relevance_share", "match_share")
+#: columns that say which upload item a row ranks beyond its name (:func:`query_item_columns`)
+_QUERY_ITEM_COLUMNS = ("query_hash", "query_detection", "query_detection_id", "query_box", "detection_conf",
+                       "species")
+
+
+def query_item_columns(item: NightItem, content: str, pixel_box: Sequence[float] | None) -> dict:
+    """The ``candidates`` columns that say which upload item a row ranks: ``query`` (the photo's
+    URL), its content hash, detection (index and stable id), crop box in original pixels
+    (``pixel_box``; None: the whole photo), detector confidence and species."""
+    detection = item.detection
+    return {"query": item.uri, "query_hash": content, "query_detection": detection,
+            "query_detection_id": None if detection is None else detection_id(content, detection, item.box),
+            "query_box": _box_list(pixel_box), "detection_conf": item.conf, "species": item.species}
+
+
+def candidate_row(ranked: RankedCandidate, model_spec: str | None, *, retrieval_rank: int | None = None,
+                  explained: bool | None = None, stage1: Mapping[str, Any] | None = None) -> dict:
+    """The ``candidates`` row of one re-ranked candidate.
+
+    ``model_spec`` is stored without credentials. ``retrieval_rank``, ``explained`` and ``stage1``
+    (metrics by column name) only on a re-ranked night. The upload item's columns
+    (:func:`query_item_columns`) and ``gallery_source`` are null until the night fills them in.
+    """
+    candidate, outcome, stage1 = ranked.candidate, ranked.outcome, stage1 or {}
+    return {
+        "query": candidate.query, "rank": ranked.rank, "gallery_image": candidate.gallery_image,
+        "individual": candidate.individual or None, "similarity": float(candidate.similarity), "irm": ranked.irm,
+        "rerank_score": float(ranked.score), "pair_id": candidate.pair_id,
+        "layer": outcome.layer if outcome else None, "viz_uri": outcome.viz_uri if outcome else None,
+        "output_key": outcome.output_key if outcome else None,
+        "model_spec": None if model_spec is None else public_spec(model_spec),
+        "retrieval_rank": retrieval_rank, "explained": explained,
+        **{column: stage1.get(column) for column in STAGE1_COLUMNS},
+        **dict.fromkeys(_QUERY_ITEM_COLUMNS),
+        "gallery_source": None,
+    }
+
+
+def candidate_rows(ranked: Sequence[RankedCandidate], model_spec: str | None, *,
+                   retrieval_rank: Mapping[str, int] | None = None, explained: set[str] | None = None,
+                   stage1: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
+    """``candidates`` rows of :func:`pairx_core.retrieval.rank_candidates`'s result, in its order.
+
+    A re-ranked night gives ``retrieval_rank`` (by pair id), ``explained`` (pair ids explained in
+    full) and ``stage1`` (metrics by pair id); without them those columns are null.
+    """
+    reranked = retrieval_rank is not None
+    rows = []
+    for entry in ranked:
+        pair = entry.candidate.pair_id
+        rows.append(candidate_row(
+            entry, model_spec, retrieval_rank=retrieval_rank[pair] if reranked else None,
+            explained=(pair in (explained or set())) if reranked else None,
+            stage1=(stage1 or {}).get(pair)))
+    return rows
+
+
 # ---------------------------------------------------------------------- decisions
 def decision_row(*, decision_id: str, query: str, content_hash: str | None, box: Sequence[float] | None,
-                 decision: str, individual: str | None, candidate: Mapping[str, Any] | None, model_id: str,
-                 night_run_id: str, reviewer: str, decided_at: datetime, supersedes: str | None,
-                 note: str | None, run_id: str) -> dict:
+                 detection_id: str | None, decision: str, individual: str | None,
+                 candidate: Mapping[str, Any] | None, model_id: str, night_run_id: str, reviewer: str,
+                 decided_at: datetime, supersedes: str | None, note: str | None, run_id: str) -> dict:
     """The ``decisions`` row of one decision; ``candidate`` is the accepted ``candidates`` row (its
     ``gallery_image``, ``rank``, ``retrieval_rank``, ``similarity``, ``irm``, ``rerank_score``) or None."""
     chosen = candidate or {}
     return {
         "decision_id": decision_id, "query": query, "content_hash": content_hash, "box": _box_list(box),
+        "detection_id": detection_id,
         "decision": decision, "individual": individual, "gallery_image": chosen.get("gallery_image"),
         "rank": chosen.get("rank"), "retrieval_rank": chosen.get("retrieval_rank"),
         "similarity": chosen.get("similarity"), "irm": chosen.get("irm"), "rerank_score": chosen.get("rerank_score"),
         "model_id": model_id, "night_run_id": night_run_id, "reviewer": reviewer, "decided_at": decided_at,
         "supersedes": supersedes, "note": note, "run_id": run_id, "created_at": _now(),
+    }
+
+
+# ---------------------------------------------------------------------- runs
+class RunFacts(Protocol):
+    """What a run gathered about itself (``flows.run_record.FlowSummary`` has these)."""
+
+    run_id: str
+    status: str
+    error: str | None
+    done: int
+    skipped: int
+    failed: int
+    seconds: float
+    workers: set[str]
+    model_facts: dict[str, Any]
+    cache: dict[str, int]
+    repaired_files: int
+    planned: dict[str, Any]
+
+
+def run_row(flow: str, parameters: Mapping[str, Any], run: RunFacts, started: datetime, finished: datetime,
+            n_retries: int) -> dict:
+    """The ``runs`` row of one run; ``parameters``: the config as stored (JSON-able, no storage
+    options); ``n_retries``: storage retries the run made. Credentials are removed from the
+    parameters and the error text."""
+    facts, frames = run.model_facts, run.planned.get("frames") or {}
+    return {
+        "run_id": run.run_id, "flow": flow,
+        "parameters": redact_text(json.dumps(dict(parameters), sort_keys=True)),
+        "status": run.status, "error": redact_text(run.error) if run.error else None,
+        "n_done": run.done, "n_skipped": run.skipped, "n_failed": run.failed,
+        "duration_s": run.seconds, "started_at": started, "finished_at": finished,
+        "model_spec": facts.get("model_spec"), "weights_digest": facts.get("weights_digest"),
+        "random_weights": facts.get("random_weights"), "workers": sorted(run.workers),
+        "cache_hits": run.cache["hits"], "cache_misses": run.cache["misses"], "cache_damaged": run.cache["damaged"],
+        "n_repaired_files": run.repaired_files,
+        "n_unsupported": sum(run.planned.get("unsupported", {}).values()),
+        **{column: frames.get(column) for column in ("n_frames", "n_empty", "n_detections")},
+        "n_retries": n_retries,
     }

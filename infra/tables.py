@@ -199,6 +199,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("n_frames", pa.int64(), "camera-trap night (--detections): frames the detector file lists"),
             _f("n_empty", pa.int64(), "camera-trap night: frames without a kept detection (never read)"),
             _f("n_detections", pa.int64(), "camera-trap night: kept detections (one upload each)"),
+            _f("n_retries", pa.int64(), "storage calls the run's own process retried after a transient error "
+                                        "(throttling, timeouts); null in rows written before this column existed"),
         ]
     ),
     "candidates": pa.schema(
@@ -250,6 +252,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("query", pa.string(), "URI of the upload decided on (the `candidates.query`)", False),
             _f("content_hash", pa.string(), "SHA-256 of the upload's file (from `images`; null if not recorded)"),
             _f("box", pa.list_(pa.float64()), "crop box x, y, w, h of the upload as explained; null: whole image"),
+            _f("detection_id", pa.string(), "the detection decided on (`candidates.query_detection_id`) when the "
+               "night ranked the photo's detections one by one; null: the whole photo"),
             _f("decision", pa.string(), "`match`, `new_individual`, `no_match`, `unsure`, or `undo` (withdraws the "
                                         "decision `supersedes` names: the upload is pending again)", False),
             _f("individual", pa.string(),
@@ -263,7 +267,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("rerank_score", pa.float64(), "re-rank score of the accepted candidate at decision time"),
             _f("night_run_id", pa.string(), "run (night) whose candidates the decision was made on", False),
             _f("reviewer", pa.string(), "who decided", False),
-            _f("decided_at", _TS, "when the decision was made (UTC); the latest per upload counts", False),
+            _f("decided_at", _TS, "when the decision was made (UTC); the latest per upload (`query`, "
+               "`content_hash`, `detection_id`) counts", False),
             _f("supersedes", pa.string(), "`decision_id` of the upload's decision this one replaces (null: first)"),
             _f("note", pa.string(), "free text from the reviewer"),
             *_ids(),

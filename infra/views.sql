@@ -98,8 +98,8 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::BOOLEAN AS random_weights, NULL::VARCHAR[] AS workers, NULL::BIGINT AS cache_hits,
         NULL::BIGINT AS cache_misses, NULL::BIGINT AS cache_damaged,
         NULL::BIGINT AS n_repaired_files, NULL::BIGINT AS n_unsupported, NULL::BIGINT AS n_frames,
-        NULL::BIGINT AS n_empty, NULL::BIGINT AS n_detections, NULL::VARCHAR AS model,
-        NULL::DATE AS date
+        NULL::BIGINT AS n_empty, NULL::BIGINT AS n_detections, NULL::BIGINT AS n_retries,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/runs/**/*.parquet',
@@ -122,13 +122,13 @@ CREATE OR REPLACE VIEW decisions AS
 SELECT COLUMNS(lambda c: c <> 'empty') FROM (
   SELECT
         NULL::VARCHAR AS decision_id, NULL::VARCHAR AS query, NULL::VARCHAR AS content_hash,
-        NULL::DOUBLE[] AS box, NULL::VARCHAR AS decision, NULL::VARCHAR AS individual,
-        NULL::VARCHAR AS gallery_image, NULL::INTEGER AS rank, NULL::INTEGER AS retrieval_rank,
-        NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm, NULL::DOUBLE AS rerank_score,
-        NULL::VARCHAR AS night_run_id, NULL::VARCHAR AS reviewer, NULL::TIMESTAMPTZ AS decided_at,
-        NULL::VARCHAR AS supersedes, NULL::VARCHAR AS note, NULL::VARCHAR AS model_id,
-        NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model,
-        NULL::DATE AS date
+        NULL::DOUBLE[] AS box, NULL::VARCHAR AS detection_id, NULL::VARCHAR AS decision,
+        NULL::VARCHAR AS individual, NULL::VARCHAR AS gallery_image, NULL::INTEGER AS rank,
+        NULL::INTEGER AS retrieval_rank, NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm,
+        NULL::DOUBLE AS rerank_score, NULL::VARCHAR AS night_run_id, NULL::VARCHAR AS reviewer,
+        NULL::TIMESTAMPTZ AS decided_at, NULL::VARCHAR AS supersedes, NULL::VARCHAR AS note,
+        NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/decisions/**/*.parquet',
@@ -197,26 +197,28 @@ FULL OUTER JOIN e USING (date, model_id);
 
 -- ---------------------------------------------------------------- reviewer decisions
 -- decisions: every row ever recorded (pairx review / pairx decide); later rows supersede earlier
--- ones on the same upload (query), rows are never removed. These views need only the decisions
--- and candidates views.
+-- ones on the same upload, rows are never removed. An upload is a photo (query, content_hash) or,
+-- on a camera-trap night, one detection of it (detection_id = candidates.query_detection_id).
+-- These views need only the decisions and candidates views.
 
--- One row per decided upload: its latest decision. An upload whose latest row is an `undo` is
--- pending again and has no row here.
+-- One row per decided upload (query, content_hash, detection_id): its latest decision. An upload
+-- whose latest row is an `undo` is pending again and has no row here.
 CREATE OR REPLACE VIEW latest_decisions AS
-SELECT * EXCLUDE (row_in_query)
+SELECT * EXCLUDE (row_in_upload)
 FROM (
-    SELECT *, row_number() OVER (PARTITION BY query ORDER BY decided_at DESC, decision_id DESC) AS row_in_query
+    SELECT *, row_number() OVER (PARTITION BY query, content_hash, detection_id
+                                 ORDER BY decided_at DESC, decision_id DESC) AS row_in_upload
     FROM decisions
 )
-WHERE row_in_query = 1 AND decision <> 'undo';
+WHERE row_in_upload = 1 AND decision <> 'undo';
 
--- One row per night (date, model): uploads ranked, decided (match, new_individual, no_match),
--- unsure, pending (not decided: unsure or no decision), and the median seconds from the upload's
--- ranking to its decision.
+-- One row per night (date, model): uploads ranked (photos, or detections on a camera-trap night),
+-- decided (match, new_individual, no_match), unsure, pending (not decided: unsure or no decision),
+-- and the median seconds from the upload's ranking to its decision.
 CREATE OR REPLACE VIEW review_progress AS
 WITH ranked AS (
-    SELECT date, model_id, query, min(created_at) AS ranked_at
-    FROM candidates GROUP BY date, model_id, query
+    SELECT date, model_id, query, query_detection_id, min(created_at) AS ranked_at
+    FROM candidates GROUP BY date, model_id, query, query_detection_id
 )
 SELECT r.date, r.model_id, count(*) AS uploads,
        count(*) FILTER (WHERE d.decision IN ('match', 'new_individual', 'no_match')) AS decided,
@@ -225,7 +227,8 @@ SELECT r.date, r.model_id, count(*) AS uploads,
        median(greatest(0, date_diff('millisecond', r.ranked_at, d.decided_at) / 1000.0))
            FILTER (WHERE d.decision IN ('match', 'new_individual', 'no_match')) AS median_s_to_decision
 FROM ranked AS r
-LEFT JOIN latest_decisions AS d ON d.query = r.query
+LEFT JOIN latest_decisions AS d
+    ON d.query = r.query AND d.detection_id IS NOT DISTINCT FROM r.query_detection_id
 GROUP BY r.date, r.model_id;
 
 -- One row per night run and model: of the `match` decisions made on its candidates, the share
@@ -250,12 +253,14 @@ GROUP BY r.date, d.night_run_id, d.model_id;
 -- higher (ties count one half). 0.5 is chance, 1.0 always right. `comparisons` counts the pairs.
 CREATE OR REPLACE VIEW plausibility_calibration AS
 WITH accepted AS (
-    SELECT query, night_run_id, model_id, gallery_image FROM latest_decisions
+    SELECT query, detection_id, night_run_id, model_id, gallery_image FROM latest_decisions
     WHERE decision = 'match' AND gallery_image IS NOT NULL
 ), scored AS (
-    SELECT c.model_id, c.query, c.rerank_score, c.similarity, c.gallery_image = a.gallery_image AS is_accepted
+    SELECT c.model_id, c.query, c.query_detection_id, c.rerank_score, c.similarity,
+           c.gallery_image = a.gallery_image AS is_accepted
     FROM candidates AS c
-    JOIN accepted AS a ON c.query = a.query AND c.run_id = a.night_run_id AND c.model_id = a.model_id
+    JOIN accepted AS a ON c.query = a.query AND c.query_detection_id IS NOT DISTINCT FROM a.detection_id
+        AND c.run_id = a.night_run_id AND c.model_id = a.model_id
 ), compared AS (
     SELECT p.model_id,
            CASE WHEN p.rerank_score > n.rerank_score THEN 1.0 WHEN p.rerank_score = n.rerank_score THEN 0.5
@@ -263,9 +268,11 @@ WITH accepted AS (
            CASE WHEN p.similarity > n.similarity THEN 1.0 WHEN p.similarity = n.similarity THEN 0.5
                 WHEN p.similarity < n.similarity THEN 0.0 END AS similarity_win
     FROM scored AS p
-    JOIN scored AS n ON n.model_id = p.model_id AND n.query = p.query AND p.is_accepted AND NOT n.is_accepted
+    JOIN scored AS n ON n.model_id = p.model_id AND n.query = p.query
+        AND n.query_detection_id IS NOT DISTINCT FROM p.query_detection_id AND p.is_accepted AND NOT n.is_accepted
 ), counts AS (
-    SELECT model_id, count(DISTINCT query) AS uploads, count(*) AS candidates FROM scored GROUP BY model_id
+    SELECT model_id, count(DISTINCT (query, query_detection_id)) AS uploads, count(*) AS candidates
+    FROM scored GROUP BY model_id
 )
 SELECT k.model_id, k.uploads, k.candidates, count(c.model_id) AS comparisons,
        avg(c.rerank_win) AS auc_rerank_score, avg(c.similarity_win) AS auc_similarity

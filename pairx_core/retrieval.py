@@ -2,7 +2,8 @@
 
 A night's retrieval hands each upload its top-k gallery images by cosine similarity; after the
 pairs are explained, :func:`rank_candidates` orders each upload's candidates by
-:func:`rerank_score` and builds the rows of the ``candidates`` table.
+:func:`rerank_score` (the ``candidates`` table's rows are built from its result by
+``infra.records.candidate_rows``).
 
 Re-rank score: ``(1 - w) * similarity + w * irm`` with ``w = RERANK_IRM_WEIGHT`` (0.5). When a
 pair's IRM is undefined (fewer than 5 matches, zero relevance among them, or the pair was not
@@ -48,6 +49,18 @@ class PairOutcome:
     irm: float | None = None
     viz_uri: str | None = None
     output_key: str | None = None
+
+
+@dataclass(frozen=True)
+class RankedCandidate:
+    """One candidate after re-ranking: its 0-based ``rank`` within its query, the ``score`` it was
+    ranked by, its ``irm`` when defined, and the explanation it was ranked with (None: none)."""
+
+    candidate: Candidate
+    rank: int
+    score: float
+    irm: float | None
+    outcome: PairOutcome | None
 
 
 def cosine_similarities(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -132,7 +145,7 @@ def best_reranked(candidates: Sequence[Candidate], irm: Mapping[str, float | Non
     """Pair ids of each query's ``k`` best candidates by :func:`rerank_score` (rules of
     :func:`rank_candidates`), given each pair's IRM by pair id."""
     outcomes = {pid: PairOutcome(layer="", irm=value) for pid, value in irm.items()}
-    return [row["pair_id"] for row in rank_candidates(candidates, outcomes) if row["rank"] < k]
+    return [ranked.candidate.pair_id for ranked in rank_candidates(candidates, outcomes) if ranked.rank < k]
 
 
 def _defined(value: float | None) -> bool:
@@ -150,28 +163,26 @@ def rank_candidates(
     candidates: Sequence[Candidate],
     outcomes: Mapping[str, PairOutcome],
     *,
-    model_spec: str | None = None,
     weight: float = RERANK_IRM_WEIGHT,
-) -> list[dict]:
-    """Rows of the ``candidates`` table: per query, candidates sorted by re-rank score.
+) -> list[RankedCandidate]:
+    """Per query, candidates sorted by re-rank score.
 
     A query with any candidate lacking an IRM is scored by similarity alone (module docstring).
 
     Args:
         candidates: retrieved pairs (any order, several queries).
         outcomes: by ``pair_id``, the explanation at the ranking layer; a pair without one keeps
-            its similarity as score and gets null ``irm``, ``layer``, ``viz_uri``, ``output_key``.
-        model_spec: readable model spec (credentials removed) stored beside ``model_id``.
+            its similarity as score and gets ``irm`` and ``outcome`` None.
 
     Returns:
-        dicts with the ``candidates`` columns (``model_id``/``run_id``/``created_at`` are filled
-        by the table writer); ties keep retrieval order (stable sort).
+        queries in order of first appearance, each one's candidates best first; ties keep
+        retrieval order (stable sort).
     """
     by_query: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_query.setdefault(candidate.query, []).append(candidate)
-    rows: list[dict] = []
-    for query, mine in by_query.items():
+    ranked: list[RankedCandidate] = []
+    for mine in by_query.values():
         found = [outcomes.get(candidate.pair_id) for candidate in mine]
         irms = [o.irm if o is not None and _defined(o.irm) else None for o in found]
         blend = all(irm is not None for irm in irms)  # else: similarity alone for every candidate
@@ -180,12 +191,6 @@ def rank_candidates(
             score = rerank_score(candidate.similarity, irm, weight) if blend else float(candidate.similarity)
             scored.append((score, candidate, outcome, irm))
         scored.sort(key=lambda entry: -entry[0])
-        for rank, (score, candidate, outcome, irm) in enumerate(scored):
-            rows.append({
-                "query": query, "rank": rank, "gallery_image": candidate.gallery_image,
-                "individual": candidate.individual or None, "similarity": float(candidate.similarity),
-                "irm": irm, "rerank_score": score, "pair_id": candidate.pair_id,
-                "layer": outcome.layer if outcome else None, "viz_uri": outcome.viz_uri if outcome else None,
-                "output_key": outcome.output_key if outcome else None, "model_spec": model_spec,
-            })
-    return rows
+        ranked.extend(RankedCandidate(candidate, rank, score, irm, outcome)
+                      for rank, (score, candidate, outcome, irm) in enumerate(scored))
+    return ranked

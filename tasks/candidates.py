@@ -13,14 +13,9 @@ from typing import Any, Mapping, Sequence
 
 from infra.inputs import PairItem
 from infra.keys import OutputSettings
-from infra.model_store import redact_model_spec
+from infra.records import candidate_rows as build_candidate_rows
 from infra.tables import read_table
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
-
-
-#: columns only a re-ranked night fills (stage-1 metrics, retrieval rank, explained flag): null otherwise
-RERANK_ONLY_COLUMNS = ("retrieval_rank", "explained", "n_matches", "inliers", "residual_px", "match_coverage",
-                       "relevance_share", "match_share")
 
 
 def candidate_keys(candidates: Sequence[Candidate], hashes: Mapping[str, str], settings: OutputSettings,
@@ -67,9 +62,8 @@ def explained_outcomes(out: str, model_id: str, layer: str, output_keys: set[str
 
 def candidate_rows(out: str, model_id: str, model_spec: str, layer: str, candidates: Sequence[Candidate],
                    keys: Mapping[str, str], storage_options: Mapping[str, Any] | None = None) -> list[dict]:
-    """Rows for the ``candidates`` table (see :func:`pairx_core.retrieval.rank_candidates`); ``keys``:
-    output key by pair id (:func:`candidate_keys`)."""
+    """Rows for the ``candidates`` table (ranked by :func:`pairx_core.retrieval.rank_candidates`, built by
+    :func:`infra.records.candidate_rows`); ``keys``: output key by pair id (:func:`candidate_keys`)."""
     by_key = explained_outcomes(out, model_id, layer, set(keys.values()), storage_options)
     outcomes = {c.pair_id: by_key[keys[c.pair_id]] for c in candidates if keys[c.pair_id] in by_key}
-    rows = rank_candidates(candidates, outcomes, model_spec=redact_model_spec(model_spec))
-    return [{**dict.fromkeys(RERANK_ONLY_COLUMNS), **row} for row in rows]
+    return build_candidate_rows(rank_candidates(candidates, outcomes), model_spec)

@@ -97,3 +97,34 @@ def post(port: int, body: dict, token: str | None = None) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+FRAME_HASH = "f" * 64
+#: the two detections of the camera-trap frame :func:`write_frame` writes: (index, id, box in pixels)
+FRAME_DETECTIONS = ((0, "det0aaaaaaaaaaaa", [1.0, 2.0, 15.0, 12.0]), (1, "det1bbbbbbbbbbbb", [20.0, 10.0, 18.0, 15.0]))
+
+
+def frame_uri(out: Path) -> str:
+    return str(out / "photos" / "frame.png")
+
+
+def write_frame(out: Path) -> str:
+    """A camera-trap frame with two animals ranked detection by detection on night ``NIGHT_RUN``
+    (candidates ``query_detection``/``query_detection_id``/``query_box`` set), beside
+    :func:`write_output`'s uploads; returns the frame's URI. Detection ``i`` ranks ``ind-a``/``ind-b``
+    first when ``i`` is 0/1."""
+    from infra.tables import with_nulls, write_table
+
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(out / "photos" / "frame.png")
+    candidates = []
+    for index, detection_id, box in FRAME_DETECTIONS:
+        for rank in range(2):
+            individual = INDIVIDUALS[(index + rank) % 2]
+            candidates.append({
+                "query": frame_uri(out), "rank": rank, "gallery_image": gallery_uri(out, individual),
+                "individual": individual, "similarity": [0.9, 0.7][rank], "irm": [0.5, 0.2][rank],
+                "rerank_score": [0.7, 0.45][rank], "retrieval_rank": rank, "explained": True, "run_id": NIGHT_RUN,
+                "output_key": f"key-frame-{index}-{rank}", "query_hash": FRAME_HASH, "query_detection": index,
+                "query_detection_id": detection_id, "query_box": box})
+    write_table(str(out), "candidates", with_nulls("candidates", candidates), MODEL, NIGHT_RUN)
+    return frame_uri(out)

@@ -57,21 +57,17 @@ def test_pairx_demo_end_to_end(tmp_path):
     # PAIR-X's top matches on true pairs land on the true spot more often than random cells
     assert summary["match_accuracy_top10"] > summary["match_accuracy_random"]
 
-    # --auto-decide: ground truth decided every frame whose detections show one individual (all 4
-    # individuals are in the gallery, and stage 1 judged all 8 gallery photos; decisions are per
-    # upload photo, so a frame with two animals stays pending), so every review view has rows
-    truth = json.loads((out / "ground_truth.json").read_text())
-    animals_per_frame: dict[str, set] = {}
-    for name, entry in truth.items():
-        if "#detection=" in name:
-            animals_per_frame.setdefault(name.split("#detection=")[0], set()).add(entry["individual"])
-    decidable = sum(1 for animals in animals_per_frame.values() if len(animals) == 1)
-    assert decidable >= 1 and summary["decisions"] == {"match": decidable}
+    # --auto-decide: ground truth decided every detection on its own (all 4 individuals are in the
+    # gallery, and stage 1 judged all 8 gallery photos), so every review view has rows
+    assert summary["decisions"] == {"match": frames["n_detections"]}
     import duckdb
 
     from infra.views import create_views
 
     views = create_views(duckdb.connect(), results)
+    decided = views.execute("SELECT count(*), count(DISTINCT (query, detection_id)) FROM latest_decisions "
+                            "WHERE detection_id IS NOT NULL").fetchone()
+    assert decided == (frames["n_detections"], frames["n_detections"])  # one row per detection
     for view in ("latest_decisions", "review_progress", "model_precision", "plausibility_calibration"):
         assert views.execute(f"SELECT count(*) FROM {view}").fetchone()[0] > 0, view
     assert views.execute("SELECT DISTINCT reviewer FROM decisions").fetchall() == [("demo-ground-truth",)]

@@ -98,3 +98,28 @@ def test_explain_refuses_urls_and_paths_outside_the_root_per_row(prefect_harness
     errors = read_table(str(tmp_path / "out"), "errors")
     assert sorted(errors["item"]) == ["outside", "url"] and set(errors["stage"]) == {"input"}
     assert read_table(str(tmp_path / "out"), "pairs").pair_id.tolist() == ["ok"]
+
+
+def test_a_transient_storage_error_is_counted_in_the_runs_row(prefect_harness, tmp_path, monkeypatch):
+    from flows.nightly import nightly
+    from infra.cache import ActivationCache
+    from infra.storage import RetryPolicy
+    from infra.tables import read_table
+
+    monkeypatch.setattr(RetryPolicy, "default", classmethod(lambda cls: cls(attempts=3, first_delay_s=0.0)))
+    real_get = ActivationCache.get_embeddings
+    failures = []
+
+    def flaky_get(self, hashes):
+        if not failures:  # the first read of the night's embeddings times out once
+            failures.append(1)
+            raise TimeoutError("injected: storage read timed out")
+        return real_get(self, hashes)
+
+    monkeypatch.setattr(ActivationCache, "get_embeddings", flaky_get)
+    root = write_night(tmp_path / "night", 2, seed=5, uploaders=1)
+    out = tmp_path / "out"
+    assert nightly(_config(root, out))["status"] == "completed"
+    assert failures == [1]
+    runs = read_table(str(out), "runs")
+    assert len(runs) == 1 and runs.n_retries.iloc[0] >= 1

@@ -1,18 +1,24 @@
-"""Output rows: matches stored in original photo coordinates, skip planning, images rows."""
+"""Output rows: matches stored in original photo coordinates, skip planning, images, candidates and
+runs rows."""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from infra.images import decode_image
 from infra.inputs import PairItem
 from infra.keys import OutputSettings, plan_pairs
-from infra.records import RowContext, explanation_rows, image_rows
-from infra.tables import read_table
+from infra.night_items import NightItem
+from infra.records import RowContext, candidate_rows, explanation_rows, image_rows, query_item_columns, run_row
+from infra.tables import TABLE_SCHEMAS, read_table
+from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
 from pairx_core.metrics import PlausibilityMetrics
 from pairx_core.results import LayerExplanation, PairExplanation, matches_frame
 from pairx_core.synthetic import make_individuals, render_photo
@@ -127,3 +133,83 @@ def test_plan_pairs_plans_each_key_once():
     plan = plan_pairs(items, hashes, set(), settings)
     assert [p.item.pair_id for p in plan.todo] == ["a-g"]
     assert [i.pair_id for i in plan.skipped] == ["copy-g", "a-g2"]
+
+
+#: columns the table writer fills (never built by a row builder)
+WRITER_COLUMNS = {"model_id", "run_id", "created_at"}
+
+
+def _fits(value, kind: pa.DataType) -> bool:
+    """Whether a non-null Python ``value`` is what a column of arrow type ``kind`` holds, unconverted."""
+    if pa.types.is_boolean(kind):
+        return isinstance(value, bool)
+    if pa.types.is_integer(kind):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_floating(kind):
+        return isinstance(value, float)
+    if pa.types.is_string(kind):
+        return isinstance(value, str)
+    if pa.types.is_timestamp(kind):
+        return isinstance(value, datetime) and value.tzinfo is not None
+    if pa.types.is_list(kind):
+        return isinstance(value, list) and all(_fits(v, kind.value_type) for v in value)
+    raise AssertionError(f"no check for {kind}")
+
+
+def _assert_matches_schema(rows: list[dict], table: str) -> None:
+    schema = TABLE_SCHEMAS[table]
+    for row in rows:
+        assert set(row) <= set(schema.names), set(row) - set(schema.names)
+        assert set(schema.names) - set(row) <= WRITER_COLUMNS, set(schema.names) - set(row) - WRITER_COLUMNS
+        wrong = {name: value for name, value in row.items()
+                 if value is not None and not _fits(value, schema.field(name).type)}
+        assert not wrong, wrong
+    pa.Table.from_pylist(rows, schema=pa.schema([schema.field(name) for name in rows[0]]))
+
+
+def test_candidate_rows_have_the_table_columns_and_types():
+    candidates = [Candidate("q", "g1", 0.9, "p1", "ann"), Candidate("q", "g2", 0.8, "p2", None)]
+    outcomes = {"p1": PairOutcome("l", irm=0.1, viz_uri="v1", output_key="k1"), "p2": PairOutcome("l", irm=0.9)}
+    ranked = rank_candidates(candidates, outcomes)
+    plain = candidate_rows(ranked, "timm:x?token=secret")
+    assert [r["gallery_image"] for r in plain] == ["g2", "g1"] and [r["rank"] for r in plain] == [0, 1]
+    assert plain[0]["explained"] is None and plain[0]["retrieval_rank"] is None and "secret" not in str(plain)
+    _assert_matches_schema(plain, "candidates")
+    stage1 = {"p1": {"n_matches": 7, "inliers": 5, "residual_px": 1.5, "match_coverage": 0.2,
+                     "relevance_share": 0.3, "match_share": 0.1}}
+    reranked = candidate_rows(ranked, "demo", retrieval_rank={"p1": 0, "p2": 1}, explained={"p1"}, stage1=stage1)
+    assert [(r["retrieval_rank"], r["explained"], r["n_matches"]) for r in reranked] == [(1, False, None),
+                                                                                        (0, True, 7)]
+    _assert_matches_schema(reranked, "candidates")
+    detection = NightItem("q", box=(0.1, 0.2, 0.3, 0.4), detection=1, conf=0.9, species="manta", tag="detection=1")
+    for row in reranked:  # what a camera-trap night adds: every column filled
+        row.update(query_item_columns(detection, "a" * 64, (10, 20, 30, 40)), gallery_source="confirmed")
+    assert all(value is not None for value in reranked[1].values())
+    assert reranked[0]["query_box"] == [10.0, 20.0, 30.0, 40.0] and len(reranked[0]["query_detection_id"]) == 16
+    _assert_matches_schema(reranked, "candidates")
+
+
+@dataclass
+class _Run:
+    run_id: str = "run-1"
+    status: str = "completed"
+    error: str | None = "TimeoutError: https://user:pw@host/x"
+    done: int = 2
+    skipped: int = 1
+    failed: int = 0
+    seconds: float = 1.5
+    workers: set = field(default_factory=lambda: {"w1"})
+    model_facts: dict = field(default_factory=lambda: {"model_spec": "demo", "weights_digest": "d",
+                                                       "random_weights": True})
+    cache: dict = field(default_factory=lambda: {"hits": 1, "misses": 2, "damaged": 0})
+    repaired_files: int = 0
+    planned: dict = field(default_factory=lambda: {"unsupported": {".heic": 2},
+                                                   "frames": {"n_frames": 3, "n_empty": 1, "n_detections": 2}})
+
+
+def test_run_row_has_the_table_columns_and_types():
+    now = datetime.now(timezone.utc)
+    row = run_row("nightly", {"out": "/o", "top_k": 3}, _Run(), now, now, n_retries=4)
+    assert row["n_retries"] == 4 and row["n_unsupported"] == 2 and row["n_detections"] == 2
+    assert row["parameters"] == '{"out": "/o", "top_k": 3}' and "pw@" not in row["error"]
+    _assert_matches_schema([row], "runs")

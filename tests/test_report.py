@@ -14,6 +14,7 @@ from infra.report import build_report
 from infra.tables import TABLE_SCHEMAS, write_table
 from infra.report.thumbs import ThumbWriter
 from infra.viz import relative_to_out, viz_uri, write_png
+from infra.records import candidate_rows
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
 from report_helpers import PageParser, parse_page, resolve, site_pages
 
@@ -57,7 +58,7 @@ def write_output(root: Path) -> str:
                                         f"ind-{g}"))
             outcomes[pid] = PairOutcome(LAYER, irm, uri, key)
     write_table(out, "pairs", pairs, MODEL, "run-1", date="2024-05-06")
-    ranked = [_complete("candidates", row) for row in rank_candidates(candidates, outcomes, model_spec="demo")]
+    ranked = [_complete("candidates", row) for row in candidate_rows(rank_candidates(candidates, outcomes), "demo")]
     write_table(out, "candidates", ranked, MODEL, "run-1", date="2024-05-06")
     write_table(out, "errors", [_complete("errors", {"item": str(photos / "broken.jpg"), "stage": "load",
                                                      "error_type": "ImageError",

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from infra.model_store import redact_model_spec
+from infra.records import candidate_rows
 from infra.viz import public_link
 import numpy as np
 
@@ -31,7 +32,7 @@ def test_rank_candidates_orders_each_query_and_records_the_explanation():
         "p12": PairOutcome("blocks.3", irm=0.9, viz_uri="v12", output_key="k12"),  # 0.875
         "p13": PairOutcome("blocks.3", irm=0.5, viz_uri="v13", output_key="k13"),  # 0.65
     }
-    rows = rank_candidates(candidates, outcomes, model_spec="demo")
+    rows = candidate_rows(rank_candidates(candidates, outcomes), "demo")
     q1 = [r for r in rows if r["query"] == "q1"]
     assert [r["gallery_image"] for r in q1] == ["g2", "g3", "g1"]
     assert [r["rank"] for r in q1] == [0, 1, 2]
@@ -48,12 +49,12 @@ def test_an_upload_with_a_pair_without_irm_keeps_retrieval_order():
     candidates = [Candidate("q", "true", 0.99, "a", "jel"), Candidate("q", "few", 0.96, "b", "val"),
                   Candidate("q", "other", 0.94, "c", "apr")]
     outcomes = {"a": PairOutcome("l", irm=0.08), "b": PairOutcome("l", irm=None), "c": PairOutcome("l", irm=0.01)}
-    rows = rank_candidates(candidates, outcomes)
+    rows = candidate_rows(rank_candidates(candidates, outcomes), None)
     assert [r["gallery_image"] for r in rows] == ["true", "few", "other"]
     assert [r["rerank_score"] for r in rows] == pytest.approx([0.99, 0.96, 0.94])
     assert [r["irm"] for r in rows] == [0.08, None, 0.01]  # the IRMs that exist are still recorded
     outcomes["b"] = PairOutcome("l", irm=0.9)  # all defined: blended again
-    assert [r["gallery_image"] for r in rank_candidates(candidates, outcomes)] == ["few", "true", "other"]
+    assert [r.candidate.gallery_image for r in rank_candidates(candidates, outcomes)] == ["few", "true", "other"]
 
 
 @pytest.mark.parametrize(("spec", "expected"), [

@@ -23,7 +23,8 @@ PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "
                 "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at",
                 "date", "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
-                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id", "query_detection"]
+                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id", "query_detection",
+                     "query_detection_id"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
 RUN_COLUMNS = ["model_id", "model_spec", "random_weights", "flow", "date"]
 #: two neighbouring candidates whose scores differ by at most this much are flagged as a near tie
@@ -69,6 +70,8 @@ class Upload:
     run_id: str | None = None
     #: index of the upload's detection in its frame (camera-trap nights), else None
     detection: int | None = None
+    #: stable identity of that detection (``candidates.query_detection_id``), else None
+    detection_id: str | None = None
 
     @property
     def name(self) -> str:
@@ -208,8 +211,9 @@ def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id:
             else Photo(row.query)
         detection = _number(getattr(row, "query_detection", None))
         detection = None if detection is None else int(detection)
-        upload = uploads.setdefault((row.query, detection), Upload(query_photo, run_id=_text(row.run_id),
-                                                                   detection=detection))
+        upload = uploads.setdefault((row.query, detection), Upload(
+            query_photo, run_id=_text(row.run_id), detection=detection,
+            detection_id=_text(getattr(row, "query_detection_id", None))))
         upload.cards.append(Card(
             rank=int(row.rank),
             photo=Photo(row.gallery_image, _box(pair.box_1), _number(pair.theta_1) or 0.0) if pair is not None

@@ -323,8 +323,10 @@ def _data(key: str, value: str | None) -> str:
 
 
 def _upload_attributes(night: Night, upload: Upload, number: int) -> str:
-    """Stable hooks of an upload block: ``id``, ``data-query``, ``data-run``, ``data-model``, ``data-date``."""
-    return (f"id='u{number}' data-query='{esc(upload.photo.uri)}'{_data('run', upload.run_id)}"
+    """Stable hooks of an upload block: ``id``, ``data-query``, ``data-detection`` (a camera-trap
+    detection's ``candidates.query_detection_id``), ``data-run``, ``data-model``, ``data-date``."""
+    return (f"id='u{number}' data-query='{esc(upload.photo.uri)}'{_data('detection', upload.detection_id)}"
+            f"{_data('run', upload.run_id)}"
             f" data-model='{esc(night.model_id)}' data-date='{esc(night.date)}'")
 
 

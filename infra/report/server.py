@@ -5,12 +5,13 @@
   a plain name, as the site's own links are). HTML pages get one extra ``<script>``
   (``/_review/review.js``, plain JavaScript in ``static/``) that adds the decision controls;
   without the server the pages stay read-only.
-- ``GET /api/night?slug=<night folder>``: the uploads of a night page in page order, with the
-  night run and candidates each decision refers to.
+- ``GET /api/night?slug=<night folder>``: the uploads of a night page in page order (a photo, or
+  one detection in it: ``detection_id``), with the night run and candidates each decision refers to.
 - ``GET /api/decisions?night=RUN_ID``: the decisions on that night's uploads (every row, oldest
-  first, and the latest per upload); without ``night``: all.
-- ``POST /api/decisions``: one decision (JSON; fields of :class:`infra.decisions.DecisionRequest`).
-  400 malformed, 401 token missing or wrong, 404 unknown upload, 409 another OUT / a model or
+  first, and ``latest``: the latest row per upload, a list); without ``night``: all.
+- ``POST /api/decisions``: one decision (JSON; fields of :class:`infra.decisions.DecisionRequest`;
+  ``detection_id`` or ``box`` names one detection of a camera-trap frame).
+  400 malformed, 401 token missing or wrong, 404 unknown upload or detection, 409 another OUT / a model or
   night that did not rank the upload / nothing to undo, 415 not JSON. 200 once the decision is in
   the journal (durable); the journal goes to the ``decisions`` table in batches.
 
@@ -41,8 +42,8 @@ import pandas as pd
 from pairx_core.errors import ConfigError
 
 from ..decision_journal import DecisionJournal
-from ..decisions import (DecisionError, DecisionRequest, UploadIndex, latest_by_query, plain_value, read_decisions,
-                         resolve_decision, row_dicts)
+from ..decisions import (DecisionError, DecisionRequest, UploadIndex, decision_key, latest_by_upload, plain_value,
+                         read_decisions, resolve_decision, row_dicts)
 from ..storage import StorageTarget
 from . import refresh_index
 from .data import load_nights
@@ -115,7 +116,7 @@ class ReviewState:
         self._nights: list | None = None
         self._signature: tuple | None = None
         self._rows: list[dict] = []
-        self._latest: dict[str, dict] = {}
+        self._latest: dict[tuple, dict] = {}
         self._last_time: datetime | None = None
         self._decisions_signature: tuple | None = None
 
@@ -132,7 +133,7 @@ class ReviewState:
         seen = {row["decision_id"] for row in rows}
         rows += [row for row in self.journal.unflushed() if row["decision_id"] not in seen]
         rows.sort(key=lambda row: (row["decided_at"], row["decision_id"]))
-        self._rows, self._latest = rows, latest_by_query(rows)
+        self._rows, self._latest = rows, latest_by_upload(rows)
         self._decisions_signature = signature
 
     def _tables_signature(self) -> tuple:
@@ -159,9 +160,11 @@ class ReviewState:
             return None
         uploads = []
         for number, upload in enumerate(night.uploads, start=1):
-            runs = [r for r in index.runs(upload.photo.uri) if r.model_id == night.model_id and r.date == night.date]
+            runs = [r for r in index.runs(upload.photo.uri) if r.model_id == night.model_id and r.date == night.date
+                    and r.detection_id == upload.detection_id]
             uploads.append({
-                "number": number, "query": upload.photo.uri,
+                "number": number, "query": upload.photo.uri, "detection_id": upload.detection_id,
+                "detection": upload.detection,
                 "night_run_id": runs[0].run_id if runs else None,
                 "candidates": [{"rank": c.rank, "individual": c.individual, "gallery_image": c.photo.uri}
                                for c in upload.cards],
@@ -184,16 +187,16 @@ class ReviewState:
                                    decided_at=self._clock())
             self.journal.append(row)
             self._rows.append(row)
-            self._latest[row["query"]] = row
+            self._latest[decision_key(row)] = row
         return row
 
     def decisions(self, night: str | None) -> dict:
         with self._lock:
             self.load()
             rows = [r for r in self._rows if night is None or r["night_run_id"] == night]
-        latest = latest_by_query(rows)
+        latest = latest_by_upload(rows)
         return {"night": night, "decisions": [_jsonable(r) for r in rows],
-                "latest": {q: _jsonable(r) for q, r in latest.items()}}
+                "latest": [_jsonable(r) for r in latest.values()]}
 
 
 def _error(status: int, message: str):

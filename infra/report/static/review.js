@@ -1,6 +1,7 @@
 // Decision controls for the PAIR-X review site, added by `pairx review` (infra/report/server.py).
 // Plain JavaScript, no build step. On a night page (/report/nights/<slug>/...) it asks the server
-// which upload each `section.upload` is (a `data-query` attribute with its URI, else its id
+// which upload each `section.upload` is (a `data-query` attribute with its URI and, for one
+// detection of a camera-trap frame, a `data-detection` attribute with its detection id; else its id
 // `u<N>`: the N-th upload of the night), shows the latest decision on each, and records new ones.
 // Keys on the current upload: 1 2 3 accept that candidate, n new individual, x no match,
 // s unsure, u undo, j / k next / previous upload. Opened from disk, the page never loads this file.
@@ -13,7 +14,7 @@
   if (params.get('token')) sessionStorage.setItem('pairx-review-token', params.get('token'));
   var token = sessionStorage.getItem('pairx-review-token');
   var blocks = [];        // {section, upload, status}
-  var latest = {};        // query -> latest decision row
+  var latest = {};        // upload key (keyOf) -> latest decision row
   var current = null;     // the block keys act on
 
   var style = document.createElement('style');
@@ -57,8 +58,12 @@
     return what + ', by ' + row.reviewer + ', ' + row.decided_at.slice(0, 16).replace('T', ' ') + ' UTC';
   }
 
+  function keyOf(query, detectionId) {  // one upload: a photo, or one detection in it
+    return query + '\n' + (detectionId || '');
+  }
+
   function render(block) {
-    var row = latest[block.upload.query];
+    var row = latest[keyOf(block.upload.query, block.upload.detection_id)];
     block.status.textContent = describe(row);
     if (row && row.decision !== 'undo') block.section.setAttribute('data-decision', row.decision);
     else block.section.removeAttribute('data-decision');
@@ -77,6 +82,7 @@
     if (!reviewer) { say('Type your name as reviewer first.', true); reviewerInput.focus(); return Promise.resolve(); }
     localStorage.setItem('pairx-reviewer', reviewer);
     body.query = block.upload.query;
+    if (block.upload.detection_id) body.detection_id = block.upload.detection_id;
     body.reviewer = reviewer;
     body.model_id = modelId;
     if (block.upload.night_run_id) body.night_run_id = block.upload.night_run_id;
@@ -88,7 +94,7 @@
       })
       .then(function (result) {
         if (!result.ok) { say(result.data.error || 'refused', true); return; }
-        latest[block.upload.query] = result.data.decision;
+        latest[keyOf(block.upload.query, block.upload.detection_id)] = result.data.decision;
         render(block);
         say('Recorded: ' + describe(result.data.decision));
       })
@@ -165,10 +171,10 @@
     .then(function (night) {
       modelId = night.model_id;
       var byNumber = {}, byQuery = {};
-      night.uploads.forEach(function (u) { byNumber[u.number] = u; byQuery[u.query] = u; });
+      night.uploads.forEach(function (u) { byNumber[u.number] = u; byQuery[keyOf(u.query, u.detection_id)] = u; });
       Array.prototype.forEach.call(document.querySelectorAll('section.upload'), function (section) {
         var named = section.dataset.query || section.dataset.upload || section.dataset.uri;
-        var upload = named ? byQuery[named] : null;
+        var upload = named ? byQuery[keyOf(named, section.dataset.detection)] : null;
         var number = (section.id.match(/^u(\d+)$/) || [])[1] || section.dataset.number;
         if (!upload && number) upload = byNumber[Number(number)];
         if (!upload || !upload.night_run_id) return;  // pairs-only nights (`explain`) have nothing to decide
@@ -185,7 +191,7 @@
     })
     .then(function (answers) {
       (answers || []).forEach(function (answer) {
-        Object.keys(answer.latest).forEach(function (query) { latest[query] = answer.latest[query]; });
+        answer.latest.forEach(function (row) { latest[keyOf(row.query, row.detection_id)] = row; });
       });
       blocks.forEach(render);
       document.documentElement.setAttribute('data-pairx-review', 'ready');
