@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 from night_helpers import write_night
@@ -120,7 +119,7 @@ def test_a_context_is_seen_only_inside_its_run_and_thread():
             with bound(RunContext("explain_pairs", run_id="run-2", summary=FlowSummary(run_id="run-2"))):
                 assert for_run("run-2").flow == "explain_pairs"
             assert run_context.current() is first
-            1 / 0  # a run that fails leaves nothing behind either
+            raise ZeroDivisionError("a run that fails leaves nothing behind either")
     assert seen_elsewhere == [None]  # another thread (another run) never sees this one's state
     assert run_context.current() is None
     with pytest.raises(RuntimeError):
