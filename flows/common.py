@@ -31,6 +31,7 @@ from infra.tables import count_run_rows, ensure_table, table_url
 from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
 
+from . import run_context
 from .outcome import ItemsFailedError, RunAborted, RunTerminated, listen, notify  # noqa: F401 - re-exported
 from .run_record import UNRESOLVED_MODEL, FlowSummary, chunks, new_run_id, write_run  # noqa: F401 - re-exported
 
@@ -42,14 +43,9 @@ def task_runner_for(config):
 
 
 # ------------------------------------------------------------------------------ active runs
-_ACTIVE: dict[str, FlowSummary] = {}
-_ACTIVE_LOCK = threading.Lock()
-
-
 def active_summary(run_id: str) -> FlowSummary:
-    """The summary of a run in progress in this process (the work flow adds to it)."""
-    with _ACTIVE_LOCK:
-        return _ACTIVE[run_id]
+    """The summary of run ``run_id`` in progress in this process (the work flow adds to it)."""
+    return run_context.for_run(run_id).summary
 
 
 def _status_of(error: BaseException) -> str:
@@ -95,10 +91,12 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     started = datetime.now(timezone.utc)
     summary = FlowSummary(run_id=new_run_id())
     recorder = _RunRecorder(flow_name, config, summary, started)
-    with _ACTIVE_LOCK:
-        _ACTIVE[summary.run_id] = summary
+    context = run_context.current()
+    if context is None or context.run_id is not None:  # a deployment, or no entry made one for this run
+        context = run_context.RunContext(flow_name)
+    context.run_id, context.summary = summary.run_id, summary
     try:
-        with stop_hook(recorder.forced_stop), output_lease(
+        with run_context.bound(context), stop_hook(recorder.forced_stop), output_lease(
                 config.out, summary.run_id, flow_name, wait_s=config.lease_wait_s,
                 storage_options=config.storage_options or None) as lease:
             recorder.lease = lease
@@ -113,8 +111,7 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
         _count_written_pairs(config, summary)
         raise
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE.pop(summary.run_id, None)
+        context.night = context.early_night = None  # the plans are this run's only
         recorder.record()
         notify(summary)
     result = summary.as_dict()

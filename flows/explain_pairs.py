@@ -16,12 +16,13 @@ from infra.tables import write_table
 
 from .common import active_summary, explain_items, notify, run_recorded, settings_for
 from .config import ExplainPairsConfig
-from .preflight import ModelPlan, check_pairs_paths, pairs_rules, resolve_model
+from .preflight import ModelPlan, check_pairs_paths, pairs_rules
+from .run_context import model_plan
 
 
 def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: ModelPlan | None = None,
                            sizes: dict[str, int | None] | None = None) -> None:
-    """Shared by explain_pairs and reprocess: resolve the model (unless given), fan the batches out.
+    """Shared by explain_pairs and reprocess: the run's model (unless given), fan the batches out.
 
     Pairs whose images repeat another pair's contents (other names) are explained once, whatever
     batches they would land in, and counted as skipped.
@@ -32,7 +33,7 @@ def explain_recorded_items(config, items: list[PairItem], run_id: str, plan: Mod
         summary.skipped += len(duplicates)
         get_run_logger().info("%d pair(s) repeat the contents of another pair: explained once (%s)",
                               len(duplicates), ", ".join(item.pair_id for item in duplicates[:5]))
-    plan = plan or resolve_model(config)
+    plan = plan or model_plan(config)
     summary.model_id, summary.model_facts = plan.model_id, plan.facts
     summary.planned = {"pairs_planned": len(items)}
     notify(summary)
@@ -51,7 +52,7 @@ def explain_pairs_work(config: ExplainPairsConfig, run_id: str) -> None:
     check_pairs_paths(config, items, sizes)  # deployments too: too many missing images stop here
     refused = [item for item in items if item.refusal is not None]
     if refused:  # URLs and paths outside the image root: an errors row each, never read
-        plan = resolve_model(config)
+        plan = model_plan(config)
         write_table(config.out, "errors", [refused_pair_row(item.pair_id, item.refusal, run_id) for item in refused],
                     plan.model_id, run_id, so)
         active_summary(run_id).failed += len(refused)

@@ -7,12 +7,14 @@ flow calls it before any cluster starts.
 
 A night with nothing new costs listings and one table read, but starting Prefect's temporary
 server and building the model cost several seconds each. So the CLI, when it would start that
-server (no ``PREFECT_API_URL``), first asks :func:`record_quiet_night`: with the model's facts
+server (no ``PREFECT_API_URL``), first asks :func:`check_quiet_night`: with the model's facts
 remembered from an earlier run on the same output (:func:`remember_model`, keyed by the spec,
 the layers, the weights files' size and modification time and the library versions) it plans the
 night here; if nothing is new it writes the night's ``runs`` row (status ``completed``, every
 upload skipped) and returns the summary, without Prefect, torch or a cluster. Anything else
-(work to do, a model it has not seen, weights it cannot stat) takes the normal path.
+(work to do, a model it has not seen, weights it cannot stat) takes the normal path; a night
+with work keeps its plan (:class:`EarlyNight`), which the run reuses once it holds the output's
+lease if the tables the plan read are unchanged (:func:`reuse_early_night`): one plan per run.
 
 Nothing here imports Prefect, Dask or torch.
 """
@@ -332,20 +334,66 @@ def remember_model(config, model: ModelPlan) -> None:
 
 
 # ------------------------------------------------------------------------------ the quiet night
+#: the tables :func:`plan_uploads` reads to decide what is done, quarantined or decided
+PLANNING_TABLES = ("candidates", "errors", "decisions")
+
+
+def planning_tables_state(config) -> tuple[str, ...]:
+    """The files of the tables a night's plan reads: any write, compaction or repair changes it."""
+    storage = StorageTarget.from_url(config.out, config.storage_options or None)
+    return tuple(url for name in PLANNING_TABLES for url in storage.list_files(f"tables/{name}", suffixes=[".parquet"]))
+
+
+@dataclass(frozen=True)
+class EarlyNight:
+    """A night planned before its run took the output's lease, and the tables it was planned from."""
+
+    night: NightPlan
+    tables: tuple[str, ...]
+
+
+def reuse_early_night(early: EarlyNight, config, model: ModelPlan) -> NightPlan | None:
+    """``early``'s plan when it still holds (call it holding the lease): made for ``model``, and no
+    run wrote, compacted or repaired the tables it read since; ``None``: plan again."""
+    if early.night.model != model:
+        return None
+    try:
+        unchanged = planning_tables_state(config) == early.tables
+    except StorageError as error:
+        logger.debug("planning the night again (tables not listed: %s)", error)
+        return None
+    return early.night if unchanged else None
+
+
+@dataclass(frozen=True)
+class QuietCheck:
+    """What :func:`check_quiet_night` found: the quiet night's summary (recorded), else the night
+    it planned for a remembered model (``None`` when it planned nothing), for the run to reuse."""
+
+    summary: dict | None = None
+    early: EarlyNight | None = None
+
+
 def record_quiet_night(config) -> dict | None:
     """If tonight has nothing new for a remembered model, record it and return its summary.
 
     Returns ``None`` (nothing written) when the model is not remembered or there is work.
     """
+    return check_quiet_night(config).summary
+
+
+def check_quiet_night(config) -> QuietCheck:
+    """:func:`record_quiet_night`, keeping the plan of a night with work for its run."""
     model = remembered_model(config)
     if model is None or (model.facts.get("random_weights") and not config.allow_random_weights):
-        return None  # unknown here, or to be refused by the normal path's checks
+        return QuietCheck()  # unknown here, or to be refused by the normal path's checks
     if needs_repair(config.out, config.storage_options or None):
-        return None  # damaged tables: the normal path moves them aside and recomputes what they held
+        return QuietCheck()  # damaged tables: the normal path moves them aside and recomputes what they held
     started = datetime.now(timezone.utc)
+    tables = planning_tables_state(config)
     night = plan_uploads(config, model)
     if night.has_work:
-        return None
+        return QuietCheck(early=EarlyNight(night, tables))
     summary = FlowSummary(run_id=new_run_id(), model_id=model.model_id, model_facts=model.facts)
     summary.skipped = len(night.uploads) - len(night.new_uploads)
     summary.planned = {**night.counts(config.top_k), "short_path": "nothing new: recorded without Prefect"}
@@ -356,4 +404,4 @@ def record_quiet_night(config) -> dict | None:
     record_detector_failures(config, night, summary.run_id)
     ensure_table(config.out, "errors", summary.model_id, summary.run_id, so)
     warn_quarantined(night)
-    return summary.as_dict()
+    return QuietCheck(summary=summary.as_dict())

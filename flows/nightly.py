@@ -29,22 +29,27 @@ from pairx_core.retrieval import Candidate, retrieve
 from tasks.candidates import candidate_keys, candidate_rows, once_per_key
 from tasks.embed import activation_cache, embed_images_task
 
-from .common import active_summary, cancel_pending, explain_items, notify, run_recorded, settings_for
+from . import run_context
+from .common import cancel_pending, explain_items, notify, run_recorded, settings_for
 from .config import NightlyConfig
-from .night_plan import NightPlan, plan_uploads, record_detector_failures, warn_quarantined
-from .preflight import resolve_model
+from .night_plan import NightPlan, plan_uploads, record_detector_failures, reuse_early_night, warn_quarantined
 from .rerank import plan_reranked, reranked_rows
-
-#: plans made by the entry flow for its work flow, by run id (same process)
-_PLANS: dict[str, NightPlan] = {}
 
 
 def plan_night(config: NightlyConfig, summary) -> NightPlan:
-    """Resolve the model and plan the night (:func:`flows.night_plan.plan_uploads`); count the skips."""
+    """Resolve the model and plan the night (:func:`flows.night_plan.plan_uploads`); count the skips.
+
+    The run's model and a night the CLI planned before the run took the lease come from the run's
+    context (:mod:`flows.run_context`): each is worked out once per run.
+    """
     logger = get_run_logger()
-    model = resolve_model(config)
+    model = run_context.model_plan(config)
     summary.model_id, summary.model_facts = model.model_id, model.facts
-    night = plan_uploads(config, model)
+    context = run_context.current()
+    early = context.early_night if context is not None else None
+    night = reuse_early_night(early, config, model) if early is not None else None
+    if night is None:
+        night = plan_uploads(config, model)
     summary.skipped += len(night.uploads) - len(night.new_uploads)
     summary.planned = night.counts(config.top_k)
     notify(summary)
@@ -62,16 +67,17 @@ def plan_night(config: NightlyConfig, summary) -> NightPlan:
 def _prepare(config: NightlyConfig, summary) -> bool:
     """Plan the night in the entry flow; a night with nothing new starts no cluster."""
     night = plan_night(config, summary)
-    _PLANS[summary.run_id] = night
+    run_context.for_run(summary.run_id).night = night
     return night.has_work
 
 
 @flow(name="nightly-work", log_prints=True)
 def nightly_work(config: NightlyConfig, run_id: str) -> None:
     """Embed, retrieve, explain and rank tonight's new uploads (as planned by :func:`plan_night`)."""
-    summary = active_summary(run_id)
+    context = run_context.for_run(run_id)
+    summary = context.summary
     so = config.storage_options or None
-    night = _PLANS.pop(run_id, None) or plan_night(config, summary)
+    night = context.night or plan_night(config, summary)
     model_id, layers = night.model.model_id, night.model.layers
     gallery, new_uploads = night.gallery, night.new_uploads
     if not night.has_work:

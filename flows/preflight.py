@@ -5,7 +5,8 @@ the CLI calls it before it starts a Prefect server, a cluster or a model, so a m
 broken pairs table fails in seconds with one line. :func:`resolve_model` builds the model on the
 CPU of the calling process (once per process, see ``infra.model_runtime``), picks the family's default
 layer when none is given and checks the layer names; the CLI calls it before the run starts, and
-every work flow calls it first, so deployments get the same checks.
+every work flow needs its result first (``flows.run_context.model_plan``: the CLI's resolution
+when it started the run, else resolved there), so deployments get the same checks.
 """
 
 from __future__ import annotations

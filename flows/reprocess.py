@@ -13,8 +13,8 @@ from infra.tables import read_table
 from .common import run_recorded
 from .config import ReprocessConfig
 from .explain_pairs import explain_recorded_items
-from .preflight import resolve_model
 from .reprocess_plan import gallery_individuals
+from .run_context import model_plan
 
 
 def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]:
@@ -32,7 +32,7 @@ def recorded_pairs(config: ReprocessConfig, new_model_id: str) -> list[PairItem]
 
 @flow(name="reprocess-work", log_prints=True)
 def reprocess_work(config: ReprocessConfig, run_id: str) -> None:
-    plan = resolve_model(config)
+    plan = model_plan(config)
     explain_recorded_items(config, recorded_pairs(config, plan.model_id), run_id, plan)
 
 

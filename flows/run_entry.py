@@ -259,8 +259,9 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
 
     from infra.redaction import hide_model_secrets
 
-    from .night_plan import remember_model
+    from .night_plan import QuietCheck, remember_model
     from .preflight import check_inputs, check_model_spec, resolve_model
+    from .run_context import RunContext, bound
 
     clock = PhaseClock()
     api = TemporaryAPI()
@@ -271,10 +272,10 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             clock.mark("checks")
             # before the model spec's own check, which imports torch: only a spec that passed every
             # check on an earlier run of this output is remembered
-            quiet = _quiet_night(config) if flow == "nightly" and api.needed else None
-            if quiet is not None:
+            quiet = _quiet_night(config) if flow == "nightly" and api.needed else QuietCheck()
+            if quiet.summary is not None:
                 clock.mark("quiet_night")
-                print_summary(flow, quiet, clock, config, json_output)
+                print_summary(flow, quiet.summary, clock, config, json_output)
                 return
             api.start_soon()  # the server starts while torch and the model load (stopped if a check fails)
             # imports torch: after the quiet-night short path, which must not
@@ -296,7 +297,9 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
             api.stop()
             raise
         entry = getattr(import_module(f"flows.{entry_module}"), flow)
-        summary, failed = run_flow(lambda: entry(config), api, control, clock, json_output)
+        # the flow runs in this process: it reuses what the checks resolved and planned
+        with bound(RunContext(flow, model=model, early_night=quiet.early)):
+            summary, failed = run_flow(lambda: entry(config), api, control, clock, json_output)
     if failed:
         summary["errors_table"] = f"{config.out.rstrip('/')}/tables/errors"
         summary["failed_items"] = failed_items(config, summary["run_id"])
@@ -312,13 +315,14 @@ def exit_for(summary: dict, failed: bool) -> None:
         raise typer.Exit(code=EXIT_FAILED)
 
 
-def _quiet_night(config) -> dict | None:
+def _quiet_night(config):
     """A night with nothing new for a model seen before on this output, recorded without Prefect
-    or torch (``flows.night_plan``); ``None``: take the normal path (which reports any problem)."""
-    from .night_plan import record_quiet_night
+    or torch (``flows.night_plan.check_quiet_night``); without its summary the normal path runs
+    (and reports any problem), reusing the night planned here when it still holds."""
+    from .night_plan import QuietCheck, check_quiet_night
 
     try:
-        return record_quiet_night(config)
+        return check_quiet_night(config)
     except Exception as error:  # noqa: BLE001 - the normal path checks and reports properly
         logging.getLogger("pairx.cli").debug("quiet-night short path not taken: %s", error)
-        return None
+        return QuietCheck()
