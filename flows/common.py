@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 from infra.cluster import make_task_runner
+from infra.decoded_photos import clear_decoded_photos
 from infra.lease import OutputLockedError, output_lease
 from infra.tables import count_run_rows, ensure_table, table_url
 from infra.verify import repair_tables
@@ -114,6 +115,7 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE.pop(summary.run_id, None)
+        clear_decoded_photos()  # this process's decodes of the run's photos (infra.decoded_photos)
         recorder.record()
         notify(summary)
     result = summary.as_dict()
