@@ -20,12 +20,12 @@ from pairx_core.render import PANELS_INFO_KEY
 
 from ..decoded_photos import load_photo
 from ..images import PICTURE_LONG_SIDE, decode_need
-from ..storage import StorageTarget
+from ..storage import OutputLayout, StorageTarget
 from .data import Photo
 
 logger = logging.getLogger(__name__)
 
-THUMBS_DIR = "report/thumbs"
+THUMBS_DIR = f"{OutputLayout.REPORT}/thumbs"
 #: long side of photo thumbnails in pages, and of the enlarged photo a click opens
 PHOTO_PX = 240
 PHOTO_LARGE_PX = PICTURE_LONG_SIDE  # the decode policy's picture floor (infra.images.decode_need)
