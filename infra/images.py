@@ -42,6 +42,11 @@ cheaper to decode). The chip's mapping to original pixels is then stored as an a
 (:attr:`LoadedImage.chip_affine`): :meth:`LoadedImage.to_original` keeps answering in coordinates of
 the full-resolution, EXIF-upright image, and ``original_size``/``box`` stay full-resolution too.
 Other formats, and calls without ``target_size``, decode at full size.
+
+One decode per photo: :func:`decode_photo` decodes a photo once, whole, at the scale every chip a
+caller will cut allows (:class:`DecodeNeed`; :func:`decode_need` is the need every consumer of a
+run states), and :meth:`DecodedPhoto.chip` cuts chips from it. ``infra.decoded_photos`` keeps
+that decode for the run's other consumers in the process.
 """
 
 from __future__ import annotations
