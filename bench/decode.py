@@ -13,8 +13,11 @@ one image at a time (median of ``--repeats``, modes interleaved), and a batch of
 images decoded in ``--threads`` threads (images per second, ms per image). It also reports how far
 each mode's model input lies from the full decode's (mean / max absolute difference, in
 normalised units). Prints one JSON line per mode, and one ``decode_detections`` line: a camera-trap
-frame with ``--detections`` (3) boxes cut from one decode (``infra.images.cut_chip``, what the
-nightly flow does) against one box, and against one decode per box.
+frame with ``--detections`` (3) boxes cut from one decode (``infra.images.cut_chip``) against one
+box, and against one decode per box; and one ``embed_step`` line: the embed task's read, decode and
+preprocess of ``--batch`` photo files (``tasks.embed._load_all``), before (full decode, what the
+step did until it shared the run's decode policy) and after (``infra.images.decode_need`` of the
+model input: a draft decode), in the same run, ms per photo.
 
 Example::
 
@@ -138,6 +141,7 @@ def main() -> None:
             "loadavg_1m": round(os.getloadavg()[0], 2),
         }))
     detections_line(args, photos[0], prep)
+    embed_step_line(args, photos, prep)
 
 
 def detections_line(args: argparse.Namespace, photo: bytes, prep: Preprocessing) -> None:
@@ -166,6 +170,44 @@ def detections_line(args: argparse.Namespace, photo: bytes, prep: Preprocessing)
         "model_input": args.size, **{f"ms_{name}": round(1000 * value, 1) for name, value in medians.items()},
         "ratio_boxes_vs_one": round(medians["boxes_one_decode"] / medians["one_box"], 2),
         "ratio_decode_each_vs_once": round(medians["boxes_one_decode_each"] / medians["boxes_one_decode"], 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }))
+
+
+def embed_step_line(args: argparse.Namespace, photos: list[bytes], prep: Preprocessing) -> None:
+    """The embed task's load of ``--batch`` photo files: full decode (before) vs draft (after)."""
+    import tempfile
+
+    from infra.decoded_photos import clear_decoded_photos
+    from infra.images import decode_need
+    from infra.night_items import NightItem
+    from tasks.embed import _load_all
+
+    with tempfile.TemporaryDirectory() as folder:
+        items = []
+        for i in range(args.batch):
+            path = Path(folder) / f"photo-{i}.jpg"
+            path.write_bytes(photos[i % len(photos)])  # one file each: one decode each
+            items.append(NightItem(str(path)))
+        needs = {"before_full": None, "after_draft": decode_need(prep.size)}
+        timings: dict[str, list[float]] = {name: [] for name in needs}
+        scales: dict[str, int] = {}
+        for _ in range(max(1, args.repeats // 3)):
+            for name, need in needs.items():
+                clear_decoded_photos()  # each repeat decodes: no photo left from the last one
+                start = time.perf_counter()
+                loaded, chips, _, errors = _load_all(items, need, 1, None, "bench")
+                prep.batch([chip.image for chip in chips.values()])
+                timings[name].append(time.perf_counter() - start)
+                assert not errors, errors
+                scales[name] = next(iter(chips.values())).decode_scale
+        clear_decoded_photos()
+    medians = {name: statistics.median(values) / len(items) for name, values in timings.items()}
+    print(json.dumps({
+        "bench": "decode", "mode": "embed_step", "original_size": [args.width, args.height], "photos": len(items),
+        "model_input": args.size, **{f"decode_scale_{name}": scale for name, scale in scales.items()},
+        **{f"ms_per_photo_{name}": round(1000 * value, 1) for name, value in medians.items()},
+        "speedup": round(medians["before_full"] / medians["after_draft"], 2),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }))
 

@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 from infra.cluster import make_task_runner
+from infra.decoded_photos import clear_decoded_photos
 from infra.lease import OutputLockedError, output_lease
-from infra.storage import counting_retries
+from infra.storage import OutputLayout, counting_retries, is_url
 from infra.tables import count_run_rows, ensure_table, table_url
 from infra.verify import repair_tables
 from tasks.explain import PairItem, RunSettings, explain_batch_task
@@ -112,6 +113,7 @@ def run_recorded(flow_name: str, config, work_flow, prepare=None) -> dict:
         raise
     finally:
         context.night = context.early_night = None  # the plans are this run's only
+        clear_decoded_photos()  # this process's decodes of the run's photos (infra.decoded_photos)
         recorder.record()
         notify(summary)
     result = summary.as_dict()
@@ -257,12 +259,12 @@ def summary_markdown(flow_name: str, config, summary: FlowSummary, top_candidate
             ("done", summary.done), ("skipped", summary.skipped), ("failed", summary.failed),
             ("seconds", f"{summary.seconds:.1f}"),
             *((f"{stage} s", f"{sec:.1f}") for stage, sec in sorted(summary.stage_seconds.items())),
-            ("tables", f"{config.out}/tables"), ("pictures", f"{config.out}/viz"),
-            ("review page", f"[{review}]({review})" if "://" in review else review)]
+            ("tables", OutputLayout(config.out).tables), ("pictures", OutputLayout(config.out).viz),
+            ("review page", f"[{review}]({review})" if is_url(review) else review)]
     if summary.planned.get("dashboard"):
         rows.append(("Dask dashboard", f"[{summary.planned['dashboard']}]({summary.planned['dashboard']})"))
     if summary.failed:
-        rows.append(("errors", f"{config.out}/tables/errors (run_id = {summary.run_id})"))
+        rows.append(("errors", f"{OutputLayout(config.out).table('errors')} (run_id = {summary.run_id})"))
     if summary.error:
         rows.append(("error", summary.error.replace("|", "\\|").replace("\n", " ")[:500]))
     lines = [f"# pairx {flow_name}: {summary.status}", "", "| | |", "|---|---|"]
@@ -281,7 +283,7 @@ def _cell(text) -> str:
 
 def _public_report_url(config) -> str:
     public = getattr(config, "public_url", None)
-    return f"{public.rstrip('/')}/report/index.html" if public else f"{config.out}/report/index.html"
+    return OutputLayout(public or config.out).join(OutputLayout.REPORT, "index.html")
 
 
 #: uploads listed in the run artifact (the candidates table holds all of them)

@@ -53,7 +53,8 @@ class CommonConfig(BaseModel):
                                                         "workers' environment ($PAIRX_STORAGE_OPTIONS, AWS_*)")
     render: bool = True
     min_image_side: int = Field(32, ge=1, description="images whose shorter side has fewer pixels are errors")
-    report: bool = Field(True, description="write or update the review site OUT/report/ at the end of the run")
+    report: bool = Field(True, description="write or update the review site (OUT's report folder) at the end of the "
+                                                   "run")
     lease_wait_s: float = Field(1800.0, ge=0, description="how long to wait while another run writes the same "
                                                           "output (its lease), before giving up")
 
@@ -84,7 +85,9 @@ class CommonConfig(BaseModel):
 
     @property
     def cache_url(self) -> str:
-        return self.cache or f"{self.out}/cache"
+        from infra.storage import OutputLayout
+
+        return self.cache or OutputLayout(self.out).cache
 
 
 class ExplainPairsConfig(CommonConfig):

@@ -98,6 +98,9 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
     done, skipped, failed = summary.get("done", 0), summary.get("skipped", 0), summary.get("failed", 0)
     seconds = summary.get("seconds") or 0.0
     rate = f" ({done / seconds:.2f} pairs/s)" if done and seconds else ""
+    from infra.storage import OutputLayout
+
+    layout = OutputLayout(out)
     lines = [f"{flow} {summary.get('status', 'completed')}: {done} explained, {skipped} skipped, {failed} failed "
              f"in {seconds:.1f} s{rate}; run {summary.get('run_id')}"]
     if summary.get("detections"):  # camera-trap nights: frames, detections, empty frames, failures
@@ -107,15 +110,16 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
         lines.append("not read (unsupported files): " + ", ".join(f"{n} {suffix}" for suffix, n in
                                                                  sorted(unsupported.items())))
     if summary.get("repaired_files"):
-        lines.append(f"repaired: {summary['repaired_files']} damaged table file(s) moved to {out}/_pairx/quarantine/, "
+        quarantine = layout.join(OutputLayout.control_path("quarantine"))
+        lines.append(f"repaired: {summary['repaired_files']} damaged table file(s) moved to {quarantine}/, "
                      "their rows recomputed")
-    lines.append(f"tables: {out}/tables   pictures: {out}/viz")
+    lines.append(f"tables: {layout.tables}   pictures: {layout.viz}")
     if summary.get("report"):
         lines.append(f"review page: {summary['report']}")
     if summary.get("dashboard"):
         lines.append(f"Dask dashboard (while the run ran): {summary['dashboard']}")
     if failed:
-        lines.append(f"errors: {out}/tables/errors (run_id = {summary.get('run_id')})")
+        lines.append(f"errors: {layout.table('errors')} (run_id = {summary.get('run_id')})")
         items = summary.get("failed_items") or []
         if items:
             lines.append(f"failed items ({len(items)} of {failed} shown):" if failed > len(items) else "failed items:")

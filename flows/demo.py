@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from infra.storage import OutputLayout
 from pairx_core.geometry import cell_size
 from pairx_core.synthetic.ground_truth import match_accuracy, random_baseline
 from pairx_core.synthetic import make_individuals, render_photo, true_mapping
@@ -173,8 +174,8 @@ def run_demo(settings: DemoSettings, prepared: PreparedDemo | None = None) -> di
     decided = {"decisions": decide_from_truth(config.out, truth)} if settings.auto_decide else {}
     write_index(settings.out, config.out, truth, layer)
     return {**flow_summary, **scores, **decided, "seconds_total": round(time.perf_counter() - started, 1),
-            "index_html": str(settings.out / "index.html"), "tables": f"{config.out}/tables",
-            "pictures": f"{config.out}/viz"}
+            "index_html": str(settings.out / "index.html"), "tables": OutputLayout(config.out).tables,
+            "pictures": OutputLayout(config.out).viz}
 
 
 def truth_requests(out: str, truth: dict, reviewer: str = DEMO_REVIEWER) -> list:

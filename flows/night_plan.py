@@ -33,7 +33,7 @@ from infra.detections import DetectorSelection, detection_id, read_detections
 from infra.images import content_hash
 from infra.inputs import list_uploads_counted
 from infra.night_items import DECIDED, NightItem, gallery_source, latest_verdicts, whole_items
-from infra.storage import StorageTarget
+from infra.storage import OutputLayout, StorageTarget
 from infra.tables import ensure_table, read_table, write_table
 from infra.verify import needs_repair
 from pairx_core import ENGINE_VERSION
@@ -46,7 +46,7 @@ from .run_record import FlowSummary, new_run_id, write_run
 logger = logging.getLogger("pairx.flows")
 
 #: where remembered model facts live, relative to the output
-MODELS_FILE = "_pairx/models.json"
+MODELS_FILE = OutputLayout.control_path("models.json")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 from infra.inputs import InputError, PathRules, list_uploads_counted, listed_sizes, read_pairs
 from infra.night_items import gallery_items
 from infra.model_store import redact_model_spec
-from infra.storage import StorageTarget
+from infra.storage import OutputLayout, StorageTarget
 from pairx_core.errors import ConfigError
 
 
@@ -61,7 +61,7 @@ def check_output(out: str, storage_options=None) -> None:
     """An object-store output needs an existing bucket; a local output needs a folder-able path."""
     target = StorageTarget.from_url(out, storage_options)
     fs = target.filesystem()
-    path = fs._strip_protocol(target.root)
+    path = target.raw_path()
     if target.is_object_store:
         bucket = path.split("/", 1)[0]
         if not fs.exists(bucket):
@@ -147,7 +147,7 @@ def check_inputs(flow: str, config) -> RunPlan:
         items = read_pairs(config.pairs, config.image_root, so, pairs_rules(config))
         return RunPlan(flow, check_pairs_paths(config, items))
     if flow == "reprocess":
-        if not StorageTarget.from_url(config.out, so).exists("tables/pairs"):
+        if not StorageTarget.from_url(config.out, so).exists(OutputLayout.table_path("pairs")):
             raise InputError(config.out, "no pairs table under this output: nothing to reprocess")
         from .reprocess_plan import recorded_pairs_summary
 

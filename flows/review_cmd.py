@@ -30,16 +30,17 @@ def review_cmd(
     from pairx_core.errors import ConfigError
 
     from infra.report.server import check_binding, journal_folder, serve
+    from infra.storage import OutputLayout
 
     try:
         check_binding(host, token)
-        site = journal_folder(out).parent.parent / "report"
+        site = journal_folder(out).parent.parent / OutputLayout.REPORT
         if not site.is_dir():
-            raise ConfigError(f"{out}/report does not exist: run `pairx report {out}` first")
+            raise ConfigError(f"{OutputLayout(out).report} does not exist: run `pairx report {out}` first")
     except ConfigError as error:
         _fail(str(error))
     suffix = f"?token={token}" if token else ""
-    typer.echo(f"review site: http://{host}:{port}/report/index.html{suffix}  (Ctrl-C to stop)")
+    typer.echo(f"review site: http://{host}:{port}/{OutputLayout.REPORT}/index.html{suffix}  (Ctrl-C to stop)")
     try:
         serve(out, host, port, token, flush_every_s=flush_seconds, flush_rows=flush_rows)
     except ConfigError as error:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import typer
 
 from infra.prefect_server import TemporaryAPI
+from infra.storage import OutputLayout
 
 from .console import PhaseClock, failed_items, human_summary, print_summary, progress_display  # noqa: F401
 
@@ -301,7 +302,7 @@ def run_command(flow: str, config, entry_module: str, json_output: bool) -> None
         with bound(RunContext(flow, model=model, early_night=quiet.early)):
             summary, failed = run_flow(lambda: entry(config), api, control, clock, json_output)
     if failed:
-        summary["errors_table"] = f"{config.out.rstrip('/')}/tables/errors"
+        summary["errors_table"] = OutputLayout(config.out).table("errors")
         summary["failed_items"] = failed_items(config, summary["run_id"])
     print_summary(flow, summary, clock, config, json_output)
     exit_for(summary, failed)

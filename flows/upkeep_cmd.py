@@ -154,8 +154,8 @@ def compact_cmd(
 # ------------------------------------------------------------------------------ verify
 def verify_cmd(
     out: str = typer.Argument(..., help="output root: folder or URL (s3://bucket/prefix)"),
-    repair: bool = typer.Option(False, "--repair", help="move damaged table files to OUT/_pairx/quarantine/ (the "
-                                                        "next run recomputes what they held)"),
+    repair: bool = typer.Option(False, "--repair", help="move damaged table files aside, into OUT's quarantine "
+                                                        "folder (the next run recomputes what they held)"),
     cache: Optional[str] = Cache,
     lease_wait: float = LeaseWait,
     json_output: bool = JsonOut,
@@ -201,9 +201,9 @@ CacheOut = typer.Argument(..., help="output root: folder or URL (its cache is OU
 
 def _cache_url(out: str, cache: Optional[str]) -> str:
     """The cache of OUT; refuses (exit 2) when neither the cache nor a pairx output is there."""
-    from infra.storage import StorageTarget
+    from infra.storage import OutputLayout, StorageTarget
 
-    url = cache or f"{out.rstrip('/')}/cache"
+    url = cache or OutputLayout(out).cache
     with _reported():
         present = StorageTarget.from_url(url).exists()
     if not present:

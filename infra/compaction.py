@@ -23,7 +23,7 @@ from typing import Any
 from pairx_core.errors import ConfigError
 
 from .lease import output_lease
-from .storage import StorageTarget
+from .storage import OutputLayout, StorageTarget
 from .tables import TABLE_SCHEMAS, CompactedPartition, DamagedTableError, compact_table
 from .verify import damaged_table_files, require_output_root
 
@@ -70,9 +70,11 @@ def compact_output(out: str, tables: Sequence[str] | None = None, *, lease_wait_
     results = []
     with output_lease(out, f"compact-{uuid.uuid4().hex[:12]}", "compact", wait_s=lease_wait_s,
                       storage_options=storage_options):
-        damaged = [d for d in damaged_table_files(out, storage_options) if any(f"/tables/{n}/" in d.url for n in names)]
+        tables_folder = f"/{OutputLayout.TABLES}/"
+        damaged = [d for d in damaged_table_files(out, storage_options)
+                   if any(f"/{OutputLayout.table_path(n)}/" in d.url for n in names)]
         if damaged:  # rewriting a partition would need its rows: repair first
-            raise DamagedTableError(damaged[0].url.split("/tables/", 1)[1].split("/", 1)[0],
+            raise DamagedTableError(damaged[0].url.split(tables_folder, 1)[1].split("/", 1)[0],
                                     [f"{d.url} ({d.reason[:120]})" for d in damaged])
         for name in names:
             files_before, bytes_before = _visible_files(target, name)
@@ -85,5 +87,5 @@ def compact_output(out: str, tables: Sequence[str] | None = None, *, lease_wait_
 
 def _visible_files(target: StorageTarget, table: str) -> tuple[int, int]:
     """How many Parquet files table ``table`` has, and their bytes."""
-    paths = target.glob(f"tables/{table}/*/*/*.parquet")
+    paths = target.glob(f"{OutputLayout.table_path(table)}/*/*/*.parquet")
     return len(paths), sum(os.path.getsize(path) for path in paths)

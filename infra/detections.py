@@ -50,7 +50,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pairx_core.errors import ConfigError
 
 from .inputs import InputError, read_input_bytes
-from .storage import StorageTarget
+from .storage import StorageTarget, is_url
 
 __all__ = [
     "BBOX_TOLERANCE",
@@ -463,7 +463,7 @@ def resolve_photo(file: str, uploads: StorageTarget) -> str:
             that leaves the uploads folder (``../``).
     """
     text = file.strip()
-    if "://" in text:
+    if is_url(text):
         return text
     if _WINDOWS_ABSOLUTE.match(text):
         raise ValueError("a Windows absolute path cannot be read here: write paths relative to the uploads folder")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .storage import StorageTarget, is_temp_name, is_transient
+from .storage import OutputLayout, StorageTarget, is_temp_name, is_transient
 from .tables import read_table
 
 __all__ = ["GcReport", "collect_orphans"]
@@ -77,9 +77,9 @@ def collect_orphans(out: str, *, min_age_s: float = 3600.0, dry_run: bool = Fals
     committed = set(read_table(out, "pairs", columns=["commit_id"], storage_options=storage_options,
                                damaged="raise")["commit_id"].dropna())
     report = GcReport()
-    everything = target.list_files("tables/matches") + target.list_files("viz")
+    everything = target.list_files(OutputLayout.table_path("matches")) + target.list_files(OutputLayout.VIZ)
     for url in everything:
-        path = fs._strip_protocol(url)
+        path = target.raw_path(url)
         if url.endswith(".parquet"):
             try:
                 with fs.open(path, "rb") as handle:
@@ -94,8 +94,8 @@ def collect_orphans(out: str, *, min_age_s: float = 3600.0, dry_run: bool = Fals
         elif (match := _PICTURE_RE.search(url)) and match["commit"] not in committed:
             if _age_s(fs, path) >= min_age_s:
                 report.pictures.append(url)
-    for folder in ("tables", "viz"):
-        base = fs._strip_protocol(target.url(folder))
+    for folder in (OutputLayout.TABLES, OutputLayout.VIZ):
+        base = target.raw_path(folder)
         if not fs.exists(base):
             continue
         for path in fs.find(base):

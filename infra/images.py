@@ -42,6 +42,11 @@ cheaper to decode). The chip's mapping to original pixels is then stored as an a
 (:attr:`LoadedImage.chip_affine`): :meth:`LoadedImage.to_original` keeps answering in coordinates of
 the full-resolution, EXIF-upright image, and ``original_size``/``box`` stay full-resolution too.
 Other formats, and calls without ``target_size``, decode at full size.
+
+One decode per photo: :func:`decode_photo` decodes a photo once, whole, at the scale every chip a
+caller will cut allows (:class:`DecodeNeed`; :func:`decode_need` is the need every consumer of a
+run states), and :meth:`DecodedPhoto.chip` cuts chips from it. ``infra.decoded_photos`` keeps
+that decode for the run's other consumers in the process.
 """
 
 from __future__ import annotations
@@ -61,14 +66,22 @@ from pairx_core.geometry import as_transform, compose, invert, map_points, rotat
 
 from .storage import StorageTarget
 
+#: ``(box, theta)`` of one chip cut from a photo (box None: the whole photo)
+Chip = tuple[Sequence[float] | None, float]
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "PICTURE_LONG_SIDE",
+    "Chip",
+    "DecodeNeed",
+    "DecodedPhoto",
     "LoadedImage",
     "content_hash",
     "cut_chip",
     "decode_image",
+    "decode_need",
+    "decode_photo",
     "load_image",
     "to_rgb",
 ]
@@ -268,6 +281,7 @@ def _allowed_formats() -> list[str]:
 
 
 def _open_checked(data: bytes, uri: str, max_pixels: int, draft=None) -> tuple[Image.Image, int]:
+    """Open, check and load ``data``; ``draft(opened) -> scale`` may reduce the decode first."""
     if len(data) == 0:
         raise ImageError(uri, "empty file (0 bytes)")
     try:
@@ -304,43 +318,174 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _draft_scale(
-    image: Image.Image,
-    uri: str,
-    box: Sequence[float] | None,
-    theta: float,
-    target_size: tuple[int, int],
-    picture_long_side: int,
-) -> int:
-    """Largest DCT scale that keeps the chip >= ``target_size`` (H, W) and its long side >=
-    ``PICTURE_FLOOR_SHARE * min(picture_long_side, full long side)``; applies it with
-    ``Image.draft``. 1: none."""
-    if image.format not in ("JPEG", "MPO"):
+def _max_draft_scale(draftable: bool, stored_size: tuple[int, int], upright_size: tuple[int, int],
+                     chips: Sequence[Chip], need: DecodeNeed | None, uri: str) -> int:
+    """Largest DCT scale (8, 4, 2; 1: none) that divides both stored sides and keeps every chip of
+    ``chips`` at least ``need.target_size`` (H, W) and its long side at least
+    ``PICTURE_FLOOR_SHARE * min(need.picture_long_side, its full-resolution long side)``.
+
+    A chip whose box is unusable does not bound the scale: it fails when it is cut.
+    """
+    if not draftable or need is None:
         return 1
-    stored_w, stored_h = image.size
-    upright_w, upright_h = (stored_h, stored_w) if _orientation(image) in _TRANSPOSING_ORIENTATIONS else image.size
-    if box is None:
-        chip_w, chip_h = upright_w, upright_h
-    else:
-        try:
-            _, _, chip_w, chip_h = _pixel_box(box, upright_w, upright_h, uri, clip=theta == 0.0)
-        except ImageError as error:
-            error.about_box = True  # the file is fine: never quarantined for its box
-            raise
-    target_h, target_w = target_size
-    long_side = max(chip_w, chip_h)
-    picture_floor = max(PICTURE_FLOOR_SHARE * min(picture_long_side, long_side), 1)
-    limit = min(chip_w / max(target_w, 1), chip_h / max(target_h, 1), long_side / picture_floor)
+    stored_w, stored_h = stored_size
+    upright_w, upright_h = upright_size
+    target_h, target_w = need.target_size
+    limit = math.inf
+    for box, theta in chips:
+        if box is None:
+            chip_w, chip_h = upright_w, upright_h
+        else:
+            try:
+                _, _, chip_w, chip_h = _pixel_box(box, upright_w, upright_h, uri, clip=float(theta) == 0.0)
+            except (ImageError, TypeError, ValueError):
+                continue
+        long_side = max(chip_w, chip_h)
+        picture_floor = max(PICTURE_FLOOR_SHARE * min(need.picture_long_side, long_side), 1)
+        limit = min(limit, chip_w / max(target_w, 1), chip_h / max(target_h, 1), long_side / picture_floor)
     for scale in _DRAFT_SCALES:
         if scale <= limit and stored_w % scale == 0 and stored_h % scale == 0:
-            result = image.draft("RGB", (stored_w // scale, stored_h // scale))
-            if result is None:
-                return 1
-            applied = stored_w / result[1][2]
-            if abs(applied - scale) > 1e-9 or image.size != (stored_w // scale, stored_h // scale):
-                raise ImageError(uri, f"JPEG draft gave scale {applied}, expected {scale}")  # pragma: no cover
             return scale
     return 1
+
+
+def _apply_draft(image: Image.Image, scale: int, uri: str) -> int:
+    """Ask Pillow to decode ``image`` (a JPEG, not yet loaded) at ``1/scale``; the scale it applied."""
+    if scale == 1:
+        return 1
+    stored_w, stored_h = image.size
+    result = image.draft("RGB", (stored_w // scale, stored_h // scale))
+    if result is None:
+        return 1
+    applied = stored_w / result[1][2]
+    if abs(applied - scale) > 1e-9 or image.size != (stored_w // scale, stored_h // scale):
+        raise ImageError(uri, f"JPEG draft gave scale {applied}, expected {scale}")  # pragma: no cover
+    return scale
+
+
+@dataclass(frozen=True)
+class DecodeNeed:
+    """What the consumers of a photo need from its decode (the pipeline's one decode policy).
+
+    A JPEG is decoded at the largest DCT scale (1/2, 1/4, 1/8 of the stored size) at which every
+    chip asked for stays at least ``target_size`` ``(H, W)`` and its long side at least
+    :data:`PICTURE_FLOOR_SHARE` of ``min(picture_long_side, its full-resolution long side)``;
+    other formats are decoded at full size.
+    """
+
+    target_size: tuple[int, int] = (1, 1)
+    picture_long_side: int = PICTURE_LONG_SIDE
+
+
+def decode_need(model_input: tuple[int, int] | None = None) -> DecodeNeed:
+    """The need every consumer of a run states: the model input ``(H, W)`` where it has one
+    (embedding, stage 1, explaining) and :data:`PICTURE_LONG_SIDE` for the PAIR-X pictures and the
+    report's enlarged photos. A decode for the model also serves the report (its scale is never
+    coarser than the report's own need)."""
+    if model_input is None:
+        return DecodeNeed()
+    return DecodeNeed(target_size=(int(model_input[0]), int(model_input[1])))
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedPhoto:
+    """One decode of a photo: the whole EXIF-upright RGB image at ``1/scale`` of full resolution.
+
+    Chips are cut from it (:meth:`chip`) without decoding again.
+
+    Attributes:
+        uri: where the bytes came from.
+        content_hash: SHA-256 hex of the raw bytes.
+        pixels: RGB ``PIL.Image`` of the whole upright photo, ``original_size / scale``.
+        scale: original pixels per decoded pixel (1: full decode; 2, 4, 8: JPEG draft).
+        original_size: ``(W, H)`` at full resolution after EXIF orientation.
+        stored_size: ``(W, H)`` as stored (before orientation), full resolution.
+        draftable: the format can be decoded at a reduced scale (JPEG).
+    """
+
+    uri: str
+    content_hash: str
+    pixels: Image.Image
+    scale: int
+    original_size: tuple[int, int]
+    stored_size: tuple[int, int]
+    draftable: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the decoded pixels hold (RGB, one byte per channel)."""
+        return self.pixels.width * self.pixels.height * 3
+
+    def max_scale(self, chips: Sequence[Chip], need: DecodeNeed | None) -> int:
+        """The coarsest scale at which ``chips`` still meet ``need`` (1: full resolution)."""
+        return _max_draft_scale(self.draftable, self.stored_size, self.original_size, chips, need, self.uri)
+
+    def serves(self, chips: Sequence[Chip], need: DecodeNeed | None) -> bool:
+        """Whether this decode is fine enough for ``chips`` under ``need``."""
+        return self.scale <= self.max_scale(chips, need)
+
+    def chip(self, box: Sequence[float] | None = None, theta: float = 0.0, min_side: int = 1) -> LoadedImage:
+        """The chip of ``box`` rotated by ``theta`` (module docstring); None: the whole photo.
+
+        Raises:
+            ImageError: the photo's shorter side is under ``min_side`` (about the file: carries
+                its content hash), or a bad box or rotation, or a chip shorter than ``min_side``.
+        """
+        theta = float(theta)
+        if not math.isfinite(theta):
+            raise ImageError(self.uri, f"theta must be finite, got {theta}")
+        width, height = self.original_size
+        if min(width, height) < min_side:
+            error = ImageError(self.uri, f"too small: {width} x {height} px (the shorter side must be at least "
+                                         f"{min_side} px)")
+            error.content_hash = self.content_hash  # about the file itself: later nights skip this content
+            raise error
+        return _cut_chip(self.pixels, self.scale, self.uri, self.content_hash, box, theta, min_side)
+
+
+def decode_photo(
+    data: bytes,
+    uri: str = "<bytes>",
+    *,
+    chips: Sequence[Chip] = ((None, 0.0),),
+    need: DecodeNeed | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    digest: str | None = None,
+) -> DecodedPhoto:
+    """Decode raw bytes once, whole and upright, at the scale ``need`` allows for ``chips``.
+
+    The one place where a photo's bytes become pixels (pure: no I/O). ``chips``: the
+    ``(box, theta)`` the caller will cut (:meth:`DecodedPhoto.chip`); ``need``: see
+    :class:`DecodeNeed` (None: full resolution). ``digest``: the bytes' content hash when the
+    caller has it already.
+
+    Raises:
+        ImageError: empty, unrecognised, truncated/corrupt or too large (carries the content
+            hash: the file itself is bad).
+    """
+    data = bytes(data)
+    if max_pixels <= 0:
+        raise ImageError(uri, f"max_pixels must be positive, got {max_pixels}")
+    digest = digest or content_hash(data)
+    facts: dict[str, Any] = {}
+
+    def draft(opened: Image.Image) -> int:
+        stored = opened.size
+        draftable = opened.format in ("JPEG", "MPO")
+        transposed = draftable and _orientation(opened) in _TRANSPOSING_ORIENTATIONS
+        upright = (stored[1], stored[0]) if transposed else stored
+        facts.update(stored=stored, draftable=draftable)
+        return _apply_draft(opened, _max_draft_scale(draftable, stored, upright, chips, need, uri), uri)
+
+    try:
+        image, scale = _open_checked(data, uri, max_pixels, draft)
+    except ImageError as error:
+        error.content_hash = digest  # about the file itself: later nights skip this content
+        raise
+    pixels = to_rgb(_upright(image))
+    return DecodedPhoto(uri=uri, content_hash=digest, pixels=pixels, scale=scale,
+                        original_size=(pixels.width * scale, pixels.height * scale),
+                        stored_size=facts["stored"], draftable=facts["draftable"])
 
 
 def decode_image(
@@ -369,30 +514,15 @@ def decode_image(
     not (the file is fine).
 
     Raises:
-        ImageError: empty, unrecognised, truncated/corrupt, too large or too small, or a bad
+        ImageError: empty, unrecognised, truncated/corrupt or too large or too small, or a bad
             box/theta.
     """
-    data = bytes(data)
-    if max_pixels <= 0:
-        raise ImageError(uri, f"max_pixels must be positive, got {max_pixels}")
     theta = float(theta)
     if not math.isfinite(theta):
         raise ImageError(uri, f"theta must be finite, got {theta}")
-    digest = content_hash(data)
-    draft = None
-    if target_size is not None:
-        def draft(opened: Image.Image) -> int:
-            return _draft_scale(opened, uri, box, theta, target_size, picture_long_side)
-    try:
-        image, scale = _open_checked(data, uri, max_pixels, draft)
-        if min(image.size) * scale < min_side:
-            raise ImageError(uri, f"too small: {image.size[0]} x {image.size[1]} px (the shorter side must be at "
-                                  f"least {min_side} px)")
-    except ImageError as error:
-        if not getattr(error, "about_box", False):
-            error.content_hash = digest  # about the file itself: later nights skip this content
-        raise
-    return _cut_chip(to_rgb(_upright(image)), scale, uri, digest, box, theta, min_side)
+    need = None if target_size is None else DecodeNeed(tuple(target_size), picture_long_side)
+    photo = decode_photo(data, uri, chips=((box, theta),), need=need, max_pixels=max_pixels)
+    return photo.chip(box, theta, min_side)
 
 
 def _upright(image: Image.Image) -> Image.Image:

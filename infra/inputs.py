@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from pairx_core.errors import ConfigError, StorageError
 
-from .storage import StorageTarget
+from .storage import StorageTarget, is_url
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -144,7 +144,7 @@ def require_folder(url: str, what: str, storage_options: Mapping[str, Any] | Non
     if not target.exists():
         raise InputError(target.root, f"the {what} folder does not exist (not mounted? wrong path?)")
     fs = target.filesystem()
-    if not target.is_object_store and not fs.isdir(fs._strip_protocol(target.root)):
+    if not target.is_object_store and not fs.isdir(target.raw_path()):
         raise InputError(target.root, f"the {what} location is a file, not a folder")
     return target
 
@@ -244,7 +244,7 @@ class PathRules:
 
     def resolve(self, root: StorageTarget, value: str) -> tuple[str, str | None]:
         """``(uri, refusal)`` of an entry relative to ``root``; ``refusal`` is None when allowed."""
-        if "://" in value:
+        if is_url(value):
             if self.allow_urls:
                 return value, None
             return value, "a URL entry under --image-root is not read (pass --allow-urls to read URLs)"
@@ -333,7 +333,7 @@ def listed_sizes(uris: list[str], storage_options: Mapping[str, Any] | None = No
     for folder, members in by_folder.items():
         target = StorageTarget.from_url(folder, storage_options)
         fs = target.filesystem()
-        path = fs._strip_protocol(target.root)
+        path = target.raw_path()
         fs.invalidate_cache(path)
         try:
             entries = fs.ls(path, detail=True)
@@ -341,7 +341,7 @@ def listed_sizes(uris: list[str], storage_options: Mapping[str, Any] | None = No
             entries = []
         present = {str(e["name"]).rstrip("/"): e.get("size") for e in entries if e.get("type") != "directory"}
         for uri in members:
-            sizes[uri] = present.get(fs._strip_protocol(uri).rstrip("/"))
+            sizes[uri] = present.get(target.raw_path(uri).rstrip("/"))
     return sizes
 
 
@@ -392,7 +392,7 @@ def manifest_rows(gallery: str, storage_options: Mapping[str, Any] | None = None
     for number, row in zip(frame.index, frame.to_dict("records")):
         line = int(number) + 2
         image = _text_cell(gallery, line, "image", row["image"])
-        if "://" not in image and not image.startswith("/"):
+        if not is_url(image) and not image.startswith("/"):
             normal = posixpath.normpath(image)
             if (normal == ".." or normal.startswith("../")) and not allow_outside_root:
                 raise InputError(gallery, f"row {line}: image {image} leaves the manifest's folder "

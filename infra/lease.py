@@ -34,13 +34,13 @@ from typing import Any, Mapping
 
 from pairx_core.errors import PairXError
 
-from .storage import StorageTarget, is_transient, storage_errors, with_retries
+from .storage import OutputLayout, StorageTarget, is_transient, storage_errors, with_retries
 
 logger = logging.getLogger("pairx.lease")
 
 __all__ = ["LEASE_PATH", "Lease", "OutputLockedError", "describe_holder", "output_lease"]
 
-LEASE_PATH = "_pairx/lease.json"
+LEASE_PATH = OutputLayout.control_path("lease.json")
 DEFAULT_TTL_S = 120.0
 
 
@@ -172,7 +172,7 @@ def _create_exclusive(target: StorageTarget, data: bytes) -> bool:
                     os.unlink(temp)
             return True
         fs = target.filesystem()
-        path = fs._strip_protocol(url)
+        path = target.raw_path(url)
         if target.is_object_store:
             try:
                 fs.pipe_file(path, data, mode="create")

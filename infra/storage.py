@@ -47,7 +47,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -61,8 +61,10 @@ __all__ = [
     "with_retries",
     "STORAGE_OPTIONS_ENV",
     "environment_storage_options",
+    "OutputLayout",
     "StorageTarget",
     "is_temp_name",
+    "is_url",
     "is_transient",
     "safe_segment",
     "storage_errors",
@@ -300,8 +302,10 @@ def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     return proto[0] if isinstance(proto, (tuple, list)) else str(proto)
 
 
-def _has_protocol(url: str) -> bool:
-    return "://" in url or url.startswith("file:")
+def is_url(text: str) -> bool:
+    """Whether ``text`` names a location with a protocol (``s3://b/k``, ``file:///x``, ``https://...``),
+    not a plain path."""
+    return "://" in text or text.startswith("file:")
 
 
 @dataclass
@@ -507,13 +511,23 @@ class StorageTarget:
         fs, fs_path = self._resolve(path)
         return self._canonical(fs, fs_path)
 
+    def raw_path(self, path: str = "") -> str:
+        """The filesystem's own form of ``path`` (relative to the root, or a full URL of the root's
+        filesystem), without protocol: what the methods of :meth:`filesystem` take."""
+        return self._resolve(path)[1]
+
+    @property
+    def layout(self) -> OutputLayout:
+        """The output folders under this root (canonical URLs)."""
+        return OutputLayout(self.root)
+
     def _resolve(self, path: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, filesystem-internal path) of a relative path or full URL."""
         path = str(path)
         root_fs = self.filesystem()
         if path == "":
             target = self.root
-        elif _has_protocol(path):
+        elif is_url(path):
             scheme = path.split(":", 1)[0]
             own = root_fs.protocol if isinstance(root_fs.protocol, (tuple, list)) else [root_fs.protocol]
             if scheme not in own and not (scheme == "file" and self.is_local):
@@ -702,10 +716,72 @@ class StorageTarget:
         import zarr.storage
 
         url = self.url(path)
-        if self.is_local and not _has_protocol(url):
+        if self.is_local and not is_url(url):
             if not read_only:
                 os.makedirs(url, exist_ok=True)
             return zarr.storage.LocalStore(url, read_only=read_only)
         with storage_errors(url):
             options = {**environment_storage_options(url), **dict(self.storage_options)}
             return zarr.storage.FsspecStore.from_url(url, storage_options=options or None, read_only=read_only)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The folders of an output root ``OUT``: the one place that names them.
+
+    - ``tables/<name>/``: Parquet datasets (``infra.tables``);
+    - ``viz/``: PAIR-X pictures (``infra.viz``);
+    - ``report/``: the review site (``infra.report``);
+    - ``cache/``: the default activation cache (``--cache`` moves it);
+    - ``_pairx/``: control files (the lease, quarantined table files, the review journal).
+
+    The class attributes are the folder names, for paths relative to ``OUT`` (what
+    :class:`StorageTarget` methods take). An instance joins them to ``root`` as written, without
+    resolving it (messages show OUT as the user gave it); ``StorageTarget.layout`` gives the
+    canonical URLs.
+    """
+
+    root: str
+
+    TABLES: ClassVar[str] = "tables"
+    VIZ: ClassVar[str] = "viz"
+    REPORT: ClassVar[str] = "report"
+    CACHE: ClassVar[str] = "cache"
+    CONTROL: ClassVar[str] = "_pairx"
+
+    def join(self, *parts: str) -> str:
+        """``root/part0/part1/...``."""
+        return "/".join([self.root.rstrip("/"), *(str(p).strip("/") for p in parts if str(p).strip("/"))])
+
+    @classmethod
+    def table_path(cls, name: str) -> str:
+        """``tables/<name>``, relative to OUT."""
+        return f"{cls.TABLES}/{name}"
+
+    @classmethod
+    def control_path(cls, *parts: str) -> str:
+        """``_pairx/<parts...>``, relative to OUT."""
+        return "/".join([cls.CONTROL, *parts])
+
+    @property
+    def tables(self) -> str:
+        return self.join(self.TABLES)
+
+    def table(self, name: str) -> str:
+        return self.join(self.TABLES, name)
+
+    @property
+    def viz(self) -> str:
+        return self.join(self.VIZ)
+
+    @property
+    def report(self) -> str:
+        return self.join(self.REPORT)
+
+    @property
+    def cache(self) -> str:
+        return self.join(self.CACHE)
+
+    @property
+    def control(self) -> str:
+        return self.join(self.CONTROL)

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pairx_core.errors import ConfigError, PairXError
 
-from .storage import StorageTarget, is_transient, safe_segment, with_retries
+from .storage import OutputLayout, StorageTarget, is_transient, safe_segment, with_retries
 
 logger = logging.getLogger("pairx.tables")
 
@@ -193,7 +193,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
             _f("cache_damaged", pa.int64(), "cache entries that failed their checksum or value checks and were "
                                             "recomputed"),
             _f("n_repaired_files", pa.int64(),
-               "damaged table files the run moved to _pairx/quarantine/ (their rows recomputed)"),
+               f"damaged table files the run moved to {OutputLayout.control_path('quarantine')}/ (their rows "
+               "recomputed)"),
             _f("n_unsupported", pa.int64(),
                "files of the uploads folder that are not supported photos (HEIC, sidecars, ...): counted, not read"),
             _f("n_frames", pa.int64(), "camera-trap night (--detections): frames the detector file lists"),
@@ -320,7 +321,7 @@ def _date_segment(date: str | date_type | datetime | None) -> str:
 def table_url(out_url: str, name: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """URL of table ``name``'s dataset folder: ``<OUT>/tables/<name>``."""
     _schema(name)
-    return StorageTarget.from_url(out_url, storage_options).join("tables", name)
+    return StorageTarget.from_url(out_url, storage_options).layout.table(name)
 
 
 def _to_utc(value: Any, column: str) -> Any:
@@ -460,7 +461,7 @@ def write_table(
     pq.write_table(table, buffer, compression="zstd", write_page_checksum=True)
     target = StorageTarget.from_url(out_url, storage_options)
     filename = f"{_part_prefix(run_id)}{uuid.uuid4().hex[:_PART_ID_LENGTH]}.parquet"
-    return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+    return target.write_bytes_atomic(f"{OutputLayout.table_path(name)}/{partition}/{filename}", buffer.getvalue())
 
 
 def count_run_rows(
@@ -477,7 +478,7 @@ def count_run_rows(
     # exactly write_table's names for this run (not those of a run whose id starts with this one's)
     written = re.compile(re.escape(prefix) + f"[0-9a-f]{{{_PART_ID_LENGTH}}}\\.parquet")
     total = 0
-    for url in target.glob(f"tables/{name}/{_model_segment(model_id)}/*/{prefix}*.parquet"):
+    for url in target.glob(f"{OutputLayout.table_path(name)}/{_model_segment(model_id)}/*/{prefix}*.parquet"):
         if not written.fullmatch(url.rsplit("/", 1)[-1]):
             continue
         try:
@@ -527,13 +528,13 @@ def ensure_table(
     """
     schema = _schema(name)
     target = StorageTarget.from_url(out_url, storage_options)
-    if target.glob(f"tables/{name}/*/*/*.parquet"):
+    if target.glob(f"{OutputLayout.table_path(name)}/*/*/*.parquet"):
         return None
     buffer = io.BytesIO()
     pq.write_table(schema.empty_table(), buffer, compression="zstd")
     partition = f"{_model_segment(model_id)}/{_date_segment(None)}"
     filename = f"{_part_prefix(run_id)}empty.parquet"
-    return target.write_bytes_atomic(f"tables/{name}/{partition}/{filename}", buffer.getvalue())
+    return target.write_bytes_atomic(f"{OutputLayout.table_path(name)}/{partition}/{filename}", buffer.getvalue())
 
 
 def with_nulls(name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -585,7 +586,7 @@ def read_table(
         unknown = [c for c in columns if c not in full.names]
         if unknown:
             raise ConfigError(f"table {name!r}: unknown columns {unknown}")
-    target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
+    target = StorageTarget.from_url(out_url, storage_options).child(OutputLayout.table_path(name))
     if not target.exists():
         return _empty_frame(schema, columns)
     if damaged not in ("skip", "raise"):
@@ -609,7 +610,7 @@ def _read_dataset(target: StorageTarget, full: pa.Schema, filters: Any, model_id
         fs = target.filesystem()
         fs.invalidate_cache()  # a retry must list again
         dataset = ds.dataset(
-            fs._strip_protocol(target.root),
+            target.raw_path(),
             filesystem=fs,
             format="parquet",
             partitioning=partitioning,
@@ -634,7 +635,7 @@ def _read_dataset(target: StorageTarget, full: pa.Schema, filters: Any, model_id
 def _read_readable_files(dataset: ds.FileSystemDataset, partitioning: Any, target: StorageTarget, full: pa.Schema,
                          names: list[str], expression: Any, name: str, on_damaged: str) -> pa.Table:
     """The rows of every file that reads, file by file; damaged files are named in a WARNING."""
-    base = target.root if target.is_local else target.filesystem()._strip_protocol(target.root)
+    base = target.root if target.is_local else target.raw_path()
     tables, damaged = [], []
     for path in dataset.files:
         one = ds.dataset([path], filesystem=dataset.filesystem, format="parquet", partitioning=partitioning,
@@ -742,7 +743,7 @@ def compact_table(
     schema = _schema(name)
     if min_files < 2:
         raise ConfigError(f"min_files must be >= 2, got {min_files}")
-    target = StorageTarget.from_url(out_url, storage_options).child("tables", name)
+    target = StorageTarget.from_url(out_url, storage_options).child(OutputLayout.table_path(name))
     if not target.is_local:
         raise ConfigError(
             f"compact_table rewrites partitions with an atomic folder swap, which {target.protocol!r} storage does "

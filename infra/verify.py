@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import StorageTarget, storage_errors
+from .storage import OutputLayout, StorageTarget, storage_errors
 from .tables import TABLE_SCHEMAS, parquet_problem, read_table
 
 __all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files", "needs_repair", "quarantine",
@@ -31,7 +31,7 @@ __all__ = ["QUARANTINE_DIR", "DamagedFile", "VerifyReport", "damaged_table_files
 
 logger = logging.getLogger("pairx.verify")
 
-QUARANTINE_DIR = "_pairx/quarantine"
+QUARANTINE_DIR = OutputLayout.control_path("quarantine")
 #: files checked at once (reads of a remote store overlap)
 _CHECK_THREADS = 8
 
@@ -69,7 +69,8 @@ class VerifyReport:
 
 
 def _table_files(target: StorageTarget) -> list[str]:
-    return [url for name in TABLE_SCHEMAS for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
+    return [url for name in TABLE_SCHEMAS
+            for url in target.list_files(OutputLayout.table_path(name), suffixes=[".parquet"])]
 
 
 def damaged_table_files(out: str, storage_options: Mapping[str, Any] | None = None) -> list[DamagedFile]:
@@ -102,8 +103,8 @@ def quarantine(out: str, urls: list[str], storage_options: Mapping[str, Any] | N
                 os.replace(url, destination)  # same file system: atomic
             else:
                 fs = target.filesystem()
-                fs.copy(fs._strip_protocol(url), fs._strip_protocol(destination))
-                fs.rm(fs._strip_protocol(url))
+                fs.copy(target.raw_path(url), target.raw_path(destination))
+                fs.rm(target.raw_path(url))
         moved.append(destination)
     return moved
 
@@ -119,7 +120,7 @@ def stale_candidate_files(out: str, storage_options: Mapping[str, Any] | None = 
     target = StorageTarget.from_url(out, storage_options)
     keys = set(read_table(out, "pairs", columns=["output_key"], storage_options=storage_options)["output_key"])
     stale = []
-    for url in target.list_files("tables/candidates", suffixes=[".parquet"]):
+    for url in target.list_files(OutputLayout.table_path("candidates"), suffixes=[".parquet"]):
         with target.open(url) as handle:
             used = pq.read_table(handle, columns=["output_key"])["output_key"].drop_null().to_pylist()
         if set(used) - keys:
@@ -146,7 +147,7 @@ def stale_pairs_files(out: str, models: set[str], storage_options: Mapping[str, 
     present = set(read_table(out, "matches", columns=["commit_id"], storage_options=storage_options)
                   ["commit_id"].dropna())
     stale = []
-    for url in target.list_files("tables/pairs", suffixes=[".parquet"]):
+    for url in target.list_files(OutputLayout.table_path("pairs"), suffixes=[".parquet"]):
         if _model_folder(url) not in models:
             continue
         with target.open(url) as handle:
@@ -167,8 +168,8 @@ def quarantine_damaged(out: str, damaged: list[DamagedFile],
     moved = quarantine(out, [d.url for d in damaged], storage_options)
     logger.warning("%d damaged table file(s) moved to %s/%s; what they held is recomputed: %s", len(damaged),
                    out.rstrip("/"), QUARANTINE_DIR, "; ".join(f"{d.url} ({d.reason[:120]})" for d in damaged[:5]))
-    pairs_moved = any("/tables/pairs/" in d.url for d in damaged)
-    lost_matches = {_model_folder(d.url) for d in damaged if "/tables/matches/" in d.url}
+    pairs_moved = any(f"/{OutputLayout.table_path('pairs')}/" in d.url for d in damaged)
+    lost_matches = {_model_folder(d.url) for d in damaged if f"/{OutputLayout.table_path('matches')}/" in d.url}
     if lost_matches:
         stale_pairs = stale_pairs_files(out, lost_matches, storage_options)
         if stale_pairs:
@@ -203,7 +204,7 @@ def needs_repair(out: str, storage_options: Mapping[str, Any] | None = None) -> 
 
     target = StorageTarget.from_url(out, storage_options)
     files = [url for name in ("pairs", "candidates")
-             for url in target.list_files(f"tables/{name}", suffixes=[".parquet"])]
+             for url in target.list_files(OutputLayout.table_path(name), suffixes=[".parquet"])]
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
         problems = pool.map(lambda url: parquet_problem(url, storage_options), files)
         return any(problem is not None for problem in problems)
@@ -214,14 +215,15 @@ def _picture_path(uri: str, target: StorageTarget) -> str | None:
     root = target.root.rstrip("/") + "/"
     if uri.startswith(root):
         return uri[len(root):]
-    marker = uri.rfind("/viz/")
-    return "viz/" + uri[marker + len("/viz/"):] if marker >= 0 else None
+    folder = f"/{OutputLayout.VIZ}/"
+    marker = uri.rfind(folder)
+    return OutputLayout.VIZ + uri[marker + len(folder) - 1:] if marker >= 0 else None
 
 
 def missing_pictures(out: str, storage_options: Mapping[str, Any] | None = None) -> tuple[int, list[str]]:
     """``(pictures referenced, references whose file is absent)`` over ``pairs`` and ``candidates``."""
     target = StorageTarget.from_url(out, storage_options)
-    present = {_relative(target, url) for url in target.list_files("viz")}
+    present = {_relative(target, url) for url in target.list_files(OutputLayout.VIZ)}
     referenced: set[str] = set()
     for name in ("pairs", "candidates"):
         frame = read_table(out, name, columns=["viz_uri"], storage_options=storage_options)
@@ -231,7 +233,7 @@ def missing_pictures(out: str, storage_options: Mapping[str, Any] | None = None)
 
 
 def _cache_roots(target: StorageTarget, cache: str | None) -> str:
-    return cache or target.join("cache")
+    return cache or target.layout.cache
 
 
 def verify_output(out: str, *, repair: bool = False, cache: str | None = None,
@@ -259,5 +261,6 @@ def require_output_root(out: str, storage_options: Mapping[str, Any] | None = No
     from pairx_core.errors import ConfigError
 
     target = StorageTarget.from_url(out, storage_options)
-    if not (target.exists("tables") or target.exists("_pairx")):
-        raise ConfigError(f"{target.root}: not a pairx output root: no tables/ or _pairx/")
+    if not (target.exists(OutputLayout.TABLES) or target.exists(OutputLayout.CONTROL)):
+        raise ConfigError(f"{target.root}: not a pairx output root: no {OutputLayout.TABLES}/ or "
+                          f"{OutputLayout.CONTROL}/")

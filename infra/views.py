@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .storage import StorageTarget
+from .storage import OutputLayout, StorageTarget
 from .tables import TABLE_SCHEMAS, parquet_problem
 
 logger = logging.getLogger("pairx.views")
@@ -68,13 +68,13 @@ def _quote(text: str) -> str:
 
 
 def _base_view(view: str, table: str, target: StorageTarget) -> str:
-    files = target.list_files(f"tables/{table}", suffixes=[".parquet"])
+    files = target.list_files(OutputLayout.table_path(table), suffixes=[".parquet"])
     readable = [url for url in files if parquet_problem(url, target.storage_options or None, pages=False) is None]
     if len(readable) < len(files):
         logger.warning("view %s leaves out %d damaged file(s) (`pairx verify OUT --repair` moves them aside): %s",
                        view, len(files) - len(readable), sorted(set(files) - set(readable))[:5])
     if readable:
-        glob = target.join("tables", table) + "/**/*.parquet"
+        glob = target.layout.table(table) + "/**/*.parquet"
         source = _quote(glob) if len(readable) == len(files) else "[" + ", ".join(map(_quote, readable)) + "]"
         return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({source}, "
                 f"hive_partitioning = true, union_by_name = true)")
@@ -108,7 +108,8 @@ def _standalone_base_view(view: str, table: str) -> str:
     return (f"CREATE OR REPLACE VIEW {view} AS\n"
             "SELECT COLUMNS(lambda c: c <> 'empty') FROM (\n"
             "  SELECT\n" + "\n".join(lines) + "\n  WHERE false\n  UNION ALL BY NAME\n"
-            f"  SELECT * FROM read_parquet(getvariable('{OUT_VARIABLE}') || '/tables/{table}/**/*.parquet',\n"
+            f"  SELECT * FROM read_parquet(getvariable('{OUT_VARIABLE}') || "
+            f"'/{OutputLayout.table_path(table)}/**/*.parquet',\n"
             "                             hive_partitioning = true, union_by_name = true, allow_empty = true)\n"
             ");\n")
 

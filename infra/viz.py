@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from pairx_core.errors import ConfigError
 
-from .storage import StorageTarget, safe_segment
+from .storage import OutputLayout, StorageTarget, safe_segment
 
 __all__ = ["PICTURE_VERSION", "encode_png", "public_link", "relative_to_out", "viz_uri", "write_png"]
 
@@ -40,7 +40,7 @@ def viz_uri(
             raise ConfigError(f"viz_uri: {name} must be a non-empty string, got {value!r}")
     target = StorageTarget.from_url(out_url, storage_options)
     name = safe_segment(layer) + (f"-{safe_segment(commit_id)}" if commit_id else "")
-    return target.join("viz", f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{name}.png")
+    return target.join(OutputLayout.VIZ, f"model={safe_segment(model_id)}", safe_segment(pair_id), f"{name}.png")
 
 
 def relative_to_out(out_url: str, uri: str, storage_options: Mapping[str, Any] | None = None) -> str | None:

@@ -16,7 +16,8 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import EXACT_FEATURE_DTYPE, ActivationCache, activation_cache
-from infra.images import DEFAULT_MIN_SIDE, LoadedImage, cut_chip, load_image
+from infra.decoded_photos import load_photo
+from infra.images import DEFAULT_MIN_SIDE, DecodeNeed, LoadedImage, decode_need
 from infra.model_runtime import get_model
 from infra.night_items import NightItem, crop_key
 from infra.records import error_row, new_image_rows
@@ -55,7 +56,7 @@ def embed_images(items: Sequence[NightItem | str], *, model: str, cache_url: str
     prep = loaded_model.preprocessing
     cache = activation_cache(cache_url, loaded_model.fingerprint, prep.fingerprint(), layers, storage_options)
     items = [NightItem(item) if isinstance(item, str) else item for item in items]
-    loaded, chips, photos, errors = _load_all(items, min_image_side, storage_options, run_id)
+    loaded, chips, photos, errors = _load_all(items, decode_need(prep.size), min_image_side, storage_options, run_id)
     summary = EmbedSummary(hashes={name: key for name, (key, _) in loaded.items()}, errors=len(errors),
                            contents={name: chip.content_hash for name, (_, chip) in loaded.items()},
                            boxes={name: chip.box for name, (_, chip) in loaded.items()}, decoded=len(photos))
@@ -75,18 +76,22 @@ def embed_images(items: Sequence[NightItem | str], *, model: str, cache_url: str
     return summary
 
 
-def _load_all(items: Sequence[NightItem], min_side: int, storage_options: Mapping[str, Any] | None,
+def _load_all(items: Sequence[NightItem], need: DecodeNeed, min_side: int, storage_options: Mapping[str, Any] | None,
               run_id: str) -> tuple[dict[str, tuple[str, LoadedImage]], dict[str, LoadedImage], list[LoadedImage],
                                     list[dict]]:
     """``(cache key and chip by item name, one chip per cache key, one whole image per photo, errors
-    rows)``; each photo is decoded once; transient errors raise."""
+    rows)``; each photo is decoded once, at the scale ``need`` allows for all its items, and that
+    decode stays in this process for the run's later consumers
+    (:func:`infra.decoded_photos.load_photo`); transient errors raise."""
     by_photo: dict[str, list[NightItem]] = {}
     for item in items:
         by_photo.setdefault(item.uri, []).append(item)
     loaded, chips, photos, errors = {}, {}, [], []
     for uri, photo_items in by_photo.items():
         try:
-            whole = load_image(uri, min_side=min_side, storage_options=storage_options)
+            photo = load_photo(uri, [(item.box, item.theta) for item in photo_items], need,
+                               storage_options=storage_options, run_id=run_id)
+            whole = photo.chip(min_side=min_side)
         except Exception as error:
             if not isinstance(error, PairXError) and is_transient(error):
                 raise
@@ -95,7 +100,7 @@ def _load_all(items: Sequence[NightItem], min_side: int, storage_options: Mappin
         photos.append(whole)
         for item in photo_items:
             try:
-                chip = whole if not item.is_crop else cut_chip(whole, item.box, item.theta, min_side)
+                chip = whole if not item.is_crop else photo.chip(item.box, item.theta, min_side)
             except PairXError as error:  # about the box: the photo itself is fine
                 errors.append(error_row(item.name, "load", error, run_id))
                 continue

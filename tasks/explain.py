@@ -19,7 +19,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from infra.images import DEFAULT_MIN_SIDE, LoadedImage, cut_chip, load_image
+from infra.decoded_photos import load_photo
+from infra.images import DEFAULT_MIN_SIDE, LoadedImage, decode_need
 from infra.inputs import ImageKey, PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
 from infra.keys import OutputSettings, PlannedPair, existing_output_keys, plan_pairs
 from infra.model_runtime import LoadedModel, get_model
@@ -72,24 +73,24 @@ class BatchSummary:
 
 
 def _load_images(keys: Sequence[ImageKey], settings: RunSettings, target_size=None) -> tuple[dict, set, list[dict]]:
-    """Read and decode ``(uri, box, theta)`` keys in threads.
+    """Read and decode ``(uri, box, theta)`` keys in threads, one decode per photo (shared with the
+    run's other consumers in this process: :func:`infra.decoded_photos.load_photo`).
 
     Returns (images by key, keys that failed as bad input, their ``errors`` rows). A transient
     storage error is re-raised after the other reads finish, so the Prefect task retries it.
     """
-    crops_per_photo: dict[str, int] = {}
-    for uri, _, _ in keys:
-        crops_per_photo[uri] = crops_per_photo.get(uri, 0) + 1
+    chips_per_photo: dict[str, list[tuple]] = {}
+    for uri, box, theta in keys:
+        chips_per_photo.setdefault(uri, []).append((box, theta))
+    need = decode_need(target_size)
 
-    def load(uri):  # a photo with several crops here is decoded once, whole, at full resolution
-        return load_image(uri, min_side=settings.min_image_side, storage_options=settings.storage_options)
+    def load(uri):
+        return load_photo(uri, chips_per_photo[uri], need, storage_options=settings.storage_options,
+                          run_id=settings.run_id)
 
-    def cut(key, wholes):
-        uri, box, theta = key
-        if uri in wholes:
-            return cut_chip(wholes[uri].result(), box, theta, settings.min_image_side)
-        return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
-                          storage_options=settings.storage_options, target_size=target_size)
+    def cut(key, photo):
+        _, box, theta = key
+        return photo.result().chip(box, theta, settings.min_image_side)
 
     images: dict[ImageKey, LoadedImage] = {}
     failed: set[ImageKey] = set()
@@ -97,9 +98,9 @@ def _load_images(keys: Sequence[ImageKey], settings: RunSettings, target_size=No
     transient: BaseException | None = None
     if not keys:
         return images, failed, errors
-    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(keys))) as pool:
-        wholes = {uri: pool.submit(load, uri) for uri, n in crops_per_photo.items() if n > 1}
-        futures = [pool.submit(cut, key, wholes) for key in keys]
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(chips_per_photo))) as pool:
+        photos = {uri: pool.submit(load, uri) for uri in chips_per_photo}
+        futures = [pool.submit(cut, key, photos[key[0]]) for key in keys]
     for key, future in zip(keys, futures):
         error = future.exception()
         if error is None:

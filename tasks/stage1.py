@@ -19,7 +19,8 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import CacheIntegrityError, activation_cache
-from infra.images import DEFAULT_MIN_SIDE, load_image
+from infra.decoded_photos import load_photo
+from infra.images import DEFAULT_MIN_SIDE, decode_need
 from infra.model_runtime import get_model
 from infra.storage import retry_transient
 from pairx_core import ExplainConfig, embed
@@ -68,16 +69,16 @@ class Stage1Summary:
     cache_damaged: int = 0
 
 
-def _load(key: tuple, settings: Stage1Settings):
+def _load(key: tuple, settings: Stage1Settings, model_input: tuple[int, int]):
     uri, box, theta = key
-    return load_image(uri, box=box, theta=theta, min_side=settings.min_image_side,
-                      storage_options=settings.storage_options)
+    photo = load_photo(uri, [(box, theta)], decode_need(model_input), storage_options=settings.storage_options)
+    return photo.chip(box, theta, settings.min_image_side)
 
 
 def _recompute(loaded, cache, entries: Sequence[tuple[str, tuple]], settings: Stage1Settings) -> int:
     """Embed the ``(cache key, (uri, box, theta))`` crops again and cache them under their keys
     (embedding and ``settings.layer``): a newer batch wins."""
-    images = [_load(key, settings) for _, key in entries]
+    images = [_load(key, settings, loaded.preprocessing.size) for _, key in entries]
     tensors = loaded.preprocessing.batch([image.image for image in images])
     with loaded.lock:
         embeddings, features = embed(loaded.model, tensors, [settings.layer], device=loaded.device)
@@ -116,7 +117,7 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
             results = stage1(loaded.model, activations, index, settings.layer, prep.size, config,
                              device=loaded.device)
     except SplitUnsupportedError:
-        images = [_load(uris[h], settings) for h in hashes]
+        images = [_load(uris[h], settings, prep.size) for h in hashes]
         summary.images_decoded = len(images)
         summary.full_path = True
         tensors = prep.batch([image.image for image in images])

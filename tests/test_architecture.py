@@ -8,6 +8,7 @@ Every ``import`` statement counts, including those inside functions (lazy import
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -136,3 +137,93 @@ def test_every_core_module_imports_without_storage_or_orchestration_libraries():
     count, bad = (done.stdout.strip().splitlines()[-1].split(" ") + [""])[:2]
     assert bad == ""
     assert int(count) == len([m for m in project_modules(ROOT) if m.startswith("pairx_core.")])
+
+
+# ---------------------------------------------------------------------- storage in one place
+#: the one module that may use fsspec's private methods and spell the output folders
+STORAGE_MODULE = "infra/storage.py"
+#: folder names of an output root (``infra.storage.OutputLayout``); "cache" is left out (the word
+#: names the activation cache itself in many messages), and a bare "report" too (a command and a
+#: summary key): those two count only as path segments
+OUTPUT_FOLDERS = ("tables", "viz", "report", "_pairx")
+#: a folder name as a path segment: after or before a slash (``f"{out}/tables"``, ``"viz/a.png"``)
+_FOLDER_SEGMENT = re.compile(r"/(?:%s)(?![\w.-])|(?<![\w.-])(?:%s)/" % (("|".join(OUTPUT_FOLDERS),) * 2))
+
+
+def _private_fsspec_names() -> set[str]:
+    import fsspec
+
+    base = fsspec.AbstractFileSystem
+    return {name for name in dir(base)
+            if name.startswith("_") and not name.startswith("__") and callable(getattr(base, name))}
+
+
+def _path_positions(tree: ast.AST) -> set[int]:
+    """``id`` of string constants used as a location: a call's positional argument
+    (``target.exists("tables")``) or an element of a tuple/list looped over or tested with ``in``.
+    A bare word elsewhere (a dict key such as ``summary["tables"]``) is not a folder."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            found |= {id(arg) for arg in node.args}
+        groups = [node.iter] if isinstance(node, ast.For) else node.comparators if isinstance(node, ast.Compare) else []
+        for group in groups:
+            if isinstance(group, (ast.Tuple, ast.List, ast.Set)):
+                found |= {id(element) for element in group.elts}
+    return found
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """``id`` of every docstring constant (module, class, function): prose, not code."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def storage_violations(root: Path, private_names: set[str]) -> list[str]:
+    """Modules other than :data:`STORAGE_MODULE` that call fsspec's private methods (``_strip_protocol``,
+    ...) or spell an output folder in a string (docstrings aside)."""
+    problems = []
+    for path in project_modules(root).values():
+        where = path.relative_to(root).as_posix()
+        if where == STORAGE_MODULE:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        prose, locations = _docstrings(tree), _path_positions(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private_names:
+                problems.append(f"{where}:{node.lineno} uses {node.attr}: fsspec internals (StorageTarget.raw_path)")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+                text = node.value
+                bare = text in ("tables", "viz", "_pairx") and id(node) in locations
+                if bare or _FOLDER_SEGMENT.search(text):
+                    problems.append(f"{where}:{node.lineno} spells an output folder in {text!r} (OutputLayout)")
+    return problems
+
+
+def test_storage_internals_and_output_folders_live_in_the_storage_module():
+    assert storage_violations(ROOT, _private_fsspec_names()) == []
+
+
+def test_the_storage_checker_reports_private_fsspec_calls_and_folder_strings(tmp_path):
+    files = {
+        "infra/__init__.py": "",
+        "infra/storage.py": "def raw(fs, url):\n    return fs._strip_protocol(url) + '/tables'\n",
+        "infra/gc.py": ('"""Cleans OUT/tables/ and OUT/viz/ (prose is fine)."""\n'
+                        "def clean(fs, target):\n    return fs.find(fs._strip_protocol(target.url('viz')))\n"),
+        "flows/__init__.py": "",
+        "flows/console.py": ("def line(out, summary):\n"
+                             "    return f'tables: {out}/tables', summary['report'], 'report: done'\n"),
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert sorted(storage_violations(tmp_path, _private_fsspec_names())) == [
+        "flows/console.py:2 spells an output folder in '/tables' (OutputLayout)",
+        "infra/gc.py:3 spells an output folder in 'viz' (OutputLayout)",
+        "infra/gc.py:3 uses _strip_protocol: fsspec internals (StorageTarget.raw_path)",
+    ]

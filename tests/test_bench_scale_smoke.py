@@ -23,6 +23,9 @@ def test_decode_bench_uses_draft_scales():
     assert records["full"]["decode_scale"] == 1 and records["full"]["decoded_chip_size"] == [1600, 1200]
     assert records["draft"]["decode_scale"] == 2  # 800 >= 512 > 400: the picture floor decides
     assert records["draft_model_only"]["decode_scale"] == 8  # 150 >= 96: only the model input bounds it
+    embed_step = records.pop("embed_step")  # the embed task's decode: full (before) and draft (after)
+    assert embed_step["photos"] == 2 and embed_step["decode_scale_before_full"] == 1
+    assert embed_step["ms_per_photo_before_full"] > 0 and embed_step["ms_per_photo_after_draft"] > 0
     detections = records.pop("detections")  # several boxes cut from one decode, against one decode per box
     assert detections["detections"] == 3 and detections["ms_boxes_one_decode"] > 0
     assert all(r["ms_decode_preprocess"] > 0 and r["batch_images_per_s"] > 0 for r in records.values())

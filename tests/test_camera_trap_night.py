@@ -123,6 +123,19 @@ def _check_review_site(out: str, frames) -> None:
     assert red.sum() > 100  # the box is drawn in
 
 
+def _spy_decodes(monkeypatch) -> list[str]:
+    """URIs of the photos decoded from now on (the one step where bytes become pixels)."""
+    from infra import images
+    from infra.decoded_photos import clear_decoded_photos
+
+    clear_decoded_photos()
+    decodes: list[str] = []
+    real = images._open_checked
+    monkeypatch.setattr(images, "_open_checked",
+                        lambda data, uri, *a, **k: decodes.append(uri) or real(data, uri, *a, **k))
+    return decodes
+
+
 def test_embed_decodes_each_photo_once_and_keys_each_crop(tmp_path, monkeypatch):
     import tasks.embed as embed_module
     from infra.night_items import NightItem, crop_key
@@ -135,9 +148,7 @@ def test_embed_decodes_each_photo_once_and_keys_each_crop(tmp_path, monkeypatch)
     frame.image.save(path)
     items = [NightItem(str(path), box=tuple(normalised_box(a.box, frame.size)), detection=j, tag=f"detection={j}")
              for j, a in enumerate(frame.animals)]
-    decodes = []
-    real = embed_module.load_image
-    monkeypatch.setattr(embed_module, "load_image", lambda *a, **k: decodes.append(a) or real(*a, **k))
+    decodes = _spy_decodes(monkeypatch)
     result = embed_module.embed_images(items, model=MODEL, cache_url=str(tmp_path / "cache"), layers=[LAYER],
                                        run_id="r", out=str(tmp_path / "out"), device="cpu")
     assert len(decodes) == 1 and result.decoded == 1  # three detections, one decode
@@ -220,9 +231,7 @@ def test_an_explain_batch_decodes_a_frame_once_for_all_its_detections(tmp_path, 
     render_photo(individuals[0], seed=0, size=(64, 64)).image.save(tmp_path / "gallery.png")
     items = [PairItem(f"p{j}", str(tmp_path / "frame.png"), str(tmp_path / "gallery.png"),
                       box_0=tuple(float(v) for v in animal.box)) for j, animal in enumerate(frame.animals)]
-    decodes = []
-    real = explain_module.load_image
-    monkeypatch.setattr(explain_module, "load_image", lambda uri, **k: decodes.append(uri) or real(uri, **k))
+    decodes = _spy_decodes(monkeypatch)
     settings = explain_module.RunSettings(out=str(tmp_path / "out"), model=MODEL, layers=(LAYER,), run_id="r",
                                           k_lines=3, k_colors=0, device="cpu", render=False)
     summary = explain_module.explain_pairs_batch(items, settings)

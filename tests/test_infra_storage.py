@@ -332,3 +332,22 @@ def test_tasks_retry_only_transient_errors():
     assert not retry_transient(None, None, Finished(ImageError("a.jpg", "not an image")))
     assert not retry_transient(None, None, Finished(FileNotFoundError("a.jpg")))
     assert not retry_transient(None, None, Finished(None))
+
+
+def test_raw_paths_urls_and_the_output_layout(tmp_path, memory_target):
+    from infra.storage import OutputLayout, is_url
+
+    assert memory_target.raw_path("a/b.txt") == memory_target.raw_path(memory_target.url("a/b.txt"))
+    assert not is_url(memory_target.raw_path("a/b.txt"))  # the filesystem's own form: no protocol
+    memory_target.write_bytes_atomic("a/b.txt", b"x")
+    assert memory_target.filesystem().cat_file(memory_target.raw_path("a/b.txt")) == b"x"
+    local = StorageTarget.from_url(str(tmp_path))
+    assert local.raw_path("t/x") == f"{tmp_path}/t/x" and local.raw_path() == str(tmp_path)
+    assert [is_url(t) for t in ("s3://b/k", "file:///x", "https://h/p", "/abs/p", "rel/p")] == [True] * 3 + [False] * 2
+
+    layout = local.layout
+    assert (layout.tables, layout.viz, layout.report, layout.cache, layout.control) == tuple(
+        f"{tmp_path}/{name}" for name in ("tables", "viz", "report", "cache", "_pairx"))
+    assert layout.table("pairs") == f"{tmp_path}/tables/pairs" == local.url(OutputLayout.table_path("pairs"))
+    assert OutputLayout("s3://b/out/").table("errors") == "s3://b/out/tables/errors"  # joined as written
+    assert OutputLayout.control_path("lease.json") == "_pairx/lease.json"

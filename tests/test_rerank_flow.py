@@ -34,8 +34,8 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
     from infra.tables import read_table
 
     decodes = {"stage1": 0}
-    original = tasks.stage1.load_image
-    monkeypatch.setattr(tasks.stage1, "load_image",
+    original = tasks.stage1.load_photo
+    monkeypatch.setattr(tasks.stage1, "load_photo",
                         lambda *a, **k: decodes.__setitem__("stage1", decodes["stage1"] + 1) or original(*a, **k))
     out = tmp_path / "out"
     summary = nightly(_config(photos, out))

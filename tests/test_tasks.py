@@ -21,7 +21,14 @@ def _fake_loader(monkeypatch, behaviour):
     running = {"now": 0, "most": 0}
     lock = threading.Condition()
 
-    def load_image(uri, box=None, theta=0.0, storage_options=None, **kwargs):
+    class FakePhoto:
+        def __init__(self, uri):
+            self.uri = uri
+
+        def chip(self, box=None, theta=0.0, min_side=1):
+            return (self.uri, box, theta)
+
+    def load_photo(uri, chips, need, storage_options=None, **kwargs):
         threads.add(threading.get_ident())
         with lock:
             running["now"] += 1
@@ -35,9 +42,9 @@ def _fake_loader(monkeypatch, behaviour):
         outcome = behaviour[uri]
         if isinstance(outcome, BaseException):
             raise outcome
-        return (uri, box, theta)
+        return FakePhoto(uri)
 
-    monkeypatch.setattr(explain_task, "load_image", load_image)
+    monkeypatch.setattr(explain_task, "load_photo", load_photo)
     return threads
 
 

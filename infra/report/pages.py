@@ -7,10 +7,11 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..storage import OutputLayout
 from .data import Card, Night, Photo, Upload, near_ties
 from .figures import ReviewFigures
 
-REPORT_DIR = "report"
+REPORT_DIR = OutputLayout.REPORT
 
 
 def fmt(value: float | None) -> str:

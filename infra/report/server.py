@@ -44,7 +44,7 @@ from pairx_core.errors import ConfigError
 from ..decision_journal import DecisionJournal
 from ..decisions import (DecisionError, DecisionRequest, UploadIndex, decision_key, latest_by_upload, plain_value,
                          read_decisions, resolve_decision, row_dicts)
-from ..storage import StorageTarget
+from ..storage import OutputLayout, StorageTarget
 from . import refresh_index
 from .data import load_nights
 
@@ -83,7 +83,7 @@ def journal_folder(out: str) -> Path:
     target = StorageTarget.from_url(out)
     if not target.is_local:
         raise ConfigError(f"pairx review needs a local OUT (its journal is fsync-ed on local disk), got {out!r}")
-    return Path(target.root) / "_pairx" / "review-journal"
+    return Path(target.root) / OutputLayout.control_path("review-journal")
 
 
 def _jsonable(row: Mapping[str, Any]) -> dict:
@@ -121,7 +121,7 @@ class ReviewState:
         self._decisions_signature: tuple | None = None
 
     def _files(self, table: str) -> tuple[str, ...]:
-        return tuple(sorted(self.storage.list_files(f"tables/{table}", suffixes=[".parquet"])))
+        return tuple(sorted(self.storage.list_files(OutputLayout.table_path(table), suffixes=[".parquet"])))
 
     def load(self) -> None:
         """(Re)read the decisions: the table's rows plus those still only in the journal. Called at
@@ -250,8 +250,8 @@ def create_app(out: str, *, token: str | None = None, storage_options: Mapping[s
     def site_file(request: Request) -> Response:
         path = request.url.path.lstrip("/")
         segments = path.split("/")
-        if segments[0] not in ("report", "viz") or not all(_SEGMENT.fullmatch(s) for s in segments[1:]) \
-                or len(segments) < 2:
+        served = segments[0] in (OutputLayout.REPORT, OutputLayout.VIZ)
+        if not served or not all(_SEGMENT.fullmatch(s) for s in segments[1:]) or len(segments) < 2:
             return _error(404, "not found")
         relative = "/".join(segments)
         try:
@@ -265,7 +265,7 @@ def create_app(out: str, *, token: str | None = None, storage_options: Mapping[s
         return Response(data, media_type=media, headers={"Cache-Control": "no-store"})
 
     def root(request: Request) -> Response:
-        return RedirectResponse("/report/index.html")
+        return RedirectResponse(f"/{OutputLayout.REPORT}/index.html")
 
     def review_js(request: Request) -> Response:
         return Response(script, media_type="text/javascript", headers={"Cache-Control": "no-store"})
@@ -314,8 +314,8 @@ def create_app(out: str, *, token: str | None = None, storage_options: Mapping[s
         Route(SCRIPT_PATH, review_js),
         Route("/api/night", night_info),
         Route("/api/decisions", decisions, methods=["GET", "POST"]),
-        Route("/report/{path:path}", site_file),
-        Route("/viz/{path:path}", site_file),
+        Route(f"/{OutputLayout.REPORT}/{{path:path}}", site_file),
+        Route(f"/{OutputLayout.VIZ}/{{path:path}}", site_file),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.review = state

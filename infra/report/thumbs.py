@@ -18,16 +18,17 @@ from PIL import Image
 
 from pairx_core.render import PANELS_INFO_KEY
 
-from ..images import load_image
-from ..storage import StorageTarget
+from ..decoded_photos import load_photo
+from ..images import PICTURE_LONG_SIDE, decode_need
+from ..storage import OutputLayout, StorageTarget
 from .data import Photo
 
 logger = logging.getLogger(__name__)
 
-THUMBS_DIR = "report/thumbs"
+THUMBS_DIR = f"{OutputLayout.REPORT}/thumbs"
 #: long side of photo thumbnails in pages, and of the enlarged photo a click opens
 PHOTO_PX = 240
-PHOTO_LARGE_PX = 1024
+PHOTO_LARGE_PX = PICTURE_LONG_SIDE  # the decode policy's picture floor (infra.images.decode_need)
 #: width of PAIR-X picture previews in candidate cards
 PICTURE_PX = 480
 JPEG_QUALITY = 85
@@ -55,12 +56,14 @@ def framed_photo(photo: Photo, storage_options: Mapping[str, Any] | None = None)
     line about :data:`BOX_WIDTH_PX` wide in a :data:`PHOTO_PX` thumbnail."""
     from PIL import ImageDraw
 
-    whole = load_image(photo.uri, storage_options=storage_options)
+    whole = load_photo(photo.uri, [(None, 0.0)], decode_need(), storage_options=storage_options).chip()
     image = whole.image.copy()
     if photo.box is not None:
         x, y, w, h = (float(v) for v in photo.box)
-        if max(x, y, w, h) <= 1.0:
+        if max(x, y, w, h) <= 1.0:  # fractions of the photo
             x, w, y, h = x * image.width, w * image.width, y * image.height, h * image.height
+        else:  # full-resolution pixels of a photo decoded at 1 / decode_scale
+            x, y, w, h = (v / whole.decode_scale for v in (x, y, w, h))
         width = max(1, round(BOX_WIDTH_PX * max(image.size) / PHOTO_PX))
         ImageDraw.Draw(image).rectangle((x, y, x + w - 1, y + h - 1), outline=BOX_COLOUR, width=width)
     return image
@@ -101,8 +104,8 @@ class ThumbWriter:
             if photo.framed:
                 chip = framed_photo(photo, self.storage_options)
             else:
-                chip = load_image(photo.uri, box=photo.box, theta=photo.theta,
-                                  storage_options=self.storage_options).image
+                chip = load_photo(photo.uri, [(photo.box, photo.theta)], decode_need(),
+                                  storage_options=self.storage_options).chip(photo.box, photo.theta).image
         except Exception as error:  # noqa: BLE001 - a missing photo must not stop the report
             logger.warning("report: cannot read %s: %s", photo.uri, error)
             return None
