@@ -341,7 +341,8 @@ PLANNING_TABLES = ("candidates", "errors", "decisions")
 def planning_tables_state(config) -> tuple[str, ...]:
     """The files of the tables a night's plan reads: any write, compaction or repair changes it."""
     storage = StorageTarget.from_url(config.out, config.storage_options or None)
-    return tuple(url for name in PLANNING_TABLES for url in storage.list_files(f"tables/{name}", suffixes=[".parquet"]))
+    return tuple(url for name in PLANNING_TABLES
+                 for url in storage.list_files(OutputLayout.table_path(name), suffixes=[".parquet"]))
 
 
 @dataclass(frozen=True)

@@ -333,14 +333,14 @@ def _relevance_and_matches(
                                  stats)
     # results travel to the host once per batch and array (not per pair): on a GPU every small
     # copy is a synchronisation that leaves the device idle while Python prepares the next step
-    relevance = {name: maps.cpu() for name, maps in relevance.items()}
+    relevance = {name: to_host(maps) for name, maps in relevance.items()}
     ranked = {name: _ranked_matches(feature_maps[name], pair_t, relevance[name]) for name in plan.ordered}
     pixel_maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     if config.k_colors > 0:
         with reuse_modified_forwards():
             for name in plan.ordered:
                 pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
-    similarity, e0, e1 = similarity.detach().cpu(), e0.detach().cpu(), e1.detach().cpu()
+    similarity, e0, e1 = (to_host(t.detach()) for t in (similarity, e0, e1))
     results = []
     for p in range(pairs.shape[0]):
         explanation = PairExplanation(
@@ -452,6 +452,17 @@ def _layer_explanation(
     )
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU; from a GPU through page-locked memory (a copy into pageable memory
+    runs at a fraction of the bus's speed: 140 ms for a batch's 190 MB of pixel maps on an H200)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
 def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
     return torch.empty((), dtype=tensor.dtype).numpy().dtype
 
@@ -496,7 +507,7 @@ def _pixel_maps(
     if not reduced_passes:
         return {}
     # on a GPU: (passes, B, H, W) in one copy and one synchronisation; on the CPU: as they are
-    host = reduced_passes if x.device.type == "cpu" else torch.stack(reduced_passes).cpu()
+    host = reduced_passes if x.device.type == "cpu" else to_host(torch.stack(reduced_passes))
     if not all(bool(torch.isfinite(maps).all()) for maps in host):
         raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
     return {(image, cell): host[j][image] for j, active in enumerate(active_passes) for image, cell in active}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .canonizers import select_canonizers
-from .engine import ExplainConfig, explain_indexed, similarity_seeds
+from .engine import ExplainConfig, explain_indexed, similarity_seeds, to_host
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
 from .lrp import EngineEpsilonPlus
 from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
@@ -142,7 +142,7 @@ def _stage1_batch(model, composite, plan, values, batch, layer, input_size, conf
     descriptors = fm.reshape(2 * n, c, h * w).transpose(1, 2)  # (2P, hw, C)
     mnn = mutual_nearest_neighbours(descriptors[:n], descriptors[n:])  # on the host
     # one copy per array and batch (on a GPU, each small copy would be a synchronisation)
-    reduced, similarity, embeddings = reduced.cpu(), similarity.detach().cpu(), embeddings.detach().cpu()
+    reduced, similarity, embeddings = (to_host(t.detach()) for t in (reduced, similarity, embeddings))
     empty = np.zeros((0, *input_size), dtype=torch.empty((), dtype=fm.dtype).numpy().dtype)
     results = []
     for p, (c0, c1, dist) in enumerate(mnn):
