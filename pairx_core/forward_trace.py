@@ -11,7 +11,8 @@ embedding. The model's mode, ``requires_grad`` flags, parameters and buffers are
 It records per module: name, type, whether it is a leaf, every call's (start, end) tick on one
 clock (call order and nesting), the first call's output shape, whether that output is the input
 passed on or changed in place later, whether its autograd node dominates the input (a *cut*),
-the bytes of all its tensor outputs, and which modules produced its inputs (lineage).
+the bytes of all its tensor outputs, and which modules produced its inputs (lineage; with the
+call order, what splitting a model needs).
 
 Kept tensors (freed with the trace): the probe, the model's output, the first output of every
 cut module with a 4-D output (what a split check starts from), and the first call's inputs of
@@ -58,7 +59,7 @@ class ModuleTrace:
         dominates_input: the first output's autograd node lies on every path from the model's
             output back to the input.
         output_bytes: bytes of the tensor outputs of all calls.
-        fed_by: modules whose first output is an input of this module's first call.
+        fed_by: the innermost modules whose first output is an input of this module's first call.
     """
 
     name: str
