@@ -15,18 +15,20 @@ the bytes of all its tensor outputs, and which modules produced its inputs (line
 call order, what splitting a model needs).
 
 Kept tensors (freed with the trace): the probe, the model's output, the first output of every
-cut module with a 4-D output (what a split check starts from), and the first call's inputs of
-modules whose type comes from neither torch, timm, torchvision nor zennit (what reading a
-forward that ``torch.fx`` cannot trace needs). Outputs of cuts are kept on the CPU when the model
-runs elsewhere, so an accelerator keeps no probe memory.
+module whose 4-D output runs once, lies on every path from the input to the embedding and is
+not changed later (what a split check starts from; on the CPU when the model runs elsewhere),
+and the first call's inputs of modules whose type comes from neither torch, timm, torchvision
+nor zennit (what reading a forward that ``torch.fx`` cannot trace needs).
 
-Traces are cached per model object (weakly) and per (input size, dtype, device). A model whose
-modules changed since (a module replaced, added or given its own ``forward``) is traced anew, and
-what callers derived from the old trace (:func:`model_memo`, :attr:`ForwardTrace.memo`) is dropped.
+Traces are cached per model object (weakly) and per (input size, dtype, device), the
+:data:`TRACES_PER_MODEL` most recently used of each model. A model whose modules changed since
+(a module replaced, added or given its own ``forward``) is traced anew, and what callers
+derived from the old trace (:func:`model_memo`, :attr:`ForwardTrace.memo`) is dropped.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,8 @@ from .runtime_settings import denormals_flushed
 
 __all__ = ["ForwardTrace", "ModuleTrace", "forward_trace", "model_memo"]
 
+#: traces kept per model (input size, dtype, device), least recently used dropped first
+TRACES_PER_MODEL = 4
 #: packages whose module types never need their inputs kept (their forwards are read without them)
 _LIBRARY_PACKAGES = frozenset({"torch", "timm", "torchvision", "zennit"})
 
@@ -144,6 +148,8 @@ class _ModelEntry:
 
 
 _ENTRIES: "weakref.WeakKeyDictionary[nn.Module, _ModelEntry]" = weakref.WeakKeyDictionary()
+#: one trace at a time: hooks of two concurrent traces on one model would mix their records
+_RECORDING = threading.Lock()
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -187,11 +193,14 @@ def forward_trace(model: nn.Module, input_size: tuple[int, int]) -> ForwardTrace
         raise LayerError("", f"input size must be positive, got {tuple(input_size)}")
     dtype, device = model_dtype_device(model)
     key = (height, width, dtype, str(device))
-    entry = _entry(model)
-    trace = entry.traces.get(key)
-    if trace is None:
-        trace = _record(model, (height, width), dtype, device)
-        entry.traces[key] = trace
+    with _RECORDING:
+        entry = _entry(model)
+        trace = entry.traces.pop(key, None)
+        if trace is None:
+            trace = _record(model, (height, width), dtype, device)
+        entry.traces[key] = trace  # the most recently used last
+        while len(entry.traces) > TRACES_PER_MODEL:
+            del entry.traces[next(iter(entry.traces))]
     return trace
 
 
