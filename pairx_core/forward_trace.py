@@ -294,6 +294,7 @@ def _record(model: nn.Module, input_size: tuple[int, int], dtype: torch.dtype, d
         if node is not None:
             producer.setdefault(id(node), name)
     records, cut_outputs, inputs = [], {}, {}
+    copies: dict[int, torch.Tensor] = {}
     for name in finished + [name for name, call in calls.items() if not call.spans]:
         call = calls[name]
         first = call.output
@@ -316,8 +317,9 @@ def _record(model: nn.Module, input_size: tuple[int, int], dtype: torch.dtype, d
         records.append(record)
         if name and record.is_feature_map and record.calls == 1 and record.dominates_input \
                 and not record.changed_in_place:
-            kept = first.detach()
-            cut_outputs[name] = kept if device.type == "cpu" else kept.to("cpu")
+            if id(first) not in copies:  # a container returning its last child's output shares one copy
+                copies[id(first)] = first.detach() if device.type == "cpu" else first.detach().to("cpu")
+            cut_outputs[name] = copies[id(first)]
         if call.first_args is not None:
             inputs[name] = call.first_args
     detached_output = (output.detach() if isinstance(output, torch.Tensor) else output)
