@@ -1,19 +1,21 @@
 """How many pairs go into one batch: the memory budget and the greedy batch plan.
 
 A batch's memory is dominated by the retained graph of one forward of its unique images, so the
-budget is turned into a number of images from one probe forward (bytes of every leaf module's
-output, times an overhead factor for the graph, zennit's stored inputs and the rules' caches).
+budget is turned into a number of images from the model's forward trace (bytes of every leaf
+module's output, times an overhead factor for the graph, zennit's stored inputs and the rules'
+caches).
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
+
+from .forward_trace import forward_trace
 
 #: default fraction of free accelerator memory / available RAM the engine plans to use
 DEFAULT_MEMORY_FRACTION_CUDA = 0.8
@@ -25,38 +27,19 @@ GRAPH_OVERHEAD = 4.0
 #: caching allocator frees the graph as the backward pass walks it. 1.2 keeps a margin over 0.27 x 4.0
 GRAPH_OVERHEAD_CUDA = 1.2
 
-_ACTIVATION_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
-
 
 def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device) -> int:
-    """Images per batch allowed by the memory budget (estimated from one probe forward)."""
-    key = ("activation_bytes", tuple(probe.shape[1:]), probe.dtype)
-    cached = _ACTIVATION_BYTES.setdefault(model, {})
-    if key not in cached:
-        cached[key] = _activation_bytes(model, probe)
+    """Images per batch allowed by the memory budget (estimated from the forward trace at the probe's size)."""
     overhead = GRAPH_OVERHEAD_CUDA if device.type == "cuda" else GRAPH_OVERHEAD
-    per_image = max(1, int(cached[key] * overhead))
+    per_image = max(1, int(_activation_bytes(model, probe) * overhead))
     budget = memory_budget or _default_budget(device)
     return max(2, budget // per_image)
 
 
 def _activation_bytes(model: nn.Module, probe: torch.Tensor) -> int:
-    """Bytes of all leaf-module outputs for one image (plain forward)."""
-    activation_bytes = 0
-
-    def count(module: nn.Module, inputs: tuple, output) -> None:
-        nonlocal activation_bytes
-        if isinstance(output, torch.Tensor):
-            activation_bytes += output.numel() * output.element_size()
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return activation_bytes
+    """Bytes of all leaf-module outputs for one image ``probe (1, 3, H, W)`` (only its shape is used)."""
+    return sum(record.output_bytes for record in forward_trace(model, tuple(probe.shape[-2:])).modules
+               if record.is_leaf)
 
 
 def _default_budget(device: torch.device) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import types
 import warnings
-import weakref
 from typing import Iterator
 
 import torch
@@ -39,6 +38,7 @@ from zennit.types import Activation
 
 from .errors import UnsupportedModelError
 from .forward_analysis import ForwardFinding, ForwardNotReadable, analyse_autograd, analyse_fx
+from .forward_trace import forward_trace, model_memo
 
 __all__ = [
     "UnknownModuleWarning",
@@ -179,17 +179,14 @@ def _type_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-#: model -> (structure signature, {module name: type} run by gradient, or the refusal's arguments)
-_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def check_supported(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
     """Check that every module can be explained as it is or by the built-in canonizers.
 
     Modules of types the canonizers know (timm and torchvision EfficientNet/ResNet parts), plain
     layers and zennit's activations pass. Every other module's forward is read (a ``torch.fx``
-    trace with its children opaque; if the forward cannot be traced, one run on
-    ``example_input`` and a look at the autograd graph):
+    trace with its children opaque; if the forward cannot be traced, a run of that module alone on
+    its inputs in the model's forward trace at ``example_input``'s size, and a look at the
+    autograd graph):
 
     - a forward that transforms a single activation (GeM pooling, also with a learnable
       exponent; flatten; a custom activation; a composition of children) passes: relevance goes
@@ -198,7 +195,8 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None = None)
     - a forward that combines two activations (a gate product, a residual sum, attention) is
       refused with :class:`UnsupportedModelError` naming the module and the operation.
 
-    Results are cached per model object (the warning is given once per model).
+    Results are remembered per model object until its modules change (the warning is given once
+    per model).
 
     Args:
         model: the embedding model.
@@ -211,12 +209,12 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None = None)
     Raises:
         UnsupportedModelError: the first refused module (in ``named_modules`` order).
     """
-    signature = tuple((id(m), type(m)) for m in model.modules())
-    cached = _CHECKED.get(model)
-    if cached is not None and cached[0] == signature:
-        if cached[1] == "refused":
-            raise UnsupportedModelError(*cached[2])
-        return dict(cached[2])
+    memo = model_memo(model)  # (verdict, {module name: type} run by gradient, or the refusal's arguments)
+    cached = memo.get("canonizers")
+    if cached is not None:
+        if cached[0] == "refused":
+            raise UnsupportedModelError(*cached[1])
+        return dict(cached[1])
 
     modules = list(model.named_modules())
     findings = _read_forwards(model, modules, example_input)
@@ -226,13 +224,13 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None = None)
         (name, finding), *others = refused
         hint = "; ".join(f"also {f.combination} in {n!r} ({type(by_name[n]).__qualname__})" for n, f in others[:4])
         arguments = (_type_name(by_name[name]), name, hint, finding.combination)
-        _CHECKED[model] = (signature, "refused", arguments)
+        memo["canonizers"] = ("refused", arguments)
         raise UnsupportedModelError(*arguments)
 
     passed = {
         name: type(by_name[name]).__qualname__ for name, _ in modules if name in findings and findings[name].computes
     }
-    _CHECKED[model] = (signature, "passed", passed)
+    memo["canonizers"] = ("passed", passed)
     if passed:
         _warn_run_by_gradient(passed)
     return passed
@@ -288,7 +286,8 @@ def _read_by_running(
     pointwise: set[int],
     example_input: torch.Tensor | None,
 ) -> dict[str, ForwardFinding]:
-    """Read the forwards fx could not trace by running the model once on ``example_input``."""
+    """Read the forwards fx could not trace by running each alone on its inputs in the model's
+    forward trace at the size of ``example_input`` (only its shape is used)."""
     by_name = dict(modules)
     if example_input is None:
         name, reason = next(iter(unreadable.items()))
@@ -296,35 +295,21 @@ def _read_by_running(
             _type_name(by_name[name]), name,
             f"its forward cannot be traced symbolically ({reason}) and no example input was given to run it",
         )
-    captured: dict[str, tuple[tuple, dict]] = {}
-
-    def capture(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.setdefault(name, (args, kwargs))
-
-        return hook
-
-    first = next(iter(model.parameters()), None)
-    probe = example_input[:1]
-    if first is not None:
-        probe = probe.to(device=first.device, dtype=first.dtype if first.is_floating_point() else probe.dtype)
-    handles = [by_name[name].register_forward_pre_hook(capture(name), with_kwargs=True) for name in unreadable]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    trace = forward_trace(model, tuple(example_input.shape[-2:]))
     findings: dict[str, ForwardFinding] = {}
     for name, reason in unreadable.items():
-        if name not in captured:
+        record = trace.module(name)
+        if record is None or not record.calls:
             continue  # never executed: it cannot influence the embedding
         module = by_name[name]
+        captured = trace.first_inputs(name)
+        if captured is None:
+            raise UnsupportedModelError(
+                _type_name(module), name,
+                f"its forward cannot be traced symbolically ({reason}) and, as a library type, it has no kept inputs",
+            )
         children = [child_name for child_name, child in module.named_children() if id(child) in pointwise]
-        args, kwargs = captured[name]
+        args, kwargs = captured
         was_training = module.training
         try:
             module.eval()

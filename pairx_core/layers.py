@@ -5,10 +5,9 @@ network: every path from the input image to the embedding passes through that ou
 stage of a CNN backbone; not a convolution inside a residual block, which the skip bypasses). The
 engine relies on that to stop the relevance backward at the layer.
 
-:func:`list_layers` finds all cuts with ONE forward pass: it records the autograd graph and the
-graph node that produced each module's output, then computes the dominators of the input in that
-graph (Cooper, Harvey and Kennedy's iterative algorithm). A module's output is a cut exactly when
-its node dominates the input, i.e. lies on every path from the embedding back to the input.
+:func:`list_layers` reads the cuts from the model's forward trace (:mod:`.forward_trace`, one
+forward pass shared with the other planners): a module's output is a cut exactly when its
+autograd node dominates the input, i.e. lies on every path from the embedding back to the input.
 
 Default layers (:func:`default_layer`):
 
@@ -30,13 +29,12 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-import torch
 from torch import nn
 
 from .errors import LayerError
-from .runtime_settings import denormals_flushed
+from .forward_trace import forward_trace
 
 __all__ = [
     "DEFAULT_LAYER_ATTRIBUTE",
@@ -179,8 +177,8 @@ def default_layer_for_spec(spec: str) -> str | None:
 def list_layers(model: nn.Module, input_size: tuple[int, int], *, include_leaves: bool = True) -> list[LayerInfo]:
     """Usable layers of ``model`` at ``input_size`` ``(H, W)``, in forward order, default marked.
 
-    One forward pass of a random image ``(1, 3, H, W)`` (model's dtype and device) with gradient
-    recording; the model's mode, parameters and buffers are unchanged afterwards.
+    Read from the model's forward trace at ``input_size`` (one forward pass of a random image,
+    shared with the other planners); the model's mode, parameters and buffers are unchanged.
 
     Args:
         include_leaves: also list leaf modules (convolutions, norms, activations) that are cuts;
@@ -200,218 +198,18 @@ def list_layers(model: nn.Module, input_size: tuple[int, int], *, include_leaves
     ]
 
 
-@dataclass
-class _Record:
-    module: nn.Module
-    calls: int = 0
-    node: Any = None
-    shape: tuple[int, ...] = ()
-    passes_input_on: bool = False
-    tensor: Any = None
-    version: int = 0
-
-
 def _scan(model: nn.Module, input_size: tuple[int, int]) -> list[LayerInfo]:
-    """All cuts with a 4-D output, in forward order (``is_default`` not set)."""
-    height, width = int(input_size[0]), int(input_size[1])
-    if height < 1 or width < 1:
-        raise LayerError("", f"input size must be positive, got {input_size}")
-    first = next(iter(model.parameters()), None)
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    device = first.device if first is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, 3, height, width, generator=generator, dtype=dtype).to(device)
-    with denormals_flushed(device):  # as the engine does: random weights make denormals
-        records, order, x, output = _record_forward(model, probe)
-    if isinstance(output, torch.Tensor):
-        outputs = [output]
-    else:
-        outputs = [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
-    on_every_path = _dominators_of_input([t.grad_fn for t in outputs if t.grad_fn is not None], x)
+    """All cuts with a 4-D output, in forward order (``is_default`` not set), from the forward trace."""
+    trace = forward_trace(model, input_size)
+    height = trace.input_size[0]
     layers = []
-    for name in order:
-        record = records[name]
-        if record.calls != 1 or record.node is None or record.passes_input_on or id(record.node) not in on_every_path:
+    for record in trace.ran:
+        if not record.is_cut:
             continue
-        if record.tensor._version != record.version:
-            continue  # changed in place later (an in-place activation): the engine cannot cut there
-        channels, h, w = record.shape
-        layers.append(LayerInfo(name, (int(channels), int(h), int(w)), type(record.module).__name__,
+        _, channels, h, w = record.output_shape
+        layers.append(LayerInfo(record.name, (int(channels), int(h), int(w)), record.module_type,
                                 stride=height / max(int(h), 1)))
     return layers
-
-
-def _record_forward(model: nn.Module, probe: torch.Tensor) -> tuple[dict[str, _Record], list[str], torch.Tensor, Any]:
-    """One eval-mode forward of ``probe`` with hooks on every named module.
-
-    Returns the per-module records, the module names in first-call order, the input leaf and the
-    model output (its autograd graph kept). The model's mode and ``requires_grad`` flags are
-    restored, and the hooks removed, even on error.
-    """
-    records: dict[str, _Record] = {}
-    order: list[str] = []
-    input_nodes: dict[str, list] = {}  # the nodes themselves (kept alive, so ids stay unique)
-
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            input_nodes[name] = [a.grad_fn for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None]
-
-        return hook
-
-    def post_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            record = records[name]
-            record.calls += 1
-            if record.calls == 1:
-                order.append(name)
-            if isinstance(output, torch.Tensor) and output.ndim == 4 and output.grad_fn is not None:
-                record.node = output.grad_fn
-                record.shape = tuple(output.shape[1:])
-                # an identity-like module (Identity, eval Dropout) returns its input's node: the
-                # engine would cut only the path through this call, not the node's other uses
-                record.passes_input_on = any(output.grad_fn is node for node in input_nodes.get(name, ()))
-                record.tensor, record.version = output, output._version
-
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            records[name] = _Record(module)
-            handles.append(module.register_forward_pre_hook(pre_hook(name)))
-            handles.append(module.register_forward_hook(post_hook(name)))
-    was_training = model.training
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    try:
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        with torch.enable_grad():
-            x = probe.requires_grad_(True)
-            output = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
-    return records, order, x, output
-
-
-def _flatten(value: Any) -> list:
-    if isinstance(value, (list, tuple)):
-        return [item for v in value for item in _flatten(v)]
-    if isinstance(value, dict):
-        return [item for v in value.values() for item in _flatten(v)]
-    return [value]
-
-
-def _dominators_of_input(roots: list, x: torch.Tensor) -> set[int]:
-    """Ids of the autograd nodes that lie on every path from the outputs back to ``x``."""
-    virtual_root = object()
-    successors, target = _autograd_graph(virtual_root, roots, x)
-    if target is None:
-        return set()
-    predecessors: dict[int, list[int]] = {key: [] for key in successors}
-    for key, nexts in successors.items():
-        for n in nexts:
-            predecessors[n].append(key)
-    reaches = _reachable(target, predecessors)  # keep only nodes that reach the input
-    root_key = id(virtual_root)
-    postorder = _postorder(root_key, {key: [n for n in nexts if n in reaches] for key, nexts in successors.items()})
-    idom = _immediate_dominators(root_key, postorder, predecessors)
-    dominators: set[int] = set()
-    key = target
-    while key != root_key:
-        dominators.add(key)
-        key = idom[key]
-    return dominators
-
-
-def _autograd_graph(virtual_root: object, roots: list, x: torch.Tensor) -> tuple[dict[int, list[int]], int | None]:
-    """The graph behind ``roots`` as ``{node id: [next node ids]}`` with ``virtual_root`` above
-    all roots, and the id of ``x``'s gradient accumulator (None when ``x`` is not reached)."""
-    successors: dict[int, list[int]] = {id(virtual_root): [id(r) for r in roots]}
-    seen: dict[int, Any] = {id(virtual_root): virtual_root}  # the nodes themselves keep ids unique
-    target = None
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen[id(node)] = node
-        if type(node).__name__ == "AccumulateGrad":
-            if getattr(node, "variable", None) is x:
-                target = id(node)
-            successors[id(node)] = []
-            continue
-        nexts = [n for n, _ in node.next_functions if n is not None]
-        successors[id(node)] = [id(n) for n in nexts]
-        stack.extend(nexts)
-    return successors, target
-
-
-def _reachable(start: int, edges: dict[int, list[int]]) -> set[int]:
-    """Every key reachable from ``start`` along ``edges`` (``start`` included)."""
-    found: set[int] = set()
-    stack = [start]
-    while stack:
-        key = stack.pop()
-        if key not in found:
-            found.add(key)
-            stack.extend(edges[key])
-    return found
-
-
-def _postorder(root: int, successors: dict[int, list[int]]) -> list[int]:
-    """Depth-first postorder from ``root`` (iterative: autograd graphs are deep)."""
-    postorder: list[int] = []
-    visited = {root}
-    dfs: list[tuple[int, int]] = [(root, 0)]
-    while dfs:
-        key, index = dfs[-1]
-        nexts = successors[key]
-        if index < len(nexts):
-            dfs[-1] = (key, index + 1)
-            child = nexts[index]
-            if child not in visited:
-                visited.add(child)
-                dfs.append((child, 0))
-        else:
-            postorder.append(key)
-            dfs.pop()
-    return postorder
-
-
-def _immediate_dominators(root: int, postorder: list[int], predecessors: dict[int, list[int]]) -> dict[int, int]:
-    """Cooper, Harvey and Kennedy's iteration over the nodes in ``postorder``."""
-    number = {key: i for i, key in enumerate(postorder)}
-    preds_in = {key: [p for p in predecessors[key] if p in number] for key in number}
-    idom: dict[int, int] = {root: root}
-
-    def intersect(a: int, b: int) -> int:
-        while a != b:
-            while number[a] < number[b]:
-                a = idom[a]
-            while number[b] < number[a]:
-                b = idom[b]
-        return a
-
-    changed = True
-    reverse_postorder = [key for key in reversed(postorder) if key != root]
-    while changed:
-        changed = False
-        for key in reverse_postorder:
-            processed = [p for p in preds_in[key] if p in idom]
-            if not processed:
-                continue
-            new = processed[0]
-            for p in processed[1:]:
-                new = intersect(p, new)
-            if idom.get(key) != new:
-                idom[key] = new
-                changed = True
-    return idom
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -478,39 +276,19 @@ def check_layers(model: nn.Module, names: Sequence[str], input_size: tuple[int, 
 
 
 def _why_unusable(model: nn.Module, name: str, input_size: tuple[int, int]) -> str:
-    calls: list[Any] = []
-    versions: list[int] = []
-    identity: list[bool] = []
-
-    def record(module: nn.Module, args: tuple, output: Any) -> None:
-        calls.append(output)
-        identity.append(any(output is a for a in args))
-        versions.append(output._version if isinstance(output, torch.Tensor) else 0)
-
-    handle = model.get_submodule(name).register_forward_hook(record)
-    first = next(iter(model.parameters()), None)
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    device = first.device if first is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, dtype=dtype, device=device))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    if not calls:
+    """Why the submodule ``name`` is not a usable layer, read from the forward trace."""
+    record = forward_trace(model, input_size).module(name)
+    if record is None or not record.calls:
         return "the model's forward never runs it"
-    if len(calls) > 1:
-        return f"it runs {len(calls)} times per forward"
-    output = calls[0]
-    if identity[0]:
+    if record.calls > 1:
+        return f"it runs {record.calls} times per forward"
+    if record.returns_input:
         return "it returns its input unchanged (an identity); choose the module before or after it"
-    if isinstance(output, torch.Tensor) and output._version != versions[0]:
+    if record.changed_in_place:
         return ("its output is changed in place afterwards (e.g. by an in-place activation); choose the "
                 "module that contains that step")
-    if not isinstance(output, torch.Tensor) or output.ndim != 4:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if not record.is_feature_map:
+        shape = record.output_shape if record.output_shape is not None else record.output_kind
         return f"its output is {shape}, not a (B, C, h, w) feature map"
     return ("a path from input to embedding bypasses it (e.g. a module inside a residual block); "
             "choose a block or stage output")
