@@ -26,11 +26,21 @@ GRAPH_OVERHEAD = 4.0
 #: allocated memory was 0.27x (k_colors 10) and 0.13x (k_colors 0) of what 4.0 predicted; the
 #: caching allocator frees the graph as the backward pass walks it. 1.2 keeps a margin over 0.27 x 4.0
 GRAPH_OVERHEAD_CUDA = 1.2
+#: CUDA without pixel maps (``k_colors=0``): no graph down to the input is kept; 0.13 x 4.0 = 0.52
+#: measured, 0.6 with a margin
+GRAPH_OVERHEAD_CUDA_NO_PIXELS = 0.6
 
 
-def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device) -> int:
-    """Images per batch allowed by the memory budget (estimated from the forward trace at the probe's size)."""
-    overhead = GRAPH_OVERHEAD_CUDA if device.type == "cuda" else GRAPH_OVERHEAD
+def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device,
+                         pixel_passes: bool = True) -> int:
+    """Images per batch allowed by the memory budget (estimated from the forward trace at the probe's size).
+
+    ``pixel_passes``: whether the batch keeps the graph down to the input (``k_colors > 0``).
+    """
+    if device.type == "cuda":
+        overhead = GRAPH_OVERHEAD_CUDA if pixel_passes else GRAPH_OVERHEAD_CUDA_NO_PIXELS
+    else:
+        overhead = GRAPH_OVERHEAD
     per_image = max(1, int(_activation_bytes(model, probe) * overhead))
     budget = memory_budget or _default_budget(device)
     return max(2, budget // per_image)

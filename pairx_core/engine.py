@@ -131,7 +131,7 @@ def explain_indexed(
     with prepared_model(model, target, channels_last=config.use_channels_last(target, images.dtype)):
         probe = images[:1].to(target)
         plan = plan_layers(model, probe, layer_names)
-        max_images = max_images_per_batch(model, probe, config.memory_budget, target)
+        max_images = max_images_per_batch(model, probe, config.memory_budget, target, pixel_passes=config.k_colors > 0)
         done = 0
         for batch_pairs in plan_batches(pair_array, config.batch_size, max_images):
             batch_results = _explain_batch(

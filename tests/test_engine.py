@@ -460,3 +460,7 @@ def test_cuda_budget_counts_the_graph_as_measured_there(effnet):
     on_cuda = batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cuda"))
     assert on_cpu == int(200 / batch_plan.GRAPH_OVERHEAD)
     assert on_cuda == int(200 / batch_plan.GRAPH_OVERHEAD_CUDA) > 3 * on_cpu
+    # without pixel maps no graph reaches the input (measured: half the peak): twice the images
+    no_pixels = batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cuda"), pixel_passes=False)
+    assert no_pixels == int(200 / batch_plan.GRAPH_OVERHEAD_CUDA_NO_PIXELS) >= 2 * on_cuda
+    assert batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cpu"), pixel_passes=False) == on_cpu
