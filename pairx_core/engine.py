@@ -21,7 +21,7 @@ Numbers equal the one-pair-at-a-time computation (``pairx_core.reference``) to f
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +97,7 @@ def explain_indexed(
     canonizers: Sequence[Canonizer] | None = None,
     progress: ProgressCallback | None = None,
     stats: EngineStats | None = None,
+    on_batch: Callable[[list[PairExplanation]], None] | None = None,
     **settings: Any,
 ) -> list[PairExplanation]:
     """Explain pairs given as indices into a set of unique images.
@@ -105,6 +106,9 @@ def explain_indexed(
         images: ``(N, 3, H, W)`` preprocessed images (each forwarded once per batch it serves).
         pairs: ``(P, 2)`` integer indices into ``images``.
         layers, config, device, canonizers, progress, stats, settings: as for :func:`explain`.
+        on_batch: called with each batch's results (``result.index``: the row of ``pairs``) as
+            soon as the batch is done, before the next batch starts; the caller may hand them to
+            another thread (e.g. to draw pictures while the next batch computes).
 
     Returns:
         one :class:`PairExplanation` per row of ``pairs``, in order.
@@ -141,6 +145,8 @@ def explain_indexed(
                 result.index = int(position)
                 results[position] = result
             done += len(batch_pairs)
+            if on_batch is not None:
+                on_batch(batch_results)
             if progress is not None:
                 progress(done, len(pair_array))
     return [r for r in results if r is not None]
