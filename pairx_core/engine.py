@@ -20,6 +20,7 @@ Numbers equal the one-pair-at-a-time computation (``pairx_core.reference``) to f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any, Callable, Sequence
 
@@ -292,7 +293,7 @@ def _explain_batch(
 
         return hook
 
-    with composite.context(model) as modified, torch.enable_grad():
+    with composite.context(model) as modified, torch.enable_grad(), _autocast(config, device):
         # registered after zennit's hooks, so a rule on the layer module itself still sees the
         # attached output before it is swapped for the leaf
         handles = [model.get_submodule(name).register_forward_hook(layer_hook(name)) for name in plan.ordered]
@@ -312,6 +313,21 @@ def _explain_batch(
     stats.batches += 1
     stats.images_per_batch.append(int(x.shape[0]))
     return results
+
+
+def _autocast(config: ExplainConfig, device: torch.device):
+    """``torch.autocast`` for ``config.autocast`` (the forward and every backward of a batch)."""
+    if config.autocast == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` on the host as numpy; half-precision values (autocast) as float32."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _relevance_and_matches(
@@ -348,8 +364,8 @@ def _relevance_and_matches(
         explanation = PairExplanation(
             index=p,
             similarity=float(similarity[p]),
-            embedding_0=e0[p].detach().to("cpu").numpy(),
-            embedding_1=e1[p].detach().to("cpu").numpy(),
+            embedding_0=_host(e0[p]),
+            embedding_1=_host(e1[p]),
         )
         for name in plan.ordered:
             explanation.layers[name] = _layer_explanation(
@@ -396,7 +412,8 @@ def _layer_relevance(
         for name, channel_relevance in per_layer.items():
             reduced = reduce_channels(channel_relevance, config.channel_reduction)  # (B, h, w)
             store = relevance.setdefault(
-                name, torch.zeros((n_pairs, 2, *reduced.shape[1:]), dtype=reduced.dtype, device=reduced.device)
+                name, torch.zeros((n_pairs, 2, *reduced.shape[1:]), device=reduced.device,
+                                  dtype=torch.promote_types(reduced.dtype, torch.float32))  # autocast: float32
             )
             for position in positions:
                 p, side, image = requests[position]
@@ -437,12 +454,12 @@ def _layer_explanation(
     def pixels(image: int, cells: torch.Tensor) -> np.ndarray:
         if not k:
             return np.zeros((0, *input_size), dtype=_numpy_dtype(x))
-        return torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]).to("cpu").numpy()
+        return _host(torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]))
 
     return LayerExplanation(
         layer=name,
-        relevance_0=relevance[0].to("cpu").numpy(),
-        relevance_1=relevance[1].to("cpu").numpy(),
+        relevance_0=_host(relevance[0]),
+        relevance_1=_host(relevance[1]),
         matches=matches_table(matches, grid, input_size),
         pixel_relevance_0=pixels(images[0], matches.cell_0),
         pixel_relevance_1=pixels(images[1], matches.cell_1),
