@@ -122,6 +122,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="torch.backends.cudnn.benchmark = True (GPU runs; default False)")
     parser.add_argument("--autocast", choices=("off", "bfloat16"), default="off",
                         help="engine option: forward and backward passes under torch.autocast (bfloat16)")
+    parser.add_argument("--pixel-pass-group", type=int, default=1, metavar="N",
+                        help="engine option: N pixel passes per backward call (is_grads_batched)")
     parser.add_argument("--agreement", action="store_true",
                         help="per engine line, agreement_vs_fp32: top-k match sets and pixel-map correlation "
                              "against a strict float32 call (no TF32, no autocast, contiguous) on the same inputs")
@@ -442,7 +444,7 @@ class Runner:
             results = explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines,
                               k_colors=k_colors, batch_size=batch_size, device=self.device,
                               memory_budget=self.memory_budget, stats=stats, memory_format=self.args.memory_format,
-                              autocast=self.args.autocast)
+                              autocast=self.args.autocast, pixel_pass_group=self.args.pixel_pass_group)
             _sync(self.device)
             seconds = time.perf_counter() - start
         self.phases["forward_and_setup"] = seconds - sum(self.phases.values())
@@ -538,7 +540,8 @@ def agreement_vs_fp32(runner: "Runner", layers: list[str], k_colors: int, batch_
     common = dict(k_lines=args.k_lines, k_colors=k_colors, batch_size=batch_size, device=runner.device,
                   memory_budget=runner.memory_budget)
     x0, x1 = runner.x0[:n_pairs], runner.x1[:n_pairs]
-    ours = explain(runner.model, x0, x1, layers, memory_format=args.memory_format, autocast=args.autocast, **common)
+    ours = explain(runner.model, x0, x1, layers, memory_format=args.memory_format, autocast=args.autocast,
+                   pixel_pass_group=getattr(args, "pixel_pass_group", 1), **common)
     with _strict_float32():
         strict = explain(runner.model, x0, x1, layers, memory_format="contiguous", autocast="off", **common)
     overlaps, correlations, similarity = [], [], []
@@ -961,6 +964,7 @@ def _environment(args: argparse.Namespace, device: torch.device, size, dtype,
         "freed_memory_kept": freed_memory_kept,
     }
     env["autocast"] = args.autocast
+    env["pixel_pass_group"] = args.pixel_pass_group
     if device.type == "cuda":
         env["tf32"] = bool(args.tf32)
         env["cudnn_benchmark"] = bool(args.cudnn_benchmark)

@@ -6,6 +6,7 @@
 #   benchmark    + cudnn.benchmark
 #   tf32         + TF32 (+ benchmark)
 #   chlast       + channels_last (+ TF32 + benchmark)
+#   grouped      + 5 pixel passes per backward call (is_grads_batched; k_colors 10 only)
 #   bf16         bfloat16 autocast of the forward and backward passes (+ benchmark + channels_last)
 # Every variant but the baseline also reports agreement_vs_fp32 (top-k match sets and pixel-map
 # correlation against a strict float32 call on the same inputs). A table ends the output.
@@ -23,7 +24,7 @@
 #   BENCH_PAIRS       pairs per timed call, default 24
 #   BENCH_REPEATS     timed rounds per variant, default 2
 #   BENCH_BUDGET_GIB  memory budget handed to the engine, default 40
-#   BENCH_VARIANTS    default "baseline benchmark tf32 chlast bf16"
+#   BENCH_VARIANTS    default "baseline benchmark tf32 chlast grouped bf16"
 
 set -u
 START=$SECONDS
@@ -34,8 +35,8 @@ BATCH_PAIRS="${BENCH_BATCH_PAIRS:-12}"
 PAIRS="${BENCH_PAIRS:-24}"
 REPEATS="${BENCH_REPEATS:-2}"
 BUDGET="${BENCH_BUDGET_GIB:-40}"
-VARIANTS="${BENCH_VARIANTS:-baseline benchmark tf32 chlast bf16}"
-TOTAL_LIMIT=340  # seconds for all variants (the table and the start-up come on top)
+VARIANTS="${BENCH_VARIANTS:-baseline benchmark tf32 chlast grouped bf16}"
+TOTAL_LIMIT=330  # seconds for all variants (the table and the start-up come on top)
 if [ "$DEVICE" = "cpu" ]; then
   MODEL="${BENCH_MODEL:-timm:test_efficientnet?size=64}"
   LAYER="backbone.blocks.2"
@@ -62,6 +63,8 @@ variant_flags() {  # $1 = variant -> bench/engine.py switches (GPU-only ones lef
     benchmark) [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark"; echo "--memory-format contiguous $gpu --agreement" ;;
     tf32)      [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark --tf32"; echo "--memory-format contiguous $gpu --agreement" ;;
     chlast)    [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark --tf32"; echo "--memory-format channels_last $gpu --agreement" ;;
+    grouped)   [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark --tf32"
+               echo "--memory-format channels_last $gpu --pixel-pass-group 5 --agreement" ;;
     bf16)      [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark"
                echo "--memory-format channels_last --autocast bfloat16 $gpu --agreement" ;;
     *)         echo "unknown" ;;
@@ -72,12 +75,13 @@ for VARIANT in $VARIANTS; do
   FLAGS=$(variant_flags "$VARIANT")
   if [ "$FLAGS" = "unknown" ]; then echo "unknown variant $VARIANT; skipped"; continue; fi
   LEFT=$(( TOTAL_LIMIT - (SECONDS - START) ))
-  LIMIT=$(( LEFT < 80 ? LEFT : 80 ))
+  LIMIT=$(( LEFT < 70 ? LEFT : 70 ))
+  KS="10,0"; [ "$VARIANT" = "grouped" ] && KS="10"  # no pixel passes at k_colors 0
   if [ "$LIMIT" -lt 25 ]; then echo "skipping $VARIANT: only $LEFT s left"; continue; fi
   section "$VARIANT: $FLAGS (limit $LIMIT s)"
   # shellcheck disable=SC2086  # FLAGS is a list of switches
   timeout -k 10 "$LIMIT" "$PY" bench/engine.py --preset miewid --model "$MODEL" --device "$DEVICE" \
-    --layers "$LAYER" --k-colors 10,0 --batch-sizes "$BATCH_PAIRS" --pairs "$PAIRS" --repeats "$REPEATS" \
+    --layers "$LAYER" --k-colors "$KS" --batch-sizes "$BATCH_PAIRS" --pairs "$PAIRS" --repeats "$REPEATS" \
     --warmup 1 --memory-budget-gib "$BUDGET" $FLAGS \
     | "$PY" -c 'import json, sys
 variant = sys.argv[1]

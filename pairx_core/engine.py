@@ -358,7 +358,8 @@ def _relevance_and_matches(
     if config.k_colors > 0:
         with reuse_modified_forwards():
             for name in plan.ordered:
-                pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
+                pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats,
+                                               config.pixel_pass_group)
     results = []
     for p in range(pairs.shape[0]):
         explanation = PairExplanation(
@@ -480,10 +481,12 @@ def _pixel_maps(
     pairs: np.ndarray,
     k_colors: int,
     stats: EngineStats,
+    group: int = 1,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``|sum_RGB R|`` ``(H, W)`` for every (image, cell) among the pairs' top ``k_colors`` matches.
 
-    The j-th backward pass carries the j-th distinct cell of every image at once.
+    The j-th backward pass carries the j-th distinct cell of every image at once; ``group``
+    passes share one backward call (their seeds stacked, ``is_grads_batched``).
     """
     cells_per_image: dict[int, list[int]] = {}
     for p, matches in enumerate(ranked):
@@ -497,19 +500,26 @@ def _pixel_maps(
     w = feature_map.shape[-1]
     values = feature_map.detach()
     maps: dict[tuple[int, int], torch.Tensor] = {}
-    for j in range(n_passes):
+    for first in range(0, n_passes, group):
+        passes = range(first, min(first + group, n_passes))
         # same memory format as the feature map (channels-last stays so): a contiguous seed would
         # make every backward operation below it mix formats, which is several times slower
-        seed = torch.zeros_like(values)
-        active = [(image, cells[j]) for image, cells in cells_per_image.items() if j < len(cells)]
-        for image, cell in active:
-            row, col = divmod(cell, w)
-            seed[image, :, row, col] = values[image, :, row, col]
-        (grad,) = torch.autograd.grad(feature_map, x, seed, retain_graph=True)
-        stats.pixel_backwards += 1
-        reduced = grad.sum(dim=1).abs()  # (B, H, W)
+        seeds = [torch.zeros_like(values) for _ in passes]
+        active = [[(image, cells[j]) for image, cells in cells_per_image.items() if j < len(cells)] for j in passes]
+        for seed, cells in zip(seeds, active):
+            for image, cell in cells:
+                row, col = divmod(cell, w)
+                seed[image, :, row, col] = values[image, :, row, col]
+        if len(seeds) == 1:
+            grads = torch.autograd.grad(feature_map, x, seeds[0], retain_graph=True)[0].unsqueeze(0)
+        else:
+            grads = torch.autograd.grad(feature_map, x, torch.stack(seeds), retain_graph=True,
+                                        is_grads_batched=True)[0]  # (passes, B, 3, H, W)
+        stats.pixel_backwards += len(seeds)
+        reduced = grads.sum(dim=2).abs()  # (passes, B, H, W)
         if not torch.isfinite(reduced).all():
             raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
-        for image, cell in active:
-            maps[(image, cell)] = reduced[image].clone()
+        for index, cells in enumerate(active):
+            for image, cell in cells:
+                maps[(image, cell)] = reduced[index, image].clone()
     return maps

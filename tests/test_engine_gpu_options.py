@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model_helpers import plain_stack, random_images, tiny_timm_efficientnet
-from pairx_core import ConfigError, ExplainConfig, explain
+from pairx_core import ConfigError, EngineStats, ExplainConfig, explain
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = "backbone.blocks.3"
@@ -60,8 +60,9 @@ def test_agreement_against_strict_float32_of_the_same_call_is_complete():
 
 def test_bench_switches_for_gpu_variants():
     bench = _bench_engine()
-    args = bench.parse_args(["--preset", "miewid", "--k-colors", "10,0", "--autocast", "bfloat16", "--agreement"])
-    assert args.k_colors == [10, 0] and args.autocast == "bfloat16" and args.agreement
+    args = bench.parse_args(["--preset", "miewid", "--k-colors", "10,0", "--autocast", "bfloat16", "--agreement",
+                             "--pixel-pass-group", "5"])
+    assert args.k_colors == [10, 0] and args.autocast == "bfloat16" and args.agreement and args.pixel_pass_group == 5
     assert bench.parse_args(["--preset", "miewid"]).k_colors == [10]
     assert bench.parse_args([]).k_colors == [10, 0] and not bench.parse_args([]).cudnn_benchmark
     with pytest.raises(SystemExit):  # a GPU switch on the CPU is a usage error
@@ -71,3 +72,21 @@ def test_bench_switches_for_gpu_variants():
 def test_gpu_scripts_parse():
     for script in ("gpu_matrix.sh", "gpu_check.sh", "gpu_env.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / "bench" / script)]).returncode == 0
+
+
+def test_grouped_pixel_passes_give_the_same_maps_float64():
+    """Several pixel passes in one vmapped backward call (is_grads_batched): the same pixel maps."""
+    model = tiny_timm_efficientnet(torch.float64)
+    images = random_images(4, 64, seed=7)
+    one, grouped = EngineStats(), EngineStats()
+    single = explain(model, images[:2], images[2:], LAYER, k_colors=4, k_lines=5, stats=one)
+    stacked = explain(model, images[:2], images[2:], LAYER, k_colors=4, k_lines=5, pixel_pass_group=3,
+                      stats=grouped)
+    assert one.pixel_backwards == grouped.pixel_backwards > 3  # a full group of 3 and a rest
+    for a, b in zip(single, stacked):
+        la, lb = a.layers[LAYER], b.layers[LAYER]
+        for side in ("pixel_relevance_0", "pixel_relevance_1"):
+            u, v = getattr(la, side), getattr(lb, side)
+            assert u.shape == v.shape and np.abs(u - v).max() <= 1e-12 * np.abs(u).max()
+    with pytest.raises(ConfigError, match="pixel_pass_group"):
+        ExplainConfig(pixel_pass_group=0)
