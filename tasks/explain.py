@@ -58,7 +58,7 @@ class RunSettings:
     #: images whose shorter side is below this many pixels are errors, not candidates
     min_image_side: int = DEFAULT_MIN_SIDE
     #: draw and write an engine batch's pictures in a background thread while the next engine
-    #: batch computes (on the CPU a task's pairs then go to the engine in two batches)
+    #: batch computes (where the memory plan splits a task's pairs into several batches)
     render_in_background: bool = True
 
 
@@ -166,8 +166,7 @@ def _output_settings(settings: RunSettings, model: LoadedModel) -> OutputSetting
 
 def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedImage], model: LoadedModel,
                 settings: RunSettings, errors: list[dict],
-                on_batch: Callable[[list[PairExplanation]], None] | None = None,
-                batch_size: int | None = None) -> list[PairExplanation] | None:
+                on_batch: Callable[[list[PairExplanation]], None] | None = None) -> list[PairExplanation] | None:
     """One ``explain_indexed`` call for all of ``todo`` (``result.index``: position in ``todo``);
     each engine batch's results go to ``on_batch`` as soon as they are done. A ``PairXError``
     fails the pairs not delivered yet (``errors`` rows, None)."""
@@ -177,8 +176,7 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
     if model.device.type == "cuda":
         tensors = tensors.pin_memory()  # the engine copies with non_blocking=True
     index = np.array([[position[k] for k in p.item.image_keys] for p in todo], dtype=np.int64)
-    config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget,
-                           batch_size=batch_size)
+    config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget)
     delivered: set[int] = set()
 
     def deliver(batch: list[PairExplanation]) -> None:
@@ -194,14 +192,6 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
         errors.extend(error_row(p.item.pair_id, "explain", error, settings.run_id)
                       for i, p in enumerate(todo) if i not in delivered)
         return None
-
-
-def _engine_batch_size(pairs: int, settings: RunSettings, device: torch.device) -> int | None:
-    """Pairs per engine batch: on the CPU with background rendering, half the task's pairs (so
-    the first half's pictures are drawn while the second half computes); else the memory plan's."""
-    if settings.render and settings.render_in_background and device.type == "cpu" and pairs >= 2:
-        return (pairs + 1) // 2
-    return None
 
 
 class _RenderQueue:
@@ -287,8 +277,7 @@ def _explain_planned(todo: Sequence[PlannedPair], images: Mapping[ImageKey, Load
 
     started = time.perf_counter()
     try:
-        finished = _run_engine(todo, images, model, settings, outputs.tables["errors"], on_batch,
-                               _engine_batch_size(len(todo), settings, model.device))
+        finished = _run_engine(todo, images, model, settings, outputs.tables["errors"], on_batch)
         summary.seconds["engine"] += time.perf_counter() - started - renders.waited
         missing = [result for result in finished or [] if result.index not in results]
         if missing:  # an engine that did not report its batches

@@ -107,8 +107,9 @@ def test_the_pictures_of_a_batch_are_drawn_while_the_next_batch_computes(tmp_pat
 
     monkeypatch.setattr(engine_module, "_explain_batch", explain_batch)
     monkeypatch.setattr(explain_module, "render", render)
-    summary = explain_module.explain_pairs_batch(items, _settings(tmp_path))
-    assert summary.done == 4 and batches["n"] == 2  # the task's 4 pairs in two engine batches
+    # a memory budget of 2 images per batch: the task's 4 pairs go to the engine one by one
+    summary = explain_module.explain_pairs_batch(items, _settings(tmp_path, memory_budget=1))
+    assert summary.done == 4 and batches["n"] == 4
     assert events.index("compute 0 end") < events.index("draw start")
     assert events.index("compute 1 start") < events.index("draw end")  # overlap
     assert events.count("draw end") == 4  # every picture drawn before the task returned
