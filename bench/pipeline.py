@@ -87,6 +87,35 @@ def _night_share(stages: dict[str, float], flow_seconds: float) -> dict[str, flo
     return shares
 
 
+def compare_render(config, work: Path, rounds: int) -> None:
+    """Cold nights with pictures drawn inline and in the background, alternating (same inputs,
+    fresh output and cache each); one line per night, then the medians and the gain."""
+    import statistics
+
+    from flows.nightly import nightly
+
+    seconds: dict[str, list[float]] = {"inline": [], "background": []}
+    flows: dict[str, list[float]] = {"inline": [], "background": []}
+    for round_number in range(rounds):
+        for mode in ("inline", "background"):
+            out = work / f"out-{mode}-{round_number}"
+            summary = nightly(config.model_copy(update={"out": str(out), "render_in_background": mode == "background"}))
+            stages = summary.get("stage_seconds", {})
+            seconds[mode].append(summary.get("explain_seconds", 0.0))
+            flows[mode].append(summary["seconds"])
+            emit(run="compare_render", mode=mode, round=round_number, pairs=summary["done"],
+                 flow_s=summary["seconds"], explain_s=round(summary.get("explain_seconds", 0.0), 2),
+                 stage_s={k: round(stages.get(k, 0.0), 2) for k in ("engine", "render", "render_busy")},
+                 load_average=[round(v, 2) for v in os.getloadavg()])
+            shutil.rmtree(out, ignore_errors=True)
+    inline, background = statistics.median(seconds["inline"]), statistics.median(seconds["background"])
+    emit(run="compare_render_summary", rounds=rounds, explain_s_inline=round(inline, 2),
+         explain_s_background=round(background, 2),
+         explain_gain=round(1 - background / inline, 3) if inline else None,
+         flow_s_inline=round(statistics.median(flows["inline"]), 2),
+         flow_s_background=round(statistics.median(flows["background"]), 2))
+
+
 def main() -> None:
     """Run the benchmark; one function on purpose: the protocol reads top to bottom."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +130,9 @@ def main() -> None:
                         help="uploads tonight (default: one per individual); the gallery keeps all individuals")
     parser.add_argument("--render-inline", action="store_true",
                         help="draw pictures after each engine call, not in a thread beside the next batch")
+    parser.add_argument("--compare-render", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds of two cold nights, pictures drawn after each engine call "
+                             "and beside the next batch, alternating; prints the explain fan-out's seconds of each")
     parser.add_argument("--cold-only", action="store_true",
                         help="run only the cold night (no warm-cache run, rerun or direct-call baseline)")
     parser.add_argument("--preset", choices=("miewid",), default=None,
@@ -141,6 +173,11 @@ def main() -> None:
                            k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
                            workers=args.workers, device="cpu", allow_random_weights=True,
                            render_in_background=not args.render_inline)
+    if args.compare_render:
+        with prefect_api():
+            compare_render(config, work, args.compare_render)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     flow_seconds, explain_seconds, task_seconds, worker_engine = {}, {}, {}, {}
     with prefect_api():
         for label in ("cold",) if args.cold_only else ("cold", "warm_cache", "rerun"):
