@@ -12,7 +12,13 @@ functions directly in this process, both for the whole run and for the explain f
 
 Each run line carries ``night_share``: the share of the flow's wall time spent in each timed
 stage of the explain tasks (decode, engine, render, write) summed over workers, and the rest
-(``orchestration_and_other``: embedding, retrieval and stage 1, scheduling, bookkeeping).
+(``orchestration_and_other``: embedding, retrieval and stage 1, scheduling, bookkeeping); and
+``night_breakdown`` (:func:`night_breakdown`): every phase of the night, embedding, retrieval and
+stage 1 included, as shares that sum to 1.
+
+    python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --top-k 3 --batch-pairs 3 \
+        --workers 0 --cold-only                   # the real-size night of docs/performance.md
+    python bench/pipeline.py --compare-render 2   # pictures inline against beside the next batch
 """
 
 from __future__ import annotations
