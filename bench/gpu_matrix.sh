@@ -36,7 +36,7 @@ PAIRS="${BENCH_PAIRS:-24}"
 REPEATS="${BENCH_REPEATS:-2}"
 BUDGET="${BENCH_BUDGET_GIB:-40}"
 VARIANTS="${BENCH_VARIANTS:-baseline benchmark tf32 chlast grouped bf16}"
-TOTAL_LIMIT=330  # seconds for all variants (the table and the start-up come on top)
+TOTAL_LIMIT=320  # seconds for all variants (the table and the start-up come on top)
 if [ "$DEVICE" = "cpu" ]; then
   MODEL="${BENCH_MODEL:-timm:test_efficientnet?size=64}"
   LAYER="backbone.blocks.2"
