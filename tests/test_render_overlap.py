@@ -154,3 +154,25 @@ def test_an_unexpected_render_failure_reaches_the_task():
     queue.submit(broken)
     with pytest.raises(RuntimeError, match="bug in drawing"):
         queue.close()
+
+
+def test_an_engine_failure_in_a_later_batch_keeps_the_pairs_already_explained(tmp_path, monkeypatch):
+    from pairx_core.errors import NumericalError
+
+    photos = _photos(tmp_path, ["a", "b", "c", "d"])
+    items = [PairItem("p0", photos["a"], photos["b"]), PairItem("p1", photos["c"], photos["d"])]
+    real_batch = engine_module._explain_batch
+    calls = {"n": 0}
+
+    def explain_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NumericalError("LRP relevance is not finite")
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_explain_batch", explain_batch)
+    summary = explain_module.explain_pairs_batch(items, _settings(tmp_path, memory_budget=1))
+    assert (summary.done, summary.failed) == (1, 1)
+    out = str(tmp_path / "out")
+    assert list(read_table(out, "pairs")["pair_id"]) == ["p0"]
+    assert read_table(out, "errors")[["item", "stage"]].values.tolist() == [["p1", "explain"]]
