@@ -103,7 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: backbone.blocks.3 for miewid models, backbone.blocks.2 otherwise)")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma list of pairs per batch (default 1,4,16 on CPU, 1,4,8,16,32 on GPU)")
-    parser.add_argument("--k-colors", default="10,0", help="comma list of k_colors values")
+    parser.add_argument("--k-colors", default=None,
+                        help="comma list of k_colors values (default 10,0; --preset miewid: 10; --quick: 3,0)")
     parser.add_argument("--k-lines", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=None,
                         help="pairs per engine measurement (default: the largest batch size)")
@@ -117,6 +118,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="GPU only: allow TF32 in matmuls and cuDNN convolutions (off: full float32)")
     parser.add_argument("--memory-format", choices=get_args(MemoryFormat), default="auto",
                         help="engine layout (auto: channels_last for float32 on CPU)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True (GPU runs; default False)")
+    parser.add_argument("--autocast", choices=("off", "bfloat16"), default="off",
+                        help="engine option: forward and backward passes under torch.autocast (bfloat16)")
+    parser.add_argument("--pixel-pass-group", type=int, default=1, metavar="N",
+                        help="engine option: N pixel passes per backward call (is_grads_batched)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="per engine line, agreement_vs_fp32: top-k match sets and pixel-map correlation "
+                             "against a strict float32 call (no TF32, no autocast, contiguous) on the same inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
                         help="kept: freed memory stays mapped, as in the pipeline's task processes "
@@ -165,14 +175,14 @@ def _resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.preset == "miewid":
         args.model = args.model or "miewid-arch"
         args.batch_sizes = args.batch_sizes or "4"
-        args.k_colors = "10" if args.k_colors == parser.get_default("k_colors") else args.k_colors
+        args.k_colors = args.k_colors or "10"
         args.repeats = args.repeats or 2
         args.skip_reference = args.skip_reference or args.reference_pairs is None
         args.engine_bs1 = "1" in args.batch_sizes.split(",")
     if args.quick:
         args.model = args.model or QUICK_MODEL
         args.batch_sizes = args.batch_sizes or "2"
-        args.k_colors = "3,0" if args.k_colors == parser.get_default("k_colors") else args.k_colors
+        args.k_colors = args.k_colors or "3,0"
         args.pairs = args.pairs or 2
         args.reference_pairs = args.reference_pairs or 1
         args.repeats = args.repeats or 1
@@ -180,7 +190,7 @@ def _resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser)
         args.k_lines = min(args.k_lines, 5)
     args.model = args.model or DEFAULT_CPU_MODEL
     args.batch_sizes = _int_list(args.batch_sizes or ("1,4,8,16,32" if on_gpu else "1,4,16"), parser, "--batch-sizes")
-    args.k_colors = _int_list(args.k_colors, parser, "--k-colors")
+    args.k_colors = _int_list(args.k_colors or "10,0", parser, "--k-colors")
     if min(args.batch_sizes) < 1 or min(args.k_colors) < 0:
         parser.error("batch sizes must be >= 1 and k_colors >= 0")
     if args.layers is None:
@@ -193,8 +203,8 @@ def _resolve_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser)
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.pairs < 1 or args.repeats < 1 or args.warmup < 0 or args.shared_gallery < 0:
         parser.error("--pairs and --repeats must be >= 1, --warmup and --shared-gallery >= 0")
-    if args.tf32 and not on_gpu:
-        parser.error("--tf32 is for GPU runs only")
+    if (args.tf32 or args.cudnn_benchmark) and not on_gpu:
+        parser.error("--tf32 and --cudnn-benchmark are for GPU runs only")
 
 
 class Interrupted(BaseException):
@@ -433,7 +443,8 @@ class Runner:
             start = time.perf_counter()
             results = explain(self.model, self.x0[:n_pairs], self.x1[:n_pairs], layers, k_lines=self.args.k_lines,
                               k_colors=k_colors, batch_size=batch_size, device=self.device,
-                              memory_budget=self.memory_budget, stats=stats, memory_format=self.args.memory_format)
+                              memory_budget=self.memory_budget, stats=stats, memory_format=self.args.memory_format,
+                              autocast=self.args.autocast, pixel_pass_group=self.args.pixel_pass_group)
             _sync(self.device)
             seconds = time.perf_counter() - start
         self.phases["forward_and_setup"] = seconds - sum(self.phases.values())
@@ -499,6 +510,66 @@ def _phase_timers(phases: dict[str, float], device: torch.device) -> Iterator[No
     finally:
         for name, function in originals.items():
             setattr(engine_module, name, function)
+
+
+@contextlib.contextmanager
+def _strict_float32() -> Iterator[None]:
+    """No TF32 and no cuDNN autotuning inside the block (restored on exit)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
+def agreement_vs_fp32(runner: "Runner", layers: list[str], k_colors: int, batch_size: int,
+                      n_pairs: int) -> dict[str, float | None]:
+    """This run's settings against a strict float32 call on the same ``n_pairs`` pairs.
+
+    ``top_k_match_overlap``: per pair and layer, the share of the strict call's top ``k_lines``
+    matches (cell pairs) that this call's top ``k_lines`` also holds (mean and min);
+    ``pixel_map_corr``: Pearson correlation of each pixel map with the strict call's (mean and
+    min, over maps of matches both calls rank alike; None with k_colors=0); ``similarity_max_abs_diff``.
+    """
+    import numpy as np
+
+    args = runner.args
+    common = dict(k_lines=args.k_lines, k_colors=k_colors, batch_size=batch_size, device=runner.device,
+                  memory_budget=runner.memory_budget)
+    x0, x1 = runner.x0[:n_pairs], runner.x1[:n_pairs]
+    ours = explain(runner.model, x0, x1, layers, memory_format=args.memory_format, autocast=args.autocast,
+                   pixel_pass_group=getattr(args, "pixel_pass_group", 1), **common)
+    with _strict_float32():
+        strict = explain(runner.model, x0, x1, layers, memory_format="contiguous", autocast="off", **common)
+    overlaps, correlations, similarity = [], [], []
+    columns = ["row_0", "col_0", "row_1", "col_1"]
+    for a, b in zip(ours, strict):
+        similarity.append(abs(a.similarity - b.similarity))
+        for name in b.layers:
+            la, lb = a.layers[name], b.layers[name]
+            top_a = {tuple(r) for r in la.matches[columns].head(args.k_lines).values.tolist()}
+            top_b = [tuple(r) for r in lb.matches[columns].head(args.k_lines).values.tolist()]
+            if top_b:
+                overlaps.append(sum(cell in top_a for cell in top_b) / len(top_b))
+            order_a = [tuple(r) for r in la.matches[columns].head(k_colors).values.tolist()]
+            for j, cell in enumerate(top_b[:k_colors]):
+                if j < len(order_a) and order_a[j] == cell:
+                    for side in ("pixel_relevance_0", "pixel_relevance_1"):
+                        u, v = getattr(la, side)[j].ravel(), getattr(lb, side)[j].ravel()
+                        if u.std() > 0 and v.std() > 0:
+                            correlations.append(float(np.corrcoef(u, v)[0, 1]))
+    return {
+        "pairs": len(strict),
+        "top_k_match_overlap_mean": _round(float(np.mean(overlaps)), 4) if overlaps else None,
+        "top_k_match_overlap_min": _round(float(np.min(overlaps)), 4) if overlaps else None,
+        "pixel_map_corr_mean": _round(float(np.mean(correlations)), 5) if correlations else None,
+        "pixel_map_corr_min": _round(float(np.min(correlations)), 5) if correlations else None,
+        "pixel_maps_compared": len(correlations),
+        "similarity_max_abs_diff": _round(max(similarity), 7) if similarity else None,
+    }
 
 
 def _result_arrays(results) -> dict[str, Any]:
@@ -741,6 +812,9 @@ def measure_group(runner: Runner, layers: list[str], k_colors: int, args: argpar
             ours, theirs = getattr(config, "results", None), getattr(ref_engine, "results", None)
             if ours is not None and theirs is not None and config.batch_size == ref_engine.batch_size:
                 record["max_rel_diff_vs_ref_engine"] = max_relative_difference(ours, theirs)
+        if config.mode == "engine" and args.agreement and interrupted is None:
+            record["agreement_vs_fp32"] = agreement_vs_fp32(runner, layers, k_colors, config.batch_size,
+                                                            config.n_pairs)
         if config.mode == "ref_engine":
             record["ref_engine_commit"] = runner.ref_worker.commit
         if interrupted is not None:
@@ -889,8 +963,11 @@ def _environment(args: argparse.Namespace, device: torch.device, size, dtype,
         "memory_format": args.memory_format,
         "freed_memory_kept": freed_memory_kept,
     }
+    env["autocast"] = args.autocast
+    env["pixel_pass_group"] = args.pixel_pass_group
     if device.type == "cuda":
         env["tf32"] = bool(args.tf32)
+        env["cudnn_benchmark"] = bool(args.cudnn_benchmark)
     return env
 
 
@@ -909,7 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     else:
         torch.set_flush_denormal(True)  # LRP makes denormals; they slow CPUs badly
     if args.threads:

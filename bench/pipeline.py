@@ -12,7 +12,13 @@ functions directly in this process, both for the whole run and for the explain f
 
 Each run line carries ``night_share``: the share of the flow's wall time spent in each timed
 stage of the explain tasks (decode, engine, render, write) summed over workers, and the rest
-(``orchestration_and_other``: embedding, retrieval and stage 1, scheduling, bookkeeping).
+(``orchestration_and_other``: embedding, retrieval and stage 1, scheduling, bookkeeping); and
+``night_breakdown`` (:func:`night_breakdown`): every phase of the night, embedding, retrieval and
+stage 1 included, as shares that sum to 1.
+
+    python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --top-k 3 --batch-pairs 3 \
+        --workers 0 --cold-only                   # the real-size night of docs/performance.md
+    python bench/pipeline.py --compare-render 2   # pictures inline against beside the next batch
 """
 
 from __future__ import annotations
@@ -35,15 +41,47 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def synthetic_workload(folder: Path, individuals: int, size: int) -> tuple[str, str]:
+def synthetic_workload(folder: Path, individuals: int, size: int, uploads: int | None = None) -> tuple[str, str]:
+    """One gallery photo per individual; one upload each for the first ``uploads`` (default: all)."""
     from pairx_core.synthetic import make_individuals, render_photo
 
-    for ind in make_individuals(individuals, seed=7):
+    for number, ind in enumerate(make_individuals(individuals, seed=7)):
         (folder / "gallery" / ind.id).mkdir(parents=True, exist_ok=True)
         render_photo(ind, seed=1, size=(size, size)).image.save(folder / "gallery" / ind.id / "a.png")
         (folder / "uploads").mkdir(parents=True, exist_ok=True)
-        render_photo(ind, seed=2, size=(size, size)).image.save(folder / "uploads" / f"{ind.id}.png")
+        if uploads is None or number < uploads:
+            render_photo(ind, seed=2, size=(size, size)).image.save(folder / "uploads" / f"{ind.id}.png")
     return str(folder / "uploads"), str(folder / "gallery")
+
+
+#: flow phases timed by the nightly flow (wall seconds in ``stage_seconds``) -> breakdown row
+NIGHT_PHASES = {"embed_wall": "embedding", "embeddings_read_wall": "retrieval", "retrieval_wall": "retrieval",
+                "stage1_wall": "stage1_rerank", "candidates_wall": "write"}
+#: timed stages inside the explain tasks -> breakdown row
+EXPLAIN_STAGES = {"decode": "decode", "engine": "engine", "render": "render", "write": "write"}
+
+
+def night_breakdown(stages: dict[str, float], explain_seconds: float, flow_seconds: float) -> dict[str, float]:
+    """Where a night's wall time went, as shares of ``flow_seconds`` (they sum to 1).
+
+    The flow's phases (embedding, retrieval, stage 1, the candidates table) are wall clocks. The
+    explain fan-out's wall time is split by the task bodies' timed stages; when workers ran in
+    parallel (stage seconds summed over workers exceed the fan-out's wall time) the fan-out's wall
+    time is shared out in proportion to them. ``orchestration`` is the rest: flow start, planning,
+    scheduling, bookkeeping and the fan-out's time outside the task bodies' stages.
+    """
+    if not flow_seconds:
+        return {}
+    seconds: dict[str, float] = {}
+    for key, row in NIGHT_PHASES.items():
+        seconds[row] = seconds.get(row, 0.0) + stages.get(key, 0.0)
+    inside = {row: stages.get(key, 0.0) for key, row in EXPLAIN_STAGES.items()}
+    busy = sum(inside.values())
+    scale = explain_seconds / busy if busy > explain_seconds > 0 else 1.0
+    for row, value in inside.items():
+        seconds[row] = seconds.get(row, 0.0) + value * scale
+    seconds["orchestration"] = max(0.0, flow_seconds - sum(seconds.values()))
+    return {row: round(value / flow_seconds, 3) for row, value in seconds.items()}
 
 
 def _night_share(stages: dict[str, float], flow_seconds: float) -> dict[str, float] | None:
@@ -53,6 +91,35 @@ def _night_share(stages: dict[str, float], flow_seconds: float) -> dict[str, flo
     shares = {name: round(value / flow_seconds, 3) for name, value in stages.items()}
     shares["orchestration_and_other"] = round(max(0.0, 1 - sum(stages.values()) / flow_seconds), 3)
     return shares
+
+
+def compare_render(config, work: Path, rounds: int) -> None:
+    """Cold nights with pictures drawn inline and in the background, alternating (same inputs,
+    fresh output and cache each); one line per night, then the medians and the gain."""
+    import statistics
+
+    from flows.nightly import nightly
+
+    seconds: dict[str, list[float]] = {"inline": [], "background": []}
+    flows: dict[str, list[float]] = {"inline": [], "background": []}
+    for round_number in range(rounds):
+        for mode in ("inline", "background"):
+            out = work / f"out-{mode}-{round_number}"
+            summary = nightly(config.model_copy(update={"out": str(out), "render_in_background": mode == "background"}))
+            stages = summary.get("stage_seconds", {})
+            seconds[mode].append(summary.get("explain_seconds", 0.0))
+            flows[mode].append(summary["seconds"])
+            emit(run="compare_render", mode=mode, round=round_number, pairs=summary["done"],
+                 flow_s=summary["seconds"], explain_s=round(summary.get("explain_seconds", 0.0), 2),
+                 stage_s={k: round(stages.get(k, 0.0), 2) for k in ("engine", "render", "render_busy")},
+                 load_average=[round(v, 2) for v in os.getloadavg()])
+            shutil.rmtree(out, ignore_errors=True)
+    inline, background = statistics.median(seconds["inline"]), statistics.median(seconds["background"])
+    emit(run="compare_render_summary", rounds=rounds, explain_s_inline=round(inline, 2),
+         explain_s_background=round(background, 2),
+         explain_gain=round(1 - background / inline, 3) if inline else None,
+         flow_s_inline=round(statistics.median(flows["inline"]), 2),
+         flow_s_background=round(statistics.median(flows["background"]), 2))
 
 
 def main() -> None:
@@ -65,6 +132,15 @@ def main() -> None:
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--individuals", type=int, default=8)
+    parser.add_argument("--uploads", type=int, default=None,
+                        help="uploads tonight (default: one per individual); the gallery keeps all individuals")
+    parser.add_argument("--render-inline", action="store_true",
+                        help="draw pictures after each engine call, not in a thread beside the next batch")
+    parser.add_argument("--compare-render", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds of two cold nights, pictures drawn after each engine call "
+                             "and beside the next batch, alternating; prints the explain fan-out's seconds of each")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="run only the cold night (no warm-cache run, rerun or direct-call baseline)")
     parser.add_argument("--preset", choices=("miewid",), default=None,
                         help="miewid: miewid-arch (random weights) on 440 px synthetic photos, backbone.blocks.3, "
                              "k_colors=10, 4 individuals, 4 pairs per batch")
@@ -89,7 +165,7 @@ def main() -> None:
     if args.mantas:
         uploads, gallery = str(Path(args.mantas) / "uploads"), str(Path(args.mantas) / "manifest.csv")
     else:
-        uploads, gallery = synthetic_workload(work / "data", args.individuals, photo_size)
+        uploads, gallery = synthetic_workload(work / "data", args.individuals, photo_size, args.uploads)
 
     from infra.prefect_server import prefect_api
     from flows.config import NightlyConfig
@@ -101,10 +177,16 @@ def main() -> None:
     out = work / "out"
     config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
                            k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
-                           workers=args.workers, device="cpu", allow_random_weights=True)
+                           workers=args.workers, device="cpu", allow_random_weights=True,
+                           render_in_background=not args.render_inline)
+    if args.compare_render:
+        with prefect_api():
+            compare_render(config, work, args.compare_render)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     flow_seconds, explain_seconds, task_seconds, worker_engine = {}, {}, {}, {}
     with prefect_api():
-        for label in ("cold", "warm_cache", "rerun"):
+        for label in ("cold",) if args.cold_only else ("cold", "warm_cache", "rerun"):
             if label == "warm_cache":  # keep the activation cache, drop the results
                 for sub in ("tables", "viz"):
                     shutil.rmtree(out / sub, ignore_errors=True)
@@ -114,13 +196,20 @@ def main() -> None:
             flow_seconds[label] = summary["seconds"]
             explain_seconds[label] = summary.get("explain_seconds", 0.0)
             stages = summary.get("stage_seconds", {})
-            task_seconds[label], worker_engine[label] = sum(stages.values()), stages.get("engine", 0.0)
+            task_seconds[label] = sum(v for k, v in stages.items() if k in EXPLAIN_STAGES)
+            worker_engine[label] = stages.get("engine", 0.0)
             busy = task_seconds[label] or 1.0
             emit(run=label, pairs=summary["done"], skipped=summary["skipped"], wall_s=round(wall, 2),
                  flow_s=summary["seconds"], pairs_per_s=round(summary["done"] / wall, 3) if summary["done"] else None,
-                 stage_share={k: round(v / busy, 3) for k, v in stages.items()},
-                 night_share=_night_share(stages, summary["seconds"]),
-                 stage_s={k: round(v, 2) for k, v in stages.items()})
+                 stage_share={k: round(v / busy, 3) for k, v in stages.items() if k in EXPLAIN_STAGES},
+                 night_share=_night_share({k: v for k, v in stages.items() if k in EXPLAIN_STAGES},
+                                          summary["seconds"]),
+                 night_breakdown=night_breakdown(stages, summary.get("explain_seconds", 0.0), summary["seconds"]),
+                 stage_s={k: round(v, 2) for k, v in stages.items()},
+                 stage1_pairs=summary.get("stage1_pairs"), load_average=[round(v, 2) for v in os.getloadavg()])
+    if args.cold_only:
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     # the same work (embed the images, explain the same pairs in the same batches) called directly
     # in this process with an empty cache: the orchestration-free baseline of the cold run.
@@ -130,7 +219,7 @@ def main() -> None:
     items = [PairItem(r.pair_id, r.image_0, r.image_1) for r in pairs.drop_duplicates("pair_id").itertuples()]
     images = sorted({i.image_0 for i in items} | {i.image_1 for i in items})
     settings = RunSettings(out=str(work / "direct"), model=args.model, layers=(args.layer,), run_id="direct",
-                           k_colors=args.k_colors, device="cpu")
+                           k_colors=args.k_colors, device="cpu", render_in_background=not args.render_inline)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))  # as the workers do
     explain_pairs_batch(items[:1], settings)  # warm the model in this process
 

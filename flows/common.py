@@ -323,4 +323,5 @@ def settings_for(config, run_id: str, layers: Sequence[str]) -> RunSettings:
     return RunSettings(out=config.out, model=config.model, layers=tuple(layers), run_id=run_id,
                        k_lines=config.k_lines, k_colors=config.k_colors, device=config.device,
                        storage_options=config.storage_options or None, render=config.render,
-                       public_url=getattr(config, "public_url", None))
+                       public_url=getattr(config, "public_url", None),
+                       render_in_background=config.render_in_background)

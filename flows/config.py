@@ -52,6 +52,8 @@ class CommonConfig(BaseModel):
                                             description="non-secret fsspec options; credentials go in the "
                                                         "workers' environment ($PAIRX_STORAGE_OPTIONS, AWS_*)")
     render: bool = True
+    render_in_background: bool = Field(True, description="draw a batch's pictures in a thread while the next "
+                                                         "batch computes (False: after the engine, in turn)")
     min_image_side: int = Field(32, ge=1, description="images whose shorter side has fewer pixels are errors")
     report: bool = Field(True, description="write or update the review site (OUT's report folder) at the end of the "
                                                    "run")

@@ -15,6 +15,7 @@ runner the config asks for (see ``flows.common``).
 from __future__ import annotations
 
 import contextlib
+import time
 
 from prefect import flow, get_run_logger
 
@@ -87,6 +88,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
 
     kwargs = dict(model=config.model, cache_url=config.cache_url, layers=list(layers), run_id=run_id,
                   out=config.out, device=config.device, storage_options=so, min_image_side=config.min_image_side)
+    phase_started = time.perf_counter()
     items = [night.item(name) for name in list(gallery) + new_uploads]
     batches = _photo_chunks(items, 32)
     summary.advance("embed", planned=len(items))
@@ -110,6 +112,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     except BaseException:
         cancel_pending(futures)
         raise
+    phase_started = _add_wall(summary, "embed_wall", phase_started)
     cache = activation_cache(config.cache_url, model_id, _prep_fingerprint(config), layers, so)
     gallery_uris = [g for g in gallery if g in hashes]
     query_uris = [u for u in new_uploads if u in hashes]
@@ -118,6 +121,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     else:
         gallery_matrix = with_retries(cache.get_embeddings, [hashes[g] for g in gallery_uris])
         query_matrix = with_retries(cache.get_embeddings, [hashes[q] for q in query_uris])
+    phase_started = _add_wall(summary, "embeddings_read_wall", phase_started)
 
     def make_item(candidate: Candidate) -> PairItem:
         return pair_item(night.item(candidate.query), night.item(candidate.gallery_image), boxes,
@@ -130,6 +134,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         summary.planned["pairs_planned"] = len(reranked.items)
         summary.planned["stage1_pairs"] = len(reranked.candidates)
         explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+        phase_started = time.perf_counter()
         rows = reranked_rows(config.out, model_id, config.model, layers[0], reranked, so)
     else:
         candidates = [] if query_matrix is None else retrieve(
@@ -140,12 +145,21 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         summary.planned["pairs_planned"] = len(items)
         explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
         # this run's explanations and those of earlier runs, read back from `pairs` by output key
+        phase_started = time.perf_counter()
         rows = candidate_rows(config.out, model_id, config.model, layers[0], candidates, keys, so)
     for row in rows:  # an upload is done per name, content and detection (flows.night_plan.plan_uploads)
         row.update(query_item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
         gallery_item = night.item(row["gallery_image"])
         row["gallery_image"], row["gallery_source"] = gallery_item.uri, gallery_item.source
     write_table(config.out, "candidates", rows, model_id, run_id, so)
+    _add_wall(summary, "candidates_wall", phase_started)
+
+
+def _add_wall(summary, phase: str, started: float) -> float:
+    """Add the seconds since ``started`` to ``summary.stage_seconds[phase]``; returns now."""
+    now = time.perf_counter()
+    summary.stage_seconds[phase] = summary.stage_seconds.get(phase, 0.0) + now - started
+    return now
 
 
 def _photo_chunks(items: list[NightItem], size: int) -> list[list[NightItem]]:

@@ -91,6 +91,7 @@ def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: 
     (default: ``hashes``, whole photos); ``make_item``: the pair to explain for a candidate
     (default: its two whole photos).
     """
+    started = time.perf_counter()
     candidates, ranks = retrieve(query_matrix, gallery_matrix, query_uris, gallery_uris, gallery, config.rerank_k,
                                  derive_pair_id)
     if make_item is None:
@@ -98,6 +99,8 @@ def plan_reranked(config, layer: str, query_matrix: np.ndarray, gallery_matrix: 
             return PairItem(c.pair_id, c.query, c.gallery_image, individual_1=c.individual)
     pair_items = {c.pair_id: make_item(c) for c in candidates}
     keys = candidate_keys(candidates, contents or hashes, key_settings, layer, pair_items)
+    summary.stage_seconds["retrieval_wall"] = (summary.stage_seconds.get("retrieval_wall", 0.0)
+                                               + time.perf_counter() - started)
     metrics, chosen = stage1_rerank(config, layer, candidates, hashes, summary, annotations, pair_items)
     items = [pair_items[pid] for pid in chosen]
     return Reranked(once_per_key(items, keys), candidates, ranks, metrics, set(chosen), keys)

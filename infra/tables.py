@@ -148,7 +148,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
         [
             _f("item", pa.string(), "what failed (image URI, pair id, ...)", False),
             _f("stage", pa.string(),
-               "pipeline stage (input: a row refused before any read; load, embed, explain, write, ...)", False),
+               "pipeline stage (input: a row refused before any read; load, embed, explain, render: its picture, "
+               "write, ...)", False),
             _f("error_type", pa.string(), "exception class name", False),
             _f("message", pa.string(), "error message"),
             _f("content_hash", pa.string(), "SHA-256 of the file when the error is about its content (cannot be "

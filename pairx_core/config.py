@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 ChannelReduction = Literal["abs_of_sum", "sum_of_abs"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+Autocast = Literal["off", "bfloat16"]
 ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class ExplainConfig:
             EfficientNets with k_colors=10, no change on ResNet-18; same top matches, pixel-map
             correlation 1.0), ``contiguous`` otherwise (float64 kernels gain nothing; GPUs are
             untested). The model's own tensors are restored after the call.
+        pixel_pass_group: pixel passes per backward call (``torch.autograd.grad`` with
+            ``is_grads_batched``: the seeds of several passes stacked, one vmapped call). Same
+            maps; meant for GPUs, where one call of a small backward leaves the device idle; the
+            backward's temporaries grow with the group. 1 (default): one call per pass.
+        autocast: ``bfloat16`` runs the forward and backward passes under ``torch.autocast``
+            (a speed option for GPUs; results are returned as float32 and differ from float32
+            in single cells); ``off`` (default) computes in the inputs' dtype.
     """
 
     k_lines: int = 20
@@ -43,6 +51,8 @@ class ExplainConfig:
     epsilon: float = 1e-6
     stabilizer: float = 1e-6
     memory_format: MemoryFormat = "auto"
+    autocast: Autocast = "off"
+    pixel_pass_group: int = 1
 
     def __post_init__(self) -> None:
         if self.k_lines < 0 or self.k_colors < 0:
@@ -55,6 +65,10 @@ class ExplainConfig:
             raise ConfigError(f"memory_budget must be > 0 bytes, got {self.memory_budget}")
         if self.memory_format not in get_args(MemoryFormat):
             raise ConfigError(f"memory_format must be one of {get_args(MemoryFormat)}, got {self.memory_format!r}")
+        if self.pixel_pass_group < 1:
+            raise ConfigError(f"pixel_pass_group must be >= 1, got {self.pixel_pass_group}")
+        if self.autocast not in get_args(Autocast):
+            raise ConfigError(f"autocast must be one of {get_args(Autocast)}, got {self.autocast!r}")
 
     def use_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether a call on ``device`` with ``dtype`` runs channels-last."""

@@ -20,8 +20,9 @@ Numbers equal the one-pair-at-a-time computation (``pairx_core.reference``) to f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ def explain_indexed(
     canonizers: Sequence[Canonizer] | None = None,
     progress: ProgressCallback | None = None,
     stats: EngineStats | None = None,
+    on_batch: Callable[[list[PairExplanation]], None] | None = None,
     **settings: Any,
 ) -> list[PairExplanation]:
     """Explain pairs given as indices into a set of unique images.
@@ -105,6 +107,9 @@ def explain_indexed(
         images: ``(N, 3, H, W)`` preprocessed images (each forwarded once per batch it serves).
         pairs: ``(P, 2)`` integer indices into ``images``.
         layers, config, device, canonizers, progress, stats, settings: as for :func:`explain`.
+        on_batch: called with each batch's results (``result.index``: the row of ``pairs``) as
+            soon as the batch is done, before the next batch starts; the caller may hand them to
+            another thread (e.g. to draw pictures while the next batch computes).
 
     Returns:
         one :class:`PairExplanation` per row of ``pairs``, in order.
@@ -141,6 +146,8 @@ def explain_indexed(
                 result.index = int(position)
                 results[position] = result
             done += len(batch_pairs)
+            if on_batch is not None:
+                on_batch(batch_results)
             if progress is not None:
                 progress(done, len(pair_array))
     return [r for r in results if r is not None]
@@ -286,7 +293,7 @@ def _explain_batch(
 
         return hook
 
-    with composite.context(model) as modified, torch.enable_grad():
+    with composite.context(model) as modified, torch.enable_grad(), _autocast(config, device):
         # registered after zennit's hooks, so a rule on the layer module itself still sees the
         # attached output before it is swapped for the leaf
         handles = [model.get_submodule(name).register_forward_hook(layer_hook(name)) for name in plan.ordered]
@@ -306,6 +313,21 @@ def _explain_batch(
     stats.batches += 1
     stats.images_per_batch.append(int(x.shape[0]))
     return results
+
+
+def _autocast(config: ExplainConfig, device: torch.device):
+    """``torch.autocast`` for ``config.autocast`` (the forward and every backward of a batch)."""
+    if config.autocast == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` on the host as numpy; half-precision values (autocast) as float32."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _relevance_and_matches(
@@ -339,15 +361,16 @@ def _relevance_and_matches(
     if config.k_colors > 0:
         with reuse_modified_forwards():
             for name in plan.ordered:
-                pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats)
+                pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats,
+                                               config.pixel_pass_group)
     similarity, e0, e1 = (to_host(t.detach()) for t in (similarity, e0, e1))
     results = []
     for p in range(pairs.shape[0]):
         explanation = PairExplanation(
             index=p,
             similarity=float(similarity[p]),
-            embedding_0=e0[p].numpy(),
-            embedding_1=e1[p].numpy(),
+            embedding_0=_host(e0[p]),
+            embedding_1=_host(e1[p]),
         )
         for name in plan.ordered:
             explanation.layers[name] = _layer_explanation(
@@ -394,7 +417,8 @@ def _layer_relevance(
         for name, channel_relevance in per_layer.items():
             reduced = reduce_channels(channel_relevance, config.channel_reduction)  # (B, h, w)
             store = relevance.setdefault(
-                name, torch.zeros((n_pairs, 2, *reduced.shape[1:]), dtype=reduced.dtype, device=reduced.device)
+                name, torch.zeros((n_pairs, 2, *reduced.shape[1:]), device=reduced.device,
+                                  dtype=torch.promote_types(reduced.dtype, torch.float32))  # autocast: float32
             )
             for position in positions:
                 p, side, image = requests[position]
@@ -437,12 +461,12 @@ def _layer_explanation(
     def pixels(image: int, cells: torch.Tensor) -> np.ndarray:
         if not k:
             return np.zeros((0, *input_size), dtype=_numpy_dtype(x))
-        return torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]).numpy()
+        return _host(torch.stack([pixel_maps[(image, int(c))] for c in cells[:k]]))
 
     return LayerExplanation(
         layer=name,
-        relevance_0=relevance[0].numpy(),
-        relevance_1=relevance[1].numpy(),
+        relevance_0=_host(relevance[0]),
+        relevance_1=_host(relevance[1]),
         matches=matches_table(matches, grid, input_size),
         pixel_relevance_0=pixels(images[0], matches.cell_0),
         pixel_relevance_1=pixels(images[1], matches.cell_1),
@@ -474,10 +498,12 @@ def _pixel_maps(
     pairs: np.ndarray,
     k_colors: int,
     stats: EngineStats,
+    group: int = 1,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``|sum_RGB R|`` ``(H, W)`` for every (image, cell) among the pairs' top ``k_colors`` matches.
 
-    The j-th backward pass carries the j-th distinct cell of every image at once.
+    The j-th backward pass carries the j-th distinct cell of every image at once; ``group``
+    passes share one backward call (their seeds stacked, ``is_grads_batched``).
     """
     cells_per_image: dict[int, list[int]] = {}
     for p, matches in enumerate(ranked):
@@ -490,24 +516,31 @@ def _pixel_maps(
     n_passes = max((len(c) for c in cells_per_image.values()), default=0)
     w = feature_map.shape[-1]
     values = feature_map.detach()
-    reduced_passes: list[torch.Tensor] = []  # per pass (B, H, W), on the device
+    reduced_groups: list[torch.Tensor] = []  # per group of passes (passes, B, H, W), on the device
     active_passes: list[list[tuple[int, int]]] = []
-    for j in range(n_passes):
+    for first in range(0, n_passes, group):
+        passes = range(first, min(first + group, n_passes))
         # same memory format as the feature map (channels-last stays so): a contiguous seed would
         # make every backward operation below it mix formats, which is several times slower
-        seed = torch.zeros_like(values)
-        active = [(image, cells[j]) for image, cells in cells_per_image.items() if j < len(cells)]
-        for image, cell in active:
-            row, col = divmod(cell, w)
-            seed[image, :, row, col] = values[image, :, row, col]
-        (grad,) = torch.autograd.grad(feature_map, x, seed, retain_graph=True)
-        stats.pixel_backwards += 1
-        reduced_passes.append(grad.sum(dim=1).abs())  # (B, H, W)
-        active_passes.append(active)
-    if not reduced_passes:
+        seeds = [torch.zeros_like(values) for _ in passes]
+        active = [[(image, cells[j]) for image, cells in cells_per_image.items() if j < len(cells)] for j in passes]
+        for seed, cells in zip(seeds, active):
+            for image, cell in cells:
+                row, col = divmod(cell, w)
+                seed[image, :, row, col] = values[image, :, row, col]
+        if len(seeds) == 1:
+            grads = torch.autograd.grad(feature_map, x, seeds[0], retain_graph=True)[0].unsqueeze(0)
+        else:
+            grads = torch.autograd.grad(feature_map, x, torch.stack(seeds), retain_graph=True,
+                                        is_grads_batched=True)[0]  # (passes, B, 3, H, W)
+        stats.pixel_backwards += len(seeds)
+        reduced_groups.append(grads.sum(dim=2).abs())  # (passes, B, H, W)
+        active_passes.extend(active)
+    if not reduced_groups:
         return {}
-    # on a GPU: (passes, B, H, W) in one copy and one synchronisation; on the CPU: as they are
-    host = reduced_passes if x.device.type == "cpu" else to_host(torch.stack(reduced_passes))
-    if not all(bool(torch.isfinite(maps).all()) for maps in host):
+    # on a GPU: all passes in one copy and one synchronisation; on the CPU: as they are
+    stacked = reduced_groups[0] if len(reduced_groups) == 1 else torch.cat(reduced_groups)
+    host = stacked if x.device.type == "cpu" else to_host(stacked)
+    if not torch.isfinite(host).all():
         raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
-    return {(image, cell): host[j][image] for j, active in enumerate(active_passes) for image, cell in active}
+    return {(image, cell): host[j, image] for j, active in enumerate(active_passes) for image, cell in active}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batch_plan import max_images_per_batch
 from .canonizers import select_canonizers
 from .engine import ExplainConfig, explain_indexed, similarity_seeds, to_host
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
@@ -77,7 +78,9 @@ def stage1(
             cells, and the split check's probe).
         config: ``k_lines``, ``channel_reduction``, ``strict_lrp``, ``epsilon``, ``stabilizer``
             are used; pixel maps are never computed.
-        batch_pairs: pairs per forward/backward.
+        batch_pairs: most pairs per forward/backward; fewer when ``config.memory_budget`` (default:
+            a share of the free memory) holds fewer images, estimated as for the engine from the
+            whole model (an upper bound: stage 1 keeps only the graph above ``layer``).
 
     Returns:
         one :class:`PairExplanation` per pair (one layer, empty pixel maps), in order.
@@ -109,6 +112,7 @@ def stage1(
         chosen = (list(canonizers) if canonizers is not None
                   else select_canonizers(model, strict=config.strict_lrp, example_input=probe))
         composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
+        batch_pairs = min(batch_pairs, max(1, max_images_per_batch(model, probe, config.memory_budget, target) // 2))
         for start in range(0, len(pair_array), batch_pairs):
             batch = pair_array[start:start + batch_pairs]
             results.extend(_stage1_batch(model, composite, plan, values, batch, layer, input_size, config, target,

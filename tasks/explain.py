@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ class RunSettings:
     display_max_side: int = DISPLAY_MAX_SIDE
     #: images whose shorter side is below this many pixels are errors, not candidates
     min_image_side: int = DEFAULT_MIN_SIDE
+    #: draw and write an engine batch's pictures in a background thread while the next engine
+    #: batch computes (where the memory plan splits a task's pairs into several batches)
+    render_in_background: bool = True
 
 
 @dataclass
@@ -163,9 +166,11 @@ def _output_settings(settings: RunSettings, model: LoadedModel) -> OutputSetting
 
 
 def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedImage], model: LoadedModel,
-                settings: RunSettings, errors: list[dict]) -> list[PairExplanation] | None:
-    """One ``explain_indexed`` call for all of ``todo``; a ``PairXError`` fails every pair of it
-    (``errors`` rows, None)."""
+                settings: RunSettings, errors: list[dict],
+                on_batch: Callable[[list[PairExplanation]], None] | None = None) -> list[PairExplanation] | None:
+    """One ``explain_indexed`` call for all of ``todo`` (``result.index``: position in ``todo``);
+    each engine batch's results go to ``on_batch`` as soon as they are done. A ``PairXError``
+    fails the pairs not delivered yet (``errors`` rows, None)."""
     order = _image_keys([p.item for p in todo])
     position = {key: i for i, key in enumerate(order)}
     tensors = torch.stack([model.preprocessing.to_tensor(images[key].image) for key in order])
@@ -173,37 +178,133 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
         tensors = tensors.pin_memory()  # the engine copies with non_blocking=True
     index = np.array([[position[k] for k in p.item.image_keys] for p in todo], dtype=np.int64)
     config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget)
+    delivered: set[int] = set()
+
+    def deliver(batch: list[PairExplanation]) -> None:
+        delivered.update(result.index for result in batch)
+        if on_batch is not None:
+            on_batch(batch)
+
     try:
         with model.lock:
-            return explain_indexed(model.model, tensors, index, list(settings.layers), config, device=model.device)
+            return explain_indexed(model.model, tensors, index, list(settings.layers), config, device=model.device,
+                                   on_batch=deliver)
     except PairXError as error:
-        errors.extend(error_row(p.item.pair_id, "explain", error, settings.run_id) for p in todo)
+        errors.extend(error_row(p.item.pair_id, "explain", error, settings.run_id)
+                      for i, p in enumerate(todo) if i not in delivered)
         return None
+
+
+class _RenderQueue:
+    """Runs the drawing of one engine batch's pictures at a time, in a background thread or inline.
+
+    ``submit`` first waits for the batch before (at most one batch of renders in flight);
+    ``close`` waits for the last one. An exception of a job is re-raised by the next ``submit``
+    or by ``close``.
+    """
+
+    def __init__(self, background: bool):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairx-render") if background else None
+        self._pending: Future | None = None
+        #: seconds the task spent waiting for renders (inline: all of their time)
+        self.waited = 0.0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            started = time.perf_counter()
+            job()
+            self.waited += time.perf_counter() - started
+        else:
+            self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            started = time.perf_counter()
+            try:
+                pending.result()
+            finally:
+                self.waited += time.perf_counter() - started
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 def _explain_planned(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedImage], model: LoadedModel,
                      settings: RunSettings, summary: BatchSummary, outputs: _Outputs) -> None:
-    """Engine, metrics, pictures and rows of the pairs to compute, into ``outputs``."""
-    started = time.perf_counter()
-    results = _run_engine(todo, images, model, settings, outputs.tables["errors"])
-    if results is None:
-        summary.failed, results = summary.failed + len(todo), []
-    summary.seconds["engine"] += time.perf_counter() - started
+    """Engine, metrics, pictures and rows of the pairs to compute, into ``outputs``.
+
+    Pictures of an engine batch are drawn while the next one computes (``_RenderQueue``); a
+    picture that fails to draw or write gives its pair an ``errors`` row (stage ``render``) and
+    no ``pairs`` row, so a rerun computes it again; a transient storage error is re-raised after
+    every render has finished (the Prefect task retries the batch).
+    """
     context = RowContext(settings.run_id, uuid.uuid4().hex[:16], redact_model_spec(settings.model), settings.k_lines)
     pictures = _Pictures(settings, model.model_id, context.commit_id)
-    for planned, result in zip(todo, results):
-        item, sides = planned.item, tuple(images[key] for key in planned.item.image_keys)
-        metrics = {layer: plausibility(result.layers[layer]) for layer in settings.layers}
-        started = time.perf_counter()
-        uris = pictures.draw(item, result, sides, metrics) if settings.render else {}
-        summary.seconds["render"] += time.perf_counter() - started
-        pair_rows, match_rows = explanation_rows(item, result, sides, metrics, planned.output_keys, uris, context)
+    renders = _RenderQueue(settings.render and settings.render_in_background)
+    results: dict[int, PairExplanation] = {}  # by position in todo
+    metrics: dict[int, dict] = {}
+    uris: dict[int, dict[str, str | None]] = {}
+    render_errors: dict[int, BaseException] = {}
+    transient: list[BaseException] = []
+
+    def draw(batch: list[PairExplanation]) -> None:  # runs in the render thread
+        for result in batch:
+            item = todo[result.index].item
+            metrics[result.index] = {layer: plausibility(result.layers[layer]) for layer in settings.layers}
+            if not settings.render:
+                continue
+            started = time.perf_counter()
+            try:
+                sides = tuple(images[key] for key in item.image_keys)
+                uris[result.index] = pictures.draw(item, result, sides, metrics[result.index])
+            except Exception as error:  # noqa: BLE001 - recorded per pair, transient ones re-raised
+                if not isinstance(error, PairXError) and is_transient(error):
+                    transient.append(error)
+                else:
+                    render_errors[result.index] = error
+            finally:
+                summary.seconds["render_busy"] = summary.seconds.get("render_busy", 0.0) + (
+                    time.perf_counter() - started)
+
+    def on_batch(batch: list[PairExplanation]) -> None:
+        results.update((result.index, result) for result in batch)
+        renders.submit(lambda: draw(batch))
+
+    started = time.perf_counter()
+    try:
+        finished = _run_engine(todo, images, model, settings, outputs.tables["errors"], on_batch)
+        summary.seconds["engine"] += time.perf_counter() - started - renders.waited
+        missing = [result for result in finished or [] if result.index not in results]
+        if missing:  # an engine that did not report its batches
+            on_batch(missing)
+    finally:
+        renders.close()
+        outputs.pictures += pictures.written
+    summary.seconds["render"] += renders.waited
+    if transient:
+        raise transient[0]
+    if finished is None:
+        summary.failed += len(todo) - len(results)
+    for position in sorted(results):
+        item, result = todo[position].item, results[position]
+        if position in render_errors:
+            outputs.tables["errors"].append(error_row(item.pair_id, "render", render_errors[position], settings.run_id))
+            summary.failed += 1
+            continue
+        sides = tuple(images[key] for key in item.image_keys)
+        pair_rows, match_rows = explanation_rows(item, result, sides, metrics[position], todo[position].output_keys,
+                                                 uris.get(position, {}), context)
         outputs.pairs += pair_rows
         outputs.tables["matches"] += match_rows
-        summary.irm[item.pair_id] = metrics[settings.layers[0]].irm
+        summary.irm[item.pair_id] = metrics[position][settings.layers[0]].irm
         summary.similarity[item.pair_id] = result.similarity
         summary.done += 1
-    outputs.pictures += pictures.written
     used = [images[key] for key in _image_keys([p.item for p in todo])]
     outputs.tables["images"] = new_image_rows(used, settings.out, model.model_id, settings.run_id,
                                               settings.storage_options)

@@ -112,6 +112,11 @@ def test_nightly_on_local_cluster_then_skip_and_reprocess(prefect_harness, photo
                      out=str(out), top_k=2, workers=2)
     first = _failed_summary(lambda: nightly(config))
     assert first["done"] == 6 and first["failed"] == 1  # the broken upload
+    # every phase of the night has its wall clock (bench/pipeline.py's night_breakdown)
+    phases = ("embed_wall", "embeddings_read_wall", "retrieval_wall", "stage1_wall", "engine", "candidates_wall")
+    assert set(phases) <= set(first["stage_seconds"])
+    assert all(first["stage_seconds"][phase] > 0 for phase in ("embed_wall", "stage1_wall", "engine"))
+    assert sum(first["stage_seconds"][p] for p in phases if p != "engine") < first["seconds"]
     assert len(first["workers"]) >= 1 and all(w.startswith("tcp://127.0.0.1:") for w in first["workers"])
     candidates = read_table(str(out), "candidates")
     # re-ranking (default rerank_k 20): all 3 gallery images judged per upload, the best 2 explained

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet
-from pairx_core import embed, explain
+from pairx_core import ExplainConfig, embed, explain
 from pairx_core.metrics import plausibility
 from pairx_core.models import load_model
+from pairx_core.batch_plan import max_images_per_batch
 from pairx_core.split import SplitWarning, can_split, plan_split, split_forward
 from pairx_core.stage1 import SplitUnsupportedError, Stage1Stats, stage1
 
@@ -100,6 +101,7 @@ def test_no_lower_forward_and_model_restored():
     model.backbone.blocks[0].register_forward_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
     model.backbone.blocks[4].register_forward_hook(lambda *a: calls.__setitem__("above", calls["above"] + 1))
     can_split(model, layer, (SIZE, SIZE), torch.float32)  # the one-off check runs the full model
+    max_images_per_batch(model, torch.zeros(1, 3, SIZE, SIZE), None, torch.device("cpu"))  # so does the budget's
     calls.update(stem=0, block0=0, above=0)
     stage1(model, torch.as_tensor(features[layer]), [(0, 1), (0, 2), (1, 2)], layer, (SIZE, SIZE))
     assert calls["stem"] == 0 and calls["block0"] == 0
@@ -139,3 +141,17 @@ def test_unsplittable_model_warns_once_and_raises():
         with pytest.raises(SplitUnsupportedError):
             stage1(model, acts, [(0, 1)], "body", (SIZE, SIZE))
     assert len([w for w in record if issubclass(w.category, SplitWarning)]) == 1
+
+
+def test_stage1_batches_fit_the_memory_budget():
+    """A budget that holds fewer images than the batch size gives more, smaller batches (a
+    real-size night ran out of memory with 16 pairs of 440 px activations per batch)."""
+    model = plain_stack()
+    _, features = embed(model, random_images(4, SIZE), ["features.5"])
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2)]
+    roomy, tight = Stage1Stats(), Stage1Stats()
+    wide = stage1(model, torch.as_tensor(features["features.5"]), pairs, "features.5", (SIZE, SIZE), stats=roomy)
+    narrow = stage1(model, torch.as_tensor(features["features.5"]), pairs, "features.5", (SIZE, SIZE),
+                    ExplainConfig(k_colors=0, memory_budget=1), stats=tight)
+    assert (roomy.batches, tight.batches) == (1, 4)
+    assert [r.similarity for r in narrow] == pytest.approx([r.similarity for r in wide], rel=1e-12)
