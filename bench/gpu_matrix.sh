@@ -8,6 +8,8 @@
 #   chlast       + channels_last (+ TF32 + benchmark)
 #   grouped      + 5 pixel passes per backward call (is_grads_batched; k_colors 10 only)
 #   bf16         bfloat16 autocast of the forward and backward passes (+ benchmark + channels_last)
+#   big0         chlast at k_colors 0 with twice the batch (24 pairs = 48 images: without pixel maps
+#                the memory plan allows it within 40 GiB)
 # Every variant but the baseline also reports agreement_vs_fp32 (top-k match sets and pixel-map
 # correlation against a strict float32 call on the same inputs). A table ends the output.
 #
@@ -67,6 +69,7 @@ variant_flags() {  # $1 = variant -> bench/engine.py switches (GPU-only ones lef
                echo "--memory-format channels_last $gpu --pixel-pass-group 5 --agreement" ;;
     bf16)      [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark"
                echo "--memory-format channels_last --autocast bfloat16 $gpu --agreement" ;;
+    big0)      [ "$DEVICE" != "cpu" ] && gpu="--cudnn-benchmark --tf32"; echo "--memory-format channels_last $gpu --agreement" ;;
     *)         echo "unknown" ;;
   esac
 }
@@ -77,11 +80,13 @@ for VARIANT in $VARIANTS; do
   LEFT=$(( TOTAL_LIMIT - (SECONDS - START) ))
   LIMIT=$(( LEFT < 70 ? LEFT : 70 ))
   KS="10,0"; [ "$VARIANT" = "grouped" ] && KS="10"  # no pixel passes at k_colors 0
+  BATCH="$BATCH_PAIRS"; CALL_PAIRS="$PAIRS"
+  if [ "$VARIANT" = "big0" ]; then KS="0"; BATCH=$(( BATCH_PAIRS * 2 )); CALL_PAIRS=$(( PAIRS * 2 )); fi
   if [ "$LIMIT" -lt 25 ]; then echo "skipping $VARIANT: only $LEFT s left"; continue; fi
   section "$VARIANT: $FLAGS (limit $LIMIT s)"
   # shellcheck disable=SC2086  # FLAGS is a list of switches
   timeout -k 10 "$LIMIT" "$PY" bench/engine.py --preset miewid --model "$MODEL" --device "$DEVICE" \
-    --layers "$LAYER" --k-colors "$KS" --batch-sizes "$BATCH_PAIRS" --pairs "$PAIRS" --repeats "$REPEATS" \
+    --layers "$LAYER" --k-colors "$KS" --batch-sizes "$BATCH" --pairs "$CALL_PAIRS" --repeats "$REPEATS" \
     --warmup 1 --memory-budget-gib "$BUDGET" $FLAGS \
     | "$PY" -c 'import json, sys
 variant = sys.argv[1]
