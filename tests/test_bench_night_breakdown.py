@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import load_bench_script
 
 
 def _pipeline_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline_script", ROOT / "bench" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("pipeline")
 
 
 def test_shares_cover_every_phase_and_sum_to_one():

@@ -87,12 +87,9 @@ def test_plausibility_benchmark_table_and_plot(tmp_path: Path) -> None:
 
 
 def _bench_engine_module():
-    import importlib.util
+    from bench_scripts import load_bench_script
 
-    spec = importlib.util.spec_from_file_location("bench_engine_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("engine")
 
 
 def test_miewid_preset_is_the_real_size_workload() -> None:

@@ -3,7 +3,6 @@ the agreement check against strict float32, and the switches of bench/engine.py.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench_scripts import load_bench_script
 from model_helpers import plain_stack, random_images, tiny_timm_efficientnet
 from pairx_core import ConfigError, EngineStats, ExplainConfig, explain
 
@@ -20,10 +20,7 @@ LAYER = "backbone.blocks.3"
 
 
 def _bench_engine():
-    spec = importlib.util.spec_from_file_location("bench_engine_options", ROOT / "bench" / "engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("engine")
 
 
 def test_bfloat16_autocast_returns_float32_and_the_same_top_matches():
