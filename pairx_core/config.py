@@ -38,8 +38,9 @@ class ExplainConfig:
             maps; meant for GPUs, where one call of a small backward leaves the device idle; the
             backward's temporaries grow with the group. 1 (default): one call per pass.
         autocast: ``bfloat16`` runs the forward and backward passes under ``torch.autocast``
-            (a speed option for GPUs; results are returned as float32 and differ from float32
-            in single cells); ``off`` (default) computes in the inputs' dtype.
+            (CPU only: on CUDA the rules' convolution backward falls outside autocast and the
+            engine refuses it; results are returned as float32 and differ from float32 in single
+            cells); ``off`` (default) computes in the inputs' dtype.
     """
 
     k_lines: int = 20

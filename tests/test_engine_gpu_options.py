@@ -42,6 +42,15 @@ def test_autocast_setting_is_checked():
         ExplainConfig(autocast="float8")
 
 
+def test_bfloat16_autocast_is_refused_on_cuda():
+    """Measured on an H200: the rules' convolution backward is outside autocast's coverage (bf16
+    input, float32 weight); a clear refusal instead of a RuntimeError deep in a backward pass."""
+    from pairx_core.engine import _autocast
+
+    with pytest.raises(ConfigError, match="CPU only"):
+        _autocast(ExplainConfig(autocast="bfloat16"), torch.device("cuda"))
+
+
 def test_agreement_against_strict_float32_of_the_same_call_is_complete():
     model = plain_stack(torch.float32)
     runner = SimpleNamespace(model=model, device=torch.device("cpu"), memory_budget=None,
