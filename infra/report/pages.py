@@ -173,33 +173,37 @@ def _progress_cells(night: Night, figures: ReviewFigures) -> str:
             f"<td class='num'>{_duration(row['median_s_to_decision'])}</td>")
 
 
+def _figure_table(table_id: str, headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A ``list`` table: ``headers`` as column headings, one row per entry of ``cells`` (HTML)."""
+    head = "".join(f"<th scope='col'>{h}</th>" for h in headers)
+    rows = "".join("<tr>" + "".join(row) + "</tr>" for row in cells)
+    return f"<table class='list' id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _num(text: str) -> str:
+    return f"<td class='num'>{text}</td>"
+
+
 def _precision_html(figures: ReviewFigures) -> str:
     if figures.precision.empty:
         return "<p>No <code>match</code> decisions yet.</p>"
-    rows = "".join(
-        f"<tr><td>{esc(r.date if r.date is not None else 'n/a')}</td><td><code>{esc(r.model_id)}</code></td>"
-        f"<td><code>{esc(r.night_run_id)}</code></td><td class='num'>{_count(r.matches)}</td>"
-        f"<td class='num'>{_count(r.matches_among_candidates)}</td>"
-        f"<td class='num'>{_share(r.retrieval_top1_share)}</td><td class='num'>{_share(r.reranked_top1_share)}</td>"
-        "</tr>" for r in figures.precision.itertuples(index=False))
-    return ("<table class='list' id='model-precision'><thead><tr><th scope='col'>date (UTC)</th>"
-            "<th scope='col'>model</th><th scope='col'>night run</th><th scope='col'>matches</th>"
-            "<th scope='col'>among candidates</th><th scope='col'>retrieval rank 0</th>"
-            f"<th scope='col'>re-ranked rank 0</th></tr></thead><tbody>{rows}</tbody></table>")
+    cells = [(f"<td>{esc(r.date if r.date is not None else 'n/a')}</td>", f"<td><code>{esc(r.model_id)}</code></td>",
+              f"<td><code>{esc(r.night_run_id)}</code></td>", _num(_count(r.matches)),
+              _num(_count(r.matches_among_candidates)), _num(_share(r.retrieval_top1_share)),
+              _num(_share(r.reranked_top1_share)))
+             for r in figures.precision.itertuples(index=False)]
+    return _figure_table("model-precision", ("date (UTC)", "model", "night run", "matches", "among candidates",
+                                             "retrieval rank 0", "re-ranked rank 0"), cells)
 
 
 def _calibration_html(figures: ReviewFigures) -> str:
     if figures.calibration.empty:
         return "<p>No upload accepted one of its candidates yet.</p>"
-    rows = "".join(
-        f"<tr><td><code>{esc(r.model_id)}</code></td><td class='num'>{_count(r.uploads)}</td>"
-        f"<td class='num'>{_count(r.candidates)}</td><td class='num'>{_count(r.comparisons)}</td>"
-        f"<td class='num'>{fmt(r.auc_rerank_score)}</td><td class='num'>{fmt(r.auc_similarity)}</td></tr>"
-        for r in figures.calibration.itertuples(index=False))
-    return ("<table class='list' id='plausibility-calibration'><thead><tr><th scope='col'>model</th>"
-            "<th scope='col'>uploads</th><th scope='col'>candidates</th><th scope='col'>comparisons</th>"
-            "<th scope='col'>AUC re-rank score</th><th scope='col'>AUC similarity alone</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>")
+    cells = [(f"<td><code>{esc(r.model_id)}</code></td>", _num(_count(r.uploads)), _num(_count(r.candidates)),
+              _num(_count(r.comparisons)), _num(fmt(r.auc_rerank_score)), _num(fmt(r.auc_similarity)))
+             for r in figures.calibration.itertuples(index=False)]
+    return _figure_table("plausibility-calibration", ("model", "uploads", "candidates", "comparisons",
+                                                      "AUC re-rank score", "AUC similarity alone"), cells)
 
 
 def _figures_html(figures: ReviewFigures) -> list[str]:
