@@ -112,7 +112,9 @@ def stage1(
         chosen = (list(canonizers) if canonizers is not None
                   else select_canonizers(model, strict=config.strict_lrp, example_input=probe))
         composite = EngineEpsilonPlus(epsilon=config.epsilon, stabilizer=config.stabilizer, canonizers=chosen)
-        batch_pairs = min(batch_pairs, max(1, max_images_per_batch(model, probe, config.memory_budget, target) // 2))
+        # no pixel maps: the graph above the layer only, as for the engine at k_colors=0
+        images = max_images_per_batch(model, probe, config.memory_budget, target, pixel_passes=False)
+        batch_pairs = min(batch_pairs, max(1, images // 2))
         for start in range(0, len(pair_array), batch_pairs):
             batch = pair_array[start:start + batch_pairs]
             results.extend(_stage1_batch(model, composite, plan, values, batch, layer, input_size, config, target,

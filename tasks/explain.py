@@ -280,9 +280,6 @@ def _explain_planned(todo: Sequence[PlannedPair], images: Mapping[ImageKey, Load
     try:
         finished = _run_engine(todo, images, model, settings, outputs.tables["errors"], on_batch)
         summary.seconds["engine"] += time.perf_counter() - started - renders.waited
-        missing = [result for result in finished or [] if result.index not in results]
-        if missing:  # an engine that did not report its batches
-            on_batch(missing)
     finally:
         renders.close()
         outputs.pictures += pictures.written
