@@ -4,7 +4,9 @@ Every consumer of a photo in a run (embedding, stage 1's full path, explaining, 
 thumbnails) calls :func:`load_photo` with the chips it will cut and its
 :class:`infra.images.DecodeNeed`. The bytes are read and hashed each time (cheap next to a
 decode); the cache key is ``(uri, content hash)``, so a file rewritten under the same name is
-decoded afresh, never served stale. A cached decode serves a request when its scale is at most
+decoded afresh, never served stale. A photo already decoded in this run is not read again while
+its storage version (size with ETag or modification time: :meth:`infra.storage.StorageTarget.version`,
+one metadata request) is the one it was read at. A cached decode serves a request when its scale is at most
 the coarsest scale the request allows (a finer decode serves a coarser need); otherwise the photo
 is decoded again, at the finer scale the request needs, and that decode replaces the entry.
 
@@ -49,6 +51,8 @@ class DecodedPhotoCache:
     def __init__(self, limit: int | None = None):
         self.limit = max_bytes() if limit is None else limit
         self._photos: OrderedDict[tuple[str, str], DecodedPhoto] = OrderedDict()
+        #: uri -> (storage version, content hash) of the bytes last read from it in this run
+        self._versions: dict[str, tuple[tuple, str]] = {}
         self._bytes = 0
         self._run_id: str | None = None
         self._lock = threading.Lock()
@@ -70,6 +74,20 @@ class DecodedPhotoCache:
             self._photos.move_to_end((uri, digest))
             return photo
 
+    def digest_at(self, uri: str, version: tuple | None) -> str | None:
+        """The content hash of ``uri``'s bytes when they were last read at ``version`` (else None)."""
+        if version is None:
+            return None
+        with self._lock:
+            seen = self._versions.get(uri)
+        return seen[1] if seen is not None and seen[0] == version else None
+
+    def remember(self, uri: str, version: tuple | None, digest: str) -> None:
+        """``uri`` read at ``version`` held the bytes hashed ``digest``."""
+        if version is not None:
+            with self._lock:
+                self._versions[uri] = (version, digest)
+
     def put(self, photo: DecodedPhoto) -> None:
         """Keep ``photo`` (replacing an earlier decode of the same file); evict to stay in bounds."""
         key = (photo.uri, photo.content_hash)
@@ -89,12 +107,14 @@ class DecodedPhotoCache:
         with self._lock:
             if run_id != self._run_id:
                 self._photos.clear()
+                self._versions.clear()
                 self._bytes = 0
                 self._run_id = run_id
 
     def clear(self) -> None:
         with self._lock:
             self._photos.clear()
+            self._versions.clear()
             self._bytes = 0
             self._run_id = None
 
@@ -134,10 +154,16 @@ def load_photo(uri: str, chips: Sequence[Chip], need: DecodeNeed | None, *,
     _CACHE.enter_run(run_id)
     storage = StorageTarget.from_url(uri, storage_options)
     location = storage.root  # the name rows record, as infra.images.load_image gives it
+    version = storage.version("")  # taken before the read: a rewrite during it is not missed
+    known = _CACHE.digest_at(location, version)
+    photo = None if known is None else _CACHE.get(location, known, chips, need)
+    if photo is not None:
+        return photo  # decoded in this run from the same bytes: not read again
     data = storage.read_bytes("")
     digest = content_hash(data)
     photo = _CACHE.get(location, digest, chips, need)
     if photo is None:
         photo = decode_photo(data, location, chips=chips, need=need, max_pixels=max_pixels, digest=digest)
         _CACHE.put(photo)
+    _CACHE.remember(location, version, digest)
     return photo

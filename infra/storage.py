@@ -615,6 +615,18 @@ class StorageTarget:
                 return 0
             return int(fs.du(fs_path, total=True))
 
+    @retried
+    def version(self, path: str = "") -> tuple | None:
+        """What changes when the file at ``path`` is rewritten: its size with its ETag (object
+        stores), modification time (local) or creation time (memory); ``None`` when the
+        filesystem reports none of these (the caller must then read the bytes to know)."""
+        fs, fs_path = self._resolve(path)
+        with storage_errors(self._canonical(fs, fs_path)):
+            fs.invalidate_cache(fs_path)
+            info = fs.info(fs_path)
+        stamp = next((info[key] for key in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(key)), None)
+        return None if stamp is None else (info.get("size"), str(stamp))
+
     # ------------------------------------------------------------------ reading and writing
     @retried
     def read_bytes(self, path: str) -> bytes:

@@ -80,6 +80,36 @@ def test_a_finer_decode_serves_a_coarser_need_and_a_rewritten_file_is_decoded_ag
     clear_decoded_photos()
 
 
+def test_a_photo_decoded_in_this_run_is_not_read_again_until_its_file_changes(tmp_path, monkeypatch):
+    """Embed, explain and the report each ask for the photo: one read of its bytes (on an object
+    store each read is a download), then only its storage version is checked."""
+    import os
+
+    from infra.storage import StorageTarget
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_jpeg())
+    reads: Counter = Counter()
+    real_read = StorageTarget.read_bytes
+
+    def counting_read(self, relative):
+        reads[self.url(relative)] += 1
+        return real_read(self, relative)
+
+    monkeypatch.setattr(StorageTarget, "read_bytes", counting_read)
+    clear_decoded_photos()
+    first = load_photo(str(path), [(None, 0.0)], decode_need((64, 64)), run_id="r1")
+    for _ in range(2):
+        assert load_photo(str(path), [(None, 0.0)], decode_need((64, 64)), run_id="r1") is first
+    assert sum(reads.values()) == 1
+
+    path.write_bytes(_jpeg(seed=2))  # rewritten: another modification time
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    again = load_photo(str(path), [(None, 0.0)], decode_need((64, 64)), run_id="r1")
+    assert again is not first and again.content_hash != first.content_hash and sum(reads.values()) == 2
+    clear_decoded_photos()
+
+
 def test_the_cache_is_bounded_in_bytes_least_recently_used_first():
     photos = [decode_photo(_jpeg((320, 240), seed), f"p{seed}") for seed in range(3)]
     cache = DecodedPhotoCache(limit=2 * photos[0].nbytes)
