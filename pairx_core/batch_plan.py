@@ -32,24 +32,30 @@ GRAPH_OVERHEAD_CUDA_NO_PIXELS = 0.6
 
 
 def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device,
-                         pixel_passes: bool = True) -> int:
+                         pixel_passes: bool = True, above: str | None = None) -> int:
     """Images per batch allowed by the memory budget (estimated from the forward trace at the probe's size).
 
     ``pixel_passes``: whether the batch keeps the graph down to the input (``k_colors > 0``).
+    ``above``: a layer; only the network that runs after it is forwarded (stage 1 from cached
+    activations), so only its outputs count.
     """
     if device.type == "cuda":
         overhead = GRAPH_OVERHEAD_CUDA if pixel_passes else GRAPH_OVERHEAD_CUDA_NO_PIXELS
     else:
         overhead = GRAPH_OVERHEAD
-    per_image = max(1, int(_activation_bytes(model, probe) * overhead))
+    per_image = max(1, int(_activation_bytes(model, probe, above) * overhead))
     budget = memory_budget or _default_budget(device)
     return max(2, budget // per_image)
 
 
-def _activation_bytes(model: nn.Module, probe: torch.Tensor) -> int:
-    """Bytes of all leaf-module outputs for one image ``probe (1, 3, H, W)`` (only its shape is used)."""
-    return sum(record.output_bytes for record in forward_trace(model, tuple(probe.shape[-2:])).modules
-               if record.is_leaf)
+def _activation_bytes(model: nn.Module, probe: torch.Tensor, above: str | None = None) -> int:
+    """Bytes of the leaf-module outputs for one image ``probe (1, 3, H, W)`` (only its shape is used):
+    all of them, or those of the modules whose every call starts after layer ``above`` ends."""
+    trace = forward_trace(model, tuple(probe.shape[-2:]))
+    layer = trace.module(above) if above is not None else None
+    after = layer.spans[-1][1] if layer is not None and layer.spans else None
+    return sum(record.output_bytes for record in trace.modules
+               if record.is_leaf and (after is None or (record.spans and min(s for s, _ in record.spans) > after)))
 
 
 def _default_budget(device: torch.device) -> int:

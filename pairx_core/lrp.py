@@ -335,6 +335,16 @@ def _input_gradient(module: nn.Module, grad_output: torch.Tensor, x: torch.Tenso
     return grad_input
 
 
+def state_lives_with_graph(composite: LayerMapComposite) -> bool:
+    """Whether every rule ``composite`` has attached keeps its per-forward state in that forward's
+    graph (the direct rules), so that several forwards may be built before their backwards run.
+
+    zennit's hooks (:class:`ReusableNorm`, :class:`ReusableZPlus`, ...) keep the last forward's
+    input on the hook object: a second forward replaces it. Call inside ``composite.context(model)``.
+    """
+    return all(isinstance(hook, (DirectRule, DirectPass)) for hook in composite.hook_refs)
+
+
 # ------------------------------------------------------------------------ composites
 class EngineEpsilonPlus(LayerMapComposite):
     """zennit's ``EpsilonPlus`` (z+ on convolutions, epsilon on linear layers, pass-through on

@@ -35,7 +35,9 @@ def _miewid_arch(dtype):
     return model.to(dtype).eval()
 
 
-def _compare(model, layer, dtype, n_pairs=3, rtol=1e-4):
+def _compare(model, layer, dtype, n_pairs=3, rtol=1e-4, shared=False, config=ExplainConfig(k_colors=0)):
+    """``shared``: the query is forwarded once for all its pairs (rules whose state lives in the
+    graph); otherwise each pair forwards two rows."""
     images = random_images(n_pairs + 1, SIZE, dtype=dtype, seed=3)
     x0 = images[:1].expand(n_pairs, -1, -1, -1).contiguous()  # one query against several candidates
     x1 = images[1:]
@@ -43,8 +45,14 @@ def _compare(model, layer, dtype, n_pairs=3, rtol=1e-4):
     _, features = embed(model, images, [layer])
     pairs = [(0, i + 1) for i in range(n_pairs)]
     stats = Stage1Stats()
-    got = stage1(model, torch.as_tensor(features[layer]), pairs, layer, (SIZE, SIZE), stats=stats)
-    assert stats.relevance_backwards == 1 and stats.rows_forwarded == 2 * n_pairs
+    got = stage1(model, torch.as_tensor(features[layer]), pairs, layer, (SIZE, SIZE), config, stats=stats)
+    if shared and n_pairs > 1:
+        chunks = stats.batches
+        assert stats.anchors == 1 and stats.rows_forwarded == n_pairs + 1
+        assert stats.relevance_backwards == 2 * chunks  # the chunk's candidates, the anchor's seeds
+    else:
+        assert stats.anchors == 0 and stats.relevance_backwards == 1 and stats.rows_forwarded == 2 * n_pairs
+    assert [r.index for r in got] == list(range(n_pairs))
     for a, b in zip(full, got):
         assert b.similarity == pytest.approx(a.similarity, rel=rtol, abs=rtol)
         la, lb = a.layers[layer], b.layers[layer]
@@ -63,10 +71,10 @@ def _compare(model, layer, dtype, n_pairs=3, rtol=1e-4):
 
 
 FLOAT64_CASES = [(plain_stack, "features.5"), (tiny_timm_resnet, "backbone.layer2")]
-FLOAT32_CASES = [
-    (tiny_timm_efficientnet, "backbone.blocks.3"),
-    (lambda d: _torchvision("resnet18", d), "network.layer2"),
-    (lambda d: _torchvision("efficientnet_b0", d), "network.features.3"),
+FLOAT32_CASES = [  # (model, layer, query forwarded once)
+    (tiny_timm_efficientnet, "backbone.blocks.3", True),
+    (lambda d: _torchvision("resnet18", d), "network.layer2", False),
+    (lambda d: _torchvision("efficientnet_b0", d), "network.features.3", False),  # its pool keeps zennit's hook
 ]
 
 
@@ -75,9 +83,19 @@ def test_stage1_equals_engine_float64(make_model, layer):
     _compare(make_model(torch.float64), layer, torch.float64, rtol=1e-9)
 
 
-@pytest.mark.parametrize("make_model,layer", FLOAT32_CASES, ids=["timm-effnet", "tv-resnet", "tv-effnet"])
-def test_stage1_equals_engine_float32(make_model, layer):
-    _compare(make_model(torch.float32), layer, torch.float32, rtol=1e-4)
+@pytest.mark.parametrize("images_per_batch", [None, 2], ids=["one-chunk", "chunks-of-one"])
+def test_stage1_with_the_query_forwarded_once_equals_engine_float64(images_per_batch):
+    """timm EfficientNet's rules all keep their state in the graph: its query is forwarded once and
+    its relevance for every candidate comes from that one forward (in one batched backward per
+    chunk, or one backward per candidate when the memory plan allows two images per batch)."""
+    config = ExplainConfig(k_colors=0, memory_budget=None if images_per_batch is None else 1)
+    _compare(tiny_timm_efficientnet(torch.float64), "backbone.blocks.3", torch.float64, n_pairs=4, rtol=1e-9,
+             shared=True, config=config)
+
+
+@pytest.mark.parametrize("make_model,layer,shared", FLOAT32_CASES, ids=["timm-effnet", "tv-resnet", "tv-effnet"])
+def test_stage1_equals_engine_float32(make_model, layer, shared):
+    _compare(make_model(torch.float32), layer, torch.float32, rtol=1e-4, shared=shared)
 
 
 def test_stage1_equals_engine_miewid_architecture():
@@ -105,7 +123,8 @@ def test_no_lower_forward_and_model_restored():
     calls.update(stem=0, block0=0, above=0)
     stage1(model, torch.as_tensor(features[layer]), [(0, 1), (0, 2), (1, 2)], layer, (SIZE, SIZE))
     assert calls["stem"] == 0 and calls["block0"] == 0
-    assert calls["above"] == 1  # one forward of the upper network for the batch
+    # upper network only: query 0 once, its two candidates in one chunk, then the pair (1, 2)
+    assert calls["above"] == 3
     assert [name for name, _ in model.named_modules()] == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
@@ -155,3 +174,19 @@ def test_stage1_batches_fit_the_memory_budget():
                     ExplainConfig(k_colors=0, memory_budget=1), stats=tight)
     assert (roomy.batches, tight.batches) == (1, 4)
     assert [r.similarity for r in narrow] == pytest.approx([r.similarity for r in wide], rel=1e-12)
+
+
+def test_stage1_memory_plan_counts_only_the_network_above_the_layer():
+    """Stage 1 keeps the graph above the layer only; counting the whole model gave MiewID at 440 px
+    one pair per batch on a machine with room for more."""
+    from pairx_core.batch_plan import _activation_bytes
+
+    model = plain_stack()  # float64, 64 px: features.5 is the ReLU after the second conv (16 x 32 x 32)
+    probe = torch.zeros(1, 3, SIZE, SIZE)
+    # above it: conv, batch norm, ReLU at 16 x 16 x 16, the pool and flatten (16), the head (12)
+    assert _activation_bytes(model, probe, "features.5") == (3 * 16 * 16 * 16 + 16 + 16 + 12) * 8
+    whole = _activation_bytes(model, probe)
+    budget = int(whole * 4.0 * 2)  # two whole-model images
+    assert max_images_per_batch(model, probe, budget, torch.device("cpu"), pixel_passes=False) == 2
+    assert max_images_per_batch(model, probe, budget, torch.device("cpu"), pixel_passes=False,
+                                above="features.5") > 2
