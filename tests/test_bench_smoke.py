@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "engine.py"
@@ -87,7 +90,6 @@ def test_plausibility_benchmark_table_and_plot(tmp_path: Path) -> None:
 
 
 def _bench_engine_module():
-    from bench_scripts import load_bench_script
 
     return load_bench_script("engine")
 
@@ -119,3 +121,24 @@ def test_compare_ref_runs_another_commits_engine_alternating() -> None:
     assert ref["seconds_per_pair"] > 0 and len(ref["ref_engine_commit"]) == 40
     assert ours["ratio_vs_ref_engine"] > 0 and ours["cpu_ratio_vs_ref_engine"] > 0
     assert ours["max_rel_diff_vs_ref_engine"] < 1e-4  # HEAD's pairx_core: the same numbers
+
+
+def test_window_bound_measures_the_box_of_non_zero_relevance() -> None:
+    share = load_bench_script("window_bound").relevance_box_share
+    relevance = torch.zeros(2, 3, 4, 4)
+    relevance[0, 1, 1, 1] = 2.0  # image 0: cells (1, 1) and (2, 3) -> rows 1-2, columns 1-3: 6 of 16
+    relevance[0, 2, 2, 3] = -1.0
+    assert share(relevance) == pytest.approx((6 / 16 + 0.0) / 2)  # image 1 carries nothing
+
+
+@pytest.mark.timeout(120)
+def test_window_bound_runs_at_a_small_size() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "window_bound.py"), "--size", "64", "--k-colors", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert record["model"] == "miewid-arch?size=64" and record["k_colors"] == 2
+    # seeds of one cell never fill every layer's map at 64 px, and the bound is below the time itself
+    assert 0 < record["time_weighted_share"] < 1 and 0 < record["bound_ratio"] < 1
