@@ -42,7 +42,7 @@ from .config import (
 from .errors import ConfigError, NumericalError, ShapeError
 from .layer_plan import LayerPlan, capture_hook, plan_layers
 from .layers import check_layer_names
-from .lrp import EngineEpsilonPlus, reuse_modified_forwards
+from .lrp import EngineEpsilonPlus, reuse_modified_forwards, windowed_relevance
 from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .model_context import prepared_model, resolve_device
 from .results import LayerExplanation, PairExplanation
@@ -355,7 +355,9 @@ def _relevance_and_matches(
     ranked = {name: _ranked_matches(feature_maps[name], pair_t, relevance[name]) for name in plan.ordered}
     pixel_maps: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     if config.k_colors > 0:
-        with reuse_modified_forwards():
+        # grouped passes (is_grads_batched) carry batched tensors, whose rectangles are not looked for
+        windows = windowed_relevance() if config.pixel_pass_group == 1 else contextlib.nullcontext()
+        with reuse_modified_forwards(), windows:
             for name in plan.ordered:
                 pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats,
                                                config.pixel_pass_group)

@@ -55,6 +55,20 @@ def reuse_modified_forwards() -> Iterator[None]:
         yield
     finally:
         _REUSE.on = previous
+
+
+@contextlib.contextmanager
+def windowed_relevance() -> Iterator[None]:
+    """Within this block, z+ convolutions on the CPU compute only the rectangle of their output that
+    carries relevance, when it is small enough (:data:`WINDOW_MAX_SHARE`): for backward passes
+    seeded at single cells (the pixel passes), whose relevance stays inside the cells' receptive
+    fields. Dense passes do not look for the rectangle."""
+    previous = getattr(_REUSE, "windowed", False)
+    _REUSE.windowed = True
+    try:
+        yield
+    finally:
+        _REUSE.windowed = previous
 class _ReusableModifiedForward:
     """Mixin for zennit ``BasicHook`` rules (same maths, cached modified forward)."""
 
@@ -312,6 +326,11 @@ class _RuleState:
                 self.signed_input = (not self.hook.sign_split or x.device.type != "cpu"
                                      or bool(self.cache[0][1].any()))
         inputs, weights, denominator = self.cache
+        if (self.hook.sign_split and getattr(_REUSE, "windowed", False) and isinstance(self.module, nn.Conv2d)
+                and relevance.device.type == "cpu"):  # on a GPU, finding the rectangle is a synchronisation
+            windows = _relevance_windows(relevance)
+            if windows is not None:
+                return self._windowed_zplus(x, relevance, windows)
         scaled = relevance / denominator
         if self.hook.sign_split:  # the input gradient depends on the input's shape only
             positive = _input_gradient(self.module, scaled, x, weights[0]).mul_(inputs[0])
@@ -320,6 +339,108 @@ class _RuleState:
             return positive.addcmul_(inputs[1], _input_gradient(self.module, scaled, x, weights[1]))
         gradients = [_input_gradient(self.module, scaled, inp, weight) for inp, weight in zip(inputs, weights)]
         return self.hook.rule.reducer(inputs, gradients)
+
+    def _windowed_zplus(self, x: torch.Tensor, relevance: torch.Tensor, windows: "_Windows") -> torch.Tensor:
+        """z+ of a 2-D convolution computed on the part of the output that carries relevance.
+
+        Relevance seeded at one feature cell is non-zero only inside that cell's receptive field
+        (zeros stay exact zeros through every rule), so each image's non-zero output rectangle is
+        cut out, padded to a common size and pushed back in one ``convolution_backward`` call
+        without padding; each image's input rectangle is the part of that call's result inside
+        the image. Every product and term of the full computation that is not an exact zero is
+        computed; only their summation order may differ (rounding).
+        """
+        inputs, weights, denominator = self.cache
+        module = self.module
+        out_h, out_w = windows.height, windows.width
+        (k_h, k_w), (s_h, s_w) = module.kernel_size, module.stride
+        (p_h, p_w), (d_h, d_w) = module.padding, module.dilation
+        in_h, in_w = (out_h - 1) * s_h + d_h * (k_h - 1) + 1, (out_w - 1) * s_w + d_w * (k_w - 1) + 1
+        memory_format = (torch.channels_last if relevance.is_contiguous(memory_format=torch.channels_last)
+                         and not relevance.is_contiguous() else torch.contiguous_format)
+        n = len(windows.images)
+        if n == 0:
+            return torch.zeros_like(x)
+        scaled = torch.empty((n, relevance.shape[1], out_h, out_w), dtype=relevance.dtype, device=relevance.device,
+                             memory_format=memory_format).zero_()
+        for i, (b, r0, r1, c0, c1) in enumerate(windows.boxes()):
+            torch.div(relevance[b, :, r0:r1, c0:c1], denominator[b, :, r0:r1, c0:c1],
+                      out=scaled[i, :, : r1 - r0, : c1 - c0])
+        shape = (n, x.shape[1], in_h, in_w)
+        virtual = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)  # its shape only
+        gradients = [_window_input_gradient(module, scaled, virtual, weights[0])]
+        if self.signed_input:
+            gradients.append(_window_input_gradient(module, scaled, virtual, weights[1]))
+        result = torch.zeros_like(x)
+        height, width = x.shape[2], x.shape[3]
+        for i, (b, r0, _, c0, _) in enumerate(windows.boxes()):
+            top, left = r0 * s_h - p_h, c0 * s_w - p_w  # input position of the window's corner
+            y0, y1 = max(0, top), min(height, top + in_h)
+            x0, x1 = max(0, left), min(width, left + in_w)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            rows, cols = slice(y0 - top, y1 - top), slice(x0 - left, x1 - left)
+            target = result[b, :, y0:y1, x0:x1]
+            torch.mul(gradients[0][i, :, rows, cols], inputs[0][b, :, y0:y1, x0:x1], out=target)
+            if self.signed_input:
+                target.addcmul_(inputs[1][b, :, y0:y1, x0:x1], gradients[1][i, :, rows, cols])
+        return result
+
+
+class _Windows:
+    """Per image of a batch, the rectangle of non-zero relevance, and one common size."""
+
+    __slots__ = ("images", "rows", "cols", "height", "width")
+
+    def __init__(self, images: list[int], rows: list[tuple[int, int]], cols: list[tuple[int, int]]) -> None:
+        self.images, self.rows, self.cols = images, rows, cols
+        self.height = max((r1 - r0 for r0, r1 in rows), default=0)
+        self.width = max((c1 - c0 for c0, c1 in cols), default=0)
+
+    def boxes(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(image, row_start, row_stop, col_start, col_stop)`` per image with relevance."""
+        for b, (r0, r1), (c0, c1) in zip(self.images, self.rows, self.cols):
+            yield b, r0, r1, c0, c1
+
+
+#: windowed z+ is used when the padded rectangles cover at most this share of the output (measured at
+#: MiewID size on the CPU: 0.75, 0.9 and 1.0 within noise of each other, 0.5 left the heavy layers out)
+WINDOW_MAX_SHARE = 0.9
+
+
+def _relevance_windows(relevance: torch.Tensor) -> _Windows | None:
+    """The rectangles of non-zero relevance ``(B, C, H, W)``, or None when they would not pay."""
+    batch, _, height, width = relevance.shape
+    if height * width < 4:
+        return None
+    # (B, H, W): a cell is non-zero where its largest or its smallest channel is (NaN included); two
+    # vectorised reductions, 8-15x faster on this CPU than a mask of the whole tensor reduced with any()
+    nonzero = relevance.amax(dim=1).ne(0) | relevance.amin(dim=1).ne(0)
+    row_any = nonzero.any(dim=2).cpu().numpy()
+    col_any = nonzero.any(dim=1).cpu().numpy()
+    images, rows, cols = [], [], []
+    for b in range(batch):
+        r = row_any[b].nonzero()[0]
+        if len(r) == 0:
+            continue
+        c = col_any[b].nonzero()[0]
+        images.append(b)
+        rows.append((int(r[0]), int(r[-1]) + 1))
+        cols.append((int(c[0]), int(c[-1]) + 1))
+    windows = _Windows(images, rows, cols)
+    if len(images) * windows.height * windows.width > WINDOW_MAX_SHARE * batch * height * width:
+        return None
+    return windows
+
+
+def _window_input_gradient(module: nn.Module, grad_output: torch.Tensor, virtual_input: torch.Tensor,
+                           weight: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a 2-D convolution without padding on a window (``virtual_input``: its shape)."""
+    (grad_input, _, _) = torch.ops.aten.convolution_backward(
+        grad_output, virtual_input, weight, None, module.stride, [0, 0], module.dilation,
+        False, [0, 0], module.groups, [True, False, False],
+    )
+    return grad_input
 
 
 def _input_gradient(module: nn.Module, grad_output: torch.Tensor, x: torch.Tensor,
