@@ -46,29 +46,29 @@ _REUSE = threading.local()
 
 
 @contextlib.contextmanager
-def reuse_modified_forwards() -> Iterator[None]:
-    """Within this block, zennit-hook rules keep and reuse their modified forward across backwards
-    (the direct rules always do: their cache lives and dies with the forward's graph)."""
-    previous = getattr(_REUSE, "on", False)
-    _REUSE.on = True
+def _switched_on(flag: str) -> Iterator[None]:
+    previous = getattr(_REUSE, flag, False)
+    setattr(_REUSE, flag, True)
     try:
         yield
     finally:
-        _REUSE.on = previous
+        setattr(_REUSE, flag, previous)
 
 
-@contextlib.contextmanager
-def windowed_relevance() -> Iterator[None]:
+def reuse_modified_forwards() -> contextlib.AbstractContextManager:
+    """Within this block, zennit-hook rules keep and reuse their modified forward across backwards
+    (the direct rules always do: their cache lives and dies with the forward's graph)."""
+    return _switched_on("on")
+
+
+def windowed_relevance() -> contextlib.AbstractContextManager:
     """Within this block, z+ convolutions on the CPU compute only the rectangle of their output that
     carries relevance, when it is small enough (:data:`WINDOW_MAX_SHARE`): for backward passes
     seeded at single cells (the pixel passes), whose relevance stays inside the cells' receptive
     fields. Dense passes do not look for the rectangle."""
-    previous = getattr(_REUSE, "windowed", False)
-    _REUSE.windowed = True
-    try:
-        yield
-    finally:
-        _REUSE.windowed = previous
+    return _switched_on("windowed")
+
+
 class _ReusableModifiedForward:
     """Mixin for zennit ``BasicHook`` rules (same maths, cached modified forward)."""
 

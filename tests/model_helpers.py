@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -60,3 +61,18 @@ def random_images(n: int, size: int = 64, dtype=torch.float64, seed: int = 0) ->
 
 def quiet():
     return warnings.catch_warnings()
+
+
+@contextlib.contextmanager
+def traced_layer(model: nn.Module, composite, x: torch.Tensor, layer: str):
+    """Inside: ``(x, out)``, the input with its gradient switched on and ``layer``'s output, of one
+    forward of ``model`` under ``composite`` (whose context stays open for backward passes)."""
+    store = {}
+    with composite.context(model) as modified, torch.enable_grad():
+        handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.update(out=o))
+        try:
+            x = x.clone().requires_grad_(True)
+            modified(x)
+        finally:
+            handle.remove()
+        yield x, store["out"]

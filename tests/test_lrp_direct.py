@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet
+from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, tiny_timm_resnet, traced_layer
 from pairx_core import engine as engine_module
 from pairx_core import explain
 from pairx_core.canonizers import select_canonizers
@@ -42,15 +42,7 @@ def _graph_node_names(tensor: torch.Tensor) -> list[str]:
 
 def _pixel_relevance(model, composite, x, layer):
     """Relevance at the input of a seed at one cell of ``layer``, plus the op counts of the backward."""
-    store = {}
-    with composite.context(model) as modified, torch.enable_grad():
-        handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.update(out=o))
-        try:
-            x = x.clone().requires_grad_(True)
-            modified(x)
-        finally:
-            handle.remove()
-        out = store["out"]
+    with traced_layer(model, composite, x, layer) as (x, out):
         seed = torch.zeros_like(out)
         seed[:, :, 1, 1] = out[:, :, 1, 1].detach()
         nodes = _graph_node_names(out)

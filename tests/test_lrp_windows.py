@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_helpers import random_images, tiny_timm_efficientnet
+from model_helpers import random_images, tiny_timm_efficientnet, traced_layer
 from pairx_core import explain, lrp
 from pairx_core.lrp import EngineEpsilonPlus
 
@@ -32,18 +32,10 @@ def _pixel_maps(model, x, layer, cells, share):
         calls.append(1)
         return original(self, *args)
 
-    store = {}
     previous = lrp.WINDOW_MAX_SHARE
     lrp.WINDOW_MAX_SHARE, lrp._RuleState._windowed_zplus = share, counted
     try:
-        with EngineEpsilonPlus(canonizers=[]).context(model) as modified, torch.enable_grad():
-            handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.update(out=o))
-            try:
-                x = x.clone().requires_grad_(True)
-                modified(x)
-            finally:
-                handle.remove()
-            out = store["out"]
+        with traced_layer(model, EngineEpsilonPlus(canonizers=[]), x, layer) as (x, out):
             seed = torch.zeros_like(out)
             for b, (row, col) in enumerate(cells):
                 if row is not None:
