@@ -21,6 +21,10 @@ module's output, whose backward is the rule itself:
   stock one (e.g. dynamic "same" padding), keep zennit's hooks with a reusable modified forward
   (:class:`ReusableNorm`, :class:`ReusableZPlus`), switched on by
   :func:`reuse_modified_forwards`.
+- pixel passes on the CPU (:func:`windowed_relevance`): a pass seeded at one cell per image carries
+  relevance only inside that cell's receptive field, so a z+ convolution computes its input
+  gradient on the rectangle of its output that is non-zero (per image, padded to a common size)
+  instead of the whole map: the same products and terms, summed in another order.
 
 The arithmetic is zennit's own (same modifiers, same stabiliser applied to the same sum, same
 reducer; the input gradient of a convolution is the same ``convolution_backward`` call autograd
