@@ -19,6 +19,7 @@ stage 1 included, as shares that sum to 1.
     python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --top-k 3 --batch-pairs 3 \
         --workers 0 --cold-only                   # the real-size night of docs/performance.md
     python bench/pipeline.py --compare-render 2   # pictures inline against beside the next batch
+    python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --rerank-k 5 --cold-only  # fewer judged
 """
 
 from __future__ import annotations
@@ -122,6 +123,17 @@ def compare_render(config, work: Path, rounds: int) -> None:
          flow_s_background=round(statistics.median(flows["background"]), 2))
 
 
+def night_config(args: argparse.Namespace, uploads: str, gallery: str, out: Path):
+    """The nightly flow's config for this benchmark's options (``--rerank-k`` left out: the flow's default)."""
+    from flows.config import NightlyConfig
+
+    options = {} if args.rerank_k is None else {"rerank_k": args.rerank_k}
+    return NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
+                         k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
+                         workers=args.workers, device="cpu", allow_random_weights=True,
+                         render_in_background=not args.render_inline, **options)
+
+
 def main() -> None:
     """Run the benchmark; one function on purpose: the protocol reads top to bottom."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +141,8 @@ def main() -> None:
     parser.add_argument("--layer", default="backbone.blocks.3")
     parser.add_argument("--k-colors", type=int, default=10)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--rerank-k", type=int, default=None,
+                        help="candidates per upload judged by stage 1 (default: the nightly default, 20; 0: none)")
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--individuals", type=int, default=8)
@@ -168,17 +182,13 @@ def main() -> None:
         uploads, gallery = synthetic_workload(work / "data", args.individuals, photo_size, args.uploads)
 
     from infra.prefect_server import prefect_api
-    from flows.config import NightlyConfig
     from flows.nightly import nightly
     from infra.tables import read_table
     from tasks.embed import embed_images
     from tasks.explain import PairItem, RunSettings, explain_pairs_batch
 
     out = work / "out"
-    config = NightlyConfig(uploads=uploads, gallery=gallery, out=str(out), model=args.model, layers=[args.layer],
-                           k_colors=args.k_colors, top_k=args.top_k, batch_pairs=args.batch_pairs,
-                           workers=args.workers, device="cpu", allow_random_weights=True,
-                           render_in_background=not args.render_inline)
+    config = night_config(args, uploads, gallery, out)
     if args.compare_render:
         with prefect_api():
             compare_render(config, work, args.compare_render)

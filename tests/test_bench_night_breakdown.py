@@ -27,3 +27,15 @@ def test_parallel_workers_share_out_the_fan_out_wall_time():
     shares = _pipeline_bench().night_breakdown(stages, explain_seconds=30.0, flow_seconds=40.0)
     assert shares["engine"] == pytest.approx(25 / 40, abs=1e-3) and shares["render"] == pytest.approx(5 / 40, abs=1e-3)
     assert shares["orchestration"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_rerank_k_reaches_the_night_only_when_asked(tmp_path):
+    import argparse
+
+    bench = _pipeline_bench()
+    options = dict(model="demo", layer="backbone.blocks.2", k_colors=3, top_k=2, batch_pairs=4, workers=0,
+                   render_inline=False)
+    default = bench.night_config(argparse.Namespace(rerank_k=None, **options), "up", "gal", tmp_path / "out")
+    chosen = bench.night_config(argparse.Namespace(rerank_k=5, **options), "up", "gal", tmp_path / "out")
+    assert default.rerank_k == 20 and chosen.rerank_k == 5
+    assert (chosen.top_k, chosen.k_colors, chosen.out) == (2, 3, str(tmp_path / "out"))
