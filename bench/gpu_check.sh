@@ -40,12 +40,8 @@ TF32_FLAG=""
 if [ "${BENCH_TF32:-0}" = "1" ] && [ "$DEVICE" != "cpu" ]; then TF32_FLAG="--tf32"; fi
 MEMORY_FORMAT="${BENCH_MEMORY_FORMAT:-auto}"
 
-RESULTS="${OUT:-/tmp/pairx_gpu_check}"
-mkdir -p "$RESULTS" 2>/dev/null || RESULTS="$(mktemp -d)"
-JSONL="$RESULTS/gpu_check.jsonl"
-: > "$JSONL"
-
-# wheels, environment check (stops here when torch or a package is missing)
+# results folder and file, wheels, environment check (stops here when torch or a package is missing)
+NAME=gpu_check
 source bench/gpu_env.sh
 
 # k_colors=10 first (the figure that matters), then k_colors=0; each bounded on its own, so a

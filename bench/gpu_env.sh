@@ -1,7 +1,13 @@
 # Shared start of the GPU scripts (bench/gpu_check.sh, bench/gpu_matrix.sh); sourced, not run.
 # Installs the wheels in .whl/ (offline, into /tmp/site), prints the environment (torch, CUDA,
 # GPUs) and stops the calling script when torch or a needed package is missing. Expects START
-# (the caller's $SECONDS at its start) and the current directory at the repository root.
+# (the caller's $SECONDS at its start), NAME (the script's name: results go to $OUT, default
+# /tmp/pairx_$NAME, as $NAME.jsonl in $JSONL) and the current directory at the repository root.
+
+RESULTS="${OUT:-/tmp/pairx_$NAME}"
+mkdir -p "$RESULTS" 2>/dev/null || RESULTS="$(mktemp -d)"
+JSONL="$RESULTS/$NAME.jsonl"
+: > "$JSONL"
 
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -50,12 +50,8 @@ else
   LAYER="backbone.blocks.3"
 fi
 
-RESULTS="${OUT:-/tmp/pairx_gpu_matrix}"
-mkdir -p "$RESULTS" 2>/dev/null || RESULTS="$(mktemp -d)"
-JSONL="$RESULTS/gpu_matrix.jsonl"
-: > "$JSONL"
-
-# wheels, environment check (stops here when torch or a package is missing)
+# results folder and file, wheels, environment check (stops here when torch or a package is missing)
+NAME=gpu_matrix
 source bench/gpu_env.sh
 
 variant_flags() {  # $1 = variant -> bench/engine.py switches (GPU-only ones left out on the CPU)

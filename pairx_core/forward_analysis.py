@@ -292,7 +292,7 @@ def analyse_autograd(
     finally:
         for handle in handles:
             handle.remove()
-    outputs = [t for t in _tensors(output) if t.grad_fn is not None]
+    outputs = [t for t in nested_tensors(output) if t.grad_fn is not None]
     if not outputs:
         raise ForwardNotReadable("the forward returned no tensor that depends on its inputs")
     leaf_index = {id(leaf): i for i, leaf in enumerate(leaves)}
@@ -336,13 +336,14 @@ def _walk(outputs: list[torch.Tensor], leaf_index: dict[int, int], single_input:
     return ForwardFinding(None, computes, pointwise, "autograd")
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def nested_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value`` and in its lists, tuples and dict values, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in nested_tensors(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in nested_tensors(item)]
     return []
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import LayerError
+from .forward_analysis import nested_tensors
 from .runtime_settings import denormals_flushed
 
 __all__ = ["ForwardTrace", "ModuleTrace", "forward_trace", "model_memo"]
@@ -285,7 +286,7 @@ def _record(model: nn.Module, input_size: tuple[int, int], dtype: torch.dtype, d
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
         model.train(was_training)
-    roots = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    roots = [t.grad_fn for t in nested_tensors(output) if t.grad_fn is not None]
     on_every_path = _dominators_of_input(roots, x)
     producer: dict[int, str] = {}  # autograd node id -> first module (innermost) that returned it
     finished = sorted((name for name, call in calls.items() if call.spans), key=lambda n: calls[n].spans[0][1])
@@ -325,16 +326,6 @@ def _record(model: nn.Module, input_size: tuple[int, int], dtype: torch.dtype, d
     detached_output = (output.detach() if isinstance(output, torch.Tensor) else output)
     return ForwardTrace(input_size=input_size, dtype=dtype, device=device, modules=tuple(records), probe=probe,
                         output=detached_output, _cut_outputs=cut_outputs, _inputs=inputs)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 # ---------------------------------------------------------------------------------- dominators
