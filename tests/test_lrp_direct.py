@@ -121,3 +121,61 @@ def test_custom_convolution_forward_falls_back_to_zennit_hooks():
     assert nodes.count("ConvolutionBackward0") == 1  # the custom one only (zennit's hook is on it)
     # the in-place ReLU did not change its input (it got a copy): the graph stayed valid
     assert torch.isfinite(direct).all()
+
+
+class _SignedStack(nn.Module):
+    """Convolutions with biases and signed inputs: an ordinary one on the image, a depthwise one,
+    and a 1x1 one whose input went through a functional ReLU applied in place (``inplace_relu``)
+    or not. The 1x1 convolution is the traced layer."""
+
+    def __init__(self, inplace_relu: bool) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.middle = nn.Conv2d(8, 8, 1)
+        self.last = nn.Conv2d(8, 6, 1)
+        self.inplace_relu = inplace_relu
+
+    def forward(self, x):
+        x = self.act(self.depthwise(self.act(self.first(x))))
+        y = self.middle(x)
+        # relu_ changes the middle convolution's output in place after its forward
+        y = torch.relu_(y) if self.inplace_relu else torch.relu(y)
+        return self.last(y - 0.25)  # signed again
+
+
+def _modified_forward_convolutions(model, x, layer):
+    """The relevance at the input of a seed at one cell of ``layer``, and how many convolutions
+    (forward ones: the rules' modified forwards) its backward computed."""
+    grad, _, counts = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, layer)
+    return grad, counts.get("convolution", 0)
+
+
+def test_zplus_denominator_from_the_forward_output_is_one_convolution():
+    torch.manual_seed(4)
+    model = _SignedStack(inplace_relu=False).double().eval()
+    for conv in (model.first, model.depthwise, model.middle, model.last):
+        nn.init.normal_(conv.bias, std=0.5)  # biases of both signs: |b| / 2 and b+ are exercised
+    x = random_images(2, size=10, seed=2)
+    direct, n_convolutions = _modified_forward_convolutions(model, x, "last")
+    hooked, _, _ = _pixel_relevance(model, HookedEpsilonPlus(canonizers=[]), x, "last")
+    assert direct.abs().sum() > 0
+    torch.testing.assert_close(direct, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
+    # ordinary convolutions with a signed input: one (|x| with |W|, plus the kept output); the
+    # depthwise one keeps its two branches; the one after the ReLU (unsigned input): one
+    assert n_convolutions == 1 + 2 + 1 + 1
+
+
+def test_zplus_output_changed_in_place_falls_back_to_two_branches():
+    torch.manual_seed(4)
+    plain = _SignedStack(inplace_relu=False).double().eval()
+    changed = _SignedStack(inplace_relu=True).double().eval()
+    changed.load_state_dict(plain.state_dict())
+    x = random_images(2, size=10, seed=2)
+    expected, n_plain = _modified_forward_convolutions(plain, x, "last")
+    got, n_changed = _modified_forward_convolutions(changed, x, "last")
+    # the middle convolution's kept output was overwritten by relu_: the denominator is built
+    # from its two branches (one convolution more), with the same numbers
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14 * float(expected.abs().max()))
+    assert n_changed == n_plain + 1
