@@ -65,6 +65,16 @@ def reuse_modified_forwards() -> contextlib.AbstractContextManager:
     return _switched_on("on")
 
 
+def denominators_from_outputs() -> contextlib.AbstractContextManager:
+    """Within this block, forwards keep each ungrouped z+ convolution's output until the first
+    backward reaches it, whose denominator then costs one convolution instead of two
+    (``_RuleState._prepare_zplus``). For a graph that several backwards reuse (the engine's pixel
+    passes): there the rules' caches, which replace the kept outputs, live as long anyway. After a
+    single backward the caches go node by node, and kept outputs would add one output per
+    convolution to the peak memory (x1.5 for stage 1 at 440 px), so other forwards do not keep them."""
+    return _switched_on("outputs")
+
+
 def windowed_relevance() -> contextlib.AbstractContextManager:
     """Within this block, z+ convolutions on the CPU compute only the rectangle of their output that
     carries relevance, when it is small enough (:data:`WINDOW_MAX_SHARE`): for backward passes
@@ -292,9 +302,10 @@ class DirectRule(_GraphFreeForward):
         return isinstance(module, nn.Linear)
 
     def _attach(self, module, x, holder):
-        # z+ on an ordinary (ungrouped) convolution keeps the module's output until the first
-        # backward: its denominator is then one convolution instead of two (``_zplus_denominator``)
-        output = holder.tensor if self.sign_split and getattr(module, "groups", 0) == 1 else None
+        # z+ on an ordinary (ungrouped) convolution may keep the module's output until the first
+        # backward: its denominator is then one convolution instead of two (denominators_from_outputs)
+        keep = self.sign_split and getattr(module, "groups", 0) == 1 and getattr(_REUSE, "outputs", False)
+        output = holder.tensor if keep else None
         return _RuleFunction.apply(x, holder, _RuleState(self, module, output))
 
 

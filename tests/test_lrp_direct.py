@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, ti
 from pairx_core import engine as engine_module
 from pairx_core import explain
 from pairx_core.canonizers import select_canonizers
-from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus
+from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus, denominators_from_outputs
 
 
 class _OpCounter(TorchDispatchMode):
@@ -124,9 +125,9 @@ def test_custom_convolution_forward_falls_back_to_zennit_hooks():
 
 
 class _SignedStack(nn.Module):
-    """Convolutions with biases and signed inputs: an ordinary one on the image, a depthwise one,
-    and a 1x1 one whose input went through a functional ReLU applied in place (``inplace_relu``)
-    or not. The 1x1 convolution is the traced layer."""
+    """Convolutions with biases and signed inputs: an ordinary one on the image, a depthwise one and
+    two 1x1 ones; the first 1x1's output goes through a functional ReLU, applied in place
+    (``inplace_relu``) or not. The last convolution is the traced layer."""
 
     def __init__(self, inplace_relu: bool) -> None:
         super().__init__()
@@ -145,10 +146,11 @@ class _SignedStack(nn.Module):
         return self.last(y - 0.25)  # signed again
 
 
-def _modified_forward_convolutions(model, x, layer):
+def _modified_forward_convolutions(model, x, layer, keep_outputs=True):
     """The relevance at the input of a seed at one cell of ``layer``, and how many convolutions
     (forward ones: the rules' modified forwards) its backward computed."""
-    grad, _, counts = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, layer)
+    with denominators_from_outputs() if keep_outputs else contextlib.nullcontext():
+        grad, _, counts = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, layer)
     return grad, counts.get("convolution", 0)
 
 
@@ -162,9 +164,14 @@ def test_zplus_denominator_from_the_forward_output_is_one_convolution():
     hooked, _, _ = _pixel_relevance(model, HookedEpsilonPlus(canonizers=[]), x, "last")
     assert direct.abs().sum() > 0
     torch.testing.assert_close(direct, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
-    # ordinary convolutions with a signed input: one (|x| with |W|, plus the kept output); the
-    # depthwise one keeps its two branches; the one after the ReLU (unsigned input): one
+    # the three ordinary convolutions (signed inputs): one each (|x| with |W|, plus the kept
+    # output); the depthwise one keeps its two branches
     assert n_convolutions == 1 + 2 + 1 + 1
+    # forwards outside denominators_from_outputs() keep no outputs (stage 1's single backward):
+    # two branches on every signed input, same numbers
+    two_branches, n_two = _modified_forward_convolutions(model, x, "last", keep_outputs=False)
+    torch.testing.assert_close(two_branches, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
+    assert n_two == 2 + 2 + 2 + 2
 
 
 def test_zplus_output_changed_in_place_falls_back_to_two_branches():
