@@ -42,7 +42,7 @@ from .config import (
 from .errors import ConfigError, NumericalError, ShapeError
 from .layer_plan import LayerPlan, capture_hook, plan_layers
 from .layers import check_layer_names
-from .lrp import EngineEpsilonPlus, denominators_from_outputs, reuse_modified_forwards, windowed_relevance
+from .lrp import EngineEpsilonPlus, reuse_modified_forwards, windowed_relevance
 from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .model_context import prepared_model, resolve_device
 from .results import LayerExplanation, PairExplanation
@@ -299,9 +299,7 @@ def _explain_batch(
         handles = [model.get_submodule(name).register_forward_hook(layer_hook(name)) for name in plan.ordered]
         try:
             x.requires_grad_(need_pixels)
-            # pixel passes reuse the graph: its z+ denominators may come from the kept outputs
-            with denominators_from_outputs() if need_pixels else contextlib.nullcontext():
-                embeddings = modified(x)
+            embeddings = modified(x)
         finally:
             for handle in handles:
                 handle.remove()

@@ -65,16 +65,6 @@ def reuse_modified_forwards() -> contextlib.AbstractContextManager:
     return _switched_on("on")
 
 
-def denominators_from_outputs() -> contextlib.AbstractContextManager:
-    """Within this block, forwards keep each ungrouped z+ convolution's output until the first
-    backward reaches it, whose denominator then costs one convolution instead of two
-    (``_RuleState._prepare_zplus``). For a graph that several backwards reuse (the engine's pixel
-    passes): there the rules' caches, which replace the kept outputs, live as long anyway. After a
-    single backward the caches go node by node, and kept outputs would add one output per
-    convolution to the peak memory (x1.5 for stage 1 at 440 px), so other forwards do not keep them."""
-    return _switched_on("outputs")
-
-
 def windowed_relevance() -> contextlib.AbstractContextManager:
     """Within this block, z+ convolutions on the CPU compute only the rectangle of their output that
     carries relevance, when it is small enough (:data:`WINDOW_MAX_SHARE`): for backward passes
@@ -302,32 +292,24 @@ class DirectRule(_GraphFreeForward):
         return isinstance(module, nn.Linear)
 
     def _attach(self, module, x, holder):
-        # z+ on an ordinary (ungrouped) convolution may keep the module's output until the first
-        # backward: its denominator is then one convolution instead of two (denominators_from_outputs)
-        keep = self.sign_split and getattr(module, "groups", 0) == 1 and getattr(_REUSE, "outputs", False)
-        output = holder.tensor if keep else None
-        return _RuleFunction.apply(x, holder, _RuleState(self, module, output))
+        return _RuleFunction.apply(x, holder, _RuleState(self, module))
 
 
 class _RuleState:
     """Per-forward cache of one direct rule: modified inputs (z+: x+ and x-), modified
-    weights, denominator. ``output``: the module's output, kept until the cache is built (z+ on
-    an ungrouped convolution only)."""
+    weights, denominator."""
 
-    __slots__ = ("hook", "module", "cache", "signed_input", "output", "output_version")
+    __slots__ = ("hook", "module", "cache", "signed_input")
 
-    def __init__(self, hook: DirectRule, module: nn.Module, output: torch.Tensor | None = None) -> None:
+    def __init__(self, hook: DirectRule, module: nn.Module) -> None:
         self.hook = hook
         self.module = module
         self.cache: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
         self.signed_input = True
-        self.output = output
-        self.output_version = output._version if output is not None else 0
 
     def _prepare(self, x: torch.Tensor):
-        output, self.output = self.output, None
         if self.hook.sign_split and isinstance(self.module, _DIRECT_CONVOLUTIONS):
-            return self._prepare_zplus(x, output)
+            return self._prepare_zplus(x)
         rule, module = self.hook.rule, self.module
         inputs, weights, outputs = [], [], []
         for in_mod, param_mod, out_mod in zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
@@ -339,37 +321,21 @@ class _RuleState:
         # the rules' mapper: incoming relevance / stabiliser(sum of the modified outputs)
         return inputs, weights, self.hook.stabilize(sum(outputs))
 
-    def _prepare_zplus(self, x: torch.Tensor, output: torch.Tensor | None):
+    def _prepare_zplus(self, x: torch.Tensor):
         """zennit's z+ on a convolution: x+ = max(x, 0), x- = min(x, 0), W+ / W- likewise, and the
-        denominator x+ * W+ + b+ + x- * W- (``*``: the convolution; the negative branch has no bias).
-
-        Two convolutions where the input has negative values, unless the module's output
-        y = x * W + b is at hand: by bilinearity x+ * W+ + x- * W- = (x * W + |x| * |W|) / 2, so
-        the denominator is (y + |x| * (|W|, bias |b|)) / 2, one convolution (the sum of the
-        signed products is the one the forward made; rounding: relative 1e-6 in float32, measured
-        at the MiewID architecture's size, against 1e-6 for the two convolutions). An input
-        without negative values needs only x * W+ + b+ (exactly the two-branch sum: the other
-        branch is an exact zero).
-        """
+        denominator x+ * W+ + b+ + x- * W- (``*``: the convolution; the negative branch has no
+        bias). An input without negative values (after a ReLU) needs only x * W+ + b+, exactly
+        the two-branch sum (the other branch is an exact zero)."""
         module = self.module
         weight, bias = module.weight.detach(), module.bias
-        bias = bias.detach() if bias is not None else None
         weights = [weight.clamp(min=0), weight.clamp(max=0)]
         inputs = [x.clamp(min=0), x.clamp(max=0)]
         # whether x has negative values: checked on the CPU only (on a GPU, a synchronisation per
         # convolution costs more than the work it would skip; the product with x- = 0 adds zeros)
         self.signed_input = x.device.type != "cpu" or bool(inputs[1].any())
-        positive_bias = bias.clamp(min=0) if bias is not None else None
-        if not self.signed_input:
-            denominator = module._conv_forward(inputs[0], weights[0], positive_bias)
-        elif output is not None and output._version == self.output_version:
-            # halving |W| and |b| is exact (a power of two), so this is (y + |x| * |W| + |b|) / 2
-            denominator = module._conv_forward(x.abs(), weight.abs().mul_(0.5),
-                                               bias.abs().mul_(0.5) if bias is not None else None)
-            # >= 0 in exact arithmetic; a rounding below zero would flip the stabiliser's sign
-            denominator.add_(output, alpha=0.5).clamp_(min=0)
-        else:  # no output at hand (or changed in place since): the two branches
-            denominator = module._conv_forward(inputs[0], weights[0], positive_bias)
+        positive_bias = bias.detach().clamp(min=0) if bias is not None else None
+        denominator = module._conv_forward(inputs[0], weights[0], positive_bias)
+        if self.signed_input:
             denominator.add_(module._conv_forward(inputs[1], weights[1], None))
         return inputs, weights, self._stabilize_non_negative(denominator)
 
@@ -388,7 +354,7 @@ class _RuleState:
         if self.cache is None:
             with torch.no_grad():
                 # z+ on an input without negative values (after a ReLU): x- is an exact zero and
-                # so is the product of its branch, whose input gradient is then skipped
+                # so is the product of its branch, which is then skipped (here and in every backward)
                 self.cache = self._prepare(x)
         inputs, weights, denominator = self.cache
         if (self.hook.sign_split and getattr(_REUSE, "windowed", False) and isinstance(self.module, nn.Conv2d)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, ti
 from pairx_core import engine as engine_module
 from pairx_core import explain
 from pairx_core.canonizers import select_canonizers
-from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus, denominators_from_outputs
+from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus
 
 
 class _OpCounter(TorchDispatchMode):
@@ -124,65 +123,42 @@ def test_custom_convolution_forward_falls_back_to_zennit_hooks():
     assert torch.isfinite(direct).all()
 
 
-class _SignedStack(nn.Module):
-    """Convolutions with biases and signed inputs: an ordinary one on the image, a depthwise one and
-    two 1x1 ones; the first 1x1's output goes through a functional ReLU, applied in place
-    (``inplace_relu``) or not. The last convolution is the traced layer."""
+class _MixedSignStack(nn.Module):
+    """Convolutions with biases: an ordinary one on the (signed) image, a depthwise one and a 1x1
+    one after SiLUs (signed inputs), and a 1x1 one after a ReLU (no negative input), the traced
+    layer."""
 
-    def __init__(self, inplace_relu: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.first = nn.Conv2d(3, 8, 3, padding=1)
         self.act = nn.SiLU()
         self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.middle = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU()
         self.last = nn.Conv2d(8, 6, 1)
-        self.inplace_relu = inplace_relu
 
     def forward(self, x):
         x = self.act(self.depthwise(self.act(self.first(x))))
-        y = self.middle(x)
-        # relu_ changes the middle convolution's output in place after its forward
-        y = torch.relu_(y) if self.inplace_relu else torch.relu(y)
-        return self.last(y - 0.25)  # signed again
+        return self.last(self.relu(self.middle(x)))
 
 
-def _modified_forward_convolutions(model, x, layer, keep_outputs=True):
-    """The relevance at the input of a seed at one cell of ``layer``, and how many convolutions
-    (forward ones: the rules' modified forwards) its backward computed."""
-    with denominators_from_outputs() if keep_outputs else contextlib.nullcontext():
-        grad, _, counts = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, layer)
-    return grad, counts.get("convolution", 0)
-
-
-def test_zplus_denominator_from_the_forward_output_is_one_convolution():
+def test_zplus_denominators_one_convolution_per_branch_and_zennits_stabiliser():
     torch.manual_seed(4)
-    model = _SignedStack(inplace_relu=False).double().eval()
-    for conv in (model.first, model.depthwise, model.middle, model.last):
-        nn.init.normal_(conv.bias, std=0.5)  # biases of both signs: |b| / 2 and b+ are exercised
+    model = _MixedSignStack().double().eval()
+    for conv in (model.first, model.depthwise, model.middle):
+        nn.init.normal_(conv.bias, std=0.5)  # biases of both signs: b+ in the positive branch only
+    with torch.no_grad():
+        model.middle.bias -= 0.4  # ReLU-dead cells ...
+        model.last.bias.copy_(torch.tensor([-0.5, 0.0, -0.1, 0.3, -0.2, 0.0]))  # ... under b+ = 0: denominators of 0
     x = random_images(2, size=10, seed=2)
-    direct, n_convolutions = _modified_forward_convolutions(model, x, "last")
+    direct, _, counts = _pixel_relevance(model, EngineEpsilonPlus(canonizers=[]), x, "last")
     hooked, _, _ = _pixel_relevance(model, HookedEpsilonPlus(canonizers=[]), x, "last")
     assert direct.abs().sum() > 0
     torch.testing.assert_close(direct, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
-    # the three ordinary convolutions (signed inputs): one each (|x| with |W|, plus the kept
-    # output); the depthwise one keeps its two branches
-    assert n_convolutions == 1 + 2 + 1 + 1
-    # forwards outside denominators_from_outputs() keep no outputs (stage 1's single backward):
-    # two branches on every signed input, same numbers
-    two_branches, n_two = _modified_forward_convolutions(model, x, "last", keep_outputs=False)
-    torch.testing.assert_close(two_branches, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
-    assert n_two == 2 + 2 + 2 + 2
-
-
-def test_zplus_output_changed_in_place_falls_back_to_two_branches():
-    torch.manual_seed(4)
-    plain = _SignedStack(inplace_relu=False).double().eval()
-    changed = _SignedStack(inplace_relu=True).double().eval()
-    changed.load_state_dict(plain.state_dict())
-    x = random_images(2, size=10, seed=2)
-    expected, n_plain = _modified_forward_convolutions(plain, x, "last")
-    got, n_changed = _modified_forward_convolutions(changed, x, "last")
-    # the middle convolution's kept output was overwritten by relu_: the denominator is built
-    # from its two branches (one convolution more), with the same numbers
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14 * float(expected.abs().max()))
-    assert n_changed == n_plain + 1
+    # the modified forwards: two branches where the input has negative values, one after the ReLU
+    assert counts.get("convolution", 0) == 2 + 2 + 2 + 1
+    # the zero denominators exist (the stabiliser's "+1 at zero" case is exercised)
+    with torch.no_grad():
+        hidden = model.relu(model.middle(model.act(model.depthwise(model.act(model.first(x))))))
+        zplus = nn.functional.conv2d(hidden, model.last.weight.clamp(min=0), model.last.bias.clamp(min=0))
+    assert (zplus == 0).any()
