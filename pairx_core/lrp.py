@@ -12,8 +12,10 @@ module's output, whose backward is the rule itself:
   runs without a graph; the modified forwards and the stabilised denominator are computed once
   per forward, at the first backward that reaches the module, and every backward then costs one
   input-gradient convolution (or matrix product) per modified branch, a division and the
-  reducer. The ordinary convolution backward is never run, and z+'s negative branch is skipped
-  for an input without negative values (after a ReLU), where its product is an exact zero.
+  reducer. The ordinary convolution backward is never run, and z+'s negative branch (its
+  modified forward and its input gradients) is skipped for an input without negative values
+  (after a ReLU), where its product is an exact zero. z+'s denominator is never negative, so
+  zennit's stabiliser (epsilon times the sign, +1 at zero) is one in-place addition there.
 - pass-through on activations and batch norms (:class:`DirectPass`): the module's forward runs
   without a graph and its backward hands the incoming relevance to the input untouched (zennit
   computes the activation's derivative and then discards it).
