@@ -36,7 +36,7 @@ from .batch_plan import max_images_per_batch
 from .canonizers import select_canonizers
 from .engine import ExplainConfig, explain_indexed, similarity_seeds, to_host
 from .errors import ConfigError, NumericalError, PairXError, ShapeError
-from .lrp import EngineEpsilonPlus, state_lives_with_graph
+from .lrp import EngineEpsilonPlus, denominators_in_forward, state_lives_with_graph
 from .matching import matches_table, mutual_nearest_neighbours, rank_matches, reduce_channels
 from .model_context import prepared_model
 from .results import LayerExplanation, PairExplanation
@@ -165,7 +165,9 @@ class _Stage1Job:
     def forward(self, leaf: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(R, D)`` of the rows of ``leaf`` (inside the composite's context)."""
         self.stats.rows_forwarded += leaf.shape[0]
-        return split_forward(self.model, self.plan, leaf)
+        # each row gets one relevance backward: z+ denominators from the forward's outputs
+        with denominators_in_forward():
+            return split_forward(self.model, self.plan, leaf)
 
 
 def _anchor_groups(pairs: np.ndarray) -> dict[int, np.ndarray]:

@@ -12,7 +12,7 @@ from model_helpers import plain_stack, random_images, tiny_timm_efficientnet, ti
 from pairx_core import engine as engine_module
 from pairx_core import explain
 from pairx_core.canonizers import select_canonizers
-from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus
+from pairx_core.lrp import EngineEpsilonPlus, HookedEpsilonPlus, denominators_in_forward
 
 
 class _OpCounter(TorchDispatchMode):
@@ -162,3 +162,19 @@ def test_zplus_denominators_one_convolution_per_branch_and_zennits_stabiliser():
         hidden = model.relu(model.middle(model.act(model.depthwise(model.act(model.first(x))))))
         zplus = nn.functional.conv2d(hidden, model.last.weight.clamp(min=0), model.last.bias.clamp(min=0))
     assert (zplus == 0).any()
+
+    # denominators built in the forward (stage 1): from the output where the convolution is
+    # ungrouped, (y + |x| * |W| + |b|) / 2, or x * W+ + b+ after the ReLU; same numbers
+    with denominators_in_forward():
+        with _OpCounter() as forward_ops, traced_layer(model, EngineEpsilonPlus(canonizers=[]), x, "last") as (
+                x_in, out):
+            n_forward = forward_ops.counts.get("convolution", 0)
+            seed = torch.zeros_like(out)
+            seed[:, :, 1, 1] = out[:, :, 1, 1].detach()
+            with _OpCounter() as backward_ops:
+                (in_forward,) = torch.autograd.grad(out, x_in, seed)
+    torch.testing.assert_close(in_forward, hooked, rtol=1e-10, atol=1e-13 * float(hooked.abs().max()))
+    # the forward: 4 convolutions, one more for each of the 3 ungrouped ones; the backward builds
+    # only the depthwise convolution's two branches
+    assert n_forward == 4 + 3
+    assert backward_ops.counts.get("convolution", 0) == 2
