@@ -70,10 +70,11 @@ def reuse_modified_forwards() -> contextlib.AbstractContextManager:
 def denominators_in_forward() -> contextlib.AbstractContextManager:
     """Within this block, z+ convolutions build their denominator during the forward, from the
     module's output (``_RuleState.denominator_from_forward``): one convolution instead of two per
-    ungrouped convolution with a signed input. The denominator then lives from the forward to the
-    first backward that reaches the module (one output-sized tensor per convolution). Meant for
-    graphs that get a single backward (stage 1: 0.9x its time, +3 % peak memory at 440 px); in
-    the engine, whose pixel passes keep the graph, it measured no gain."""
+    ungrouped convolution with a signed input, on the CPU in float32 or float64. The denominator
+    then lives from the forward to the first backward that reaches the module (one output-sized
+    tensor per convolution). Meant for graphs that get a single backward (stage 1: 0.83x its time,
+    +5 % peak memory at 440 px); in the engine, whose pixel passes keep the graph, it measured no
+    gain."""
     return _switched_on("in_forward")
 
 
@@ -334,8 +335,9 @@ class _RuleState:
         products outweigh the positive ones. Measured at the MiewID architecture's size in float32
         against float64: at most 3e-6 on ordinary convolutions (the two branches: 1e-6), but up to
         4e-3 on depthwise 3x3 ones (9 products per sum), which therefore keep their two branches
-        (at the first backward). An input without negative values (checked on the CPU) gets the
-        exact ``x * W+ + b+``.
+        (at the first backward). So do GPUs (cuDNN may run float32 convolutions in TF32, whose
+        10-bit mantissa this cancellation would magnify) and half precisions. An input without
+        negative values (checked on the CPU) gets the exact ``x * W+ + b+``.
         """
         module = self.module
         with torch.no_grad():
@@ -345,7 +347,7 @@ class _RuleState:
             if x.device.type == "cpu" and not bool(x.lt(0).any()):
                 self.forward_denominator = module._conv_forward(
                     x, weight.clamp(min=0), bias.clamp(min=0) if bias is not None else None)
-            elif module.groups == 1:
+            elif module.groups == 1 and x.device.type == "cpu" and output.dtype in (torch.float32, torch.float64):
                 # halving |W| and |b| is exact (a power of two)
                 denominator = module._conv_forward(x.abs(), weight.abs().mul_(0.5),
                                                    bias.abs().mul_(0.5) if bias is not None else None)
