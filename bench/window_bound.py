@@ -36,17 +36,8 @@ from pairx_core.runtime_settings import keep_freed_memory  # noqa: E402
 
 def relevance_box_share(relevance: torch.Tensor) -> float:
     """Mean over images of the share of ``(B, C, H, W)``'s cells inside the box of non-zero relevance."""
-    nonzero = relevance.ne(0).any(dim=1)  # (B, H, W)
-    _, height, width = nonzero.shape
-    shares = []
-    for image in nonzero:
-        rows, cols = image.any(dim=1).nonzero(), image.any(dim=0).nonzero()
-        if len(rows) == 0:
-            shares.append(0.0)
-            continue
-        box = (int(rows[-1]) - int(rows[0]) + 1) * (int(cols[-1]) - int(cols[0]) + 1)
-        shares.append(box / (height * width))
-    return sum(shares) / len(shares)
+    batch, _, height, width = relevance.shape
+    return lrp.relevance_boxes(relevance).area() / (batch * height * width)
 
 
 def main() -> None:
