@@ -19,7 +19,7 @@ stage 1 included, as shares that sum to 1.
     python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --top-k 3 --batch-pairs 3 \
         --workers 0 --cold-only                   # the real-size night of docs/performance.md
     python bench/pipeline.py --compare-render 2   # pictures inline against beside the next batch
-    python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --rerank-k 5 --cold-only  # fewer judged
+    python bench/pipeline.py --preset miewid --individuals 20 --uploads 1 --rerank-k 20 --cold-only  # more judged
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--k-colors", type=int, default=10)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--rerank-k", type=int, default=None,
-                        help="candidates per upload judged by stage 1 (default: the nightly default, 20; 0: none)")
+                        help="candidates per upload judged by stage 1 (default: the nightly default, 5; 0: none)")
     parser.add_argument("--batch-pairs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--individuals", type=int, default=8)

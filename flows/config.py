@@ -108,9 +108,9 @@ class NightlyConfig(CommonConfig):
     uploads: str = Field(description="folder of new photos (listed recursively)")
     gallery: str = Field(description="gallery folder (one sub-folder per individual) or manifest CSV image,individual")
     top_k: int = Field(3, ge=1, description="candidates explained per upload")
-    rerank_k: int = Field(20, ge=0, description="candidates per upload judged by PAIR-X stage 1 (from the activation "
-                                                "cache) and re-ranked before the top_k are explained in full; "
-                                                "0: explain the top_k by similarity only")
+    rerank_k: int = Field(5, ge=0, description="candidates per upload judged by PAIR-X stage 1 (from the activation "
+                                               "cache) and re-ranked before the top_k are explained in full; "
+                                               "0, or not more than top_k: explain the top_k by similarity only")
     retry_failed: bool = Field(False, description="try again the uploads that failed to load on an earlier night "
                                                   "(by default they are skipped: reported once, not every night)")
     unlabelled_gallery: bool = Field(False, description="accept a gallery folder without individual folders "
@@ -127,6 +127,15 @@ class NightlyConfig(CommonConfig):
                                                   "classification is this name")
     confirmed: bool = Field(True, description="add the uploads confirmed on earlier nights in this output (latest "
                                               "decision match or new_individual) to the gallery")
+
+    @property
+    def reranks(self) -> bool:
+        """Whether stage 1 runs: only when it judges more candidates than the ``top_k`` explained.
+
+        With ``rerank_k <= top_k`` it would judge exactly the pairs the engine explains and compute
+        the metrics the engine computes again, so those ``top_k`` are explained and ranked by their
+        own metrics, as with ``rerank_k`` 0 (never fewer than ``top_k`` explained)."""
+        return self.rerank_k > self.top_k
 
 
 class ReprocessConfig(CommonConfig):

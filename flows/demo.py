@@ -40,7 +40,9 @@ class DemoSettings:
     individuals: int = 12
     gallery_photos: int = 2
     top_k: int = 3
-    #: candidates per upload judged from the activation cache before the top_k are explained
+    #: candidates per upload judged from the activation cache before the top_k are explained; the
+    #: demo judges every gallery photo up to 20 (nightly's default is 5): on the demo model stage 1
+    #: costs a tenth of an explanation, and the page shows the re-ranking at work
     rerank_k: int = 20
     seed: int = 2024
     k_lines: int = 10

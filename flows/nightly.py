@@ -1,8 +1,9 @@
 """Flow: new uploads vs. a gallery: embed (cached), retrieve, re-rank from the cache, explain, rank.
 
-With ``rerank_k`` > 0 (default) each upload's ``rerank_k`` most similar gallery images are judged
+With ``rerank_k`` > ``top_k`` (default 5 and 3) each upload's ``rerank_k`` most similar gallery images are judged
 by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
-(``flows.rerank``); with ``rerank_k`` 0 the ``top_k`` by similarity are explained.
+(``flows.rerank``); otherwise (``rerank_k`` 0 or at most ``top_k``) the ``top_k`` by similarity are
+explained.
 
 The night works on items (``infra.night_items.NightItem``: a photo, a box, a rotation), not file
 names: with a detector file (``--detections``) each kept detection is one upload item, cut from
@@ -127,7 +128,9 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         return pair_item(night.item(candidate.query), night.item(candidate.gallery_image), boxes,
                          candidate.individual)
 
-    if config.rerank_k and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
+    if config.rerank_k and not config.reranks:
+        summary.planned["rerank"] = f"off: rerank_k {config.rerank_k} is not more than top_k {config.top_k}"
+    if config.reranks and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
         reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
                                  gallery, hashes, summary, annotations, _key_settings(config, run_id, layers),
                                  contents, make_item)

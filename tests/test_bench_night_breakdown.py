@@ -36,6 +36,6 @@ def test_rerank_k_reaches_the_night_only_when_asked(tmp_path):
     options = dict(model="demo", layer="backbone.blocks.2", k_colors=3, top_k=2, batch_pairs=4, workers=0,
                    render_inline=False)
     default = bench.night_config(argparse.Namespace(rerank_k=None, **options), "up", "gal", tmp_path / "out")
-    chosen = bench.night_config(argparse.Namespace(rerank_k=5, **options), "up", "gal", tmp_path / "out")
-    assert default.rerank_k == 20 and chosen.rerank_k == 5
+    chosen = bench.night_config(argparse.Namespace(rerank_k=12, **options), "up", "gal", tmp_path / "out")
+    assert default.rerank_k == 5 and chosen.rerank_k == 12
     assert (chosen.top_k, chosen.k_colors, chosen.out) == (2, 3, str(tmp_path / "out"))

@@ -39,3 +39,19 @@ def test_gallery_bench_counts_files_and_compacts():
     # per night: 100 pairs / 8 -> 13 pairs + 13 matches files, 2 images, 1 candidates, 1 runs
     assert growth["files_per_night"] == 30 and growth["files_total"] == 60
     assert compaction["files_after"] == 2 * 5 and compaction["pairs_rows"] == 200
+
+
+def test_rerank_bench_reports_hits_by_depth():
+    records = {r["run"]: r for r in _run("rerank.py", "--uploads", "4", "--individuals", "5", "--gallery-photos", "1",
+                                         "--size", "64", "--rerank-k", "4", "--top-k", "1", "--k-colors", "0",
+                                         "--skip-full", "--depths", "2,9")}
+    assert "full_all" not in records and records["setup"]["pairs_stage1"] == 4 * 4
+    assert records["two_stage"]["pairs_stage2"] == 4  # the top-1 of each upload after re-ranking
+    truth, by_depth = records["ground_truth"], records["ground_truth_by_depth"]["depths"]
+    assert sorted(by_depth, key=int) == ["1", "2", "4", "9"]  # top_k and rerank_k always; 9 > rerank_k kept
+    # the two ends of the depths are the rankings the ground-truth line reports
+    assert by_depth["1"]["top_k_hit"] == truth["top_k_hit_rerank_over_top_k"]
+    assert by_depth["4"]["top_k_hit"] == truth["top_k_hit_rerank_over_k"]
+    assert by_depth["4"]["rank0_hit"] == truth["rank0_hit_rerank_over_k"]
+    assert by_depth["9"] == by_depth["4"]  # deeper than the candidates judged: the same rows
+    assert all(0.0 <= v <= 1.0 for hits in by_depth.values() for v in hits.values())

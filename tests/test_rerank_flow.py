@@ -37,9 +37,13 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
     original = tasks.stage1.load_photo
     monkeypatch.setattr(tasks.stage1, "load_photo",
                         lambda *a, **k: decodes.__setitem__("stage1", decodes["stage1"] + 1) or original(*a, **k))
+    judged = []
+    judge = tasks.stage1.stage1_pairs
+    monkeypatch.setattr(tasks.stage1, "stage1_pairs",
+                        lambda pairs, *a, **k: judged.extend(pairs) or judge(pairs, *a, **k))
     out = tmp_path / "out"
     summary = nightly(_config(photos, out))
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and summary["stage1_pairs"] == len(judged) == 2 * 4
     assert summary["done"] == 2 * 2  # only top_k pairs per upload explained in full
     assert decodes["stage1"] == 0  # stage 1 read activations, decoded nothing
     candidates = read_table(str(out), "candidates")
@@ -66,13 +70,25 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
     assert read_table(str(out), "runs").cache_misses.iloc[0] == 7
 
 
-def test_rerank_zero_keeps_top_k_only(prefect_harness, photos, tmp_path):
+@pytest.mark.parametrize("rerank_k", [0, 1, 2])
+def test_rerank_off_keeps_top_k_only(prefect_harness, photos, tmp_path, monkeypatch, rerank_k):
+    """0 turns re-ranking off; so does a rerank_k not above top_k (2): stage 1 would judge only
+    the pairs the engine explains, and a smaller one must not explain fewer than top_k."""
+    import tasks.stage1
     from flows.nightly import nightly
     from infra.tables import read_table
 
+    judged = []
+    original = tasks.stage1.stage1_pairs
+    monkeypatch.setattr(tasks.stage1, "stage1_pairs",
+                        lambda pairs, *a, **k: judged.extend(pairs) or original(pairs, *a, **k))
     out = tmp_path / "out"
-    summary = nightly(_config(photos, out, rerank_k=0, k_colors=0))
+    summary = nightly(_config(photos, out, rerank_k=rerank_k, k_colors=0))
     assert summary["status"] == "completed" and summary["done"] == 4
+    assert judged == [] and "stage1_pairs" not in summary
+    assert (summary.get("rerank") or "").startswith("off: rerank_k") == (rerank_k > 0)
     candidates = read_table(str(out), "candidates")
     assert len(candidates) == 4
     assert candidates["retrieval_rank"].isna().all() and candidates["explained"].isna().all()
+    for _, rows in candidates.groupby("query"):
+        assert sorted(rows["rank"]) == [0, 1] and rows["viz_uri"].notna().all()
