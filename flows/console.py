@@ -109,6 +109,8 @@ def human_summary(flow: str, summary: dict, out: str) -> str:
     if unsupported:
         lines.append("not read (unsupported files): " + ", ".join(f"{n} {suffix}" for suffix, n in
                                                                  sorted(unsupported.items())))
+    if summary.get("rerank"):  # re-ranking asked for but skipped (rerank_k not above top_k)
+        lines.append(f"re-ranking {summary['rerank']}")
     if summary.get("repaired_files"):
         quarantine = layout.join(OutputLayout.control_path("quarantine"))
         lines.append(f"repaired: {summary['repaired_files']} damaged table file(s) moved to {quarantine}/, "

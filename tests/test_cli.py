@@ -166,3 +166,11 @@ def test_cache_info_and_prune_commands(tmp_path):
     result = runner.invoke(app, ["cache", "prune", str(out), "--model", "model-a", "--yes"])
     assert result.exit_code == 0 and "removed model model-a" in result.output
     assert "0 model(s)" in runner.invoke(app, ["cache", "info", str(out)]).output
+
+
+def test_summary_says_when_re_ranking_was_skipped(tmp_path):
+    from flows.console import human_summary
+
+    skipped = {"done": 4, "run_id": "r", "rerank": "off: rerank_k 2 is not more than top_k 3"}
+    assert "re-ranking off: rerank_k 2 is not more than top_k 3" in human_summary("nightly", skipped, str(tmp_path))
+    assert "re-ranking" not in human_summary("nightly", {"done": 4, "run_id": "r"}, str(tmp_path))
