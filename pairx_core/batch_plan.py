@@ -31,6 +31,28 @@ GRAPH_OVERHEAD_CUDA = 1.2
 GRAPH_OVERHEAD_CUDA_NO_PIXELS = 0.6
 
 
+#: on the CPU, the largest activation one plain-inference batch should allocate: glibc serves larger
+#: blocks with fresh mmap'd pages (32 MiB is the ceiling of its mmap threshold), which the kernel
+#: zero-fills at every allocation. MiewID architecture at 440 px: 0.34-0.37 s per image in batches of
+#: 1-4 (largest activation 10.8 MB per image), 0.42-0.68 s in batches of 12 (docs/performance.md, section 8)
+CPU_LARGEST_ALLOCATION = 32 * 1024 * 1024
+#: images per plain-inference batch where memory does not bound it
+INFERENCE_BATCH_CAP = 32
+
+
+def inference_batch_size(model: nn.Module, input_size: tuple[int, int], device: torch.device,
+                         cap: int = INFERENCE_BATCH_CAP) -> int:
+    """Images per plain-inference batch (embedding): ``cap`` on accelerators; on the CPU as many as
+    keep the largest module output under :data:`CPU_LARGEST_ALLOCATION` (from the forward trace at
+    ``input_size`` ``(H, W)``), at least 1."""
+    if device.type != "cpu":
+        return cap
+    trace = forward_trace(model, tuple(input_size))
+    largest = max((record.output_bytes // record.calls for record in trace.modules if record.is_leaf and record.calls),
+                  default=0)
+    return max(1, min(cap, CPU_LARGEST_ALLOCATION // max(1, largest)))
+
+
 def max_images_per_batch(model: nn.Module, probe: torch.Tensor, memory_budget: int | None, device: torch.device,
                          pixel_passes: bool = True, above: str | None = None) -> int:
     """Images per batch allowed by the memory budget (estimated from the forward trace at the probe's size).

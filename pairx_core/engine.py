@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from zennit.canonizers import Canonizer
 
-from .batch_plan import max_images_per_batch, plan_batches
+from .batch_plan import inference_batch_size, max_images_per_batch, plan_batches
 from .canonizers import select_canonizers
 from .config import (
     ChannelReduction,
@@ -158,17 +158,23 @@ def embed(
     images: torch.Tensor,
     layers: Sequence[str] = (),
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Plain inference: embeddings ``(N, D)`` and the requested feature maps ``(N, C, h, w)``."""
+    """Plain inference: embeddings ``(N, D)`` and the requested feature maps ``(N, C, h, w)`` of
+    ``images`` ``(N, 3, H, W)``, ``batch_size`` images per forward (default:
+    :func:`pairx_core.batch_plan.inference_batch_size`: 32, fewer on the CPU for large inputs)."""
     _check_images("images", images)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     target = resolve_device(model, device)
     features: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     embeddings: list[np.ndarray] = []
     captured: dict[str, torch.Tensor] = {}
     handles = []
     with prepared_model(model, target):
+        if batch_size is None:
+            batch_size = inference_batch_size(model, tuple(images.shape[-2:]), target)
         try:
             for name in layers:
                 handles.append(model.get_submodule(name).register_forward_hook(capture_hook(captured, name)))

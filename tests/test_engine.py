@@ -464,3 +464,35 @@ def test_cuda_budget_counts_the_graph_as_measured_there(effnet):
     no_pixels = batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cuda"), pixel_passes=False)
     assert no_pixels == int(200 / batch_plan.GRAPH_OVERHEAD_CUDA_NO_PIXELS) >= 2 * on_cuda
     assert batch_plan.max_images_per_batch(effnet, probe, budget, torch.device("cpu"), pixel_passes=False) == on_cpu
+
+
+def test_cpu_embedding_batches_keep_the_largest_activation_small(monkeypatch):
+    """On the CPU, plain inference takes as many images per forward as keep the largest module
+    output under batch_plan.CPU_LARGEST_ALLOCATION (bigger blocks come as fresh, zero-filled pages
+    at every allocation); on accelerators, and for small inputs, INFERENCE_BATCH_CAP."""
+    from pairx_core import batch_plan
+    from pairx_core.engine import embed
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3, stride=2, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    largest = 16 * 32 * 32 * 4  # the first convolution's (and the ReLU's) float32 output per 32 px image
+    cpu = torch.device("cpu")
+    assert batch_plan.inference_batch_size(model, (32, 32), cpu) == batch_plan.INFERENCE_BATCH_CAP
+    assert batch_plan.inference_batch_size(model, (32, 32), torch.device("cuda")) == batch_plan.INFERENCE_BATCH_CAP
+    monkeypatch.setattr(batch_plan, "CPU_LARGEST_ALLOCATION", 3 * largest + 100)
+    assert batch_plan.inference_batch_size(model, (32, 32), cpu) == 3
+    monkeypatch.setattr(batch_plan, "CPU_LARGEST_ALLOCATION", largest // 2)
+    assert batch_plan.inference_batch_size(model, (32, 32), cpu) == 1  # never 0
+
+    monkeypatch.setattr(batch_plan, "CPU_LARGEST_ALLOCATION", 3 * largest + 100)
+    batches = []
+    model[0].register_forward_hook(lambda module, args, output: batches.append(output.shape[0]))
+    images = torch.rand(7, 3, 32, 32)
+    embeddings, features = embed(model, images, ["0"])
+    assert batches == [3, 3, 1]
+    assert embeddings.shape == (7, 4) and features["0"].shape == (7, 16, 32, 32)
+    batches.clear()
+    alone, _ = embed(model, images, ["0"], batch_size=7)  # an explicit batch size is kept
+    assert batches == [7] and np.allclose(alone, embeddings, atol=1e-6)
+    with pytest.raises(ConfigError, match="batch_size"):
+        embed(model, images, batch_size=0)
