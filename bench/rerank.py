@@ -187,9 +187,8 @@ def main() -> None:
     # similarity is the same ranking restricted to those rows
     by_depth = {}
     for depth in sorted({int(d) for d in args.depths.split(",") if d.strip()} | {args.top_k, args.rerank_k}):
-        shallow = [c for mine in by_query.values() for c in mine[:depth]]
-        by_depth[str(depth)] = {"top_k_hit": hits(ranked_rows(shallow, outcomes), args.top_k),
-                                "rank0_hit": hits(ranked_rows(shallow, outcomes), 1)}
+        rows = ranked_rows([c for mine in by_query.values() for c in mine[:depth]], outcomes)
+        by_depth[str(depth)] = {"top_k_hit": hits(rows, args.top_k), "rank0_hit": hits(rows, 1)}
     emit(run="ground_truth_by_depth", uploads=len(uploads), top_k=args.top_k, depths=by_depth)
 
     # float16 cache: what storing the layer in half precision would change (first 40 pairs)

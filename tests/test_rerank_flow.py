@@ -27,6 +27,17 @@ def _config(photos, out, **kwargs):
     return NightlyConfig(**{**values, **kwargs})
 
 
+def _count_judged(monkeypatch) -> list:
+    """The pairs stage 1's task function is called with, appended as they come."""
+    import tasks.stage1
+
+    judged = []
+    judge = tasks.stage1.stage1_pairs
+    monkeypatch.setattr(tasks.stage1, "stage1_pairs",
+                        lambda pairs, *a, **k: judged.extend(pairs) or judge(pairs, *a, **k))
+    return judged
+
+
 def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, photos, tmp_path, monkeypatch):
     import tasks.explain
     import tasks.stage1
@@ -37,10 +48,7 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
     original = tasks.stage1.load_photo
     monkeypatch.setattr(tasks.stage1, "load_photo",
                         lambda *a, **k: decodes.__setitem__("stage1", decodes["stage1"] + 1) or original(*a, **k))
-    judged = []
-    judge = tasks.stage1.stage1_pairs
-    monkeypatch.setattr(tasks.stage1, "stage1_pairs",
-                        lambda pairs, *a, **k: judged.extend(pairs) or judge(pairs, *a, **k))
+    judged = _count_judged(monkeypatch)
     out = tmp_path / "out"
     summary = nightly(_config(photos, out))
     assert summary["status"] == "completed" and summary["stage1_pairs"] == len(judged) == 2 * 4
@@ -74,14 +82,10 @@ def test_nightly_reranks_from_the_cache_and_explains_top_k(prefect_harness, phot
 def test_rerank_off_keeps_top_k_only(prefect_harness, photos, tmp_path, monkeypatch, rerank_k):
     """0 turns re-ranking off; so does a rerank_k not above top_k (2): stage 1 would judge only
     the pairs the engine explains, and a smaller one must not explain fewer than top_k."""
-    import tasks.stage1
     from flows.nightly import nightly
     from infra.tables import read_table
 
-    judged = []
-    original = tasks.stage1.stage1_pairs
-    monkeypatch.setattr(tasks.stage1, "stage1_pairs",
-                        lambda pairs, *a, **k: judged.extend(pairs) or original(pairs, *a, **k))
+    judged = _count_judged(monkeypatch)
     out = tmp_path / "out"
     summary = nightly(_config(photos, out, rerank_k=rerank_k, k_colors=0))
     assert summary["status"] == "completed" and summary["done"] == 4
