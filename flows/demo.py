@@ -233,9 +233,10 @@ def decide_from_truth(out: str, truth: dict) -> dict[str, int]:
 def _grid(model, layer: str, size: tuple[int, int]) -> tuple[int, int]:
     import torch
 
+    from infra.compute_thread import on_compute_thread
     from pairx_core import embed
 
-    _, features = embed(model, torch.zeros(1, 3, *size), [layer])
+    _, features = on_compute_thread(embed, model, torch.zeros(1, 3, *size), [layer])
     return tuple(features[layer].shape[2:])
 
 

@@ -177,12 +177,18 @@ def resolve_model(config) -> ModelPlan:
     """
     from pairx_core.layers import check_layers, default_layer
     from pairx_core.models import weights_digest, would_use_random_weights
+    from infra.compute_thread import on_compute_thread
     from infra.model_runtime import get_model
 
     check_model_spec(config.model, config.allow_random_weights)
     loaded = get_model(config.model, "cpu", config.storage_options or None)
-    layers = tuple(config.layers) if config.layers else (default_layer(loaded.model),)
-    check_layers(loaded.model, list(layers), tuple(loaded.preprocessing.size))
-    facts = {"model_spec": redact_model_spec(config.model), "weights_digest": weights_digest(loaded.model),
+
+    def checked() -> tuple[tuple[str, ...], str]:  # the layer check runs the model once
+        chosen = tuple(config.layers) if config.layers else (default_layer(loaded.model),)
+        check_layers(loaded.model, list(chosen), tuple(loaded.preprocessing.size))
+        return chosen, weights_digest(loaded.model)
+
+    layers, digest = on_compute_thread(checked)
+    facts = {"model_spec": redact_model_spec(config.model), "weights_digest": digest,
              "random_weights": would_use_random_weights(config.model)}
     return ModelPlan(loaded.model_id, layers, facts)

@@ -1,5 +1,6 @@
 """Per-process model cache: each process builds a model once per (spec, device) and keeps the
-few it used last.
+few it used last. Models are built on the process's compute thread
+(:mod:`infra.compute_thread`), where every computation with them runs too.
 
 Loading a model changes nothing else in the process: torch thread counts, denormal flushing and
 the allocator are set where a task process starts (:func:`pairx_core.runtime_settings.
@@ -12,12 +13,13 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from infra.compute_thread import on_compute_thread
 from pairx_core.models import RandomWeightsWarning, model_fingerprint
 from pairx_core.preprocess import Preprocessing
 
@@ -31,8 +33,6 @@ class LoadedModel:
     preprocessing: Preprocessing
     fingerprint: str
     device: torch.device
-    #: hooks and canonizers are per model: one engine call at a time per model in a process
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @property
     def model_id(self) -> str:
@@ -58,28 +58,42 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def get_model(spec: str, device: str | None = None, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
-    """The model for ``spec`` on ``device``: built on first use, then kept while it is among the
-    :func:`models_kept` most recently used of this process.
+    """The model for ``spec`` on ``device``: built on first use (on the compute thread), then kept
+    while it is among the :func:`models_kept` most recently used of this process.
 
-    A caller keeps using the model it was given even if the cache drops it meanwhile.
+    A caller keeps using the model it was given even if the cache drops it meanwhile. Engine calls
+    with it go through :func:`infra.compute_thread.on_compute_thread` (one at a time per process:
+    hooks and canonizers are attached to the model while a call runs).
     """
-    from infra.model_store import load_model
-
     target = resolve_device(device)
     key = (spec, str(target))
     with _LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)
             return _MODELS[key]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            model, prep = load_model(spec, storage_options=storage_options, device=target)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        loaded = _MODELS[key] = LoadedModel(model, prep, model_fingerprint(model), target)
+    return on_compute_thread(_build_once, key, spec, target, storage_options)
+
+
+def _build_once(key: tuple[str, str], spec: str, target: torch.device,
+                storage_options: Mapping[str, Any] | None) -> LoadedModel:
+    """Build and keep ``key``'s model unless a call queued before this one did (compute thread only)."""
+    from infra.model_store import load_model
+
+    with _LOCK:
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model, prep = load_model(spec, storage_options=storage_options, device=target)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    loaded = LoadedModel(model, prep, model_fingerprint(model), target)
+    with _LOCK:
+        _MODELS[key] = loaded
         while len(_MODELS) > models_kept():
             _MODELS.popitem(last=False)
-        return loaded
+    return loaded
 
 
 def model_identity(spec: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, Preprocessing]:

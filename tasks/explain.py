@@ -19,6 +19,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from infra.compute_thread import on_compute_thread
 from infra.decoded_photos import load_photo
 from infra.images import DEFAULT_MIN_SIDE, LoadedImage, decode_need
 from infra.inputs import ImageKey, PairItem, derive_pair_id, parse_angle, parse_box  # noqa: F401 - re-exported
@@ -173,9 +174,6 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
     fails the pairs not delivered yet (``errors`` rows, None)."""
     order = _image_keys([p.item for p in todo])
     position = {key: i for i, key in enumerate(order)}
-    tensors = torch.stack([model.preprocessing.to_tensor(images[key].image) for key in order])
-    if model.device.type == "cuda":
-        tensors = tensors.pin_memory()  # the engine copies with non_blocking=True
     index = np.array([[position[k] for k in p.item.image_keys] for p in todo], dtype=np.int64)
     config = ExplainConfig(k_lines=settings.k_lines, k_colors=settings.k_colors, memory_budget=settings.memory_budget)
     delivered: set[int] = set()
@@ -185,10 +183,15 @@ def _run_engine(todo: Sequence[PlannedPair], images: Mapping[ImageKey, LoadedIma
         if on_batch is not None:
             on_batch(batch)
 
+    def compute() -> list[PairExplanation]:
+        tensors = torch.stack([model.preprocessing.to_tensor(images[key].image) for key in order])
+        if model.device.type == "cuda":
+            tensors = tensors.pin_memory()  # the engine copies with non_blocking=True
+        return explain_indexed(model.model, tensors, index, list(settings.layers), config, device=model.device,
+                               on_batch=deliver)
+
     try:
-        with model.lock:
-            return explain_indexed(model.model, tensors, index, list(settings.layers), config, device=model.device,
-                                   on_batch=deliver)
+        return on_compute_thread(compute)
     except PairXError as error:
         errors.extend(error_row(p.item.pair_id, "explain", error, settings.run_id)
                       for i, p in enumerate(todo) if i not in delivered)

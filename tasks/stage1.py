@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import CacheIntegrityError, activation_cache
+from infra.compute_thread import on_compute_thread
 from infra.decoded_photos import load_photo
 from infra.images import DEFAULT_MIN_SIDE, decode_need
 from infra.model_runtime import get_model
@@ -79,9 +80,12 @@ def _recompute(loaded, cache, entries: Sequence[tuple[str, tuple]], settings: St
     """Embed the ``(cache key, (uri, box, theta))`` crops again and cache them under their keys
     (embedding and ``settings.layer``): a newer batch wins."""
     images = [_load(key, settings, loaded.preprocessing.size) for _, key in entries]
-    tensors = loaded.preprocessing.batch([image.image for image in images])
-    with loaded.lock:
-        embeddings, features = embed(loaded.model, tensors, [settings.layer], device=loaded.device)
+
+    def embed_again():
+        tensors = loaded.preprocessing.batch([image.image for image in images])
+        return embed(loaded.model, tensors, [settings.layer], device=loaded.device)
+
+    embeddings, features = on_compute_thread(embed_again)
     cache.put([cache_key for cache_key, _ in entries], embeddings, features)
     logger.warning("%d damaged activation-cache entr%s recomputed for stage 1", len(images),
                    "y" if len(images) == 1 else "ies")
@@ -113,17 +117,18 @@ def stage1_pairs(pairs: Sequence[Stage1Pair], settings: Stage1Settings) -> Stage
     summary.seconds["read"] += time.perf_counter() - started
     started = time.perf_counter()
     try:
-        with loaded.lock:
-            results = stage1(loaded.model, activations, index, settings.layer, prep.size, config,
-                             device=loaded.device)
+        results = on_compute_thread(stage1, loaded.model, activations, index, settings.layer, prep.size, config,
+                                    device=loaded.device)
     except SplitUnsupportedError:
         images = [_load(uris[h], settings, prep.size) for h in hashes]
         summary.images_decoded = len(images)
         summary.full_path = True
-        tensors = prep.batch([image.image for image in images])
-        with loaded.lock:
-            results = stage1_from_images(loaded.model, tensors, index, settings.layer, config,
-                                         device=loaded.device)
+
+        def full_path():
+            tensors = prep.batch([image.image for image in images])
+            return stage1_from_images(loaded.model, tensors, index, settings.layer, config, device=loaded.device)
+
+        results = on_compute_thread(full_path)
     summary.seconds["engine"] += time.perf_counter() - started
     for pair, result in zip(pairs, results):
         metrics = plausibility(result.layers[settings.layer]).as_dict()
