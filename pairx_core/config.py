@@ -73,9 +73,15 @@ class ExplainConfig:
 
     def use_channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether a call on ``device`` with ``dtype`` runs channels-last."""
-        if self.memory_format == "auto":
-            return device.type == "cpu" and dtype == torch.float32
-        return self.memory_format == "channels_last"
+        return runs_channels_last(self.memory_format, device, dtype)
+
+
+def runs_channels_last(memory_format: MemoryFormat, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``memory_format`` means channels-last on ``device`` with ``dtype`` (``auto``: float32
+    on CPU; see :class:`ExplainConfig`)."""
+    if memory_format == "auto":
+        return device.type == "cpu" and dtype == torch.float32
+    return memory_format == "channels_last"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .config import (
     MemoryFormat,
     ProgressCallback,
     resolve_config,
+    runs_channels_last,
 )
 from .errors import ConfigError, NumericalError, ShapeError
 from .layer_plan import LayerPlan, capture_hook, plan_layers
@@ -160,19 +161,26 @@ def embed(
     *,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Plain inference: embeddings ``(N, D)`` and the requested feature maps ``(N, C, h, w)`` of
     ``images`` ``(N, 3, H, W)``, ``batch_size`` images per forward (default:
-    :func:`pairx_core.batch_plan.inference_batch_size`: 32, fewer on the CPU for large inputs)."""
+    :func:`pairx_core.batch_plan.inference_batch_size`: 32, fewer on the CPU for large inputs).
+    ``memory_format`` as for :class:`ExplainConfig` (``auto``: channels-last for float32 on the
+    CPU, 7-10 % faster at 440 px); the arrays returned are C-contiguous either way."""
     _check_images("images", images)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if memory_format not in get_args(MemoryFormat):
+        raise ConfigError(f"memory_format must be one of {get_args(MemoryFormat)}, got {memory_format!r}")
     target = resolve_device(model, device)
+    dtype = next(iter(model.parameters())).dtype
+    layout = torch.channels_last if runs_channels_last(memory_format, target, dtype) else torch.contiguous_format
     features: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     embeddings: list[np.ndarray] = []
     captured: dict[str, torch.Tensor] = {}
     handles = []
-    with prepared_model(model, target):
+    with prepared_model(model, target, channels_last=layout == torch.channels_last):
         if batch_size is None:
             batch_size = inference_batch_size(model, tuple(images.shape[-2:]), target)
         try:
@@ -181,9 +189,9 @@ def embed(
             with torch.inference_mode():
                 for start in range(0, images.shape[0], batch_size):
                     chunk = images[start:start + batch_size].to(target, non_blocking=True)
-                    embeddings.append(model(chunk).to("cpu").numpy())
+                    embeddings.append(model(chunk.contiguous(memory_format=layout)).to("cpu").numpy())
                     for name in layers:
-                        features[name].append(captured[name].to("cpu").numpy())
+                        features[name].append(captured[name].to("cpu").contiguous().numpy())
         finally:
             for handle in handles:
                 handle.remove()

@@ -111,7 +111,8 @@ def stage1(
         raise ConfigError(f"pair indices must lie in [0, {values.shape[0]})")
     if len(pair_array) == 0:
         return []
-    with prepared_model(model, target):
+    channels_last = config.use_channels_last(target, dtype)
+    with prepared_model(model, target, channels_last=channels_last):
         plan = can_split(model, layer, input_size, dtype, target)
         if plan is None:
             raise SplitUnsupportedError(f"{type(model).__name__} cannot be run from layer {layer!r} upward")
@@ -123,7 +124,8 @@ def stage1(
         images = max_images_per_batch(model, probe, config.memory_budget, target, pixel_passes=False, above=layer)
         with composite.context(model):
             anchors = _anchor_groups(pair_array) if state_lives_with_graph(composite) else {}
-        job = _Stage1Job(model, composite, plan, values, layer, tuple(input_size), config, target, stats)
+        job = _Stage1Job(model, composite, plan, values, layer, tuple(input_size), config, target, stats,
+                         channels_last)
         by_position: dict[int, PairExplanation] = {}
         chunk = min(batch_pairs, max(1, images - 1))  # the anchor's row stays in memory beside a chunk
         for anchor, positions in anchors.items():
@@ -157,10 +159,14 @@ class _Stage1Job:
     config: ExplainConfig
     device: torch.device
     stats: Stage1Stats
+    #: the rows run channels-last, as the model's weights (``ExplainConfig.memory_format``)
+    channels_last: bool = False
 
     def leaf(self, rows) -> torch.Tensor:
         """``(len(rows), C, h, w)`` activations on the device, the leaf of a split forward."""
-        return self.values[torch.as_tensor(rows)].to(self.device).detach().clone().requires_grad_(True)
+        rows_on_device = self.values[torch.as_tensor(rows)].to(self.device).detach()
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return rows_on_device.clone(memory_format=layout).requires_grad_(True)
 
     def forward(self, leaf: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(R, D)`` of the rows of ``leaf`` (inside the composite's context)."""
