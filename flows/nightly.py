@@ -130,13 +130,19 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
 
     if config.rerank_k and not config.reranks:
         summary.planned["rerank"] = f"off: rerank_k {config.rerank_k} is not more than top_k {config.top_k}"
-    if config.reranks and query_matrix is not None:  # stage 1 for rerank_k candidates from the cache
+    if config.reranks and query_matrix is not None:  # top_k explained, the rest judged by stage 1 (flows.rerank)
+        planned: list[int] = []
+
+        def explain(items: list[PairItem]) -> None:
+            planned.append(len(items))
+            summary.planned["pairs_planned"] = sum(planned)
+            explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+
         reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,
                                  gallery, hashes, summary, annotations, _key_settings(config, run_id, layers),
-                                 contents, make_item)
-        summary.planned["pairs_planned"] = len(reranked.items)
-        summary.planned["stage1_pairs"] = len(reranked.candidates)
-        explain_items(reranked.items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
+                                 explain, contents, make_item)
+        summary.planned["stage1_pairs"] = len(reranked.judged)
+        explain(reranked.items)
         phase_started = time.perf_counter()
         rows = reranked_rows(config.out, model_id, config.model, layers[0], reranked, so)
     else:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from infra.inputs import PairItem
 from infra.keys import OutputSettings
+from infra.records import STAGE1_COLUMNS
 from infra.records import candidate_rows as build_candidate_rows
 from infra.tables import read_table
 from pairx_core.retrieval import Candidate, PairOutcome, rank_candidates
@@ -58,6 +59,27 @@ def explained_outcomes(out: str, model_id: str, layer: str, output_keys: set[str
         outcomes.setdefault(row.output_key, PairOutcome(layer=row.layer, irm=irm, viz_uri=row.viz_uri or None,
                                                         output_key=row.output_key))
     return outcomes
+
+
+def explained_metrics(out: str, model_id: str, layer: str, keys: Mapping[str, str],
+                      storage_options: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """By pair id, the IRM and plausibility metrics (``infra.records.STAGE1_COLUMNS``) of its full
+    explanation at ``layer``, as stage 1 reports them; ``keys``: output key by pair id. The first
+    committed ``pairs`` row of a key wins; a pair without one (its explanation failed) is left out."""
+    if not keys:
+        return {}
+    frame = read_table(out, "pairs", [("layer", "==", layer)], model_id=model_id,
+                       columns=["output_key", "created_at", "irm", *STAGE1_COLUMNS], storage_options=storage_options)
+    frame = frame[frame["output_key"].isin(set(keys.values()))].sort_values("created_at", kind="stable")
+    by_key: dict[str, dict] = {}
+    for row in frame.to_dict("records"):
+        by_key.setdefault(row["output_key"], {name: _defined(row[name]) for name in ("irm", *STAGE1_COLUMNS)})
+    return {pair_id: dict(by_key[key]) for pair_id, key in keys.items() if key in by_key}
+
+
+def _defined(value: Any) -> Any:
+    """None for a missing or NaN table value."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def candidate_rows(out: str, model_id: str, model_spec: str, layer: str, candidates: Sequence[Candidate],
