@@ -144,9 +144,10 @@ def nightly_cmd(
     model: str = Model,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="candidates explained per upload (default 3)"),
     rerank_k: Optional[int] = typer.Option(None, "--rerank-k",
-                                           help="candidates per upload judged by PAIR-X from the activation cache and "
-                                                "re-ranked before the top-k are explained (default 5; 0 or not "
-                                                "more than --top-k: off)"),
+                                           help="candidates per upload re-ranked by PAIR-X plausibility: the --top-k "
+                                                "most similar are explained, the others judged from the activation "
+                                                "cache, any they lift into the top-k explained too (default 5; 0 or "
+                                                "not more than --top-k: off)"),
     layers: Optional[list[str]] = Layers, k_lines: Optional[int] = KLines,
     k_colors: Optional[int] = KColors, cache: Optional[str] = Cache, cluster: Optional[str] = Cluster,
     workers: Optional[int] = Workers, batch_pairs: Optional[int] = BatchPairs, device: Optional[str] = Device,

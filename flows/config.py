@@ -108,8 +108,9 @@ class NightlyConfig(CommonConfig):
     uploads: str = Field(description="folder of new photos (listed recursively)")
     gallery: str = Field(description="gallery folder (one sub-folder per individual) or manifest CSV image,individual")
     top_k: int = Field(3, ge=1, description="candidates explained per upload")
-    rerank_k: int = Field(5, ge=0, description="candidates per upload judged by PAIR-X stage 1 (from the activation "
-                                               "cache) and re-ranked before the top_k are explained in full; "
+    rerank_k: int = Field(5, ge=0, description="candidates per upload re-ranked by PAIR-X plausibility: the top_k "
+                                               "most similar explained in full, the others judged by stage 1 (from "
+                                               "the activation cache), those lifted into the top_k explained too; "
                                                "0, or not more than top_k: explain the top_k by similarity only")
     retry_failed: bool = Field(False, description="try again the uploads that failed to load on an earlier night "
                                                   "(by default they are skipped: reported once, not every night)")

@@ -1,9 +1,9 @@
 """Flow: new uploads vs. a gallery: embed (cached), retrieve, re-rank from the cache, explain, rank.
 
-With ``rerank_k`` > ``top_k`` (default 5 and 3) each upload's ``rerank_k`` most similar gallery images are judged
-by PAIR-X stage 1 from the activation cache and only the best ``top_k`` explained in full
-(``flows.rerank``); otherwise (``rerank_k`` 0 or at most ``top_k``) the ``top_k`` by similarity are
-explained.
+With ``rerank_k`` > ``top_k`` (default 5 and 3) each upload's ``rerank_k`` most similar gallery images are
+re-ranked by PAIR-X plausibility: the ``top_k`` most similar explained in full, the others judged by stage 1
+from the activation cache, any lifted into the final ``top_k`` explained too (``flows.rerank``);
+otherwise (``rerank_k`` 0 or at most ``top_k``) the ``top_k`` by similarity are explained.
 
 The night works on items (``infra.night_items.NightItem``: a photo, a box, a rotation), not file
 names: with a detector file (``--detections``) each kept detection is one upload item, cut from

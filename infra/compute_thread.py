@@ -66,6 +66,20 @@ def compute_thread_ident() -> int:
     return on_compute_thread(threading.get_ident)
 
 
+def release_compute_thread() -> None:
+    """Let the compute thread finish its calls and end, and with it its OpenMP workers; the next
+    call starts a new one. For a process whose own thread computes next (a notebook calling
+    :mod:`pairx_core` directly after running tasks, a test session): with the compute thread's
+    workers still there, its computations would be the oversubscribed ones (small models suffer
+    most: a 64 px engine test ran 10x slower)."""
+    global _EXECUTOR, _THREAD
+    with _START_LOCK:
+        executor, _EXECUTOR = _EXECUTOR, None
+    if executor is not None:
+        executor.shutdown(wait=True)
+        _THREAD = None
+
+
 def _forget_after_fork() -> None:
     """A forked child has no compute thread: it starts its own on first use."""
     global _EXECUTOR, _THREAD, _START_LOCK

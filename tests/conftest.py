@@ -6,6 +6,8 @@
   (dummy credentials, ``AWS_ENDPOINT_URL``) pointing at it while it runs.
 - ``s3_bucket``: a fresh, empty bucket on that server for one test.
 - ``_log_streams_repaired`` (autouse): log handlers left on a closed CliRunner stream go back to stderr.
+- ``_compute_thread_released`` (autouse): a test that ran tasks lets the process's compute thread
+  end, so the next test's own computations are not the oversubscribed ones.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def _log_streams_repaired() -> Iterator[None]:
 
     yield
     repair_log_streams()
+
+
+@pytest.fixture(autouse=True)
+def _compute_thread_released() -> Iterator[None]:
+    """The compute thread's OpenMP workers, left alive, would make the main thread's computations
+    in later tests wait on sleeping workers (a 64 px engine test ran 10x slower)."""
+    yield
+    from infra.compute_thread import release_compute_thread
+
+    release_compute_thread()
 
 
 def _free_port() -> int:

@@ -47,6 +47,11 @@ def test_rerank_bench_reports_hits_by_depth():
                                          "--skip-full", "--depths", "2,9")}
     assert "full_all" not in records and records["setup"]["pairs_stage1"] == 4 * 4
     assert records["two_stage"]["pairs_stage2"] == 4  # the top-1 of each upload after re-ranking
+    first = records["explain_first"]  # the night's order: top-1 explained, stage 1 for the other 3
+    assert first["pairs_first"] == 4 and first["pairs_stage1"] == 4 * 3
+    lifted_at_4 = records["ground_truth_by_depth"]["depths"]["4"]["lifted_per_upload"]
+    assert first["pairs_lifted"] == round(lifted_at_4 * 4)  # uploads whose best is not the most similar
+    assert records["ground_truth_by_depth"]["depths"]["1"]["lifted_per_upload"] == 0.0
     truth, by_depth = records["ground_truth"], records["ground_truth_by_depth"]["depths"]
     assert sorted(by_depth, key=int) == ["1", "2", "4", "9"]  # top_k and rerank_k always; 9 > rerank_k kept
     # the two ends of the depths are the rankings the ground-truth line reports

@@ -6,11 +6,12 @@ import contextvars
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
-from infra.compute_thread import compute_thread_ident, on_compute_thread
+from infra.compute_thread import compute_thread_ident, on_compute_thread, release_compute_thread
 
 REQUEST = contextvars.ContextVar("request", default="none")
 
@@ -66,8 +67,19 @@ def test_the_compute_threads_team_flushes_denormals():
 
 
 def _native_threads() -> int:
-    """OS threads of this process that Python did not start (torch's OpenMP workers among them)."""
-    return len(os.listdir("/proc/self/task")) - threading.active_count()
+    """OS threads of this process that Python did not start (torch's OpenMP workers among them),
+    read once it stopped changing (a thread that ended leaves the OS a moment later)."""
+    def count() -> int:
+        return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+    last, deadline = count(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = count()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
@@ -114,3 +126,15 @@ def test_tasks_called_from_many_threads_start_no_second_openmp_team(tmp_path):
         results, during = _from_new_threads(night_work, while_alive=_native_threads)
     assert during == before
     assert results == [(2, 1)] * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread starts no OpenMP workers")
+def test_released_compute_thread_takes_its_openmp_workers_along():
+    release_compute_thread()
+    before = _native_threads()
+    first = on_compute_thread(lambda: (torch.randn(1 << 20).exp_(), threading.current_thread())[1])
+    assert _native_threads() > before  # the compute thread's team
+    release_compute_thread()
+    assert _native_threads() == before
+    assert not first.is_alive() and on_compute_thread(threading.current_thread) is not first  # a new one
