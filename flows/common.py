@@ -208,7 +208,7 @@ def explain_items(items: Sequence[PairItem], settings: RunSettings, batch_pairs:
     if dashboard:
         summary.planned.setdefault("dashboard", dashboard)
     futures: list = []
-    summary.advance("explain", planned=summary.progress.get("explain", [0, 0])[1] + len(items))  # rounds add up
+    summary.advance("explain", more_planned=len(items))  # a re-ranked night explains in two rounds
     try:
         with dask.annotate(**annotations) if annotations else contextlib.nullcontext():
             for batch in batches:

@@ -131,11 +131,12 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
     if config.rerank_k and not config.reranks:
         summary.planned["rerank"] = f"off: rerank_k {config.rerank_k} is not more than top_k {config.top_k}"
     if config.reranks and query_matrix is not None:  # top_k explained, the rest judged by stage 1 (flows.rerank)
-        planned: list[int] = []
+        pairs_planned = 0  # the plan's estimate is replaced by the rounds' pairs
 
-        def explain(items: list[PairItem]) -> None:
-            planned.append(len(items))
-            summary.planned["pairs_planned"] = sum(planned)
+        def explain(items: list[PairItem]) -> None:  # called once per round
+            nonlocal pairs_planned
+            pairs_planned += len(items)
+            summary.planned["pairs_planned"] = pairs_planned
             explain_items(items, settings_for(config, run_id, layers), config.batch_pairs, summary, annotations)
 
         reranked = plan_reranked(config, layers[0], query_matrix, gallery_matrix, query_uris, gallery_uris,

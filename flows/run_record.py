@@ -50,12 +50,14 @@ class FlowSummary:
     #: storage retries of transient errors this process made during the run (``infra.storage.counting_retries``)
     retries: RetryCount = field(default_factory=RetryCount)
 
-    def advance(self, phase: str, finished: int = 0, planned: int | None = None) -> None:
-        """Count ``finished`` units of ``phase`` (and set its ``planned`` total when given)."""
+    def advance(self, phase: str, finished: int = 0, planned: int | None = None, more_planned: int = 0) -> None:
+        """Count ``finished`` units of ``phase``; set its ``planned`` total when given, or add
+        ``more_planned`` to it (a phase run in rounds)."""
         counts = self.progress.setdefault(phase, [0, 0])
         counts[0] += finished
         if planned is not None:
             counts[1] = planned
+        counts[1] += more_planned
 
     @property
     def ok(self) -> bool:

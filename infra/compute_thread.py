@@ -61,11 +61,6 @@ def on_compute_thread(fn: Callable[..., T], /, *args, **kwargs) -> T:
     return _executor().submit(context.run, fn, *args, **kwargs).result()
 
 
-def compute_thread_ident() -> int:
-    """The compute thread's ``threading.get_ident()`` (started if it was not)."""
-    return on_compute_thread(threading.get_ident)
-
-
 def release_compute_thread() -> None:
     """Let the compute thread finish its calls and end, and with it its OpenMP workers; the next
     call starts a new one. For a process whose own thread computes next (a notebook calling

@@ -14,9 +14,11 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from infra.compute_thread import on_compute_thread
@@ -38,6 +40,16 @@ class LoadedModel:
     def model_id(self) -> str:
         """Identifier used in output partitions: the weights+architecture fingerprint."""
         return self.fingerprint
+
+    def embed(self, images: Sequence[Image.Image], layers: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Embeddings ``(N, D)`` and ``layers``' feature maps of decoded ``images``, preprocessed and
+        computed on the compute thread (:func:`pairx_core.embed`)."""
+        from pairx_core import embed
+
+        def compute():
+            return embed(self.model, self.preprocessing.batch(images), list(layers), device=self.device)
+
+        return on_compute_thread(compute)
 
 
 def models_kept() -> int:
@@ -67,11 +79,16 @@ def get_model(spec: str, device: str | None = None, storage_options: Mapping[str
     """
     target = resolve_device(device)
     key = (spec, str(target))
+    return _kept(key) or on_compute_thread(_build_once, key, spec, target, storage_options)
+
+
+def _kept(key: tuple[str, str]) -> LoadedModel | None:
+    """The kept model of ``key`` (marked most recently used), or None."""
     with _LOCK:
         if key in _MODELS:
             _MODELS.move_to_end(key)
             return _MODELS[key]
-    return on_compute_thread(_build_once, key, spec, target, storage_options)
+    return None
 
 
 def _build_once(key: tuple[str, str], spec: str, target: torch.device,
@@ -79,10 +96,9 @@ def _build_once(key: tuple[str, str], spec: str, target: torch.device,
     """Build and keep ``key``'s model unless a call queued before this one did (compute thread only)."""
     from infra.model_store import load_model
 
-    with _LOCK:
-        if key in _MODELS:
-            _MODELS.move_to_end(key)
-            return _MODELS[key]
+    kept = _kept(key)
+    if kept is not None:
+        return kept
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model, prep = load_model(spec, storage_options=storage_options, device=target)

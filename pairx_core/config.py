@@ -78,7 +78,13 @@ class ExplainConfig:
 
 def runs_channels_last(memory_format: MemoryFormat, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``memory_format`` means channels-last on ``device`` with ``dtype`` (``auto``: float32
-    on CPU; see :class:`ExplainConfig`)."""
+    on CPU; see :class:`ExplainConfig`).
+
+    Raises:
+        ConfigError: an unknown ``memory_format``.
+    """
+    if memory_format not in get_args(MemoryFormat):
+        raise ConfigError(f"memory_format must be one of {get_args(MemoryFormat)}, got {memory_format!r}")
     if memory_format == "auto":
         return device.type == "cpu" and dtype == torch.float32
     return memory_format == "channels_last"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Callable, Sequence, get_args
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -171,8 +171,6 @@ def embed(
     _check_images("images", images)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if memory_format not in get_args(MemoryFormat):
-        raise ConfigError(f"memory_format must be one of {get_args(MemoryFormat)}, got {memory_format!r}")
     target = resolve_device(model, device)
     dtype = next(iter(model.parameters())).dtype
     layout = torch.channels_last if runs_channels_last(memory_format, target, dtype) else torch.contiguous_format

@@ -45,20 +45,33 @@ def once_per_key(items: Sequence[PairItem], keys: Mapping[str, str]) -> list[Pai
     return unique
 
 
-def explained_outcomes(out: str, model_id: str, layer: str, output_keys: set[str],
-                       storage_options: Mapping[str, Any] | None = None) -> dict[str, PairOutcome]:
-    """Per output key, the first committed ``pairs`` row of ``model_id`` at ``layer`` (this run's or an
-    earlier one's) with that key."""
+def _first_rows(out: str, model_id: str, layer: str, output_keys: set[str], columns: Sequence[str],
+                storage_options: Mapping[str, Any] | None) -> dict[str, dict]:
+    """Per output key, ``columns`` of the first committed ``pairs`` row of ``model_id`` at ``layer``
+    (this run's or an earlier one's) with that key; NaN read as None."""
+    if not output_keys:
+        return {}
     frame = read_table(out, "pairs", [("layer", "==", layer)], model_id=model_id,
-                       columns=["pair_id", "layer", "irm", "viz_uri", "output_key", "created_at"],
+                       columns=list(dict.fromkeys(["output_key", "created_at", *columns])),
                        storage_options=storage_options)
     frame = frame[frame["output_key"].isin(output_keys)].sort_values("created_at", kind="stable")
-    outcomes: dict[str, PairOutcome] = {}
-    for row in frame.itertuples(index=False):  # the first commit of a key wins
-        irm = None if row.irm is None or (isinstance(row.irm, float) and math.isnan(row.irm)) else float(row.irm)
-        outcomes.setdefault(row.output_key, PairOutcome(layer=row.layer, irm=irm, viz_uri=row.viz_uri or None,
-                                                        output_key=row.output_key))
-    return outcomes
+    rows: dict[str, dict] = {}
+    for row in frame.to_dict("records"):  # the first commit of a key wins
+        rows.setdefault(row["output_key"], {name: _defined(row[name]) for name in columns})
+    return rows
+
+
+def _defined(value: Any) -> Any:
+    """None for a missing or NaN table value."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def explained_outcomes(out: str, model_id: str, layer: str, output_keys: set[str],
+                       storage_options: Mapping[str, Any] | None = None) -> dict[str, PairOutcome]:
+    """Per output key, the outcome of its first committed ``pairs`` row at ``layer``."""
+    rows = _first_rows(out, model_id, layer, output_keys, ["layer", "irm", "viz_uri"], storage_options)
+    return {key: PairOutcome(layer=row["layer"], irm=None if row["irm"] is None else float(row["irm"]),
+                             viz_uri=row["viz_uri"] or None, output_key=key) for key, row in rows.items()}
 
 
 def explained_metrics(out: str, model_id: str, layer: str, keys: Mapping[str, str],
@@ -66,20 +79,8 @@ def explained_metrics(out: str, model_id: str, layer: str, keys: Mapping[str, st
     """By pair id, the IRM and plausibility metrics (``infra.records.STAGE1_COLUMNS``) of its full
     explanation at ``layer``, as stage 1 reports them; ``keys``: output key by pair id. The first
     committed ``pairs`` row of a key wins; a pair without one (its explanation failed) is left out."""
-    if not keys:
-        return {}
-    frame = read_table(out, "pairs", [("layer", "==", layer)], model_id=model_id,
-                       columns=["output_key", "created_at", "irm", *STAGE1_COLUMNS], storage_options=storage_options)
-    frame = frame[frame["output_key"].isin(set(keys.values()))].sort_values("created_at", kind="stable")
-    by_key: dict[str, dict] = {}
-    for row in frame.to_dict("records"):
-        by_key.setdefault(row["output_key"], {name: _defined(row[name]) for name in ("irm", *STAGE1_COLUMNS)})
-    return {pair_id: dict(by_key[key]) for pair_id, key in keys.items() if key in by_key}
-
-
-def _defined(value: Any) -> Any:
-    """None for a missing or NaN table value."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    rows = _first_rows(out, model_id, layer, set(keys.values()), ["irm", *STAGE1_COLUMNS], storage_options)
+    return {pair_id: dict(rows[key]) for pair_id, key in keys.items() if key in rows}
 
 
 def candidate_rows(out: str, model_id: str, model_spec: str, layer: str, candidates: Sequence[Candidate],

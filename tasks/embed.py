@@ -16,15 +16,14 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from infra.cache import EXACT_FEATURE_DTYPE, ActivationCache, activation_cache
-from infra.compute_thread import on_compute_thread
 from infra.decoded_photos import load_photo
 from infra.images import DEFAULT_MIN_SIDE, DecodeNeed, LoadedImage, decode_need
-from infra.model_runtime import LoadedModel, get_model
+from infra.model_runtime import get_model
 from infra.night_items import NightItem, crop_key
 from infra.records import error_row, new_image_rows
 from infra.storage import is_transient, retry_transient
 from infra.tables import write_table
-from pairx_core import PairXError, embed
+from pairx_core import PairXError
 
 logger = logging.getLogger("pairx.tasks")
 
@@ -64,8 +63,7 @@ def embed_images(items: Sequence[NightItem | str], *, model: str, cache_url: str
     missing, damaged = _to_embed(cache, list(chips), layers)
     summary.cached, summary.damaged = len(chips) - len(missing), len(damaged)
     if missing:
-        images = [chips[key].image for key in missing]
-        embeddings, features = on_compute_thread(_embed_images, loaded_model, images, list(layers))
+        embeddings, features = loaded_model.embed([chips[key].image for key in missing], layers)
         cache.put(missing, embeddings, features)
         summary.computed = len(missing)
     rows = new_image_rows(photos, out, loaded_model.model_id, run_id, storage_options)
@@ -74,12 +72,6 @@ def embed_images(items: Sequence[NightItem | str], *, model: str, cache_url: str
     if errors:
         write_table(out, "errors", errors, loaded_model.model_id, run_id, storage_options)
     return summary
-
-
-def _embed_images(loaded_model: LoadedModel, images: Sequence, layers: list[str]):
-    """Embeddings ``(N, D)`` and feature maps of decoded ``images`` (on the compute thread)."""
-    tensors = loaded_model.preprocessing.batch(images)
-    return embed(loaded_model.model, tensors, layers, device=loaded_model.device)
 
 
 def _load_all(items: Sequence[NightItem], need: DecodeNeed, min_side: int, storage_options: Mapping[str, Any] | None,

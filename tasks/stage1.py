@@ -24,7 +24,7 @@ from infra.decoded_photos import load_photo
 from infra.images import DEFAULT_MIN_SIDE, decode_need
 from infra.model_runtime import get_model
 from infra.storage import retry_transient
-from pairx_core import ExplainConfig, embed
+from pairx_core import ExplainConfig
 from pairx_core.metrics import plausibility
 from pairx_core.stage1 import SplitUnsupportedError, stage1, stage1_from_images
 
@@ -80,12 +80,7 @@ def _recompute(loaded, cache, entries: Sequence[tuple[str, tuple]], settings: St
     """Embed the ``(cache key, (uri, box, theta))`` crops again and cache them under their keys
     (embedding and ``settings.layer``): a newer batch wins."""
     images = [_load(key, settings, loaded.preprocessing.size) for _, key in entries]
-
-    def embed_again():
-        tensors = loaded.preprocessing.batch([image.image for image in images])
-        return embed(loaded.model, tensors, [settings.layer], device=loaded.device)
-
-    embeddings, features = on_compute_thread(embed_again)
+    embeddings, features = loaded.embed([image.image for image in images], [settings.layer])
     cache.put([cache_key for cache_key, _ in entries], embeddings, features)
     logger.warning("%d damaged activation-cache entr%s recomputed for stage 1", len(images),
                    "y" if len(images) == 1 else "ies")

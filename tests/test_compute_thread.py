@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from infra.compute_thread import compute_thread_ident, on_compute_thread, release_compute_thread
+from infra.compute_thread import on_compute_thread, release_compute_thread
 
 REQUEST = contextvars.ContextVar("request", default="none")
 
@@ -41,12 +41,13 @@ def _from_new_threads(fn, count: int = 3, while_alive=lambda: None) -> tuple[lis
 
 def test_every_call_runs_on_the_same_thread_and_returns_or_raises():
     idents, _ = _from_new_threads(lambda: on_compute_thread(threading.get_ident))
-    assert len(set(idents)) == 1 and idents[0] == compute_thread_ident() != threading.get_ident()
+    compute_thread = on_compute_thread(threading.get_ident)
+    assert len(set(idents)) == 1 and idents[0] == compute_thread != threading.get_ident()
     assert on_compute_thread(lambda a, b=0: a + b, 2, b=3) == 5
     with pytest.raises(KeyError, match="missing"):
         on_compute_thread(lambda: {}["missing"])
     # a call made on the compute thread runs inline instead of waiting for itself
-    assert on_compute_thread(lambda: on_compute_thread(threading.get_ident)) == compute_thread_ident()
+    assert on_compute_thread(lambda: on_compute_thread(threading.get_ident)) == compute_thread
 
 
 def test_the_callers_context_goes_with_the_call():
