@@ -161,6 +161,7 @@ def nightly_work(config: NightlyConfig, run_id: str) -> None:
         row.update(query_item_columns(night.item(row["query"]), contents[row["query"]], boxes.get(row["query"])))
         gallery_item = night.item(row["gallery_image"])
         row["gallery_image"], row["gallery_source"] = gallery_item.uri, gallery_item.source
+        row["top_k"] = config.top_k  # the rows ranked below it are the night's choice for review
     write_table(config.out, "candidates", rows, model_id, run_id, so)
     _add_wall(summary, "candidates_wall", phase_started)
 

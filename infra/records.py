@@ -190,7 +190,7 @@ def candidate_row(ranked: RankedCandidate, model_spec: str | None, *, retrieval_
 
     ``model_spec`` is stored without credentials. ``retrieval_rank``, ``explained`` and ``stage1``
     (metrics by column name) only on a re-ranked night. The upload item's columns
-    (:func:`query_item_columns`) and ``gallery_source`` are null until the night fills them in.
+    (:func:`query_item_columns`), ``gallery_source`` and ``top_k`` are null until the night fills them in.
     """
     candidate, outcome, stage1 = ranked.candidate, ranked.outcome, stage1 or {}
     return {
@@ -200,7 +200,7 @@ def candidate_row(ranked: RankedCandidate, model_spec: str | None, *, retrieval_
         "layer": outcome.layer if outcome else None, "viz_uri": outcome.viz_uri if outcome else None,
         "output_key": outcome.output_key if outcome else None,
         "model_spec": None if model_spec is None else public_spec(model_spec),
-        "retrieval_rank": retrieval_rank, "explained": explained,
+        "retrieval_rank": retrieval_rank, "explained": explained, "top_k": None,
         **{column: stage1.get(column) for column in STAGE1_COLUMNS},
         **dict.fromkeys(_QUERY_ITEM_COLUMNS),
         "gallery_source": None,

@@ -226,6 +226,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
                "0-based rank by cosine similarity before re-ranking (null without re-ranking)"),
             _f("explained", pa.bool_(),
                "whether the pair was explained in full (pixel maps, picture); null without re-ranking"),
+            _f("top_k", pa.int32(), "the night's `top_k`: rows with `rank` below it are the candidates chosen for "
+               "review (an explained row ranked lower was displaced by re-ranking); null in older rows"),
             _f("n_matches", pa.int32(), "stage 1 (from cached activations): mutual matches at `layer`"),
             _f("inliers", pa.int32(), "stage 1: RANSAC inliers among the top matches"),
             _f("residual_px", pa.float64(), "stage 1: mean homography residual of the top matches, pixels"),

@@ -61,13 +61,14 @@ SELECT COLUMNS(lambda c: c <> 'empty') FROM (
         NULL::VARCHAR AS individual, NULL::DOUBLE AS similarity, NULL::DOUBLE AS irm,
         NULL::DOUBLE AS rerank_score, NULL::VARCHAR AS pair_id, NULL::VARCHAR AS layer,
         NULL::VARCHAR AS viz_uri, NULL::VARCHAR AS output_key, NULL::VARCHAR AS model_spec,
-        NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS n_matches,
-        NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px, NULL::DOUBLE AS match_coverage,
-        NULL::DOUBLE AS relevance_share, NULL::DOUBLE AS match_share, NULL::VARCHAR AS query_hash,
-        NULL::INTEGER AS query_detection, NULL::VARCHAR AS query_detection_id,
-        NULL::DOUBLE[] AS query_box, NULL::DOUBLE AS detection_conf, NULL::VARCHAR AS species,
-        NULL::VARCHAR AS gallery_source, NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id,
-        NULL::TIMESTAMPTZ AS created_at, NULL::VARCHAR AS model, NULL::DATE AS date
+        NULL::INTEGER AS retrieval_rank, NULL::BOOLEAN AS explained, NULL::INTEGER AS top_k,
+        NULL::INTEGER AS n_matches, NULL::INTEGER AS inliers, NULL::DOUBLE AS residual_px,
+        NULL::DOUBLE AS match_coverage, NULL::DOUBLE AS relevance_share,
+        NULL::DOUBLE AS match_share, NULL::VARCHAR AS query_hash, NULL::INTEGER AS query_detection,
+        NULL::VARCHAR AS query_detection_id, NULL::DOUBLE[] AS query_box,
+        NULL::DOUBLE AS detection_conf, NULL::VARCHAR AS species, NULL::VARCHAR AS gallery_source,
+        NULL::VARCHAR AS model_id, NULL::VARCHAR AS run_id, NULL::TIMESTAMPTZ AS created_at,
+        NULL::VARCHAR AS model, NULL::DATE AS date
   WHERE false
   UNION ALL BY NAME
   SELECT * FROM read_parquet(getvariable('pairx_out') || '/tables/candidates/**/*.parquet',
@@ -168,11 +169,20 @@ FROM matches AS m
 JOIN explanations AS p ON p.output_key = m.output_key AND p.model_id = m.model_id
                       AND p.commit_id IS NOT DISTINCT FROM m.commit_id;
 
--- One row per candidate, with the metrics of the explanation it was ranked with.
+-- One row per candidate (on a re-ranked night every candidate judged, explained or not), with the
+-- metrics it was ranked with: its explanation's, else stage 1's from the candidates row.
+-- `explained`: a picture exists (null before re-ranking existed); `in_top_k`: one of the night's
+-- top_k shown for review (false for one explained first and then displaced by re-ranking; null
+-- in rows older than the `top_k` column). Reviewers' list:
+--   SELECT * FROM candidate_review WHERE coalesce(in_top_k, explained, true)
 CREATE OR REPLACE VIEW candidate_review AS
 SELECT c.date, c.model_id, c.model_spec, c.query, c.rank, c.gallery_image, c.individual, c.similarity,
-       c.irm, c.rerank_score, c.pair_id, c.layer, c.viz_uri, p.n_matches, p.inliers, p.residual_px,
-       p.match_coverage, p.relevance_share, c.run_id, c.output_key
+       c.irm, c.rerank_score, c.pair_id, c.layer, c.viz_uri,
+       coalesce(p.n_matches, c.n_matches) AS n_matches, coalesce(p.inliers, c.inliers) AS inliers,
+       coalesce(p.residual_px, c.residual_px) AS residual_px,
+       coalesce(p.match_coverage, c.match_coverage) AS match_coverage,
+       coalesce(p.relevance_share, c.relevance_share) AS relevance_share,
+       c.retrieval_rank, c.explained, c.rank < c.top_k AS in_top_k, c.run_id, c.output_key
 FROM candidates AS c
 LEFT JOIN explanations AS p ON p.output_key = c.output_key AND p.model_id = c.model_id;
 

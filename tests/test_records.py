@@ -182,8 +182,8 @@ def test_candidate_rows_have_the_table_columns_and_types():
                                                                                         (0, True, 7)]
     _assert_matches_schema(reranked, "candidates")
     detection = NightItem("q", box=(0.1, 0.2, 0.3, 0.4), detection=1, conf=0.9, species="manta", tag="detection=1")
-    for row in reranked:  # what a camera-trap night adds: every column filled
-        row.update(query_item_columns(detection, "a" * 64, (10, 20, 30, 40)), gallery_source="confirmed")
+    for row in reranked:  # what a camera-trap night adds (top_k: every night): every column filled
+        row.update(query_item_columns(detection, "a" * 64, (10, 20, 30, 40)), gallery_source="confirmed", top_k=1)
     assert all(value is not None for value in reranked[1].values())
     assert reranked[0]["query_box"] == [10.0, 20.0, 30.0, 40.0] and len(reranked[0]["query_detection_id"]) == 16
     _assert_matches_schema(reranked, "candidates")

@@ -125,7 +125,26 @@ def test_a_candidate_lifted_by_stage_1_is_explained(prefect_harness, photos, tmp
         assert rows.loc[rows.retrieval_rank < 2, "explained"].all()  # explained first, kept
         assert set(rows.loc[rows.explained, "retrieval_rank"]) == {0, 1, 3}
         assert rows.loc[rows.retrieval_rank == 2, "viz_uri"].isna().all()
+        assert (rows["top_k"] == 2).all()
     assert len(list((out / "viz").rglob("*.png"))) == 2 * 3
+    # reviewers see the final top 2 only: the displaced candidate keeps its picture but no card
+    from infra.report.data import load_nights
+    night, = load_nights(str(out))
+    assert [sorted(card.rank for card in upload.cards) for upload in night.uploads] == [[0, 1], [0, 1]]
+    for upload in night.uploads:
+        ranked = candidates[candidates["query"] == upload.photo.uri].set_index("rank")
+        assert ranked.loc[0, "retrieval_rank"] == 3  # the lifted one heads the cards
+    # the dashboards' view: every judged candidate with its metrics, the displaced one outside top_k
+    import duckdb
+
+    from infra.views import create_views
+    con = create_views(duckdb.connect(), str(out))
+    rows = con.sql("SELECT retrieval_rank, explained, in_top_k, n_matches IS NOT NULL FROM candidate_review "
+                   "ORDER BY query, rank").fetchall()
+    assert len(rows) == 2 * 4 and all(has_matches for *_, has_matches in rows)
+    assert sorted((r[1], r[2]) for r in rows) == sorted(([(True, True)] * 2 + [(True, False), (False, False)]) * 2)
+    displaced = [r[0] for r in rows if r[1] and not r[2]]
+    assert len(displaced) == 2 and set(displaced) <= {0, 1}
 
 
 @pytest.mark.parametrize("rerank_k", [0, 1, 2])

@@ -23,8 +23,8 @@ PAIR_COLUMNS = ["pair_id", "image_0", "image_1", "layer", "similarity", "irm", "
                 "box_1", "theta_0", "theta_1", "model_id", "model_spec", "output_key", "commit_id", "created_at",
                 "date", "run_id"]
 CANDIDATE_COLUMNS = ["query", "rank", "gallery_image", "individual", "similarity", "irm", "rerank_score", "pair_id",
-                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "run_id", "query_detection",
-                     "query_detection_id"]
+                     "layer", "output_key", "model_id", "model_spec", "date", "explained", "top_k", "run_id",
+                     "query_detection", "query_detection_id"]
 ERROR_COLUMNS = ["item", "stage", "error_type", "message", "model_id", "run_id", "date"]
 RUN_COLUMNS = ["model_id", "model_spec", "random_weights", "flow", "date"]
 #: two neighbouring candidates whose scores differ by at most this much are flagged as a near tie
@@ -197,10 +197,19 @@ def _judged_only(explained: Any) -> bool:
     return isinstance(explained, (bool, np.bool_)) and not bool(explained)
 
 
+def _below_top_k(row: Any) -> bool:
+    """True for a candidates row ranked at or after its night's ``top_k`` (null in older rows: shown).
+
+    Re-ranking can push a candidate explained first out of the final ``top_k``: it keeps its picture
+    but is not among the night's choice for review."""
+    top_k = _number(getattr(row, "top_k", None))
+    return top_k is not None and int(row.rank) >= int(top_k)
+
+
 def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id: str) -> list[Upload]:
     uploads: dict[tuple, Upload] = {}
     for row in frame.sort_values(["query", "rank"], kind="stable").itertuples(index=False):
-        if _judged_only(row.explained):  # re-ranked by stage 1 but not explained in full: no picture
+        if _judged_only(row.explained) or _below_top_k(row):  # no picture, or not the night's choice
             continue
         pair = by_key.get(row.output_key) if _text(row.output_key) else None
         if pair is None and _text(row.pair_id) and _text(row.layer):
