@@ -73,14 +73,16 @@ def _base_view(view: str, table: str, target: StorageTarget) -> str:
     if len(readable) < len(files):
         logger.warning("view %s leaves out %d damaged file(s) (`pairx verify OUT --repair` moves them aside): %s",
                        view, len(files) - len(readable), sorted(set(files) - set(readable))[:5])
-    if readable:
-        glob = target.layout.table(table) + "/**/*.parquet"
-        source = _quote(glob) if len(readable) == len(files) else "[" + ", ".join(map(_quote, readable)) + "]"
-        return (f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({source}, "
-                f"hive_partitioning = true, union_by_name = true)")
     columns = [f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLE_SCHEMAS[table]]
     columns += ["CAST(NULL AS VARCHAR) AS model", "CAST(NULL AS DATE) AS date"]
-    return f"CREATE OR REPLACE VIEW {view} AS SELECT {', '.join(columns)} WHERE false"
+    typed = f"SELECT {', '.join(columns)} WHERE false"
+    if not readable:
+        return f"CREATE OR REPLACE VIEW {view} AS {typed}"
+    glob = target.layout.table(table) + "/**/*.parquet"
+    source = _quote(glob) if len(readable) == len(files) else "[" + ", ".join(map(_quote, readable)) + "]"
+    # the schema's typed columns first: files written before a column existed still give it (null)
+    return (f"CREATE OR REPLACE VIEW {view} AS {typed} UNION ALL BY NAME SELECT * FROM read_parquet({source}, "
+            f"hive_partitioning = true, union_by_name = true)")
 
 
 def views_sql(out: str, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -61,3 +61,21 @@ def test_views_sql_base_views_are_generated_from_the_table_schemas():
 
     section = Path(VIEWS_SQL).read_text().split(BASE_MARKER, 1)[1].split(DERIVED_MARKER, 1)[0]
     assert standalone_base_views_sql() in section, "regenerate infra/views.sql: infra.views.write_views_sql()"
+
+
+def test_views_read_files_written_before_a_column_existed(tmp_path):
+    """An output written by an older version (candidates without `top_k`, `explained`, metrics):
+    both ways of defining the views still bind every derived view, the new columns read as null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = tmp_path / "out" / "tables" / "candidates" / "model=m1" / "date=2026-01-02"
+    part.mkdir(parents=True)
+    pq.write_table(pa.table({"query": ["q", "q"], "rank": pa.array([0, 1], pa.int32()),
+                             "gallery_image": ["g1", "g2"], "similarity": [0.9, 0.8], "model_id": ["m1", "m1"],
+                             "run_id": ["r", "r"], "output_key": ["k1", "k2"]}), part / "old.parquet")
+    out = str(tmp_path / "out")
+    query = "SELECT query, rank, explained, in_top_k, n_matches FROM candidate_review ORDER BY rank"
+    for con in (create_views(duckdb.connect(), out), standalone(out)):
+        assert con.sql(query).fetchall() == [("q", 0, None, None, None), ("q", 1, None, None, None)]
+        assert con.sql("SELECT uploads, candidates FROM nights").fetchall() == [(1, 2)]
