@@ -300,7 +300,12 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
              "0.5 &times; similarity + 0.5 &times; IRM. Green: same individual as the upload (ground truth).</p>"]
     for (query, detection), group in candidates.groupby(["query", "query_detection"], sort=True, dropna=False):
         judged = len(group)
-        group = group[group["explained"].fillna(True).astype(bool)]  # pictures exist for these
+        # pictures exist for the explained; the night's choice is its top_k (one explained first and
+        # then displaced by the re-ranking keeps its picture but is not shown)
+        shown = group["explained"].fillna(True).astype(bool)
+        if "top_k" in group:
+            shown &= ~(group["rank"] >= group["top_k"]).fillna(False).astype(bool)
+        group = group[shown]
         detection = None if detection is None or detection is pd.NA else int(detection)
         true_id = _detection_truth(truth, query, detection).get("individual", "?")
         which = "" if detection is None else f", detection {detection}"
@@ -313,8 +318,9 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
             parts.append(f"<div class='c'><span class='{ok}'>#{row.rank + 1} {html.escape(str(row.individual))}</span>"
                          f" sim {row.similarity:.3f} IRM {_fmt(row.irm)}<br>{image}</div>")
         if judged > len(group):
-            parts.append(f"<p>{judged - len(group)} more candidate(s) judged from cached activations, "
-                         "ranked lower (see the candidates table).</p>")
+            parts.append(f"<p>{judged - len(group)} more candidate(s) ranked lower: judged from cached "
+                         "activations, or explained and then displaced by the re-ranking (see the candidates "
+                         "table).</p>")
         parts.append("</div>")
     parts.append("</body></html>")
     (root / "index.html").write_text("\n".join(parts))

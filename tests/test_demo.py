@@ -82,3 +82,27 @@ def test_pairx_demo_end_to_end(tmp_path):
     said = (rerun.stdout + rerun.stderr).splitlines()
     assert any(line.startswith("nightly completed: 0 explained, 4 skipped, 0 failed") for line in said), said
     assert not [line for line in said if "WARNING" in line or "Still processing" in line], said
+
+
+def test_demo_page_shows_the_nights_top_k_only(tmp_path):
+    """The demo page shows each upload's final top_k: not a candidate only judged by stage 1, nor
+    one explained first and then displaced by the re-ranking (it keeps its picture elsewhere)."""
+    from flows.demo import write_index
+    from infra.tables import write_table
+    from test_report import _complete
+
+    out = str(tmp_path / "out")
+    rows = []
+    for rank, (gallery, explained) in enumerate([("lifted", True), ("kept", True), ("displaced", True),
+                                                  ("judged", False)]):
+        rows.append(_complete("candidates", {
+            "query": "/photos/u.png", "rank": rank, "gallery_image": f"/photos/{gallery}.png", "individual": gallery,
+            "similarity": 0.9 - rank / 10, "irm": 0.5, "rerank_score": 0.7, "pair_id": f"p{rank}",
+            "layer": "l", "viz_uri": f"/viz/{gallery}.png" if explained else None, "explained": explained,
+            "top_k": 2, "model_id": "m", "run_id": "r"}))
+    write_table(out, "candidates", rows, "m", "r")
+    write_index(tmp_path, out, {"/photos/u.png": {"individual": "kept"}}, "l")
+    page = (tmp_path / "index.html").read_text()
+    assert "lifted.png" in page and "kept.png" in page
+    assert "displaced.png" not in page and "judged.png" not in page
+    assert "2 more candidate(s) ranked lower" in page
