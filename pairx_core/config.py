@@ -99,6 +99,9 @@ class EngineStats:
     forward_passes: int = 0
     relevance_backwards: int = 0
     pixel_backwards: int = 0
+    #: pixel maps of an (image, layer, cell) computed, and taken from an earlier batch of the call
+    pixel_maps_computed: int = 0
+    pixel_maps_reused: int = 0
     peak_memory_bytes: int = 0
     images_per_batch: list[int] = field(default_factory=list)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,9 +139,11 @@ def explain_indexed(
         plan = plan_layers(model, probe, layer_names)
         max_images = max_images_per_batch(model, probe, config.memory_budget, target, pixel_passes=config.k_colors > 0)
         done = 0
-        for batch_pairs in plan_batches(pair_array, config.batch_size, max_images):
+        batches = list(plan_batches(pair_array, config.batch_size, max_images))
+        memo = PixelMapMemo([pair_array[b] for b in batches])
+        for batch_index, batch_pairs in enumerate(batches):
             batch_results = _explain_batch(
-                model, composite, images, pair_array[batch_pairs], plan, config, target, stats
+                model, composite, images, pair_array[batch_pairs], plan, config, target, stats, memo, batch_index
             )
             for position, result in zip(batch_pairs, batch_results):
                 result.index = int(position)
@@ -269,6 +271,47 @@ def similarity_seeds(e0: torch.Tensor, e1: torch.Tensor) -> tuple[torch.Tensor, 
     return similarity.detach(), grad_a, grad_b
 
 
+class PixelMapMemo:
+    """Pixel maps kept from one batch of an :func:`explain_indexed` call for its later batches.
+
+    A pixel map depends on its image, layer and cell only (spec step 5: the seed is the image's own
+    feature vector at the cell), not on the pair: an upload explained against several candidates
+    in separate batches (the CPU's memory plan at real size) needs the maps of the cells its pairs
+    share once. A map is kept only while a later batch still has its image.
+
+    Args:
+        batches: per batch, its ``(P, 2)`` pairs as indices into the call's images (none: nothing
+            is kept).
+    """
+
+    def __init__(self, batches: Sequence[np.ndarray] = ()) -> None:
+        self._last_batch: dict[int, int] = {}
+        for index, pairs in enumerate(batches):
+            for image in np.unique(pairs).tolist():
+                self._last_batch[image] = index
+        self._maps: dict[int, dict[tuple[str, int], torch.Tensor]] = {}  # image -> (layer, cell) -> (H, W)
+        self._batch = -1
+        self._images: list[int] = []
+
+    def start_batch(self, index: int, unique_ids: np.ndarray) -> None:
+        """Batch ``index`` begins; its local image ``i`` is the call's image ``unique_ids[i]``."""
+        self._batch, self._images = index, [int(i) for i in unique_ids]
+        self._maps = {image: maps for image, maps in self._maps.items() if self._last_batch[image] >= index}
+
+    def known(self, layer: str) -> dict[tuple[int, int], torch.Tensor]:
+        """``(local image, cell) -> (H, W)`` maps at ``layer`` that earlier batches computed."""
+        return {(local, cell): value for local, image in enumerate(self._images)
+                for (kept_layer, cell), value in self._maps.get(image, {}).items() if kept_layer == layer}
+
+    def remember(self, layer: str, maps: Mapping[tuple[int, int], torch.Tensor]) -> None:
+        """Keep this batch's maps ``(local image, cell) -> (H, W)`` whose image a later batch has."""
+        for (local, cell), value in maps.items():
+            image = self._images[local]
+            if self._last_batch.get(image, -1) > self._batch:
+                # a copy: the map is a view of the whole batch's block of maps
+                self._maps.setdefault(image, {}).setdefault((layer, cell), value.clone())
+
+
 def _explain_batch(
     model: nn.Module,
     composite: EngineEpsilonPlus,
@@ -278,9 +321,14 @@ def _explain_batch(
     config: ExplainConfig,
     device: torch.device,
     stats: EngineStats,
+    earlier: PixelMapMemo | None = None,
+    batch_index: int = 0,
 ) -> list[PairExplanation]:
-    """Explain one batch of pairs (indices into ``images``) with a single forward pass."""
+    """Explain one batch of pairs (indices into ``images``) with a single forward pass; pixel maps
+    that ``earlier`` batches computed are taken from there."""
     unique_ids, local = np.unique(pairs.reshape(-1), return_inverse=True)
+    earlier = earlier if earlier is not None else PixelMapMemo()
+    earlier.start_batch(batch_index, unique_ids)
     local_pairs = local.reshape(-1, 2)
     need_pixels = config.k_colors > 0
     x = images[torch.as_tensor(unique_ids)].to(device, non_blocking=True)
@@ -318,7 +366,7 @@ def _explain_batch(
         stats.forward_passes += 1
         stats.images_forwarded += x.shape[0]
         results = _relevance_and_matches(
-            embeddings, x, feature_maps, split_leaf[plan.deepest], local_pairs, plan, config, stats
+            embeddings, x, feature_maps, split_leaf[plan.deepest], local_pairs, plan, config, stats, earlier
         )
     if device.type == "cuda":
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, torch.cuda.max_memory_allocated(device))
@@ -347,6 +395,7 @@ def _relevance_and_matches(
     plan: LayerPlan,
     config: ExplainConfig,
     stats: EngineStats,
+    earlier: PixelMapMemo,
 ) -> list[PairExplanation]:
     """Spec steps 2-5 for one batch: relevance, matches, pixel maps, host-side results.
 
@@ -355,6 +404,8 @@ def _relevance_and_matches(
         feature_maps: the layers' outputs ``(B, C, h, w)`` with their graphs.
         leaf: the deepest layer's output as the leaf the upper graph starts from.
         pairs: ``(P, 2)`` indices into the batch's images.
+        earlier: pixel maps earlier batches computed (not computed again), and where to keep
+            this batch's for later ones.
     """
     pair_t = torch.as_tensor(pairs, device=embeddings.device)
     e0, e1 = embeddings[pair_t[:, 0]], embeddings[pair_t[:, 1]]
@@ -372,7 +423,8 @@ def _relevance_and_matches(
         with reuse_modified_forwards(), windows:
             for name in plan.ordered:
                 pixel_maps[name] = _pixel_maps(x, feature_maps[name], ranked[name], pairs, config.k_colors, stats,
-                                               config.pixel_pass_group)
+                                               config.pixel_pass_group, earlier.known(name))
+                earlier.remember(name, pixel_maps[name])
     similarity, e0, e1 = (to_host(t.detach()) for t in (similarity, e0, e1))
     results = []
     for p in range(pairs.shape[0]):
@@ -513,20 +565,29 @@ def _pixel_maps(
     k_colors: int,
     stats: EngineStats,
     group: int = 1,
+    known: Mapping[tuple[int, int], torch.Tensor] | None = None,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``|sum_RGB R|`` ``(H, W)`` for every (image, cell) among the pairs' top ``k_colors`` matches.
 
     The j-th backward pass carries the j-th distinct cell of every image at once; ``group``
-    passes share one backward call (their seeds stacked, ``is_grads_batched``).
+    passes share one backward call (their seeds stacked, ``is_grads_batched``). Maps in ``known``
+    (by ``(image, cell)``) are taken as they are.
     """
+    known = known or {}
     cells_per_image: dict[int, list[int]] = {}
+    reused: dict[tuple[int, int], torch.Tensor] = {}
     for p, matches in enumerate(ranked):
         k = min(k_colors, len(matches))
         for side, cells in ((0, matches.cell_0[:k]), (1, matches.cell_1[:k])):
-            wanted = cells_per_image.setdefault(int(pairs[p, side]), [])
+            image = int(pairs[p, side])
+            wanted = cells_per_image.setdefault(image, [])
             for cell in cells.tolist():
-                if cell not in wanted:
+                if (image, cell) in known:
+                    reused[(image, cell)] = known[(image, cell)]
+                elif cell not in wanted:
                     wanted.append(cell)
+    stats.pixel_maps_reused += len(reused)
+    stats.pixel_maps_computed += sum(len(cells) for cells in cells_per_image.values())
     n_passes = max((len(c) for c in cells_per_image.values()), default=0)
     w = feature_map.shape[-1]
     values = feature_map.detach()
@@ -551,9 +612,10 @@ def _pixel_maps(
         reduced_groups.append(grads.sum(dim=2).abs())  # (passes, B, H, W)
         active_passes.extend(active)
     if not reduced_groups:
-        return {}
+        return reused
     # on a GPU: all passes in one copy and one synchronisation
     host = to_host(torch.cat(reduced_groups))
     if not torch.isfinite(host).all():
         raise NumericalError("LRP pixel relevance is not finite (NaN or inf)")
-    return {(image, cell): host[j, image] for j, active in enumerate(active_passes) for image, cell in active}
+    computed = {(image, cell): host[j, image] for j, active in enumerate(active_passes) for image, cell in active}
+    return {**reused, **computed}

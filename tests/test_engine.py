@@ -102,6 +102,31 @@ def test_shared_images_forwarded_once_and_numbers_unchanged(effnet):
                                    alone.layers["backbone.blocks.3"].pixel_relevance_1, rtol=1e-9, atol=1e-300)
 
 
+def test_pixel_maps_of_an_image_reused_by_its_later_batches(effnet):
+    """An upload against several candidates in one-pair batches (the CPU's memory plan at real
+    size): the maps of its cells an earlier batch computed are taken from there, since a map
+    depends on image, layer and cell only; each pair's results equal the pair explained alone."""
+    layer = "backbone.blocks.3"
+    query = random_images(1, seed=13).expand(3, -1, -1, -1).clone()
+    gallery = random_images(3, seed=14)
+    gallery[2] = gallery[0]  # the third pair repeats the first: all of its maps are known
+    stats = EngineStats()
+    results = explain(effnet, query, gallery, layer, k_colors=3, batch_size=1, stats=stats)
+    assert stats.batches == 3 and stats.images_forwarded == 6
+    per_pair = [min(3, r.layers[layer].n_matches) for r in results]
+    assert stats.pixel_maps_computed + stats.pixel_maps_reused == 2 * sum(per_pair)
+    assert stats.pixel_maps_reused >= 2 * per_pair[2] > 0
+    assert stats.pixel_backwards <= per_pair[0] + per_pair[1]  # the third batch makes no pass
+    for i, result in enumerate(results):
+        alone = explain(effnet, query[i:i + 1], gallery[i:i + 1], layer, k_colors=3)[0].layers[layer]
+        got = result.layers[layer]
+        assert got.matches[["row_0", "col_0", "row_1", "col_1"]].equals(alone.matches[["row_0", "col_0", "row_1",
+                                                                                      "col_1"]])
+        for side in ("pixel_relevance_0", "pixel_relevance_1"):
+            assert getattr(got, side).shape == getattr(alone, side).shape
+            np.testing.assert_allclose(getattr(got, side), getattr(alone, side), rtol=1e-9, atol=1e-300)
+
+
 def test_pass_counts_per_batch(effnet):
     x0, x1 = random_images(4, seed=11), random_images(4, seed=12)
     stats = EngineStats()
