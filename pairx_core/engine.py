@@ -307,9 +307,9 @@ class PixelMapMemo:
         """Keep this batch's maps ``(local image, cell) -> (H, W)`` whose image a later batch has."""
         for (local, cell), value in maps.items():
             image = self._images[local]
-            if self._last_batch.get(image, -1) > self._batch:
-                # a copy: the map is a view of the whole batch's block of maps
-                self._maps.setdefault(image, {}).setdefault((layer, cell), value.clone())
+            kept = self._maps.setdefault(image, {}) if self._last_batch.get(image, -1) > self._batch else None
+            if kept is not None and (layer, cell) not in kept:
+                kept[(layer, cell)] = value.clone()  # a copy: the map is a view of the batch's block of maps
 
 
 def _explain_batch(
