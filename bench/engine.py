@@ -899,15 +899,15 @@ def soak(args: argparse.Namespace, model: nn.Module, device: torch.device, size,
     done = 0
     warm_x0, warm_x1, _ = make_pairs(min(batch_size, args.soak), args.shared_gallery, size, dtype, args.seed, photos)
     # warm-up, not reported: the first call pays one-off costs
-    explain(model, warm_x0, warm_x1, layers, args.k_lines, k_colors, batch_size=batch_size, device=device,
-            memory_budget=memory_budget, memory_format=args.memory_format)
+    explain(model, warm_x0, warm_x1, layers, k_lines=args.k_lines, k_colors=k_colors, batch_size=batch_size,
+            device=device, memory_budget=memory_budget, memory_format=args.memory_format)
     del warm_x0, warm_x1
     for b in range(n_batches):
         n = min(batch_size, args.soak - done)
         x0, x1, _ = make_pairs(n, args.shared_gallery, size, dtype, args.seed + 1000 + b, photos)
         start = time.perf_counter()
-        results = explain(model, x0, x1, layers, args.k_lines, k_colors, batch_size=batch_size, device=device,
-                          memory_budget=memory_budget, memory_format=args.memory_format)
+        results = explain(model, x0, x1, layers, k_lines=args.k_lines, k_colors=k_colors, batch_size=batch_size,
+                          device=device, memory_budget=memory_budget, memory_format=args.memory_format)
         _sync(device)
         seconds = time.perf_counter() - start
         del results, x0, x1

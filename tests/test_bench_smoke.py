@@ -25,6 +25,23 @@ ENGINE_KEYS = {"batches", "images_per_batch", "forward_passes", "relevance_backw
 
 @pytest.mark.slow
 @pytest.mark.timeout(100)
+def test_soak_mode_reports_rss_after_every_batch() -> None:
+    """``--soak N``: N pairs in separate calls, one JSON line per batch and a summary."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--soak", "3", "--batch-sizes", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+    batches = [r for r in records if r["mode"] == "soak"]
+    assert [r["pairs_done"] for r in batches] == [1, 2, 3]
+    assert all(r["rss_bytes"] > 0 and r["seconds_per_pair"] > 0 for r in batches)
+    summary = records[-1]
+    assert summary["mode"] == "soak_summary" and summary["pairs"] == 3 and summary["batches"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(100)
 def test_quick_benchmark_prints_json_lines() -> None:
     """Tiny model (timm test_efficientnet, 64 px), 2 pairs: about 20 s on 2 shared cores."""
     completed = subprocess.run(
