@@ -281,6 +281,7 @@ def _fmt(value) -> str:
 
 def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
     """``index.html``: each upload with its ranked candidates and their PAIR-X pictures."""
+    from infra.report.data import reviewed
     from infra.tables import read_table
 
     candidates = read_table(out, "candidates").sort_values(["query", "query_detection", "rank"])
@@ -300,12 +301,7 @@ def write_index(root: Path, out: str, truth: dict, layer: str) -> None:
              "0.5 &times; similarity + 0.5 &times; IRM. Green: same individual as the upload (ground truth).</p>"]
     for (query, detection), group in candidates.groupby(["query", "query_detection"], sort=True, dropna=False):
         judged = len(group)
-        # pictures exist for the explained; the night's choice is its top_k (one explained first and
-        # then displaced by the re-ranking keeps its picture but is not shown)
-        shown = group["explained"].fillna(True).astype(bool)
-        if "top_k" in group:
-            shown &= ~(group["rank"] >= group["top_k"]).fillna(False).astype(bool)
-        group = group[shown]
+        group = group[reviewed(group)]  # the night's top_k, with pictures
         detection = None if detection is None or detection is pd.NA else int(detection)
         true_id = _detection_truth(truth, query, detection).get("individual", "?")
         which = "" if detection is None else f", detection {detection}"

@@ -280,11 +280,10 @@ class PixelMapMemo:
     share once. A map is kept only while a later batch still has its image.
 
     Args:
-        batches: per batch, its ``(P, 2)`` pairs as indices into the call's images (none: nothing
-            is kept).
+        batches: per batch, its ``(P, 2)`` pairs as indices into the call's images.
     """
 
-    def __init__(self, batches: Sequence[np.ndarray] = ()) -> None:
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
         self._last_batch: dict[int, int] = {}
         for index, pairs in enumerate(batches):
             for image in np.unique(pairs).tolist():
@@ -321,13 +320,12 @@ def _explain_batch(
     config: ExplainConfig,
     device: torch.device,
     stats: EngineStats,
-    earlier: PixelMapMemo | None = None,
-    batch_index: int = 0,
+    earlier: PixelMapMemo,
+    batch_index: int,
 ) -> list[PairExplanation]:
-    """Explain one batch of pairs (indices into ``images``) with a single forward pass; pixel maps
-    that ``earlier`` batches computed are taken from there."""
+    """Explain batch ``batch_index`` of pairs (indices into ``images``) with a single forward pass;
+    pixel maps that ``earlier`` batches computed are taken from there."""
     unique_ids, local = np.unique(pairs.reshape(-1), return_inverse=True)
-    earlier = earlier if earlier is not None else PixelMapMemo()
     earlier.start_batch(batch_index, unique_ids)
     local_pairs = local.reshape(-1, 2)
     need_pixels = config.k_colors > 0

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..storage import safe_segment
@@ -192,25 +191,20 @@ def load_nights(out: str, *, date: str | None = None, model: str | None = None,
     return nights
 
 
-def _judged_only(explained: Any) -> bool:
-    """True for candidates rows marked not explained (null, as before re-ranking existed: shown)."""
-    return isinstance(explained, (bool, np.bool_)) and not bool(explained)
-
-
-def _below_top_k(row: Any) -> bool:
-    """True for a candidates row ranked at or after its night's ``top_k`` (null in older rows: shown).
+def reviewed(candidates: pd.DataFrame) -> pd.Series:
+    """Mask of the ``candidates`` rows a reviewer is shown: explained in full (null, as before
+    re-ranking existed: shown) and ranked above the night's ``top_k`` (null in older rows: shown).
 
     Re-ranking can push a candidate explained first out of the final ``top_k``: it keeps its picture
     but is not among the night's choice for review."""
-    top_k = _number(getattr(row, "top_k", None))
-    return top_k is not None and int(row.rank) >= int(top_k)
+    explained = candidates["explained"].fillna(True).astype(bool)
+    below_top_k = (candidates["rank"] >= candidates["top_k"]).fillna(False).astype(bool)
+    return explained & ~below_top_k
 
 
 def _from_candidates(frame: pd.DataFrame, by_key: dict, by_pair: dict, model_id: str) -> list[Upload]:
     uploads: dict[tuple, Upload] = {}
-    for row in frame.sort_values(["query", "rank"], kind="stable").itertuples(index=False):
-        if _judged_only(row.explained) or _below_top_k(row):  # no picture, or not the night's choice
-            continue
+    for row in frame[reviewed(frame)].sort_values(["query", "rank"], kind="stable").itertuples(index=False):
         pair = by_key.get(row.output_key) if _text(row.output_key) else None
         if pair is None and _text(row.pair_id) and _text(row.layer):
             pair = by_pair.get((model_id, row.pair_id, row.layer))
